@@ -1,0 +1,3 @@
+from medse.cli import _entry
+
+_entry()
