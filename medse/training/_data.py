@@ -1,0 +1,164 @@
+"""The training engine's view of :mod:`medse.data`: load + validate the dataset, labels, splits, datasets.
+
+Kept in one place so the trainer reads as a loop, and so a change in the data area's API is a change here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from medse.utils.errors import MedseError
+
+if TYPE_CHECKING:
+    from medse.training.config import Config
+
+
+@dataclass
+class PreparedData:
+    """A validated dataset and the class layout training uses.
+
+    ``class_values[i]`` is the label value that class index ``i`` stands for (``class_values[0] == 0``,
+    background); ``class_names[i]`` its name.
+    """
+
+    spec: Any
+    class_names: list[str]
+    class_values: list[int]
+    channel_names: list[str]
+    source: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_values)
+
+    def dataset_json(self) -> dict[str, Any]:
+        """What ``RUN_DIR/dataset.json`` records (read by inference to map class indices back to labels)."""
+        return {
+            "labels": {n: int(v) for n, v in zip(self.class_names, self.class_values, strict=True)},
+            "channel_names": list(self.channel_names),
+            "num_classes": self.num_classes,
+            "class_values": [int(v) for v in self.class_values],
+            "source": self.source,
+            "num_cases": len(self.spec.cases),
+        }
+
+
+def _data_source(cfg: Config) -> str | Path:
+    data = cfg.data
+    manifest = getattr(data, "manifest", None)
+    root = getattr(data, "root", None)
+    if manifest:
+        return Path(manifest)
+    if root:
+        return Path(root)
+    raise MedseError("config key 'data.root': no dataset given (set data.root=DIR or data.manifest=FILE)")
+
+
+def prepare_data(cfg: Config) -> PreparedData:
+    """Load the dataset named by ``cfg.data`` and validate it; every problem becomes one MedseError line.
+
+    Raises:
+        MedseError: the dataset cannot be read or validation found errors (nothing has been written yet).
+    """
+    from medse.data.datasets import load_dataset
+    from medse.data.validate import validate_dataset
+
+    src = _data_source(cfg)
+    if not Path(src).exists():
+        key = "data.manifest" if getattr(cfg.data, "manifest", None) else "data.root"
+        raise MedseError(f"config key '{key}': dataset path does not exist", src)
+    spec = load_dataset(src, layout=getattr(cfg.data, "layout", "auto"))
+    pinned = getattr(cfg.data, "labels", None)
+    report = _validate(validate_dataset, spec, pinned)
+    report.raise_if_errors()
+    labels = dict(pinned) if pinned else dict(spec.labels)
+    if not labels:
+        raise MedseError("dataset declares no labels and none are pinned in data.labels", src)
+    if 0 not in labels.values():
+        labels = {"background": 0, **labels}
+    items = sorted(((int(v), str(n)) for n, v in labels.items()), key=lambda t: t[0])
+    values = [v for v, _ in items]
+    if len(set(values)) != len(values):
+        raise MedseError(f"config key 'data.labels': duplicate label values {values}")
+    train_cases = [c for c in spec.cases if getattr(c, "label", None) is not None]
+    if len(train_cases) < 2:
+        raise MedseError(f"need at least 2 labelled cases to train and validate, found {len(train_cases)}", src)
+    return PreparedData(
+        spec=spec,
+        class_names=[n for _, n in items],
+        class_values=values,
+        channel_names=list(getattr(spec, "channel_names", []) or ["image"]),
+        source=str(getattr(spec, "source", src)),
+    )
+
+
+def _validate(validate_dataset: Any, spec: Any, pinned: Any) -> Any:
+    import inspect
+
+    params = inspect.signature(validate_dataset).parameters
+    if pinned and "labels" in params:
+        return validate_dataset(spec, labels=pinned)
+    return validate_dataset(spec)
+
+
+def labelled_case_ids(prep: PreparedData) -> list[str]:
+    return [c.case_id for c in prep.spec.cases if getattr(c, "label", None) is not None]
+
+
+def make_splits(run_dir: Path, prep: PreparedData, cfg: Config) -> dict[str, list[str]]:
+    """Draw (or reuse) the split stored in ``run_dir/splits.json``; returns {"train": [...], "val": [...]}."""
+    from medse.data.splits import load_or_create_splits
+
+    split = load_or_create_splits(run_dir, labelled_case_ids(prep), cfg.data.split)
+    return _split_lists(split)
+
+
+def _split_lists(split: Any) -> dict[str, list[str]]:
+    get = split.get if isinstance(split, dict) else (lambda k, d=None: getattr(split, k, d))
+    out = {k: list(get(k, []) or []) for k in ("train", "val", "test")}
+    if not out["train"]:
+        raise MedseError("the split has no training cases (check data.split)")
+    if not out["val"]:
+        raise MedseError("the split has no validation cases (check data.split)")
+    return out
+
+
+def make_store(prep: PreparedData, cfg: Config) -> Any:
+    from medse.data.loader import CaseStore
+
+    kwargs: dict[str, Any] = {}
+    if hasattr(cfg.data, "cache"):
+        kwargs["cache"] = cfg.data.cache
+    return CaseStore(prep.spec, cfg.data.preprocess, **kwargs)
+
+
+def make_train_dataset(store: Any, case_ids: list[str], cfg: Config) -> Any:
+    from medse.data.augment import build_augmentation
+    from medse.data.loader import PatchDataset
+
+    t = cfg.train
+    return PatchDataset(
+        store,
+        case_ids,
+        patch_size=tuple(t.patch_size),
+        fg_ratio=t.fg_ratio,
+        augment=build_augmentation(cfg.augment),
+        samples_per_epoch=t.iterations_per_epoch * t.batch_size,
+        seed=t.seed,
+        slice_axis=t.slice_axis if cfg.model.spatial_dims == 2 else None,
+    )
+
+
+def make_val_dataset(store: Any, case_ids: list[str]) -> Any:
+    from medse.data.loader import VolumeDataset
+
+    return VolumeDataset(store, case_ids)
+
+
+def unpack(sample: Any) -> tuple[Any, Any]:
+    """(image, label) from a dataset sample: a dict with image/label keys or an (image, label, ...) tuple."""
+    if isinstance(sample, dict):
+        return sample["image"], sample.get("label")
+    return sample[0], sample[1]

@@ -1,0 +1,467 @@
+"""The training loop: ``train(config, output)`` and ``resume(run_dir)``.
+
+One code path for a single process and for DistributedDataParallel under ``torchrun``. Loss: Dice +
+cross-entropy (``monai.losses.DiceCELoss``; Milletari et al. 2016, arXiv 1606.04797, plus CE as in
+nnU-Net, Isensee et al. 2021). Reproducibility: every epoch's data order and augmentation derive from
+``(seed, epoch, index)`` (the data area's ``PatchDataset``) and the torch RNG is re-seeded from
+``(seed, epoch)`` at the start of each epoch, so on CPU a run killed at any point and resumed from its
+last checkpoint ends with the same weights as an uninterrupted run.
+
+Run folder layout: ``docs/ARCHITECTURE.md``. Checkpoint keys: ``model`` (state dict), ``optimizer``,
+``scheduler``, ``scaler``, ``epoch`` (epochs completed), ``global_step``, ``rng``, ``history`` (per-epoch
+metric rows), ``step_losses``, ``best_metric``, ``best_epoch``, ``timing``, ``num_classes``,
+``class_values``, ``in_channels``, ``config``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from medse.training import _data
+from medse.training.config import Config, config_to_dict, load_config
+from medse.training.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, cleanup, init_distributed
+from medse.utils.atomic import atomic_write_text
+from medse.utils.config import dump_yaml
+from medse.utils.errors import MedseError
+
+#: environment variable: stop (raise :class:`TrainingInterrupted`) after this many global iterations.
+STOP_ENV = "MEDSE_STOP_AFTER_ITERATIONS"
+#: steps at the start of each process excluded from ``timing.json`` (allocator and kernel warm-up).
+TIMING_WARMUP_STEPS = 3
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised by the ``stop_after_iterations`` hook (used to test kill-and-resume)."""
+
+
+def train(
+    config: str | Path | dict[str, Any] | Config,
+    output: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    stop_after_iterations: int | None = None,
+) -> Path:
+    """Train a segmentation network and return the run folder.
+
+    The config is validated, then the dataset is loaded and validated, and only then is the run folder
+    created (under a temporary name, renamed into place once config.yaml, run_info.json, dataset.json
+    and splits.json are written), so a bad config or dataset leaves no half-created run folder.
+
+    Args:
+        config: YAML path, mapping or :class:`Config`.
+        output: the run folder to create; it must not already hold a run.
+        overrides: dotted ``key=value`` overrides, e.g. ``["data.root=/d", "train.epochs=2"]``.
+        stop_after_iterations: raise :class:`TrainingInterrupted` once this many global iterations are done
+            (also read from the ``MEDSE_STOP_AFTER_ITERATIONS`` environment variable). Defaults to None.
+
+    Returns:
+        The run folder.
+    """
+    cfg = load_config(config, overrides)
+    output = Path(output).expanduser().resolve()
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        hint = " (use `medse train --resume` to continue it)" if (output / "config.yaml").is_file() else ""
+        raise MedseError(f"output folder already exists and is not empty{hint}", output)
+    dist = init_distributed(_device_type(cfg.train.device))
+    try:
+        prep = _data.prepare_data(cfg)
+        err = None
+        if dist.is_main:
+            try:
+                _create_run_dir(output, cfg, prep)
+            except Exception as e:  # share the failure with the other ranks instead of hanging them
+                err = e
+        err_msg = broadcast_object(None if err is None else f"{type(err).__name__}: {err}", dist)
+        if err is not None:
+            raise err
+        if err_msg is not None:
+            raise MedseError(f"rank 0 could not create the run folder: {err_msg}", output)
+        barrier(dist)
+        return _Trainer(output, cfg, prep, dist, stop_after_iterations).run(checkpoint=None)
+    finally:
+        cleanup(dist)
+
+
+def resume(run_dir: str | Path, *, stop_after_iterations: int | None = None) -> Path:
+    """Continue the run in ``run_dir`` from ``checkpoints/last.pt`` (schedule, RNG and history included).
+
+    A run killed before its first checkpoint restarts from epoch 0 in the same folder; a finished run
+    returns at once. The config, classes and split are those stored in the run folder.
+    """
+    from medse.utils.checkpoint import load_checkpoint
+
+    run_dir = Path(run_dir).expanduser().resolve()
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise MedseError("not a run folder (no config.yaml)", run_dir)
+    cfg = load_config(cfg_path)
+    dist = init_distributed(_device_type(cfg.train.device))
+    try:
+        prep = _data.prepare_data(cfg)
+        stored = json.loads((run_dir / "dataset.json").read_text())
+        if [int(v) for v in stored.get("class_values", [])] != prep.class_values:
+            raise MedseError(
+                f"the dataset's labels {prep.class_values} differ from the run's {stored.get('class_values')}",
+                run_dir / "dataset.json",
+            )
+        last = run_dir / "checkpoints" / "last.pt"
+        ckpt = load_checkpoint(last) if last.is_file() else None
+        return _Trainer(run_dir, cfg, prep, dist, stop_after_iterations).run(checkpoint=ckpt)
+    finally:
+        cleanup(dist)
+
+
+def _device_type(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if device.startswith("cuda") else "cpu"
+
+
+def _resolve_device(device: str, dist: DistInfo) -> Any:
+    import torch
+
+    kind = _device_type(device)
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise MedseError(f"config key 'train.device': {device!r} requested but CUDA is not available")
+        idx = dist.local_rank if (dist.enabled or device in ("auto", "cuda")) else int(device.split(":")[1])
+        torch.cuda.set_device(idx)
+        return torch.device("cuda", idx)
+    return torch.device("cpu")
+
+
+def _create_run_dir(output: Path, cfg: Config, prep: _data.PreparedData) -> None:
+    """Write config.yaml, run_info.json, dataset.json and splits.json under a temporary name, then rename."""
+    from medse.utils.runinfo import write_run_info
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.parent / f".{output.name}.creating-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        atomic_write_text(tmp / "config.yaml", dump_yaml(config_to_dict(cfg)))
+        write_run_info(tmp, extra={"task": "segmentation-training"})
+        atomic_write_text(tmp / "dataset.json", json.dumps(prep.dataset_json(), indent=2) + "\n")
+        _data.make_splits(tmp, prep, cfg)
+        if output.exists():  # an empty folder the user made beforehand
+            output.rmdir()
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def build_model(cfg: Config, in_channels: int, out_channels: int) -> Any:
+    """The network named by ``cfg.model`` (``medse.networks.create_model``)."""
+    m = cfg.model
+    try:
+        from medse.networks import create_model
+    except ImportError:  # networks area not there yet: a plain MONAI U-Net without attention
+        if m.attention != "none":
+            raise MedseError("config key 'model.attention': medse.networks is not available") from None
+        from monai.networks.nets import UNet
+
+        return UNet(m.spatial_dims, in_channels, out_channels, channels=(8, 16, 32, 64), strides=(2, 2, 2))
+
+    return create_model(
+        m.name,
+        spatial_dims=m.spatial_dims,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        attention=m.attention,
+        attention_positions=tuple(m.attention_positions),
+        attention_kwargs=dict(m.attention_kwargs) or None,
+        **dict(m.kwargs),
+    )
+
+
+class _Trainer:
+    def __init__(
+        self, run_dir: Path, cfg: Config, prep: _data.PreparedData, dist: DistInfo, stop_after: int | None
+    ) -> None:
+        self.run_dir = run_dir
+        self.cfg = cfg
+        self.prep = prep
+        self.dist = dist
+        env = os.environ.get(STOP_ENV)
+        self.stop_after = stop_after if stop_after is not None else (int(env) if env else None)
+
+    # ------------------------------------------------------------------ setup
+    def _setup(self, checkpoint: dict[str, Any] | None) -> None:
+        import torch
+        from monai.losses import DiceCELoss
+
+        from medse.training.optim import build_optimizer, build_scheduler
+        from medse.utils.seed import derive_seed, seed_everything
+
+        cfg, t = self.cfg, self.cfg.train
+        self.device = _resolve_device(t.device, self.dist)
+        self.use_amp = bool(t.amp and self.device.type == "cuda")
+        seed_everything(derive_seed(t.seed, 0x5EED))  # weight initialisation, identical on every rank
+        self.in_channels = len(self.prep.channel_names)
+        self.model = build_model(cfg, self.in_channels, self.prep.num_classes).to(self.device)
+        self.optimizer = build_optimizer(self.model.parameters(), t)
+        self.scheduler = build_scheduler(self.optimizer, t)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.loss_fn = DiceCELoss(
+            to_onehot_y=True, softmax=True, lambda_dice=t.lambda_dice, lambda_ce=t.lambda_ce
+        )
+        self.start_epoch = 0
+        self.global_step = 0
+        self.history: list[dict[str, Any]] = []
+        self.step_losses: list[float] = []
+        self.best_metric = -math.inf
+        self.best_epoch = -1
+        self.timing = {"sum": 0.0, "count": 0}
+        if checkpoint is not None:
+            self._load_state(checkpoint)
+        self.ddp_model = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp_model = DistributedDataParallel(self.model, device_ids=ids)
+        # label value -> class index lookup (identity when the values are 0..K-1)
+        values = self.prep.class_values
+        self.lut = None
+        if values != list(range(len(values))):
+            lut = torch.zeros(max(values) + 1, dtype=torch.long)
+            for i, v in enumerate(values):
+                lut[v] = i
+            self.lut = lut.to(self.device)
+
+    def _load_state(self, ck: dict[str, Any]) -> None:
+        from medse.utils.seed import set_rng_states
+
+        if int(ck.get("num_classes", self.prep.num_classes)) != self.prep.num_classes:
+            raise MedseError("checkpoint has a different number of classes than the dataset", self.run_dir)
+        self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        if ck.get("scaler"):
+            self.scaler.load_state_dict(ck["scaler"])
+        self.start_epoch = int(ck["epoch"])
+        self.global_step = int(ck["global_step"])
+        self.history = list(ck.get("history", []))
+        self.step_losses = [float(v) for v in ck.get("step_losses", [])]
+        self.best_metric = float(ck.get("best_metric", -math.inf))
+        self.best_epoch = int(ck.get("best_epoch", -1))
+        self.timing = dict(ck.get("timing", self.timing))
+        if "rng" in ck:
+            set_rng_states(ck["rng"])
+
+    def _state(self, epoch: int) -> dict[str, Any]:
+        from medse.utils.seed import get_rng_states
+
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": epoch,
+            "global_step": self.global_step,
+            "rng": get_rng_states(),
+            "history": self.history,
+            "step_losses": self.step_losses,
+            "best_metric": self.best_metric,
+            "best_epoch": self.best_epoch,
+            "timing": self.timing,
+            "num_classes": self.prep.num_classes,
+            "class_values": self.prep.class_values,
+            "class_names": self.prep.class_names,
+            "in_channels": self.in_channels,
+            "config": config_to_dict(self.cfg),
+        }
+
+    # ------------------------------------------------------------------ loop
+    def run(self, checkpoint: dict[str, Any] | None) -> Path:
+        from medse.training.recording import TensorBoardLogger
+
+        t = self.cfg.train
+        self._setup(checkpoint)
+        splits = _data._split_lists(json.loads((self.run_dir / "splits.json").read_text()))
+        self.val_ids = splits["val"][: t.val_max_cases] if t.val_max_cases else splits["val"]
+        if self.start_epoch >= t.epochs:
+            return self.run_dir
+        store = _data.make_store(self.prep, self.cfg)
+        self.train_ds = _data.make_train_dataset(store, splits["train"], self.cfg)
+        self.val_ds = _data.make_val_dataset(store, self.val_ids)
+        self.tb = TensorBoardLogger(
+            self.run_dir / "tensorboard", enabled=t.tensorboard and self.dist.is_main, purge_step=self.start_epoch + 1
+        )
+        try:
+            for epoch in range(self.start_epoch, t.epochs):
+                self._epoch(epoch)
+        finally:
+            self.tb.close()
+        return self.run_dir
+
+    def _loader(self, epoch: int) -> Any:
+        import torch
+        from torch.utils.data import DataLoader
+
+        from medse.training.distributed import shard_indices
+
+        t = self.cfg.train
+        self.train_ds.set_epoch(epoch)
+        batches = [shard_indices(i, t.batch_size, self.dist) for i in range(t.iterations_per_epoch)]
+        gen = torch.Generator()
+        gen.manual_seed(epoch)
+        return DataLoader(
+            self.train_ds,
+            batch_sampler=batches,
+            num_workers=t.num_workers,
+            pin_memory=self.device.type == "cuda",
+            generator=gen,
+        )
+
+    def _epoch(self, epoch: int) -> None:
+        import torch
+        from tqdm.auto import tqdm
+
+        from medse.utils.seed import derive_seed
+
+        t = self.cfg.train
+        torch.manual_seed(derive_seed(t.seed, epoch, 0xD0))  # dropout etc. from (seed, epoch)
+        self.ddp_model.train()
+        t_epoch = time.perf_counter()
+        losses: list[float] = []
+        steps_here = 0
+        bar = tqdm(
+            self._loader(epoch), total=t.iterations_per_epoch, desc=f"epoch {epoch + 1}/{t.epochs}",
+            disable=not (t.progress and self.dist.is_main), leave=False, dynamic_ncols=True,
+        )
+        for batch in bar:
+            image, label = _data.unpack(batch)
+            t0 = time.perf_counter()
+            loss = self._step(image, label)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            dt = time.perf_counter() - t0
+            steps_here += 1
+            if steps_here > TIMING_WARMUP_STEPS:
+                self.timing["sum"] += dt
+                self.timing["count"] += 1
+            global_loss = all_reduce_sum([loss], self.dist)[0] / self.dist.world_size
+            losses.append(global_loss)
+            self.step_losses.append(global_loss)
+            self.global_step += 1
+            bar.set_postfix(loss=f"{global_loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+            if self.stop_after is not None and self.global_step >= self.stop_after:
+                raise TrainingInterrupted(f"stopped after {self.global_step} iterations (stop_after_iterations)")
+        bar.close()
+        row: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "train_loss": float(sum(losses) / max(len(losses), 1)),
+            "lr": float(self.scheduler.get_last_lr()[0]),
+            "epoch_time_s": time.perf_counter() - t_epoch,
+        }
+        if (epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs:
+            tv = time.perf_counter()
+            dice = self._validate()
+            row.update({f"val_{k}": v for k, v in dice.items()})
+            row["val_time_s"] = time.perf_counter() - tv
+            if not math.isnan(dice["dice_mean"]) and dice["dice_mean"] > self.best_metric:
+                self.best_metric = dice["dice_mean"]
+                self.best_epoch = epoch + 1
+        self.history.append(row)
+        if self.dist.is_main:
+            self._write(epoch + 1, row)
+        barrier(self.dist)
+
+    def _step(self, image: Any, label: Any) -> float:
+        import torch
+
+        t = self.cfg.train
+        image = image.to(self.device, non_blocking=True).float()
+        label = label.to(self.device, non_blocking=True).long()
+        if label.ndim == image.ndim - 1:
+            label = label[:, None]
+        if self.lut is not None:
+            label = self.lut[label]
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, enabled=self.use_amp):
+            logits = self.ddp_model(image)
+            loss = self.loss_fn(logits.float(), label)
+        self.scaler.scale(loss).backward()
+        if t.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return float(loss.detach())
+
+    def _validate(self) -> dict[str, float]:
+        import torch
+
+        from medse.training.validation import dice_per_class, predict_logits, reduce_dice_sums
+
+        k = self.prep.num_classes
+        names = self.prep.class_names[1:]
+        sums = [0.0] * (k - 1)
+        counts = [0.0] * (k - 1)
+        model = self.model
+        model.eval()
+        roi = self.cfg.roi_size
+        inf = self.cfg.infer
+        with torch.no_grad():
+            for i in range(self.dist.rank, len(self.val_ds), self.dist.world_size):
+                image, label = _data.unpack(self.val_ds[i])
+                image = torch.as_tensor(image).float().to(self.device)
+                label = torch.as_tensor(label).long().to(self.device)
+                if label.ndim == image.ndim:
+                    label = label[0]
+                if self.lut is not None:
+                    label = self.lut[label]
+                logits = predict_logits(
+                    model, image, spatial_dims=self.cfg.model.spatial_dims, roi_size=roi,
+                    sw_batch_size=inf.sw_batch_size, overlap=inf.overlap, blend=inf.blend,
+                    slice_axis=self.cfg.train.slice_axis, amp=self.use_amp,
+                )
+                d = dice_per_class(logits.argmax(0), label, k)
+                for c, v in enumerate(d):
+                    if not math.isnan(v):
+                        sums[c] += v
+                        counts[c] += 1
+        red = all_reduce_sum(sums + counts, self.dist)
+        model.train()
+        return reduce_dice_sums(red[: k - 1], red[k - 1 :], names)
+
+    def _write(self, epoch: int, row: dict[str, Any]) -> None:
+        from medse.training.recording import plot_curves, write_metrics_csv, write_timing
+        from medse.utils.checkpoint import save_checkpoint
+
+        ckdir = self.run_dir / "checkpoints"
+        state = self._state(epoch)
+        save_checkpoint(ckdir / "last.pt", state)
+        if self.best_epoch == epoch:
+            save_checkpoint(ckdir / "best.pt", state)
+        write_metrics_csv(self.history, self.run_dir / "metrics.csv")
+        plot_curves(self.history, self.run_dir / "curves.png")
+        self.tb.log(row, epoch)
+        t = self.cfg.train
+        write_timing(
+            self.run_dir / "timing.json", self.timing["sum"], int(self.timing["count"]),
+            extra={
+                "device": str(self.device),
+                "world_size": self.dist.world_size,
+                "batch_size": t.batch_size,
+                "patch_size": list(t.patch_size),
+                "model": self.cfg.model.name,
+                "attention": self.cfg.model.attention,
+                "spatial_dims": self.cfg.model.spatial_dims,
+                "epochs_done": epoch,
+                "best_epoch": self.best_epoch,
+                "best_val_dice_mean": None if self.best_epoch < 0 else self.best_metric,
+            },
+        )
