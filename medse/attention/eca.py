@@ -1,0 +1,86 @@
+"""Efficient Channel Attention, ECA (Wang et al., CVPR 2020, arXiv:1910.03151).
+
+Reference code: https://github.com/BangguWu/ECANet.
+
+``z = mean(x)`` read as a length-C sequence; ``s = sigmoid(conv(z))`` with ``conv = nn.Conv1d(1, 1, k,
+padding=(k - 1) // 2, bias=False)`` (zero padding at the channel ends); ``y = x * s``. Learnable parameters: k.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from medse.attention._base import channel_view, check_channels, check_spatial_dims, run_fused, spatial_axes
+
+
+def eca_kernel_size(channels: int, gamma: float = 2, b: float = 1) -> int:
+    """ECA's adaptive kernel size: ``t = int(abs((log2(C) + b) / gamma))``, ``k = t if t is odd else t + 1``.
+
+    With gamma = 2, b = 1 (the paper's values): C = 16..64 -> 3, 128..1024 -> 5, 2048 -> 7.
+    """
+    t = int(abs((math.log2(channels) + b) / gamma))
+    return t if t % 2 else t + 1
+
+
+class ECA(nn.Module):
+    """Efficient Channel Attention (Wang et al., CVPR 2020), any number of spatial dimensions.
+
+    Learnable parameters: k (the 1D convolution across channels, no bias). Parameter name: ``conv``.
+
+    Args:
+        spatial_dims: number of spatial dimensions, 1, 2 or 3.
+        in_channels: number of input channels C.
+        kernel_size: odd kernel size k of the channel convolution, or None to derive it from C with
+            :func:`eca_kernel_size`. Defaults to None (adaptive). Note: the authors' ECA-ResNet-50 passes
+            k = [3, 5, 5, 7] per stage explicitly rather than computing it.
+        gamma: gamma of the adaptive rule. Defaults to 2.
+        b: b of the adaptive rule. Defaults to 1.
+        fused: use a fast path from ``medse.attention._fused`` when one exists (same numbers). Defaults to True.
+    """
+
+    block_name = "eca"
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        *,
+        kernel_size: int | None = None,
+        gamma: float = 2,
+        b: float = 1,
+        fused: bool = True,
+    ) -> None:
+        super().__init__()
+        self.spatial_dims = check_spatial_dims("ECA", spatial_dims, (1, 2, 3))
+        self.in_channels = check_channels("ECA", in_channels)
+        if kernel_size is None:
+            if gamma == 0:
+                raise ValueError("ECA: gamma must not be 0.")
+            kernel_size = eca_kernel_size(self.in_channels, gamma, b)
+        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"ECA: kernel_size must be a positive odd integer (or None for adaptive), got {kernel_size!r}.")
+        self.kernel_size = kernel_size
+        self.conv = nn.Conv1d(1, 1, kernel_size=kernel_size, padding=(kernel_size - 1) // 2, bias=False)
+        self.fused = bool(fused)
+
+    def channel_gate(self, x: torch.Tensor) -> torch.Tensor:
+        """The gate s as a (B, C, 1, ..., 1) tensor."""
+        z = x.mean(dim=spatial_axes(x))  # (B, C)
+        s = torch.sigmoid(self.conv(z.unsqueeze(1))).squeeze(1)  # (B, 1, C) -> (B, C)
+        return channel_view(s, x.ndim - 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = run_fused(self, self.block_name, x)
+        if out is not None:
+            return out
+        return x * self.channel_gate(x)
+
+    def extra_macs(self, input_shape: tuple[int, ...]) -> int:
+        """Element-wise work outside the convolution: the spatial mean and x * s (2 per element)."""
+        return 2 * math.prod(input_shape)
+
+    def extra_repr(self) -> str:
+        return f"spatial_dims={self.spatial_dims}, in_channels={self.in_channels}, kernel_size={self.kernel_size}"

@@ -1,0 +1,416 @@
+"""The attention registry: names -> block classes with metadata, and the factory used by every network.
+
+``create_attention(name, spatial_dims, in_channels, **kwargs)`` builds a block by name; ``"none"`` gives
+``nn.Identity``; ``"a+b"`` builds the blocks in sequence (``nn.Sequential``, the survey's "hybrid" direction).
+``list_attention()`` returns the metadata; ``min_channels(name, **kwargs)`` the smallest valid width.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from medse.attention.coord import CoordAttention
+from medse.attention.eca import ECA, eca_kernel_size
+from medse.attention.fca import FcaAttention, freq_indices
+from medse.attention.pe import ProjectExcite
+from medse.attention.scse import SCSE, SpatialSE
+from medse.attention.se import ChannelSE, SqueezeExcitation
+from medse.attention.simam import SimAM
+from medse.attention.spse import SPSE
+from medse.utils.errors import did_you_mean, unknown_option_error
+
+# Keywords every block accepts through create_attention even where the block has no use for them:
+# ``fused`` is a performance hint (dropped for blocks without a fast path).
+_HINTS = ("fused",)
+
+
+@dataclass(frozen=True)
+class AttentionInfo:
+    """Metadata of a registered attention block.
+
+    Attributes:
+        name: registry name.
+        cls: the block class (``None`` for ``"none"``, built as ``nn.Identity``).
+        paper: the paper (authors, title, venue).
+        year: publication year.
+        repo: the authors' (or reference) repository, empty if none.
+        params_formula: the learnable-parameter formula, C = in_channels, r = reduction.
+        spatial_dims: supported spatial dimensions.
+        defaults: the keyword defaults create_attention applies for this name.
+        extension: what is medse's own (not in the paper), empty if nothing.
+        spatial_gate: True when the block has a spatial gate (``record_gate`` / ``last_gate``).
+        departures: where medse departs from the paper or the authors' code, empty if nowhere.
+        fused: True when the block takes the ``fused`` keyword (fast path hook).
+        params_fn: ``params_fn(C, spatial_dims, **kwargs) -> int``, the formula as a function.
+    """
+
+    name: str
+    cls: type[nn.Module] | None
+    paper: str
+    year: int
+    repo: str
+    params_formula: str
+    spatial_dims: tuple[int, ...]
+    defaults: dict[str, Any] = field(default_factory=dict)
+    extension: str = ""
+    spatial_gate: bool = False
+    departures: str = ""
+    fused: bool = False
+    params_fn: Callable[..., int] | None = None
+
+
+def _se_params(c: int, d: int, reduction: float = 16, **_: Any) -> int:
+    h = int(c // reduction)
+    return 2 * c * h + h + c
+
+
+def _scse_params(c: int, d: int, reduction: float = 2, **_: Any) -> int:
+    return _se_params(c, d, reduction) + c + 1
+
+
+def _eca_params(c: int, d: int, kernel_size: int | None = None, gamma: float = 2, b: float = 1, **_: Any) -> int:
+    return kernel_size if kernel_size is not None else eca_kernel_size(c, gamma, b)
+
+
+def _fca_params(c: int, d: int, reduction: float = 16, **_: Any) -> int:
+    return 2 * c * int(c // reduction)
+
+
+def _ca_params(c: int, d: int, reduction: int = 32, min_mip: int = 8, **_: Any) -> int:
+    mip = max(min_mip, c // reduction)
+    return (d + 1) * c * mip + 3 * mip + d * c
+
+
+def _spse_params(c: int, d: int, reduction: float = 16, levels: tuple[int, ...] = (1, 2, 4), **_: Any) -> int:
+    h = int(c // reduction)
+    return c * sum(lv**d + 1 for lv in levels) + 2 * c + 2 * c * h + h + c
+
+
+_HU = "Hu, Shen, Sun. Squeeze-and-Excitation Networks. CVPR 2018 (arXiv:1709.01507)"
+_ROY = (
+    "Roy, Navab, Wachinger. Concurrent Spatial and Channel 'Squeeze & Excitation' in Fully Convolutional "
+    "Networks. MICCAI 2018 (arXiv:1803.02579); IEEE TMI 2019 (arXiv:1808.08127)"
+)
+_ROY_REPO = "https://github.com/ai-med/squeeze_and_excitation"
+
+_REGISTRY: dict[str, AttentionInfo] = {}
+
+
+def _register(info: AttentionInfo) -> None:
+    _REGISTRY[info.name] = info
+
+
+_register(
+    AttentionInfo(
+        name="none",
+        cls=None,
+        paper="no attention (baseline)",
+        year=0,
+        repo="",
+        params_formula="0",
+        spatial_dims=(1, 2, 3),
+        params_fn=lambda c, d, **_: 0,
+    )
+)
+_register(
+    AttentionInfo(
+        name="se",
+        cls=SqueezeExcitation,
+        paper=_HU,
+        year=2018,
+        repo="https://github.com/hujie-frank/SENet",
+        params_formula="2*C*(C//r) + C//r + C, r=16",
+        spatial_dims=(1, 2, 3),
+        defaults={"reduction": 16},
+        extension="1D and 3D (the paper is 2D; the formula has no spatial axis to adapt).",
+        departures="Biases in both FC layers as in the authors' Caffe models (the paper's count ignores them).",
+        fused=True,
+        params_fn=_se_params,
+    )
+)
+_register(
+    AttentionInfo(
+        name="cse",
+        cls=ChannelSE,
+        paper=_ROY,
+        year=2018,
+        repo=_ROY_REPO,
+        params_formula="2*C*(C//r) + C//r + C, r=2",
+        spatial_dims=(1, 2, 3),
+        defaults={"reduction": 2},
+        extension="1D (the authors define 2D and 3D).",
+        departures="",
+        fused=True,
+        params_fn=lambda c, d, reduction=2, **kw: _se_params(c, d, reduction),
+    )
+)
+_register(
+    AttentionInfo(
+        name="sse",
+        cls=SpatialSE,
+        paper=_ROY,
+        year=2018,
+        repo=_ROY_REPO,
+        params_formula="C + 1",
+        spatial_dims=(1, 2, 3),
+        extension="1D (the authors define 2D and 3D).",
+        spatial_gate=True,
+        fused=True,
+        params_fn=lambda c, d, **_: c + 1,
+    )
+)
+_register(
+    AttentionInfo(
+        name="scse",
+        cls=SCSE,
+        paper=_ROY,
+        year=2018,
+        repo=_ROY_REPO,
+        params_formula="2*C*(C//r) + C//r + 2C + 1, r=2",
+        spatial_dims=(1, 2, 3),
+        defaults={"reduction": 2, "aggregation": "max"},
+        extension="1D; aggregation 'mul' (offered for comparison only).",
+        spatial_gate=True,
+        departures=(
+            "Default aggregation is the element-wise maximum of the authors' code and TMI paper; the MICCAI "
+            "paper adds the branches (aggregation='add')."
+        ),
+        fused=True,
+        params_fn=_scse_params,
+    )
+)
+_register(
+    AttentionInfo(
+        name="scse_smp",
+        cls=SCSE,
+        paper=_ROY + "; preset of segmentation_models_pytorch's SCSEModule",
+        year=2018,
+        repo="https://github.com/qubvel-org/segmentation_models.pytorch",
+        params_formula="2*C*(C//r) + C//r + 2C + 1, r=16",
+        spatial_dims=(1, 2, 3),
+        defaults={"reduction": 16, "aggregation": "add"},
+        extension="1D and 3D (smp's module is 2D).",
+        spatial_gate=True,
+        departures="smp's choices: addition of the branches and r=16.",
+        fused=True,
+        params_fn=lambda c, d, reduction=16, **kw: _scse_params(c, d, reduction),
+    )
+)
+_register(
+    AttentionInfo(
+        name="eca",
+        cls=ECA,
+        paper="Wang, Wu, Zhu, Li, Zuo, Hu. ECA-Net: Efficient Channel Attention for Deep CNNs. CVPR 2020 "
+        "(arXiv:1910.03151)",
+        year=2020,
+        repo="https://github.com/BangguWu/ECANet",
+        params_formula="k, k = adaptive odd(int((log2(C) + 1) / 2)) or given",
+        spatial_dims=(1, 2, 3),
+        defaults={"kernel_size": None},
+        extension="1D and 3D.",
+        departures="Even kernel sizes are rejected (the authors' padding would shorten the channel axis).",
+        fused=True,
+        params_fn=_eca_params,
+    )
+)
+_register(
+    AttentionInfo(
+        name="fca",
+        cls=FcaAttention,
+        paper="Qin, Zhang, Wu, Li. FcaNet: Frequency Channel Attention Networks. ICCV 2021 (arXiv:2012.11879)",
+        year=2021,
+        repo="https://github.com/cfzd/FcaNet",
+        params_formula="2*C*(C//r), r=16 (DCT filters are a buffer)",
+        spatial_dims=(2, 3),
+        defaults={"reduction": 16, "freq_method": "top16", "dct_size": 7},
+        extension=(
+            "3D: a 3D DCT basis; the 2D (u, v) pair applies to the last two spatial axes, frequency 0 on the "
+            "first, unless explicit 3D frequencies are given."
+        ),
+        departures="dct_size defaults to 7 (the frequency grid); the authors' ResNet uses 56/28/14/7 by stage.",
+        params_fn=_fca_params,
+    )
+)
+_register(
+    AttentionInfo(
+        name="ca",
+        cls=CoordAttention,
+        paper="Hou, Zhou, Feng. Coordinate Attention for Efficient Mobile Network Design. CVPR 2021 "
+        "(arXiv:2103.02907)",
+        year=2021,
+        repo="https://github.com/houqb/CoordAttention",
+        params_formula="2D: 3*C*mip + 3*mip + 2C; 3D: 4*C*mip + 3*mip + 3C; mip = max(8, C//32)",
+        spatial_dims=(2, 3),
+        defaults={"reduction": 32, "min_mip": 8},
+        extension="3D: one strip per axis (D, H, W), one shared conv/BN/h_swish, three directional gates.",
+        spatial_gate=True,
+        fused=True,
+        params_fn=_ca_params,
+    )
+)
+_register(
+    AttentionInfo(
+        name="simam",
+        cls=SimAM,
+        paper="Yang, Zhang, Li, Xie. SimAM: A Simple, Parameter-Free Attention Module for CNNs. ICML 2021",
+        year=2021,
+        repo="https://github.com/ZjjConan/SimAM",
+        params_formula="0",
+        spatial_dims=(1, 2, 3),
+        defaults={"e_lambda": 1e-4},
+        extension="1D and 3D (the energy is defined per channel over any number of positions).",
+        spatial_gate=True,
+        departures=(
+            "n = max(N-1, 1) so a single spatial position gives sigmoid(0.5) instead of NaN; energy in float32 "
+            "for half-precision inputs. lambda=1e-4 is the module default (the authors' ImageNet/COCO runs: 0.1)."
+        ),
+        fused=True,
+        params_fn=lambda c, d, **_: 0,
+    )
+)
+_register(
+    AttentionInfo(
+        name="spse",
+        cls=SPSE,
+        paper="Jin, Xie, Wang, Chen, Liang. Delving deep into spatial pooling for squeeze-and-excitation "
+        "networks. Pattern Recognition 2022",
+        year=2022,
+        repo="",
+        params_formula="C*sum_l(l^d + 1) + 2C + 2*C*(C//r) + C//r + C; 2D levels (1,2,4): 2C*(C//16) + C//16 + 27C",
+        spatial_dims=(1, 2, 3),
+        defaults={"reduction": 16, "levels": (1, 2, 4)},
+        extension="1D and 3D: each level pools to l cells per axis (l^d cells), depthwise kernel l per axis.",
+        departures="Training with a batch of one normalises with the running statistics (BatchNorm is undefined).",
+        params_fn=_spse_params,
+    )
+)
+_register(
+    AttentionInfo(
+        name="pe",
+        cls=ProjectExcite,
+        paper="Rickmann, Roy, Sarasua, Navab, Wachinger. 'Project & Excite' Modules for Segmentation of "
+        "Volumetric Medical Scans. MICCAI 2019 (arXiv:1906.04649)",
+        year=2019,
+        repo=_ROY_REPO,
+        params_formula="2*C*(C//r) + C//r + C, r=2",
+        spatial_dims=(3,),
+        defaults={"reduction": 2},
+        spatial_gate=True,
+        params_fn=lambda c, d, reduction=2, **kw: _se_params(c, d, reduction),
+    )
+)
+
+
+def list_attention() -> dict[str, AttentionInfo]:
+    """All registered blocks, name -> :class:`AttentionInfo` (composition names are not listed)."""
+    return dict(_REGISTRY)
+
+
+def _split_names(name: object) -> list[str]:
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"attention name must be a non-empty string, got {name!r}.")
+    parts = [p.strip().lower() for p in name.split("+")]
+    for p in parts:
+        if p not in _REGISTRY:
+            raise unknown_option_error("attention block", p, _REGISTRY)
+    if len(parts) > 1 and "none" in parts:
+        raise ValueError(f"attention '{name}': 'none' cannot be combined with other blocks.")
+    return parts
+
+
+def _accepted(cls: type[nn.Module]) -> set[str]:
+    params = inspect.signature(cls.__init__).parameters
+    return {k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def _kwargs_for(parts: list[str], kwargs: dict[str, Any]) -> list[dict[str, Any]]:
+    """Route keyword arguments to the parts of a (possibly composite) name.
+
+    A keyword whose name is a part's name and whose value is a dict goes to that part only; any other keyword
+    goes to every part that accepts it; a keyword no part accepts raises ValueError (``fused`` excepted).
+    """
+    per_part: list[dict[str, Any]] = [dict(_REGISTRY[p].defaults) for p in parts]
+    shared = {k: v for k, v in kwargs.items() if not (k in parts and isinstance(v, dict))}
+    for i, p in enumerate(parts):
+        if p in kwargs and isinstance(kwargs[p], dict):
+            per_part[i].update(kwargs[p])
+    accepted = [_accepted(_REGISTRY[p].cls) for p in parts]  # type: ignore[arg-type]
+    for key, value in shared.items():
+        takers = [i for i, acc in enumerate(accepted) if key in acc]
+        if not takers and key not in _HINTS:
+            options = sorted(set().union(*accepted))
+            raise ValueError(
+                f"attention '{'+'.join(parts)}': unknown argument '{key}'.{did_you_mean(key, options)} "
+                f"Accepted: {', '.join(options) or 'none'}."
+            )
+        for i in takers:
+            per_part[i][key] = value
+    for i, p in enumerate(parts):
+        unknown = set(per_part[i]) - accepted[i]
+        if unknown:
+            key = sorted(unknown)[0]
+            raise ValueError(
+                f"attention '{p}': unknown argument '{key}'.{did_you_mean(key, accepted[i])} "
+                f"Accepted: {', '.join(sorted(accepted[i])) or 'none'}."
+            )
+    return per_part
+
+
+def create_attention(name: str, spatial_dims: int, in_channels: int, **kwargs: Any) -> nn.Module:
+    """Build an attention block by registry name.
+
+    Args:
+        name: a registered name (see :func:`list_attention`), or several joined by ``+`` (e.g. ``"eca+ca"``),
+            built in sequence as an ``nn.Sequential``. ``"none"`` gives ``nn.Identity`` and ignores ``kwargs``.
+        spatial_dims: number of spatial dimensions (1, 2 or 3; each block lists what it supports).
+        in_channels: number of input (= output) channels.
+        kwargs: block options. For a composition, ``{part_name: {...}}`` targets one part; other keywords go to
+            every part accepting them. ``fused`` is a hint accepted by every block.
+
+    Raises:
+        ValueError: unknown name (with a suggestion), unknown option, or invalid arguments for the block.
+    """
+    parts = _split_names(name)
+    if parts == ["none"]:
+        if isinstance(spatial_dims, bool) or spatial_dims not in (1, 2, 3):
+            raise ValueError(f"attention 'none': spatial_dims must be one of {{1, 2, 3}}, got {spatial_dims!r}.")
+        return nn.Identity()
+    for p in parts:
+        dims = _REGISTRY[p].spatial_dims
+        if isinstance(spatial_dims, bool) or spatial_dims not in dims:
+            sup = ", ".join(map(str, dims))
+            hint = " (Project & Excite is defined for volumes only)" if p == "pe" else ""
+            raise ValueError(f"attention '{p}': spatial_dims must be one of {{{sup}}}, got {spatial_dims!r}{hint}.")
+    blocks = [
+        _REGISTRY[p].cls(spatial_dims, in_channels, **kw)  # type: ignore[misc]
+        for p, kw in zip(parts, _kwargs_for(parts, kwargs), strict=True)
+    ]
+    return blocks[0] if len(blocks) == 1 else nn.Sequential(*blocks)
+
+
+def min_channels(name: str, **kwargs: Any) -> int:
+    """The smallest ``in_channels`` for which ``create_attention(name, ..., **kwargs)`` is valid.
+
+    Covers the reduction (C // r >= 1) and FcaNet's divisibility by the number of frequencies; for a composition
+    the smallest width valid for every part (a valid width for FcaNet is a multiple of its frequency count).
+    """
+    parts = _split_names(name)
+    if parts == ["none"]:
+        return 1
+    per_part = _kwargs_for(parts, kwargs)
+    lower = 1
+    multiple = 1
+    for p, kw in zip(parts, per_part, strict=True):
+        r = kw.get("reduction")
+        if p in ("se", "cse", "scse", "scse_smp", "spse", "pe", "fca") and r is not None:
+            lower = max(lower, math.ceil(r))
+        if p == "fca":
+            n = len(kw["frequencies"]) if kw.get("frequencies") else len(freq_indices(kw.get("freq_method", "top16")))
+            multiple = math.lcm(multiple, n)
+    return math.ceil(lower / multiple) * multiple

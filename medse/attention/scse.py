@@ -1,0 +1,140 @@
+"""Spatial SE (sSE) and concurrent spatial and channel SE (scSE), Roy et al.
+
+- Roy, Navab, Wachinger, "Concurrent Spatial and Channel 'Squeeze & Excitation' in Fully Convolutional
+  Networks", MICCAI 2018, arXiv:1803.02579 (aggregation by addition).
+- Roy, Navab, Wachinger, "Recalibrating Fully Convolutional Networks with Spatial and Channel 'Squeeze and
+  Excitation' Blocks", IEEE TMI 2019, arXiv:1808.08127 (aggregation by element-wise maximum, as in the
+  authors' released code https://github.com/ai-med/squeeze_and_excitation).
+- segmentation_models_pytorch's ``SCSEModule`` adds the branches with r = 16 (registered here as ``scse_smp``).
+
+sSE: ``q = sigmoid(conv(x))`` with a C -> 1 pointwise convolution with bias; ``y = x * q``.
+scSE: ``max(x * c, x * q)`` (default, authors' code), ``x * c + x * q`` (MICCAI paper, smp) or ``x * c * q``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from monai.networks.layers.factories import Conv
+from torch import nn
+
+from medse.attention._base import check_channels, check_spatial_dims, run_fused
+from medse.attention.se import ChannelSE
+from medse.utils.errors import unknown_option_error
+
+AGGREGATIONS = ("max", "add", "mul")
+
+
+class SpatialSE(nn.Module):
+    """Spatial squeeze-and-excitation, sSE (Roy et al., MICCAI 2018).
+
+    ``y = x * sigmoid(conv(x))`` where ``conv`` is a C -> 1 pointwise convolution with bias (MONAI's
+    ``Conv[Conv.CONV, spatial_dims]``). Learnable parameters: ``C + 1``. The gate is the same for every channel.
+
+    Args:
+        spatial_dims: number of spatial dimensions, 1, 2 or 3.
+        in_channels: number of input channels C.
+        record_gate: store the gate (B, 1, *spatial), detached, in ``self.last_gate`` at every forward.
+            Defaults to False.
+        fused: use a fast path from ``medse.attention._fused`` when one exists (same numbers). Defaults to True.
+    """
+
+    block_name = "sse"
+
+    def __init__(self, spatial_dims: int, in_channels: int, *, record_gate: bool = False, fused: bool = True) -> None:
+        super().__init__()
+        self.spatial_dims = check_spatial_dims("SpatialSE", spatial_dims, (1, 2, 3))
+        self.in_channels = check_channels("SpatialSE", in_channels)
+        self.conv = Conv[Conv.CONV, self.spatial_dims](self.in_channels, 1, kernel_size=1, bias=True)
+        self.record_gate = bool(record_gate)
+        self.fused = bool(fused)
+        self.last_gate: torch.Tensor | None = None
+
+    def spatial_gate(self, x: torch.Tensor) -> torch.Tensor:
+        """The gate q as a (B, 1, *spatial) tensor."""
+        return torch.sigmoid(self.conv(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = run_fused(self, self.block_name, x)
+        if out is not None:
+            return out
+        q = self.spatial_gate(x)
+        if self.record_gate:
+            self.last_gate = q.detach()
+        return x * q
+
+    def extra_macs(self, input_shape: tuple[int, ...]) -> int:
+        """Element-wise work outside the convolution: x * q (one multiply per element)."""
+        return math.prod(input_shape)
+
+    def extra_repr(self) -> str:
+        return f"spatial_dims={self.spatial_dims}, in_channels={self.in_channels}"
+
+
+class SCSE(nn.Module):
+    """Concurrent spatial and channel squeeze-and-excitation, scSE (Roy et al., MICCAI 2018 / TMI 2019).
+
+    Two branches on the same input: ``cse`` (a :class:`ChannelSE`, reduction r) and ``sse`` (a
+    :class:`SpatialSE`), aggregated by ``aggregation``. Learnable parameters: ``2*C*(C//r) + C//r + 2C + 1``.
+
+    Departure: the MICCAI paper adds the two branches; the authors' released code and the TMI paper take the
+    element-wise maximum, which is medse's default. ``"mul"`` (x * c * q) is offered for comparison only.
+
+    Args:
+        spatial_dims: number of spatial dimensions, 1, 2 or 3.
+        in_channels: number of input channels C.
+        reduction: reduction ratio r of the channel branch. Defaults to 2.
+        aggregation: ``"max"``, ``"add"`` or ``"mul"``. Defaults to ``"max"`` (authors' code).
+        record_gate: store the spatial gate (B, 1, *spatial), detached, in ``self.last_gate``. Defaults to False.
+        fused: use a fast path from ``medse.attention._fused`` when one exists (same numbers). Defaults to True.
+    """
+
+    block_name = "scse"
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        *,
+        reduction: float = 2,
+        aggregation: str = "max",
+        record_gate: bool = False,
+        fused: bool = True,
+    ) -> None:
+        super().__init__()
+        self.spatial_dims = check_spatial_dims("SCSE", spatial_dims, (1, 2, 3))
+        self.in_channels = check_channels("SCSE", in_channels)
+        if aggregation not in AGGREGATIONS:
+            raise unknown_option_error("SCSE aggregation", str(aggregation), AGGREGATIONS)
+        self.aggregation = aggregation
+        self.reduction = reduction
+        self.cse = ChannelSE(self.spatial_dims, self.in_channels, reduction=reduction, fused=False)
+        self.sse = SpatialSE(self.spatial_dims, self.in_channels, fused=False)
+        self.record_gate = bool(record_gate)
+        self.fused = bool(fused)
+        self.last_gate: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = run_fused(self, self.block_name, x)
+        if out is not None:
+            return out
+        c = self.cse.channel_gate(x)
+        q = self.sse.spatial_gate(x)
+        if self.record_gate:
+            self.last_gate = q.detach()
+        if self.aggregation == "max":
+            return torch.maximum(x * c, x * q)
+        if self.aggregation == "add":
+            return x * c + x * q
+        return x * c * q
+
+    def extra_macs(self, input_shape: tuple[int, ...]) -> int:
+        """Element-wise work outside the linear/conv layers: mean, x*c, x*q and the aggregation (4 per element)."""
+        return 4 * math.prod(input_shape)
+
+    def extra_repr(self) -> str:
+        return (
+            f"spatial_dims={self.spatial_dims}, in_channels={self.in_channels}, reduction={self.reduction}, "
+            f"aggregation={self.aggregation!r}"
+        )

@@ -1,0 +1,94 @@
+"""Squeeze-and-Excitation (Hu et al.) and its channel-SE reading for segmentation (cSE, Roy et al.).
+
+- Hu, Shen, Sun, "Squeeze-and-Excitation Networks", CVPR 2018, arXiv:1709.01507.
+  Reference code: https://github.com/hujie-frank/SENet (Caffe).
+- Roy, Navab, Wachinger, "Concurrent Spatial and Channel 'Squeeze & Excitation' in Fully Convolutional
+  Networks", MICCAI 2018, arXiv:1803.02579. Reference code: https://github.com/ai-med/squeeze_and_excitation.
+
+Formula: ``z = mean(x)`` over the spatial axes, ``s = sigmoid(fc2(relu(fc1(z))))``, ``y = x * s``.
+Parameter names: ``fc1`` (``nn.Linear(C, C // r)``, bias) and ``fc2`` (``nn.Linear(C // r, C)``, bias); they map
+one-to-one on MONAI's ``ChannelSELayer.fc[0]`` / ``fc[2]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from medse.attention._base import (
+    channel_view,
+    check_channels,
+    check_spatial_dims,
+    reduced_channels,
+    run_fused,
+    spatial_axes,
+)
+
+
+class SqueezeExcitation(nn.Module):
+    """Squeeze-and-Excitation block (Hu et al., CVPR 2018), any number of spatial dimensions.
+
+    ``y = x * sigmoid(fc2(relu(fc1(mean(x)))))``; both linear layers have a bias, as in the authors' Caffe
+    models. Learnable parameters: ``2*C*(C//r) + C//r + C``.
+
+    Args:
+        spatial_dims: number of spatial dimensions, 1, 2 or 3.
+        in_channels: number of input channels C.
+        reduction: reduction ratio r of the hidden layer (C // r units). Defaults to 16 (the paper's choice).
+        fused: use a fast path from ``medse.attention._fused`` when one exists (same numbers). Defaults to True.
+
+    Shapes: input (B, C, *spatial) -> output of the same shape and dtype.
+    """
+
+    block_name = "cse"  # name of the fast path in medse.attention._fused
+
+    def __init__(self, spatial_dims: int, in_channels: int, *, reduction: float = 16, fused: bool = True) -> None:
+        super().__init__()
+        cls = type(self).__name__
+        self.spatial_dims = check_spatial_dims(cls, spatial_dims, (1, 2, 3))
+        self.in_channels = check_channels(cls, in_channels)
+        self.reduction = reduction
+        hidden = reduced_channels(cls, self.in_channels, reduction)
+        self.hidden_channels = hidden
+        self.fc1 = nn.Linear(self.in_channels, hidden, bias=True)
+        self.act = nn.ReLU(inplace=True)
+        self.fc2 = nn.Linear(hidden, self.in_channels, bias=True)
+        self.fused = bool(fused)
+
+    def channel_gate(self, x: torch.Tensor) -> torch.Tensor:
+        """The excitation s as a (B, C, 1, ..., 1) tensor."""
+        z = x.mean(dim=spatial_axes(x))
+        s = torch.sigmoid(self.fc2(self.act(self.fc1(z))))
+        return channel_view(s, x.ndim - 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = run_fused(self, self.block_name, x)
+        if out is not None:
+            return out
+        return x * self.channel_gate(x)
+
+    def extra_macs(self, input_shape: tuple[int, ...]) -> int:
+        """Element-wise work outside the linear layers: the spatial mean (one add per element) and x * s."""
+        return 2 * math.prod(input_shape)
+
+    def extra_repr(self) -> str:
+        return f"spatial_dims={self.spatial_dims}, in_channels={self.in_channels}, reduction={self.reduction}"
+
+
+class ChannelSE(SqueezeExcitation):
+    """Channel squeeze-and-excitation, cSE (Roy et al., MICCAI 2018): SE with reduction 2 by default.
+
+    Numerically identical to ``monai.networks.blocks.ChannelSELayer(spatial_dims, C, r=2)`` when the weights
+    are shared (``fc1`` <-> ``fc[0]``, ``fc2`` <-> ``fc[2]``). Learnable parameters: ``2*C*(C//r) + C//r + C``.
+
+    Args:
+        spatial_dims: number of spatial dimensions, 1, 2 or 3.
+        in_channels: number of input channels C.
+        reduction: reduction ratio r. Defaults to 2 (the authors' segmentation networks).
+        fused: use a fast path from ``medse.attention._fused`` when one exists (same numbers). Defaults to True.
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, *, reduction: float = 2, fused: bool = True) -> None:
+        super().__init__(spatial_dims, in_channels, reduction=reduction, fused=fused)
