@@ -1,0 +1,593 @@
+"""Predict label maps for new scans with a trained run, mapped back onto every input's own voxel grid.
+
+:class:`Predictor` holds a network and the run's recorded preprocessing. ``predict_case(image_paths)``:
+
+1. ``medse.data.preprocess.preprocess_case`` with the run's ``data.preprocess`` settings (reorientation,
+   optional crop and resampling, intensity normalisation; NaN voxels, wrong channel counts, 4D files and
+   unreadable files raise :class:`~medse.utils.errors.MedseError` naming the file);
+2. 3D networks: sliding windows (:func:`medse.inference.sliding.iter_window_slabs`, MONAI's window
+   placement and Gaussian blending, streamed so that no float32 ``(K, X, Y, Z)`` is held);
+   2D networks: slice by slice along the run's ``train.slice_axis``; optional flip TTA;
+3. argmax per slab, then ``medse.data.preprocess.invert_to_original`` (nearest neighbour for the label
+   map; with ``probabilities=True`` the class probabilities are inverted one class at a time, linearly,
+   and the label map is their argmax);
+4. class index -> label value (``dataset.json`` ``class_values``), optional largest connected component.
+
+:func:`predict_folder` runs it over a folder / manifest, writes each mask with
+:func:`medse.inference.writer.write_label_like` (input header copied, round-trip checked, atomic), skips
+existing outputs unless ``overwrite``, records failures in ``failures.csv`` and shards the cases over
+``torchrun`` ranks (rank r takes ``cases[r::world]``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medse.utils.atomic import atomic_write_text
+from medse.utils.errors import MedseError
+
+__all__ = ["InputCase", "PredictReport", "Predictor", "collect_cases", "predict_folder"]
+
+_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
+_MANIFEST_SUFFIXES = (".json", ".csv")
+
+
+# ------------------------------------------------------------------------------------------ inputs
+@dataclass
+class InputCase:
+    """One case to predict: an id and its channel files (one per channel, nnU-Net ``_XXXX`` order)."""
+
+    case_id: str
+    images: list[Path]
+
+
+def _split_suffix(path: Path) -> tuple[str, str]:
+    try:
+        from medse.data.io import split_suffix
+
+        return split_suffix(path)
+    except ImportError:  # pragma: no cover - data area always present in a release
+        name = path.name
+        for suf in (".nii.gz", ".nii"):
+            if name.lower().endswith(suf):
+                return name[: -len(suf)], name[-len(suf):]
+        return path.stem, path.suffix
+
+
+def _is_image(path: Path) -> bool:
+    from medse.data.io import is_image_file
+
+    return path.is_file() and is_image_file(path)
+
+
+def collect_cases(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[InputCase]:
+    """The cases named by ``inputs``, sorted by case id.
+
+    ``inputs`` may be a folder of images (``case.nii.gz`` single-channel, or nnU-Net channel files
+    ``case_0000.nii.gz``, ``case_0001.nii.gz`` grouped into one case), a dataset root or manifest
+    (``medse.data.datasets.load_dataset``: JSON/CSV manifest, nnU-Net, MSD or folder layout), a single
+    image file, or a list of image files (one single-channel case each).
+
+    Raises:
+        MedseError: the path does not exist, or no image was found.
+    """
+    if isinstance(inputs, (list, tuple)):
+        cases = [InputCase(_split_suffix(Path(p))[0], [Path(p)]) for p in inputs]
+        return sorted(cases, key=lambda c: c.case_id)
+    p = Path(inputs)  # type: ignore[arg-type]
+    if not p.exists():
+        raise MedseError("input folder or manifest not found", p)
+    if p.is_file() and p.name.lower().endswith(_MANIFEST_SUFFIXES):
+        from medse.data.datasets import load_dataset
+
+        spec = load_dataset(p)
+        return sorted((InputCase(c.case_id, [Path(x) for x in c.images]) for c in spec.cases),
+                      key=lambda c: c.case_id)
+    if p.is_file():
+        return [InputCase(_split_suffix(p)[0], [p])]
+    files = sorted(f for f in p.iterdir() if _is_image(f))
+    if not files:
+        if (p / "dataset.json").is_file() or any((p / d).is_dir() for d in ("images", "imagesTr", "imagesTs")):
+            from medse.data.datasets import load_dataset
+
+            spec = load_dataset(p)
+            return sorted((InputCase(c.case_id, [Path(x) for x in c.images]) for c in spec.cases),
+                          key=lambda c: c.case_id)
+        raise MedseError("no image files (.nii, .nii.gz, .nrrd, .mha, ...) in the input folder", p)
+    groups: dict[str, list[tuple[int, Path]]] = {}
+    for f in files:
+        stem = _split_suffix(f)[0]
+        m = _CHANNEL_RE.match(stem)
+        if m:
+            groups.setdefault(m["case"], []).append((int(m["ch"]), f))
+        else:
+            groups.setdefault(stem, []).append((-1, f))
+    cases = []
+    for cid, items in groups.items():
+        items.sort()
+        cases.append(InputCase(cid, [f for _, f in items]))
+    return sorted(cases, key=lambda c: c.case_id)
+
+
+# --------------------------------------------------------------------------------------- predictor
+def _resolve_device(device: Any) -> Any:
+    import torch
+
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            return torch.device(f"cuda:{local}")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+def _get(section: Any, key: str, default: Any = None) -> Any:
+    if section is None:
+        return default
+    if isinstance(section, Mapping):
+        return section.get(key, default)
+    return getattr(section, key, default)
+
+
+def _preprocess_config(data_section: Any) -> Any:
+    from medse.data.preprocess import PreprocessConfig
+
+    pre = _get(data_section, "preprocess")
+    if pre is None:
+        return PreprocessConfig()
+    if isinstance(pre, PreprocessConfig):
+        return pre
+    if isinstance(pre, Mapping):
+        from medse.utils.config import from_dict
+
+        return from_dict(PreprocessConfig, dict(pre), prefix="data.preprocess")
+    raise MedseError(f"config key 'data.preprocess': unsupported value {pre!r}")
+
+
+class Predictor:
+    """A trained network plus the preprocessing and inference settings of its run.
+
+    Args:
+        model: the network (``(B, C, *spatial) -> (B, K, *spatial)`` logits); put in eval mode.
+        spatial_dims: 3 (sliding windows over the volume) or 2 (slice by slice).
+        in_channels: channels the network expects; cases with another count fail with a one-line error.
+        class_values: label value of each class index (``class_values[0]`` background). Defaults to
+            ``range(K)`` when None.
+        label_names: ``{name: value}`` for the sidecar JSON. Defaults to ``{"class_i": i}``.
+        preprocess: a ``medse.data.preprocess.PreprocessConfig``. Defaults to its defaults.
+        roi_size: sliding-window size (3 values for 3D, 2 for 2D windows inside each slice, or None for
+            whole slices). Required for 3D networks.
+        overlap: window overlap. Defaults to 0.5 (nnU-Net v2).
+        blend: ``"gaussian"`` or ``"constant"``. Defaults to ``"gaussian"`` (nnU-Net v2).
+        sw_batch_size: windows (or slices) per forward pass. Defaults to 2.
+        tta_flips: average over all flips of the spatial axes. Defaults to False.
+        largest_component: keep each label's largest connected component. Defaults to False.
+        slice_axis: axis of the preprocessed volume 2D networks slice along. Defaults to 2.
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:N"``. Defaults to ``"auto"``.
+        amp: autocast (float16) forward passes on CUDA. Defaults to True.
+        stream_axis: axis the sliding window streams along; None picks the cheapest. Defaults to None.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        spatial_dims: int,
+        in_channels: int,
+        class_values: Sequence[int] | None = None,
+        label_names: Mapping[str, int] | None = None,
+        preprocess: Any = None,
+        roi_size: Sequence[int] | None = None,
+        overlap: float = 0.5,
+        blend: str = "gaussian",
+        sw_batch_size: int = 2,
+        tta_flips: bool = False,
+        largest_component: bool = False,
+        slice_axis: int = 2,
+        device: Any = "auto",
+        amp: bool = True,
+        stream_axis: int | None = None,
+    ) -> None:
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if spatial_dims == 3 and roi_size is None:
+            raise ValueError("roi_size is required for 3D networks")
+        if roi_size is not None and len(roi_size) != spatial_dims:
+            raise ValueError(f"roi_size {list(roi_size)} needs {spatial_dims} values")
+        if blend not in ("gaussian", "constant"):
+            raise ValueError(f"blend must be 'gaussian' or 'constant', got {blend!r}")
+        if not 0.0 <= overlap < 1.0:
+            raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+        if slice_axis not in (0, 1, 2):
+            raise ValueError(f"slice_axis must be 0, 1 or 2, got {slice_axis}")
+        self.device = _resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.spatial_dims = spatial_dims
+        self.in_channels = int(in_channels)
+        self.class_values = None if class_values is None else [int(v) for v in class_values]
+        self.label_names = dict(label_names) if label_names else None
+        self.preprocess = preprocess
+        self.roi_size = None if roi_size is None else [int(r) for r in roi_size]
+        self.overlap = float(overlap)
+        self.blend = blend
+        self.sw_batch_size = int(sw_batch_size)
+        self.tta_flips = bool(tta_flips)
+        self.largest_component = bool(largest_component)
+        self.slice_axis = int(slice_axis)
+        self.amp = bool(amp)
+        self.stream_axis = stream_axis
+        self.run_dir: Path | None = None
+        self.checkpoint: Path | None = None
+        self.timings: dict[str, float] = {"preprocess": 0.0, "forward": 0.0, "postprocess": 0.0, "write": 0.0}
+
+    # ------------------------------------------------------------------ construction from a run
+    @classmethod
+    def from_run(cls, run_dir: str | os.PathLike, checkpoint: str = "best", device: Any = "auto",
+                 **overrides: Any) -> Predictor:
+        """Build the network of ``run_dir`` and load a checkpoint.
+
+        Args:
+            run_dir: a training run folder (``config.yaml``, ``dataset.json``, ``checkpoints/``).
+            checkpoint: ``"best"``, ``"last"`` or a path to a ``.pt`` file. Defaults to ``"best"``.
+            device: see :class:`Predictor`. Defaults to ``"auto"``.
+            overrides: Predictor arguments overriding the run's ``infer`` section (``roi_size``,
+                ``overlap``, ``blend``, ``sw_batch_size``, ``tta_flips``, ``largest_component``, ``amp``,
+                ``stream_axis``).
+
+        Raises:
+            MedseError: naming the missing/invalid file (config, dataset.json, checkpoint) or key.
+        """
+        from medse.training.config import load_config
+        from medse.utils.checkpoint import load_checkpoint
+
+        run = Path(run_dir)
+        if not run.is_dir():
+            raise MedseError("run folder not found", run)
+        cfg = load_config(run / "config.yaml")
+        ds_path = run / "dataset.json"
+        if not ds_path.is_file():
+            raise MedseError("dataset.json not found in the run folder", ds_path)
+        try:
+            ds = json.loads(ds_path.read_text())
+        except json.JSONDecodeError as e:
+            raise MedseError(f"invalid JSON ({e})", ds_path) from e
+        labels = {str(k): int(v) for k, v in (ds.get("labels") or {}).items()}
+        class_values = ds.get("class_values") or sorted(set(labels.values()) | {0})
+        num_classes = int(ds.get("num_classes") or len(class_values))
+        if len(class_values) != num_classes:
+            raise MedseError(f"class_values has {len(class_values)} entries but num_classes is {num_classes}",
+                             ds_path)
+        channels = ds.get("channel_names") or []
+        in_channels = int(ds.get("num_channels") or len(channels) or 1)
+        ck = Path(checkpoint)
+        if checkpoint in ("best", "last"):
+            ck = run / "checkpoints" / f"{checkpoint}.pt"
+        state = load_checkpoint(ck)
+        if "model" not in state:
+            raise MedseError("checkpoint has no 'model' entry", ck)
+        model = _build_model(cfg, in_channels, num_classes)
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()
+            raise MedseError(f"weights do not fit the configured model ({first[0] if first else e})", ck) from e
+        inf = cfg.infer
+        roi = list(inf.roi_size or cfg.train.patch_size)
+        kwargs: dict[str, Any] = dict(
+            roi_size=roi, overlap=inf.overlap, blend=inf.blend, sw_batch_size=inf.sw_batch_size,
+            tta_flips=inf.tta_flips, largest_component=inf.largest_component,
+            slice_axis=int(getattr(cfg.train, "slice_axis", 2)), amp=bool(getattr(cfg.train, "amp", True)),
+        )
+        unknown = set(overrides) - set(kwargs) - {"stream_axis"}
+        if unknown:
+            from medse.utils.errors import unknown_option_error
+
+            raise unknown_option_error("Predictor override", sorted(unknown)[0], [*kwargs, "stream_axis"])
+        kwargs.update({k: v for k, v in overrides.items() if v is not None})
+        pred = cls(
+            model, spatial_dims=cfg.model.spatial_dims, in_channels=in_channels, class_values=class_values,
+            label_names=labels or None, preprocess=_preprocess_config(cfg.data), device=device, **kwargs,
+        )
+        pred.run_dir = run
+        pred.checkpoint = ck
+        return pred
+
+    # ------------------------------------------------------------------ core
+    @property
+    def num_classes(self) -> int | None:
+        return None if self.class_values is None else len(self.class_values)
+
+    def _network(self) -> Any:
+        import torch
+
+        model = self.model
+        amp = self.amp and self.device.type == "cuda"
+
+        def forward(x: Any) -> Any:
+            t0 = time.perf_counter()
+            with torch.autocast(self.device.type, enabled=amp):
+                y = model(x)
+            y = y.float()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.timings["forward"] += time.perf_counter() - t0
+            return y
+
+        if self.tta_flips:
+            from medse.inference.sliding import flip_tta
+
+            return flip_tta(forward, self.spatial_dims)
+        return forward
+
+    def predict_preprocessed(self, image: np.ndarray, *, probabilities: bool = False
+                             ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Class-index map (and float16 probabilities ``(K, *shape)``) of a preprocessed ``(C, X, Y, Z)``."""
+        import torch
+
+        from medse.inference.sliding import iter_slice_slabs, iter_window_slabs, sliding_window_labels
+
+        if image.ndim != 4:
+            raise ValueError(f"expected a (C, X, Y, Z) volume, got shape {image.shape}")
+        x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+        net = self._network()
+        with torch.inference_mode():
+            if self.spatial_dims == 3:
+                slabs = iter_window_slabs(
+                    x, net, self.roi_size, overlap=self.overlap, mode=self.blend,  # type: ignore[arg-type]
+                    sw_batch_size=self.sw_batch_size, device=self.device, axis=self.stream_axis)
+            else:
+                slabs = iter_slice_slabs(
+                    x, net, axis=self.slice_axis, batch_size=max(1, self.sw_batch_size), roi_size=self.roi_size,
+                    overlap=self.overlap, mode=self.blend, sw_batch_size=self.sw_batch_size, device=self.device)
+            labels, probs = sliding_window_labels(slabs, image.shape[1:], probabilities=probabilities)
+        if self.num_classes is not None and probs is not None and probs.shape[0] != self.num_classes:
+            raise MedseError(f"network returned {probs.shape[0]} classes, dataset.json says {self.num_classes}")
+        return labels, probs
+
+    def _read(self, image_paths: Sequence[Path]) -> tuple[np.ndarray, dict[str, Any]]:
+        from medse.data.preprocess import PreprocessConfig, preprocess_case
+
+        cfg = self.preprocess if self.preprocess is not None else PreprocessConfig()
+        image, _, props = preprocess_case(list(image_paths), None, cfg, expected_channels=self.in_channels)
+        return image, props
+
+    def predict_case(self, image_paths: str | os.PathLike | Sequence[str | os.PathLike], *,
+                     return_probabilities: bool = False) -> Any:
+        """Label map of one case in the original grid of its (first) image file.
+
+        Args:
+            image_paths: one file per channel (or one file).
+            return_probabilities: also return class probabilities ``(X, Y, Z, K)`` float32 in the original
+                grid. Defaults to False.
+
+        Returns:
+            ``labels`` (uint8, uint16 above 255), shape = the input file's (x, y, z); or
+            ``(labels, probabilities)``.
+
+        Raises:
+            MedseError: unreadable/4D/NaN input or wrong channel count, naming the file.
+        """
+        from medse.data.preprocess import invert_to_original
+
+        paths = [Path(image_paths)] if isinstance(image_paths, (str, os.PathLike)) else [Path(p) for p in image_paths]
+        t0 = time.perf_counter()
+        image, props = self._read(paths)
+        self.timings["preprocess"] += time.perf_counter() - t0
+        f0 = self.timings["forward"]
+        t1 = time.perf_counter()
+        idx, probs = self.predict_preprocessed(image, probabilities=return_probabilities)
+        del image
+        t2 = time.perf_counter()
+        # time inside predict_preprocessed that is not the network: argmax, buffers, softmax
+        self.timings["postprocess"] += (t2 - t1) - (self.timings["forward"] - f0)
+        shape = tuple(int(s) for s in props["original_shape"])
+        out_probs = None
+        if probs is None:
+            idx = invert_to_original(idx, props, is_label=True)
+        else:
+            k = probs.shape[0]
+            out_probs = np.zeros((*shape, k), dtype=np.float32)
+            for c in range(k):
+                out_probs[..., c] = invert_to_original(probs[c].astype(np.float32), props, is_label=False)
+            del probs
+            idx = np.argmax(out_probs, axis=-1)
+        if tuple(idx.shape) != shape:
+            raise MedseError(f"prediction shape {tuple(idx.shape)} differs from the input grid {shape}", paths[0])
+        values = self.class_values or list(range(int(idx.max()) + 1))
+        from medse.inference.writer import label_dtype
+
+        lut = np.asarray(values, dtype=label_dtype(max(values)))
+        labels = lut[np.asarray(idx, dtype=np.intp)]
+        if self.largest_component:
+            from medse.inference.postprocess import keep_largest_component
+
+            labels = keep_largest_component(labels, [v for v in values if v != 0])
+        self.timings["postprocess"] += time.perf_counter() - t2
+        if return_probabilities:
+            return labels, out_probs
+        return labels
+
+
+def _build_model(cfg: Any, in_channels: int, out_channels: int) -> Any:
+    try:
+        from medse.training.trainer import build_model
+    except ImportError:  # pragma: no cover - the trainer is part of every release
+        from medse.networks import create_model
+
+        m = cfg.model
+        return create_model(m.name, spatial_dims=m.spatial_dims, in_channels=in_channels,
+                            out_channels=out_channels, attention=m.attention,
+                            attention_positions=tuple(m.attention_positions),
+                            attention_kwargs=dict(m.attention_kwargs) or None, **dict(m.kwargs))
+    return build_model(cfg, in_channels, out_channels)
+
+
+# --------------------------------------------------------------------------------------- batches
+@dataclass
+class PredictReport:
+    """What :func:`predict_folder` did: masks written, cases skipped (output existed), failures."""
+
+    written: list[Path] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    failures_csv: Path | None = None
+    seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def summary(self) -> str:
+        return (f"{len(self.written)} written, {len(self.skipped)} skipped (already there), "
+                f"{len(self.failed)} failed in {self.seconds:.1f} s")
+
+
+def _dist_info() -> tuple[int, int]:
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world < 1 or not 0 <= rank < world:
+        raise MedseError(f"invalid RANK={rank} / WORLD_SIZE={world} in the environment")
+    return rank, world
+
+
+def _gather_failures(failed: list[tuple[str, str]], world: int) -> list[tuple[str, str]]:
+    if world <= 1:
+        return failed
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return failed
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, failed)
+    out = [tuple(f) for part in gathered for f in (part or [])]
+    return sorted(out)  # type: ignore[arg-type]
+
+
+def write_failures_csv(path: Path, failed: Sequence[tuple[str, str]], inputs: Mapping[str, list[Path]]) -> Path:
+    """``case_id,inputs,error`` one row per failed case (inputs joined with ``;``)."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["case_id", "inputs", "error"])
+    for cid, msg in failed:
+        w.writerow([cid, ";".join(str(p) for p in inputs.get(cid, [])), msg])
+    atomic_write_text(path, buf.getvalue())
+    return path
+
+
+def predict_folder(
+    run_dir: str | os.PathLike | Predictor,
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    output_dir: str | os.PathLike,
+    overwrite: bool = False,
+    *,
+    checkpoint: str = "best",
+    device: Any = "auto",
+    save_probabilities: bool = False,
+    progress: bool = True,
+    echo: Any = None,
+    **overrides: Any,
+) -> PredictReport:
+    """Predict every case of ``inputs`` into ``output_dir``; failures don't stop the batch.
+
+    Args:
+        run_dir: a run folder (or a ready :class:`Predictor`).
+        inputs: folder, manifest, image file or list of files (see :func:`collect_cases`).
+        output_dir: where ``{case_id}{input suffix}`` masks and ``{case_id}.json`` sidecars go
+            (probabilities in ``output_dir/probabilities/``).
+        overwrite: redo cases whose mask exists. Defaults to False (a killed run resumes).
+        checkpoint: ``"best"``, ``"last"`` or a path. Defaults to ``"best"``.
+        device: ``"auto"``, ``"cpu"``, ``"cuda:N"``. Defaults to ``"auto"`` (``cuda:LOCAL_RANK`` under torchrun).
+        save_probabilities: also write float32 class probabilities ``(x, y, z, K)``. Defaults to False.
+        progress: tqdm bar over the cases. Defaults to True.
+        echo: callable taking a line for per-case failures. Defaults to ``tqdm.write`` to stderr.
+        overrides: inference settings passed to :meth:`Predictor.from_run`.
+
+    Returns:
+        A :class:`PredictReport`. Failures are also in ``output_dir/failures.csv`` (removed when a run has
+        none). Under ``torchrun`` rank r predicts ``cases[r::world]`` and rank 0 writes the merged CSV.
+    """
+    import sys
+
+    from tqdm.auto import tqdm
+
+    from medse.inference.writer import output_suffix, write_label_like, write_probabilities_like
+
+    t_start = time.perf_counter()
+    out = Path(output_dir)
+    all_cases = collect_cases(inputs)
+    rank, world = _dist_info()
+    cases = all_cases[rank::world]
+    predictor = run_dir if isinstance(run_dir, Predictor) else Predictor.from_run(
+        run_dir, checkpoint=checkpoint, device=device, **overrides)
+    out.mkdir(parents=True, exist_ok=True)
+    if echo is None:
+        def echo(line: str) -> None:
+            tqdm.write(line, file=sys.stderr)
+    report = PredictReport()
+    seen: set[str] = set()
+    extra_base: dict[str, Any] = {
+        "run_dir": str(predictor.run_dir) if predictor.run_dir else None,
+        "checkpoint": str(predictor.checkpoint) if predictor.checkpoint else None,
+    }
+    try:
+        import medse
+
+        extra_base["medse_version"] = medse.__version__
+    except Exception:  # pragma: no cover
+        pass
+    bar = tqdm(cases, desc="predict", unit="case", disable=not progress or rank != 0, file=sys.stderr)
+    for case in bar:
+        cid = case.case_id
+        try:
+            if cid in seen:
+                raise MedseError(f"duplicate case id '{cid}' in the inputs", case.images[0])
+            seen.add(cid)
+            target = out / f"{cid}{output_suffix(case.images[0])}"
+            if target.exists() and not overwrite:
+                report.skipped.append(cid)
+                continue
+            res = predictor.predict_case(case.images, return_probabilities=save_probabilities)
+            labels, probs = res if save_probabilities else (res, None)
+            t0 = time.perf_counter()
+            if probs is not None:
+                write_probabilities_like(probs, case.images[0], out / "probabilities" / target.name)
+            del probs
+            write_label_like(
+                labels, case.images[0], target, label_names=predictor.label_names,
+                extra={**extra_base, "case_id": cid, "inputs": [str(p) for p in case.images]},
+            )
+            predictor.timings["write"] += time.perf_counter() - t0
+            report.written.append(target)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # one bad case never stops the batch
+            msg = str(e).replace("\n", " ").strip() or type(e).__name__
+            if not isinstance(e, (MedseError, ValueError, OSError)):
+                msg = f"{type(e).__name__}: {msg}"
+            report.failed.append((cid, msg))
+            echo(f"failed: {cid}: {msg}")
+    failed = _gather_failures(report.failed, world)
+    if rank == 0:
+        fpath = out / "failures.csv"
+        if failed:
+            report.failures_csv = write_failures_csv(fpath, failed, {c.case_id: c.images for c in all_cases})
+        elif fpath.exists():
+            fpath.unlink()
+    report.failed = list(failed) if rank == 0 else report.failed
+    report.seconds = time.perf_counter() - t_start
+    report.timings = dict(predictor.timings)
+    return report
