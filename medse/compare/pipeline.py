@@ -1,0 +1,530 @@
+"""The comparison grid: architectures x attention blocks x folds x seeds, each cell a normal training run.
+
+Every cell is trained with :func:`medse.training.train` in its own run folder, then the held-out test cases
+of its split (``splits.json`` ``test``) are predicted (timed per case) and evaluated with
+:func:`medse.evaluation.evaluate`. The cell's per-case records (:mod:`medse.compare.records`) are written
+atomically to ``cells/<cell_id>/records.csv``: that file marks the cell as finished, so a rerun skips it.
+A cell killed mid-training resumes from its last checkpoint (:func:`medse.training.resume`). A failing
+cell is reported (``cells/<cell_id>/error.txt``) and the rest go on. At the end the table and figures are
+rebuilt from all records available in the output folder (all shards).
+
+Output folder::
+
+    OUT/pipeline.yaml                  the resolved pipeline (grid, base training config, overrides)
+    OUT/cells/<arch>-<block>-<fold>-seed<s>/run/       training run folder (docs/ARCHITECTURE.md)
+                                      /pred/      predicted masks of the test cases
+                                      /eval/      metrics.csv, summary.json
+                                      /records.csv   per-case records (finished marker)
+                                      /error.txt     traceback of a failed attempt
+    OUT/table.{csv,md,tex,json}, OUT/table_structures.*  (when per-structure rows are requested)
+    OUT/figures/dice_boxplot.png, gain.png, overlay.png
+    OUT/report.json                    cells run / skipped / failed in the last invocation
+
+The grid design follows the scSE papers (Roy et al., MICCAI 2018, arXiv 1803.02579; IEEE TMI 2019,
+arXiv 1808.08127): each architecture trained without attention and with cSE, sSE and scSE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from medse.compare.records import load_records
+from medse.utils.atomic import atomic_write_text
+from medse.utils.config import apply_overrides, dump_yaml, from_dict, load_yaml
+from medse.utils.errors import MedseError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+__all__ = [
+    "ArchSpec",
+    "Cell",
+    "CompareConfig",
+    "CompareReport",
+    "TableSpec",
+    "grid_cells",
+    "load_pipeline",
+    "parse_shard",
+    "rebuild_outputs",
+    "run_cell",
+    "run_compare",
+]
+
+
+@dataclass
+class ArchSpec:
+    """One architecture of the grid.
+
+    Args:
+        name: registered model name (``model.name`` of the training config).
+        label: name shown in tables and used in cell folder names. Defaults to ``name``.
+        overrides: training-config overrides for this architecture only (``key=value``). Defaults to none.
+    """
+
+    name: str
+    label: str | None = None
+    overrides: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+
+@dataclass
+class TableSpec:
+    """How the table is computed (:func:`medse.compare.table.build_table`).
+
+    Args:
+        baseline: block the others are compared with. Defaults to ``"none"``.
+        structures: also write per-structure rows (``table_structures.*``). Defaults to False.
+        n_boot: bootstrap resamples. Defaults to 10000.
+        seed: bootstrap seed. Defaults to 0.
+        confidence: CI coverage. Defaults to 0.95.
+        metric: evaluation metric tabulated. Defaults to ``"dice"``.
+    """
+
+    baseline: str = "none"
+    structures: bool = False
+    n_boot: int = 10000
+    seed: int = 0
+    confidence: float = 0.95
+    metric: str = "dice"
+
+
+@dataclass
+class CompareConfig:
+    """A comparison pipeline (``pipelines/*.yaml``).
+
+    Args:
+        name: pipeline name (default output folder ``runs/compare/<name>``).
+        train_config: base training config (path relative to the pipeline file), e.g. ``../configs/demo.yaml``.
+        architectures: list of architectures (a name or a mapping, see :class:`ArchSpec`).
+        blocks: attention blocks (``medse blocks``); the baseline must be among them.
+            Defaults to ``[none, cse, sse, scse]`` (the papers' design).
+        folds: cross-validation folds (sets ``data.split.fold``), or null for the config's own split.
+            Defaults to null.
+        seeds: training seeds (sets ``train.seed``). Defaults to ``[0]``.
+        dataset: dataset name stated in the table header. Defaults to the data root's folder name.
+        overrides: training-config overrides for every cell. Defaults to none.
+        block_overrides: per-block overrides, e.g. ``{cse: [model.attention_kwargs.reduction=2]}``.
+            Defaults to none.
+        fold_key: config key set to each fold. Defaults to ``data.split.fold``.
+        seed_key: config key set to each seed. Defaults to ``train.seed``.
+        quiet: turn off per-iteration progress bars of the cells (``train.progress=false``). Defaults to True.
+        figures: draw figures after the table. Defaults to True.
+        table: :class:`TableSpec`.
+    """
+
+    name: str
+    train_config: str
+    architectures: list[ArchSpec]
+    blocks: list[str] = field(default_factory=lambda: ["none", "cse", "sse", "scse"])
+    folds: list[int] | None = None
+    seeds: list[int] = field(default_factory=lambda: [0])
+    dataset: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    block_overrides: dict[str, list[str]] = field(default_factory=dict)
+    fold_key: str = "data.split.fold"
+    seed_key: str = "train.seed"
+    quiet: bool = True
+    figures: bool = True
+    table: TableSpec = field(default_factory=TableSpec)
+    source: str | None = None  # the pipeline file, filled in by load_pipeline
+
+    def __post_init__(self) -> None:
+        if not self.architectures:
+            raise ValueError("architectures must list at least one architecture")
+        if not self.blocks:
+            raise ValueError("blocks must list at least one block")
+        if self.table.baseline not in self.blocks:
+            raise ValueError(f"table.baseline '{self.table.baseline}' is not among blocks {self.blocks}")
+        keys = [a.key for a in self.architectures]
+        for what, values in (("architectures", keys), ("blocks", self.blocks), ("seeds", self.seeds),
+                             ("folds", self.folds or [])):
+            dup = sorted({str(v) for v in values if list(values).count(v) > 1})
+            if dup:
+                raise ValueError(f"{what} lists {dup} more than once")
+        for k in keys + list(self.blocks):
+            if not k or any(c in k for c in "/\\ ") or k.startswith("."):
+                raise ValueError(f"name '{k}' cannot be used in a folder name")
+        if not self.seeds:
+            raise ValueError("seeds must list at least one seed")
+        unknown = sorted(set(self.block_overrides) - set(self.blocks))
+        if unknown:
+            raise ValueError(f"block_overrides names {unknown}, which are not among blocks {self.blocks}")
+
+    def train_config_path(self) -> Path:
+        p = Path(self.train_config).expanduser()
+        if not p.is_absolute() and self.source:
+            p = Path(self.source).parent / p
+        return p.resolve()
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid cell: architecture key, block, fold (-1: the config's own split), seed."""
+
+    arch: str
+    block: str
+    fold: int
+    seed: int
+
+    @property
+    def cell_id(self) -> str:
+        fold = "holdout" if self.fold < 0 else f"fold{self.fold}"
+        return f"{self.arch}-{self.block}-{fold}-seed{self.seed}"
+
+
+@dataclass
+class CompareReport:
+    """What one invocation of :func:`run_compare` did."""
+
+    output: Path
+    cells: list[str] = field(default_factory=list)
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+    table_markdown: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["output"] = str(self.output)
+        return d
+
+
+def _normalise(data: dict[str, Any]) -> dict[str, Any]:
+    data = dict(data)
+    archs = data.get("architectures")
+    if isinstance(archs, (list, tuple)):
+        data["architectures"] = [{"name": a} if isinstance(a, str) else a for a in archs]
+    elif isinstance(archs, str):
+        data["architectures"] = [{"name": archs}]
+    if isinstance(data.get("blocks"), str):
+        data["blocks"] = [data["blocks"]]
+    for k in ("seeds", "folds"):
+        if isinstance(data.get(k), int) and not isinstance(data.get(k), bool):
+            data[k] = [data[k]]
+    return data
+
+
+def load_pipeline(
+    config: str | Path | dict[str, Any] | CompareConfig, overrides: Sequence[str] = ()
+) -> CompareConfig:
+    """Load and validate a pipeline YAML (``_base_`` inheritance and ``key=value`` overrides supported).
+
+    Raises:
+        MedseError: naming the file and the key that is wrong.
+    """
+    if isinstance(config, CompareConfig):
+        if overrides:
+            raise MedseError("overrides need a pipeline file or mapping, not a CompareConfig")
+        return config
+    path: Path | None = None
+    if isinstance(config, dict):
+        data = dict(config)
+    else:
+        path = Path(config).expanduser().resolve()
+        data = load_yaml(path)
+    data = _normalise(apply_overrides(data, list(overrides)))
+    if path is not None:
+        data.setdefault("source", str(path))
+    try:
+        cfg = from_dict(CompareConfig, data)
+    except MedseError as e:
+        raise MedseError(str(e), path) from None
+    if not cfg.train_config_path().is_file():
+        raise MedseError(f"train_config '{cfg.train_config}' not found at {cfg.train_config_path()}", path)
+    return cfg
+
+
+def grid_cells(cfg: CompareConfig) -> list[Cell]:
+    """All cells in a stable order: architecture, fold, seed, block (so a block's cells sit together)."""
+    folds = list(cfg.folds) if cfg.folds is not None else [-1]
+    return [Cell(a.key, b, f, s) for a in cfg.architectures for f in folds for s in cfg.seeds for b in cfg.blocks]
+
+
+def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    """``"i/n"`` (0-based i, 0 <= i < n) -> ``(i, n)``; None stays None."""
+    if shard is None or shard == "":
+        return None
+    if isinstance(shard, tuple):
+        i, n = shard
+    else:
+        try:
+            a, b = str(shard).split("/")
+            i, n = int(a), int(b)
+        except ValueError:
+            raise MedseError(f"--shard '{shard}' must look like i/n, e.g. 0/4 (0-based index)") from None
+    if n < 1 or not 0 <= i < n:
+        raise MedseError(f"--shard '{shard}': need n >= 1 and 0 <= i < n (0-based index)")
+    return i, n
+
+
+def cell_overrides(cfg: CompareConfig, cell: Cell) -> list[str]:
+    """Training-config overrides of one cell: pipeline, architecture, block, then the grid coordinates."""
+    arch = next(a for a in cfg.architectures if a.key == cell.arch)
+    ov = [*cfg.overrides, *arch.overrides, f"model.name={arch.name}", f"model.attention={cell.block}",
+          *cfg.block_overrides.get(cell.block, []), f"{cfg.seed_key}={cell.seed}"]
+    if cell.fold >= 0:
+        ov.append(f"{cfg.fold_key}={cell.fold}")
+    if cfg.quiet:
+        ov.append("train.progress=false")
+    return ov
+
+
+CellRunner = Callable[[Cell, Path, CompareConfig], "pd.DataFrame"]
+
+
+def _dataset_of_run(run_dir: Path) -> Any:
+    """The DatasetSpec the run was trained on (from its resolved config.yaml)."""
+    from medse.data.datasets import load_dataset
+    from medse.training.config import load_config
+
+    rc = load_config(run_dir / "config.yaml")
+    data = rc.data
+    get = data.get if isinstance(data, dict) else (lambda k, d=None: getattr(data, k, d))
+    source = get("manifest") or get("root")
+    if not source:
+        raise MedseError("the run's config has no data.root / data.manifest", run_dir / "config.yaml")
+    layout = get("layout", "auto") or "auto"
+    return load_dataset(source, layout=layout)
+
+
+def _dataset_name(run_dir: Path) -> str:
+    from medse.training.config import load_config
+
+    data = load_config(run_dir / "config.yaml").data
+    get = data.get if isinstance(data, dict) else (lambda k, d=None: getattr(data, k, d))
+    src = Path(str(get("manifest") or get("root") or "dataset"))
+    return src.stem if src.suffix else src.name
+
+
+def run_cell(cell: Cell, cell_dir: Path, cfg: CompareConfig) -> pd.DataFrame:
+    """Default cell runner: train (or resume) -> predict the test cases (timed) -> evaluate -> records.
+
+    Returns:
+        the cell's records (:func:`medse.compare.records.cell_rows`).
+    """
+    from medse.compare.records import cell_rows
+    from medse.evaluation import evaluate
+    from medse.inference import Predictor
+    from medse.inference.writer import write_label_like
+    from medse.training import resume, train
+    from medse.utils.complexity import count_params
+
+    run_dir = cell_dir / "run"
+    if (run_dir / "config.yaml").is_file():
+        resume(run_dir)  # a killed cell continues from its last checkpoint; a finished run returns at once
+    else:
+        if run_dir.exists() and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+        train(cfg.train_config_path(), run_dir, overrides=cell_overrides(cfg, cell))
+    splits = json.loads((run_dir / "splits.json").read_text())
+    test_ids = [str(c) for c in splits.get("test") or []]
+    if not test_ids:
+        raise MedseError("the split has no test cases to evaluate (set the split's test fraction)",
+                         run_dir / "splits.json")
+    spec = _dataset_of_run(run_dir)
+    by_id = {c.case_id: c for c in spec.cases}
+    missing = [c for c in test_ids if c not in by_id or by_id[c].label is None]
+    if missing:
+        raise MedseError(f"test cases {missing[:5]} have no image/label in the dataset", run_dir / "splits.json")
+
+    predictor = Predictor.from_run(run_dir, checkpoint="best")
+    pred_dir = cell_dir / "pred"
+    ref_dir = cell_dir / "ref"
+    infer_s: dict[str, float] = {}
+    for cid in test_ids:
+        case = by_id[cid]
+        t0 = time.perf_counter()
+        mask = predictor.predict_case(case.images)
+        infer_s[cid] = time.perf_counter() - t0
+        write_label_like(mask, case.images[0], pred_dir / f"{cid}.nii.gz")
+        _link_reference(case.label, ref_dir / f"{cid}{_suffix(case.label)}")
+    labels = spec.labels or None
+    ev = evaluate(pred_dir, ref_dir, cell_dir / "eval", labels=labels)
+    timing_path = run_dir / "timing.json"
+    step = None
+    if timing_path.is_file():
+        step = json.loads(timing_path.read_text()).get("train_step_time_mean_s")
+    params = count_params(predictor.model)
+    return cell_rows(ev, arch=cell.arch, block=cell.block, fold=cell.fold, seed=cell.seed, params=params,
+                     train_step_s=step, infer_s=infer_s, dataset=cfg.dataset or _dataset_name(run_dir))
+
+
+def _suffix(path: Path) -> str:
+    name = Path(path).name
+    return name[name.index("."):] if "." in name else ""
+
+
+def _link_reference(src: Path, dst: Path) -> None:
+    """Reference masks of the test cases gathered under one folder (symlink, else a copy)."""
+    import os
+    import shutil
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.is_symlink() or dst.exists():
+        dst.unlink()
+    try:
+        os.symlink(Path(src).resolve(), dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def run_compare(
+    config: str | Path | dict[str, Any] | CompareConfig,
+    output: str | Path | None = None,
+    *,
+    shard: str | tuple[int, int] | None = None,
+    overrides: Sequence[str] = (),
+    runner: CellRunner | None = None,
+    log: Callable[[str], None] | None = print,
+) -> CompareReport:
+    """Run (or continue) a comparison grid and rebuild its table and figures.
+
+    Args:
+        config: pipeline YAML path, mapping or :class:`CompareConfig`.
+        output: output folder. Defaults to ``runs/compare/<name>``.
+        shard: ``"i/n"``: run only cells ``i, i+n, i+2n, ...`` of the grid (0-based). Defaults to all.
+        overrides: ``key=value`` overrides of the pipeline config (e.g. ``seeds=[0,1]``).
+        runner: the function that runs one cell and returns its records. Defaults to :func:`run_cell`.
+        log: where progress lines go. Defaults to ``print``; None for silence.
+
+    Returns:
+        :class:`CompareReport` (also written to ``OUT/report.json``).
+    """
+    cfg = load_pipeline(config, overrides)
+    out = Path(output) if output is not None else Path("runs") / "compare" / cfg.name
+    out = out.expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    say = log or (lambda _m: None)
+    runner = runner or run_cell
+    sh = parse_shard(shard)
+    atomic_write_text(out / "pipeline.yaml", dump_yaml(cfg))
+    cells = grid_cells(cfg)
+    mine = cells if sh is None else cells[sh[0]:: sh[1]]
+    report = CompareReport(output=out, cells=[c.cell_id for c in mine])
+    say(f"compare '{cfg.name}': {len(mine)} of {len(cells)} cells" + (f" (shard {sh[0]}/{sh[1]})" if sh else "")
+        + f" -> {out}")
+    for k, cell in enumerate(mine, 1):
+        cell_dir = out / "cells" / cell.cell_id
+        rec_path = cell_dir / "records.csv"
+        if rec_path.is_file():
+            report.skipped.append(cell.cell_id)
+            say(f"[{k}/{len(mine)}] {cell.cell_id}: finished earlier, skipped")
+            continue
+        say(f"[{k}/{len(mine)}] {cell.cell_id}: running")
+        t0 = time.perf_counter()
+        try:
+            cell_dir.mkdir(parents=True, exist_ok=True)
+            records = runner(cell, cell_dir, cfg)
+            atomic_write_text(rec_path, records.to_csv(index=False))
+        except Exception as e:  # a failed cell is reported; the rest go on (KeyboardInterrupt stops the run)
+            msg = f"{type(e).__name__}: {e}".replace("\n", " ")
+            report.failed[cell.cell_id] = msg
+            atomic_write_text(cell_dir / "error.txt", traceback.format_exc())
+            say(f"[{k}/{len(mine)}] {cell.cell_id}: FAILED ({msg}); see {cell_dir / 'error.txt'}")
+            continue
+        err = cell_dir / "error.txt"
+        if err.is_file():
+            err.unlink()
+        report.ran.append(cell.cell_id)
+        say(f"[{k}/{len(mine)}] {cell.cell_id}: done in {time.perf_counter() - t0:.1f} s")
+    report.outputs, report.table_markdown = rebuild_outputs(cfg, out, log=say)
+    atomic_write_text(out / "report.json", json.dumps(report.to_dict(), indent=2) + "\n")
+    if report.failed:
+        say(f"{len(report.failed)} cell(s) failed: {', '.join(report.failed)} (rerun to retry them)")
+    return report
+
+
+def rebuild_outputs(
+    cfg: CompareConfig, out: Path, *, log: Callable[[str], None] | None = None
+) -> tuple[dict[str, str], str]:
+    """Rebuild the table(s) and figures from every ``cells/*/records.csv`` under ``out``.
+
+    Only cells of the current grid are used (records of cells removed from the pipeline are ignored).
+    Returns the written paths and the Markdown table ('' when there are no records yet).
+    """
+    from medse.compare.table import build_table
+
+    say = log or (lambda _m: None)
+    wanted = {c.cell_id for c in grid_cells(cfg)}
+    paths = sorted(p for p in (out / "cells").glob("*/records.csv") if p.parent.name in wanted)
+    if not paths:
+        say("no finished cells yet: no table")
+        return {}, ""
+    records = load_records(paths)
+    t = cfg.table
+    common = dict(baseline=t.baseline, metric=t.metric, confidence=t.confidence, n_boot=t.n_boot, seed=t.seed,
+                  dataset=cfg.dataset, arch_order=[a.key for a in cfg.architectures], block_order=cfg.blocks)
+    outputs: dict[str, str] = {}
+    table = build_table(records, **common)
+    for kind, p in table.write(out, "table").items():
+        outputs[f"table_{kind}"] = str(p)
+    if t.structures:
+        st = build_table(records, structures=True, **common)
+        for kind, p in st.write(out, "table_structures").items():
+            outputs[f"table_structures_{kind}"] = str(p)
+    if cfg.figures:
+        outputs.update(_figures(cfg, out, records, table, say))
+    return outputs, table.to_markdown()
+
+
+def _figures(cfg: CompareConfig, out: Path, records: pd.DataFrame, table: Any,
+             say: Callable[[str], None]) -> dict[str, str]:
+    from medse.compare.figures import dice_boxplot, gain_barchart, overlay_figure, pick_example_case
+
+    fig_dir = out / "figures"
+    outputs: dict[str, str] = {}
+    try:
+        outputs["fig_boxplot"] = str(dice_boxplot(records, fig_dir / "dice_boxplot.png",
+                                                  baseline=cfg.table.baseline, metric=cfg.table.metric))
+    except MedseError as e:
+        say(f"box plot skipped: {e}")
+    try:
+        outputs["fig_gain"] = str(gain_barchart(table, fig_dir / "gain.png"))
+    except MedseError as e:
+        say(f"gain chart skipped: {e}")
+    try:
+        outputs["fig_overlay"] = str(_overlay(cfg, out, records, table, fig_dir / "overlay.png",
+                                              overlay_figure, pick_example_case))
+    except (MedseError, FileNotFoundError, ImportError, ValueError) as e:
+        say(f"overlay skipped: {e}")
+    return outputs
+
+
+def _overlay(cfg: CompareConfig, out: Path, records: pd.DataFrame, table: Any, path: Path,
+             overlay_figure: Callable[..., Path], pick_example_case: Callable[..., str]) -> Path:
+    """Overlay of the median-gain case of the first architecture: scan, reference, none, best block."""
+    import math
+
+    base = cfg.table.baseline
+    rows = table.rows[(table.rows["structure"] == "foreground") & (table.rows["block"] != base)]
+    rows = rows[rows["gain_points"].map(lambda v: isinstance(v, float) and math.isfinite(v))]
+    if rows.empty:
+        raise MedseError("no block paired with the baseline")
+    arch = rows["arch"].iloc[0]
+    arow = rows[rows["arch"] == arch]
+    best = str(arow.loc[arow["gain_points"].idxmax(), "block"])
+    case_id = pick_example_case(records, arch, base, best, metric=cfg.table.metric)
+    for cell in grid_cells(cfg):
+        if cell.arch != arch or cell.block != base:
+            continue
+        other = Cell(arch, best, cell.fold, cell.seed)
+        p_base = out / "cells" / cell.cell_id / "pred" / f"{case_id}.nii.gz"
+        p_best = out / "cells" / other.cell_id / "pred" / f"{case_id}.nii.gz"
+        if not (p_base.is_file() and p_best.is_file()):
+            continue
+        spec = _dataset_of_run(out / "cells" / cell.cell_id / "run")
+        case = next(c for c in spec.cases if c.case_id == case_id)
+        return overlay_figure(case.images[0], case.label, {base: p_base, best: p_best}, path,
+                              title=f"{arch}, case {case_id} (median gain of {best})")
+    raise MedseError(f"no predictions of case '{case_id}' for both '{base}' and '{best}'")
