@@ -59,7 +59,7 @@ def reduced_channels(block: str, in_channels: int, reduction: object) -> int:
     return hidden
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fused_module():
     try:
         return importlib.import_module("medse.attention._fused")

@@ -61,7 +61,9 @@ class ECA(nn.Module):
                 raise ValueError("ECA: gamma must not be 0.")
             kernel_size = eca_kernel_size(self.in_channels, gamma, b)
         if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"ECA: kernel_size must be a positive odd integer (or None for adaptive), got {kernel_size!r}.")
+            raise ValueError(
+                f"ECA: kernel_size must be a positive odd integer (or None for adaptive), got {kernel_size!r}."
+            )
         self.kernel_size = kernel_size
         self.conv = nn.Conv1d(1, 1, kernel_size=kernel_size, padding=(kernel_size - 1) // 2, bias=False)
         self.fused = bool(fused)

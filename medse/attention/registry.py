@@ -241,8 +241,7 @@ _register(
     AttentionInfo(
         name="ca",
         cls=CoordAttention,
-        paper="Hou, Zhou, Feng. Coordinate Attention for Efficient Mobile Network Design. CVPR 2021 "
-        "(arXiv:2103.02907)",
+        paper="Hou, Zhou, Feng. Coordinate Attention for Efficient Mobile Network Design. CVPR 2021 (arXiv:2103.02907)",
         year=2021,
         repo="https://github.com/houqb/CoordAttention",
         params_formula="2D: 3*C*mip + 3*mip + 2C; 3D: 4*C*mip + 3*mip + 3C; mip = max(8, C//32)",
