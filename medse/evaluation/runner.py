@@ -1,0 +1,251 @@
+"""``evaluate(pred_dir, ref, output_dir)``: per-case metrics as a long table, ``metrics.csv`` and ``summary.json``.
+
+Predictions are the image files of ``pred_dir`` (``{case_id}.nii.gz`` as written by ``medse predict``;
+sidecar JSON, ``failures.csv`` and the ``probabilities/`` folder are ignored). References are a folder of
+label files with the same case ids, or a dataset root / manifest read with
+``medse.data.datasets.load_dataset`` (its cases' ``label`` paths).
+
+``summary.json`` holds, per label and metric, ``mean``, ``std`` (sample, ddof=1), ``median`` over the
+cases with a finite value, ``n`` (finite values) and ``n_nan``; per label ``n_empty`` (cases where exactly
+one of reference and prediction is empty, see :data:`medse.evaluation.metrics.EMPTY_RULE`) and
+``n_both_empty``. ``foreground`` gives the same statistics of the per-case mean over the foreground
+labels (NaN values skipped). Prediction and reference grids must match (shape and affine within 1e-3 mm):
+a mismatch is a :class:`~medse.utils.errors.MedseError` naming both files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medse.evaluation.metrics import EMPTY_RULE, METRICS, case_metrics
+from medse.utils.atomic import atomic_path, atomic_write_text
+from medse.utils.errors import MedseError
+
+__all__ = ["evaluate", "summarise", "collect_pairs"]
+
+COLUMNS = ["case_id", "label", "label_value", "metric", "value"]
+
+
+def _images_in(folder: Path) -> dict[str, Path]:
+    from medse.data.io import is_image_file, split_suffix
+
+    out: dict[str, Path] = {}
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and is_image_file(f):
+            cid = split_suffix(f)[0]
+            if cid in out:
+                raise MedseError(f"two files for case '{cid}': {out[cid].name} and {f.name}", folder)
+            out[cid] = f
+    return out
+
+
+def _references(ref: Path) -> tuple[dict[str, Path], dict[str, int]]:
+    if not ref.exists():
+        raise MedseError("reference folder or manifest not found", ref)
+    if ref.is_dir():
+        files = _images_in(ref)
+        if files:
+            labels: dict[str, int] = {}
+            ds = ref / "dataset.json"
+            if ds.is_file():
+                try:
+                    raw = json.loads(ds.read_text()).get("labels") or {}
+                    labels = {str(k): int(v) for k, v in raw.items()}
+                except (json.JSONDecodeError, TypeError, ValueError):
+                    labels = {}
+            return files, labels
+    from medse.data.datasets import load_dataset
+
+    spec = load_dataset(ref)
+    refs = {c.case_id: Path(c.label) for c in spec.cases if c.label is not None}
+    if not refs:
+        raise MedseError("no reference label maps found", ref)
+    return refs, dict(spec.labels)
+
+
+def collect_pairs(pred_dir: str | os.PathLike, ref: str | os.PathLike) -> tuple[list[tuple[str, Path, Path]],
+                                                                                list[str], dict[str, int]]:
+    """``([(case_id, pred_path, ref_path)], case ids with a reference but no prediction, declared labels)``."""
+    pdir = Path(pred_dir)
+    if not pdir.is_dir():
+        raise MedseError("prediction folder not found", pdir)
+    preds = _images_in(pdir)
+    if not preds:
+        raise MedseError("no prediction files in the folder", pdir)
+    refs, labels = _references(Path(ref))
+    pairs = [(cid, preds[cid], refs[cid]) for cid in sorted(preds) if cid in refs]
+    missing = sorted(set(refs) - set(preds))
+    if not pairs:
+        raise MedseError(f"no prediction matches a reference case id (predictions: {', '.join(sorted(preds)[:3])}"
+                         f"...; references: {', '.join(sorted(refs)[:3])}...)", pdir)
+    return pairs, missing, labels
+
+
+def _read_label(path: Path) -> Any:
+    from medse.data.io import read_image
+
+    img = read_image(path, expect_3d=True)
+    arr = img.array
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)) or not np.array_equal(arr, np.round(arr)):
+            raise MedseError("label map holds non-integer or NaN values", path)
+        arr = arr.astype(np.int64)
+    img.array = arr
+    return img
+
+
+def _resolve_labels(labels: Mapping[str, int] | Sequence[int] | None, declared: Mapping[str, int],
+                    pred_dir: Path, first_pred: Path, values_seen: set[int]) -> dict[str, int]:
+    if isinstance(labels, Mapping):
+        out = {str(k): int(v) for k, v in labels.items()}
+    elif labels is not None:
+        by_value = {int(v): k for k, v in declared.items()}
+        out = {by_value.get(int(v), str(int(v))): int(v) for v in labels}
+    else:
+        out = dict(declared)
+        if not out:
+            from medse.inference.writer import sidecar_path
+
+            side = sidecar_path(first_pred)
+            if side.is_file():
+                try:
+                    out = {str(k): int(v) for k, v in (json.loads(side.read_text()).get("labels") or {}).items()}
+                except (json.JSONDecodeError, TypeError, ValueError):
+                    out = {}
+        if not out:
+            out = {str(v): v for v in sorted(values_seen)}
+    out = {k: v for k, v in out.items() if v != 0}
+    if not out:
+        raise MedseError("no foreground labels to evaluate (pass labels=... or give the references a dataset.json)",
+                         pred_dir)
+    return out
+
+
+def _stats(values: Sequence[float]) -> dict[str, float | int]:
+    arr = np.asarray(values, dtype=np.float64)
+    fin = arr[np.isfinite(arr)]
+    n = int(fin.size)
+    return {
+        "mean": float(fin.mean()) if n else math.nan,
+        "std": float(fin.std(ddof=1)) if n > 1 else math.nan,
+        "median": float(np.median(fin)) if n else math.nan,
+        "n": n,
+        "n_nan": int(arr.size - n),
+    }
+
+
+def summarise(df: Any) -> dict[str, Any]:
+    """Summary statistics of a long-format metrics table (see the module docstring)."""
+    out: dict[str, Any] = {"labels": {}, "foreground": {}}
+    if df.empty:
+        return out
+    for (name, value), part in df.groupby(["label", "label_value"], sort=False):
+        entry: dict[str, Any] = {"label_value": int(value)}
+        for metric in METRICS:
+            entry[metric] = _stats(part.loc[part.metric == metric, "value"].tolist())
+        vols = part[part.metric.isin(["volume_ref_mm3", "volume_pred_mm3"])].pivot(
+            index="case_id", columns="metric", values="value")
+        ref_empty = vols["volume_ref_mm3"] == 0
+        pred_empty = vols["volume_pred_mm3"] == 0
+        entry["n_cases"] = int(len(vols))
+        entry["n_empty"] = int((ref_empty ^ pred_empty).sum())
+        entry["n_both_empty"] = int((ref_empty & pred_empty).sum())
+        out["labels"][str(name)] = entry
+    for metric in METRICS:
+        per_case = df[df.metric == metric].groupby("case_id")["value"].apply(
+            lambda s: float(np.nanmean(s.to_numpy())) if np.isfinite(s.to_numpy()).any() else math.nan)
+        out["foreground"][metric] = _stats(per_case.tolist())
+    return out
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def evaluate(
+    pred_dir: str | os.PathLike,
+    ref: str | os.PathLike,
+    output_dir: str | os.PathLike | None,
+    labels: Mapping[str, int] | Sequence[int] | None = None,
+    *,
+    strict: bool = True,
+    progress: bool = False,
+) -> Any:
+    """Compare every prediction with its reference; write ``metrics.csv`` and ``summary.json``.
+
+    Args:
+        pred_dir: folder of predicted label maps (``{case_id}.nii.gz`` ...).
+        ref: folder of reference label maps with the same case ids, or a dataset root / manifest.
+        output_dir: where ``metrics.csv`` and ``summary.json`` go; None writes nothing.
+        labels: ``{name: value}`` or label values to evaluate. Defaults to the reference dataset's
+            labels, else the prediction sidecar's, else every non-zero value found.
+        strict: after writing the results of the good cases, raise a MedseError when some case failed
+            (unreadable file, mismatched grids). Defaults to True.
+        progress: tqdm bar over the cases. Defaults to False.
+
+    Returns:
+        pandas DataFrame with columns ``case_id, label, label_value, metric, value`` (one row per case x
+        label x metric; metrics in :data:`medse.evaluation.metrics.METRICS`).
+
+    Raises:
+        MedseError: no matching cases, mismatched grids (naming both files), unreadable files.
+    """
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    pdir = Path(pred_dir)
+    pairs, missing, declared = collect_pairs(pdir, ref)
+    rows: list[tuple[str, str, int, str, float]] = []
+    errors: list[str] = []
+    resolved: dict[str, int] | None = None
+    for cid, ppath, rpath in tqdm(pairs, desc="evaluate", unit="case", disable=not progress, file=sys.stderr):
+        try:
+            p = _read_label(ppath)
+            r = _read_label(rpath)
+            if p.array.shape != r.array.shape or not np.allclose(p.affine, r.affine, rtol=1e-4, atol=1e-3):
+                what = "shape" if p.array.shape != r.array.shape else "affine"
+                raise MedseError(f"prediction {ppath} and reference {rpath} are on different voxel grids ({what}: "
+                                 f"{p.array.shape if what == 'shape' else 'differs'} vs "
+                                 f"{r.array.shape if what == 'shape' else 'reference'})")
+            if resolved is None:
+                seen = set(np.unique(r.array).tolist()) | set(np.unique(p.array).tolist())
+                resolved = _resolve_labels(labels, declared, pdir, ppath, {int(v) for v in seen})
+            spacing = [float(s) for s in np.linalg.norm(np.asarray(r.affine)[:3, :3], axis=0)]
+            for name, value, metric, v in case_metrics(p.array, r.array, spacing, resolved):
+                rows.append((cid, name, value, metric, v))
+        except MedseError as e:
+            errors.append(f"{cid}: {e}")
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    if output_dir is not None:
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / "metrics.csv") as tmp:
+            df.to_csv(tmp, index=False)
+        summary = summarise(df)
+        summary.update({
+            "num_cases": int(df.case_id.nunique()) if not df.empty else 0,
+            "missing_predictions": missing,
+            "errors": errors,
+            "empty_rule": EMPTY_RULE,
+            "pred_dir": str(pdir),
+            "ref": str(ref),
+        })
+        atomic_write_text(out / "summary.json", json.dumps(_json_safe(summary), indent=2) + "\n")
+    if errors and strict:
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise MedseError(f"{len(errors)} case(s) could not be evaluated; {errors[0]}{more}")
+    return df
