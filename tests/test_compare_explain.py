@@ -1,0 +1,121 @@
+"""``medse explain``: gate maps of spatial-gate blocks written as NIfTI in the scan's space and as PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("medse.networks")
+pytest.importorskip("medse.inference")
+
+from medse.compare.explain import explain, gate_layers  # noqa: E402
+from medse.utils.errors import MedseError  # noqa: E402
+
+
+def make_run(tmp_path: Path, attention: str = "scse", spatial_dims: int = 3, name: str = "run") -> Path:
+    """A run folder as training writes it, with randomly initialised (seeded) weights."""
+    import yaml
+
+    from medse.training.config import config_to_dict, load_config
+    from medse.training.trainer import build_model
+    from medse.utils.checkpoint import save_checkpoint
+
+    patch = [16, 16, 16] if spatial_dims == 3 else [16, 16]
+    cfg = load_config({"model": {"name": "unet", "spatial_dims": spatial_dims, "attention": attention,
+                                 "kwargs": {"channels": [4, 8, 16], "strides": [2, 2]}},
+                       "train": {"patch_size": patch, "device": "cpu"}})
+    run = tmp_path / name
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
+    (run / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1, "b": 2}, "num_classes": 3,
+                                                  "class_values": [0, 1, 2], "channel_names": ["t1"]}))
+    torch.manual_seed(0)
+    model = build_model(cfg, 1, 3)
+    save_checkpoint(run / "checkpoints" / "best.pt", {"model": model.state_dict()})
+    return run
+
+
+def make_scan(tmp_path: Path, shape=(20, 17, 13)) -> tuple[Path, np.ndarray]:
+    rng = np.random.default_rng(0)
+    data = rng.normal(100, 20, size=shape).astype(np.float32)
+    data[5:12, 4:10, 3:9] += 80
+    # a non-trivial affine: permuted / flipped axes with anisotropic spacing and an offset
+    affine = np.array([[0.0, -1.2, 0.0, 10.0], [0.0, 0.0, 2.0, -5.0], [0.9, 0.0, 0.0, 3.0], [0, 0, 0, 1]])
+    path = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), path)
+    return path, affine
+
+
+def test_explain_scse_3d_writes_maps_in_scan_space(tmp_path):
+    run = make_run(tmp_path)
+    scan, affine = make_scan(tmp_path)
+    res = explain(run, scan, tmp_path / "maps")
+    from medse.inference import Predictor
+
+    n_gates = len(gate_layers(Predictor.from_run(run, device="cpu").model))
+    assert n_gates == len(res.layers) == len(res.nifti) == len(res.png) >= 4
+    for p in res.nifti:
+        img = nib.load(p)
+        assert img.shape == (20, 17, 13)
+        np.testing.assert_allclose(img.affine, affine, atol=1e-5)
+        g = np.asarray(img.dataobj)
+        assert np.isfinite(g).all() and g.min() >= 0.0 and g.max() <= 1.0  # sigmoid gates
+        assert g.std() > 0  # a spatial map, not a constant
+    for p in [*res.png, res.montage]:
+        assert p.read_bytes()[:4] == b"\x89PNG" and p.stat().st_size < 200_000
+    summary = json.loads(res.summary.read_text())
+    assert [layer["name"] for layer in summary["layers"]] == res.layers
+    assert all(0.0 <= layer["mean"] <= 1.0 for layer in summary["layers"])
+
+
+def test_explain_matches_direct_gate_at_full_resolution(tmp_path):
+    """The first encoder gate equals the block's own last_gate, upsampled to the input and mapped to the scan grid."""
+    import torch.nn.functional as F
+
+    from medse.data.preprocess import invert_to_original, preprocess_case
+    from medse.inference import Predictor
+
+    run = make_run(tmp_path)
+    scan, _ = make_scan(tmp_path, shape=(16, 16, 16))  # already a multiple of the size divisor: no padding
+    res = explain(run, scan, tmp_path / "maps", layers=[0])
+    pred = Predictor.from_run(run, device="cpu")
+    img, _, props = preprocess_case([scan], None, pred.preprocess, expected_channels=1)
+    name, mod = gate_layers(pred.model)[0]
+    mod.record_gate = True
+    with torch.no_grad():
+        pred.model(torch.from_numpy(img)[None])
+    gate = mod.last_gate
+    assert tuple(gate.shape[2:]) == (8, 8, 8)  # MONAI's U-Net: the first down layer has stride 2
+    direct = F.interpolate(gate, size=(16, 16, 16), mode="trilinear", align_corners=False)[0, 0].numpy()
+    expected = invert_to_original(direct, props, is_label=False)
+    got = np.asarray(nib.load(res.nifti[0]).dataobj)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert res.layers == [name]
+
+
+def test_explain_2d_network_and_layer_selection(tmp_path):
+    run = make_run(tmp_path, attention="sse", spatial_dims=2)
+    scan, _ = make_scan(tmp_path)
+    res = explain(run, scan, tmp_path / "maps2d", layers=["-1", 0])
+    assert len(res.nifti) == 2
+    g = np.asarray(nib.load(res.nifti[0]).dataobj)
+    assert g.shape == (20, 17, 13) and np.isfinite(g).all()
+
+
+def test_explain_errors(tmp_path):
+    scan, _ = make_scan(tmp_path)
+    cse_run = make_run(tmp_path, attention="cse", name="cse")
+    with pytest.raises(MedseError, match="no spatial-gate block"):
+        explain(cse_run, scan, tmp_path / "x")
+    run = make_run(tmp_path, name="scse")
+    with pytest.raises(MedseError, match="out of range"):
+        explain(run, scan, tmp_path / "x", layers=[99])
+    with pytest.raises(MedseError, match="no gate layer"):
+        explain(run, scan, tmp_path / "x", layers=["model.nope"])
+    with pytest.raises(MedseError, match="not found"):
+        explain(run, tmp_path / "missing.nii.gz", tmp_path / "x")
