@@ -467,14 +467,23 @@ def _gather_failures(failed: list[tuple[str, str]], world: int) -> list[tuple[st
         return failed
     import torch.distributed as dist
 
-    if not dist.is_available():
-        return failed
+    if not dist.is_available() or (not dist.is_initialized() and "MASTER_ADDR" not in os.environ):
+        return failed  # no rendezvous: each rank reports its own (failures.rank{r}.csv)
     if not dist.is_initialized():
         dist.init_process_group("gloo")
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, failed)
     out = [tuple(f) for part in gathered for f in (part or [])]
     return sorted(out)  # type: ignore[arg-type]
+
+
+def _dist_initialized() -> bool:
+    try:
+        import torch.distributed as dist
+
+        return bool(dist.is_available() and dist.is_initialized())
+    except ImportError:  # pragma: no cover
+        return False
 
 
 def write_failures_csv(path: Path, failed: Sequence[tuple[str, str]], inputs: Mapping[str, list[Path]]) -> Path:
@@ -581,8 +590,10 @@ def predict_folder(
             report.failed.append((cid, msg))
             echo(f"failed: {cid}: {msg}")
     failed = _gather_failures(report.failed, world)
-    if rank == 0:
-        fpath = out / "failures.csv"
+    gathered = world == 1 or _dist_initialized()
+    writer_rank = rank == 0 if gathered else True
+    if writer_rank:
+        fpath = out / ("failures.csv" if gathered else f"failures.rank{rank}.csv")
         if failed:
             report.failures_csv = write_failures_csv(fpath, failed, {c.case_id: c.images for c in all_cases})
         elif fpath.exists():
