@@ -271,7 +271,8 @@ def _register(fn: Any) -> Any:
             task="classification",
             spatial_dims=(2, 3),
             description="Keras-layout ResNet50V2 (pre-activation ResNet-50), attention before the residual add",
-            defaults={"width": 1.0, "dropout": 0.0},
+            defaults={"width": 1.0, "dropout": 0.0, "bn_eps": KERAS_BN_EPS, "bn_momentum": 0.1},
+            paper="He et al., Identity Mappings in Deep Residual Networks, ECCV 2016 (Keras ResNet50V2 layout)",
         )(fn)
     except TypeError:  # a registry whose decorator takes fewer keywords
         return register_model("resnet50v2", task="classification")(fn)

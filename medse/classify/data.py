@@ -1,0 +1,445 @@
+"""Classification data: folder-per-class or CSV manifest, patient-grouped stratified splits, images, augmentation.
+
+Inputs
+  * a folder with one sub-folder per class (the public Kaggle brain-tumour layout: ``glioma/``, ``meningioma/``,
+    ``notumor/``, ``pituitary/``) holding PNG/JPG/BMP/TIFF images or NIfTI/NRRD/MHA slices or volumes; each
+    image is its own patient group;
+  * a CSV manifest with columns ``path, label`` and optionally ``patient_id``; paths are relative to the
+    manifest's folder; ``label`` is a class name (or an integer index when ``class_names`` is given).
+
+Splits are stratified by class and grouped by patient (scikit-learn ``StratifiedGroupKFold``; when a class has
+too few groups, ``GroupShuffleSplit``), so one patient never sits on both sides of a split.
+
+Images are read as float32 ``(C, *spatial)``: raster images as grey (1 channel) or RGB (3 channels; grey
+replicated), NIfTI 2D slices as they are, NIfTI volumes whole (``spatial_dims=3``) or their middle slice along
+the last axis (``spatial_dims=2``, NOTE: not in paper); resized to ``image_size`` and normalised per image.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medse.utils.errors import MedseError
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "AugmentConfig",
+    "ClassificationData",
+    "ClassificationDataset",
+    "Sample",
+    "augment",
+    "class_weights",
+    "load_classification_data",
+    "load_image",
+    "make_splits",
+    "read_manifest",
+    "scan_folder",
+]
+
+RASTER_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+VOLUME_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
+IMAGE_EXTENSIONS = RASTER_EXTENSIONS + VOLUME_EXTENSIONS
+
+
+def _ext(path: Path) -> str:
+    name = path.name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+
+
+@dataclass
+class Sample:
+    """One image: ``image_id`` is its path relative to the data root (unique), ``label`` the class index."""
+
+    image_id: str
+    path: Path
+    label: int
+    patient_id: str
+
+
+@dataclass
+class ClassificationData:
+    samples: list[Sample]
+    class_names: list[str]
+    source: str
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([s.label for s in self.samples], dtype=np.int64)
+
+    @property
+    def groups(self) -> np.ndarray:
+        return np.array([s.patient_id for s in self.samples])
+
+    def counts(self) -> dict[str, int]:
+        c = Counter(s.label for s in self.samples)
+        return {name: int(c.get(i, 0)) for i, name in enumerate(self.class_names)}
+
+    def subset(self, image_ids: list[str]) -> ClassificationData:
+        by_id = {s.image_id: s for s in self.samples}
+        missing = [i for i in image_ids if i not in by_id]
+        if missing:
+            raise MedseError(
+                f"{len(missing)} image(s) of the split are not in the data (first: {missing[0]}); "
+                "the data folder changed since training",
+                self.source,
+            )
+        return ClassificationData([by_id[i] for i in image_ids], list(self.class_names), self.source)
+
+
+def _resolve_class_names(found: list[str], class_names: list[str] | None, source: str) -> list[str]:
+    if not class_names:
+        return sorted(found)
+    unknown = [c for c in found if c not in class_names]
+    if unknown:
+        raise MedseError(f"class '{unknown[0]}' is not one of the configured classes {list(class_names)}", source)
+    return list(class_names)
+
+
+def scan_folder(root: str | Path, class_names: list[str] | None = None) -> ClassificationData:
+    """Read a folder with one sub-folder per class; classes sorted by name unless ``class_names`` is given."""
+    root = Path(root)
+    if not root.is_dir():
+        raise MedseError("data folder not found", root)
+    found: dict[str, list[Path]] = {}
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = sorted(p for p in sub.rglob("*") if p.is_file() and _ext(p) in IMAGE_EXTENSIONS
+                       and not p.name.startswith("."))
+        if files:
+            found[sub.name] = files
+    if not found:
+        raise MedseError(f"no class sub-folders with images ({', '.join(IMAGE_EXTENSIONS)}) found", root)
+    names = _resolve_class_names(list(found), class_names, str(root))
+    samples = []
+    for ci, name in enumerate(names):
+        for p in found.get(name, []):
+            rel = p.relative_to(root).as_posix()
+            samples.append(Sample(rel, p, ci, rel))
+    warnings = [f"{root}: class '{n}' has no images" for n in names if n not in found]
+    return ClassificationData(samples, names, str(root), warnings)
+
+
+def read_manifest(path: str | Path, class_names: list[str] | None = None) -> ClassificationData:
+    """Read a CSV manifest with columns ``path, label[, patient_id]`` (paths relative to the CSV's folder)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MedseError("manifest not found", path)
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        fields = [c.strip().lower() for c in (reader.fieldnames or [])]
+        for need in ("path", "label"):
+            if need not in fields:
+                raise MedseError(f"manifest has no '{need}' column (columns: {', '.join(fields) or 'none'})", path)
+        rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in r.items()} for r in reader]
+    if not rows:
+        raise MedseError("manifest has no rows", path)
+    labels_raw = [r["label"] for r in rows]
+    if class_names and all(v.lstrip("-").isdigit() for v in labels_raw):
+        bad = [v for v in labels_raw if not 0 <= int(v) < len(class_names)]
+        if bad:
+            raise MedseError(f"label index {bad[0]} out of range for {len(class_names)} classes", path)
+        labels_raw = [class_names[int(v)] for v in labels_raw]
+    names = _resolve_class_names(sorted(set(labels_raw)), class_names, str(path))
+    index = {n: i for i, n in enumerate(names)}
+    samples, seen = [], set()
+    for line, (r, lab) in enumerate(zip(rows, labels_raw, strict=True), start=2):
+        if not r["path"]:
+            raise MedseError(f"line {line}: empty path", path)
+        p = Path(r["path"])
+        full = p if p.is_absolute() else (path.parent / p)
+        image_id = r["path"]
+        if image_id in seen:
+            raise MedseError(f"line {line}: duplicate path '{image_id}'", path)
+        seen.add(image_id)
+        pid = r.get("patient_id") or image_id
+        samples.append(Sample(image_id, full, index[lab], pid))
+    counts = Counter(s.label for s in samples)
+    warnings = [f"{path}: class '{n}' has no images" for i, n in enumerate(names) if counts.get(i, 0) == 0]
+    return ClassificationData(samples, names, str(path), warnings)
+
+
+def load_classification_data(source: str | Path, class_names: list[str] | None = None) -> ClassificationData:
+    """A folder (one sub-folder per class) or a ``.csv`` manifest."""
+    source = Path(source)
+    if source.suffix.lower() == ".csv":
+        return read_manifest(source, class_names)
+    if source.is_file():
+        raise MedseError("data source must be a folder with one sub-folder per class or a .csv manifest", source)
+    return scan_folder(source, class_names)
+
+
+# ----------------------------------------------------------------------------------------------- splits
+def _split_once(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (keep, held_out) with about ``fraction`` held out, stratified by label and grouped."""
+    from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
+
+    n = len(labels)
+    idx = np.arange(n)
+    n_groups = len(np.unique(groups))
+    if n_groups < 2:
+        raise MedseError(f"cannot split {n} image(s) from a single patient group into two sets")
+    n_splits = max(2, min(int(round(1.0 / fraction)), n_groups))
+    group_labels: dict[Any, set] = {}
+    for g, y in zip(groups, labels, strict=True):
+        group_labels.setdefault(g, set()).add(int(y))
+    per_class_groups = Counter(y for ys in group_labels.values() for y in ys)
+    if min(per_class_groups.values()) >= n_splits:
+        sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed % (2**32))
+        keep, held = next(sgkf.split(idx, labels, groups))
+    else:  # too few patients in some class to stratify: plain grouped shuffle
+        gss = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed % (2**32))
+        keep, held = next(gss.split(idx, labels, groups))
+    return np.sort(keep), np.sort(held)
+
+
+def make_splits(
+    data: ClassificationData, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0
+) -> dict[str, list[str]]:
+    """Split image ids into train / val / test, stratified by class and grouped by patient.
+
+    Args:
+        data: the images. val_fraction: Defaults to 0.15. test_fraction: 0 gives an empty test set (e.g. when
+            a separate test folder is used). Defaults to 0.15. seed: Defaults to 0.
+
+    Returns:
+        ``{"train": [...], "val": [...], "test": [...]}`` lists of image ids; no patient appears in two lists.
+    """
+    for name, v in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= v < 1.0:
+            raise MedseError(f"config key 'data.{name}': must be in [0, 1), got {v}")
+    if val_fraction + test_fraction >= 1.0:
+        raise MedseError("config keys 'data.val_fraction' + 'data.test_fraction' must be < 1")
+    ids = np.array([s.image_id for s in data.samples])
+    labels, groups = data.labels, data.groups
+    rest = np.arange(len(ids))
+    test = np.array([], dtype=np.int64)
+    if test_fraction > 0:
+        keep, held = _split_once(labels, groups, test_fraction, seed)
+        rest, test = keep, held
+    val = np.array([], dtype=np.int64)
+    if val_fraction > 0:
+        frac = val_fraction / (1.0 - test_fraction)
+        keep, held = _split_once(labels[rest], groups[rest], frac, seed + 1)
+        rest, val = rest[keep], rest[held]
+    out = {"train": ids[rest].tolist(), "val": ids[val].tolist(), "test": ids[test].tolist()}
+    sets = {k: set(groups[np.isin(ids, v)]) for k, v in out.items()}
+    assert not (sets["train"] & sets["val"] or sets["train"] & sets["test"] or sets["val"] & sets["test"])
+    return out
+
+
+def class_weights(labels: np.ndarray, num_classes: int, mode: str = "balanced") -> np.ndarray:
+    """Cross-entropy class weights. ``"balanced"``: ``n / (K * n_k)`` (scikit-learn's rule; absent classes get 0);
+    ``"none"``: ones. Defaults to "balanced"."""
+    if mode == "none":
+        return np.ones(num_classes, dtype=np.float32)
+    if mode != "balanced":
+        raise MedseError(f"config key 'train.class_weighting': '{mode}' is not one of ['balanced', 'none']")
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    w = np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
+    return w.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------- images
+def _read_raw(path: Path, in_channels: int, spatial_dims: int) -> np.ndarray:
+    ext = _ext(path)
+    if ext in RASTER_EXTENSIONS:
+        if spatial_dims != 2:
+            raise MedseError("raster images are 2D; set model.spatial_dims to 2", path)
+        from PIL import Image
+
+        with Image.open(path) as im:
+            im.load()
+            if in_channels == 3:
+                arr = np.asarray(im.convert("RGB"), dtype=np.float32).transpose(2, 0, 1)
+            else:
+                arr = np.asarray(im.convert("L"), dtype=np.float32)[None]
+    else:
+        if ext in (".nii", ".nii.gz"):
+            import nibabel as nib
+
+            arr = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+        else:
+            import SimpleITK as sitk
+
+            arr = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(np.float32).T
+        arr = np.squeeze(arr)
+        if arr.ndim == 2:
+            if spatial_dims == 3:
+                raise MedseError("2D image given to a 3D model (model.spatial_dims is 3)", path)
+            arr = arr[None]
+        elif arr.ndim == 3:
+            if spatial_dims == 2:
+                arr = arr[:, :, arr.shape[2] // 2]  # middle slice along the last axis (NOTE: not in paper)
+            arr = arr[None]
+        elif arr.ndim == 4 and spatial_dims == 3:  # (X, Y, Z, C)
+            arr = np.moveaxis(arr, -1, 0)
+        else:
+            raise MedseError(f"unsupported image shape {arr.shape} for spatial_dims={spatial_dims}", path)
+    if arr.shape[0] != in_channels:
+        if arr.shape[0] == 1:
+            arr = np.repeat(arr, in_channels, axis=0)
+        elif in_channels == 1:
+            arr = arr.mean(axis=0, keepdims=True)
+        else:
+            raise MedseError(f"image has {arr.shape[0]} channels, model expects {in_channels}", path)
+    return arr
+
+
+def load_image(
+    path: str | Path, in_channels: int = 3, image_size: int = 224, spatial_dims: int = 2, normalize: str = "zscore"
+) -> np.ndarray:
+    """Read one image as float32 ``(in_channels, *[image_size] * spatial_dims)``.
+
+    Args:
+        normalize: "zscore" (per image and channel; NOTE: not in paper), "minmax" (to [0, 1]) or "none"
+            (raster images then keep 0-255). Defaults to "zscore".
+    Raises:
+        MedseError naming the file when it cannot be read.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    path = Path(path)
+    try:
+        arr = _read_raw(path, in_channels, spatial_dims)
+    except MedseError:
+        raise
+    except Exception as e:
+        raise MedseError(f"cannot read image ({type(e).__name__}: {e})", path) from e
+    if not np.all(np.isfinite(arr)):
+        raise MedseError("image contains NaN or infinite values", path)
+    t = torch.from_numpy(np.ascontiguousarray(arr))[None]
+    size = (image_size,) * spatial_dims
+    if tuple(t.shape[2:]) != size:
+        mode = "bilinear" if spatial_dims == 2 else "trilinear"
+        t = F.interpolate(t, size=size, mode=mode, align_corners=False, antialias=(spatial_dims == 2))
+    out = t[0].numpy().astype(np.float32)
+    axes = tuple(range(1, out.ndim))
+    if normalize == "zscore":
+        out = (out - out.mean(axis=axes, keepdims=True)) / (out.std(axis=axes, keepdims=True) + 1e-6)
+    elif normalize == "minmax":
+        lo, hi = out.min(axis=axes, keepdims=True), out.max(axis=axes, keepdims=True)
+        out = (out - lo) / np.maximum(hi - lo, 1e-6)
+    elif normalize != "none":
+        raise MedseError(f"config key 'data.normalize': '{normalize}' is not one of ['zscore', 'minmax', 'none']")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- augmentation
+@dataclass
+class AugmentConfig:
+    """Random augmentation for training images (2D and 3D), drawn from a seeded generator.
+
+    Defaults: left-right flip with probability 0.5, rotation up to 10 degrees (in the first two spatial axes),
+    scaling 0.9-1.1, intensity scale 0.9-1.1 and shift +-0.1 (in z-score units), Gaussian noise sd up to 0.05.
+    """
+
+    enabled: bool = True
+    flip_prob: float = 0.5
+    rotate_deg: float = 10.0
+    scale: tuple[float, float] = (0.9, 1.1)
+    intensity_scale: tuple[float, float] = (0.9, 1.1)
+    intensity_shift: float = 0.1
+    noise_std: float = 0.05
+
+
+def augment(x: Any, cfg: AugmentConfig, generator: Any) -> Any:
+    """Augment one image tensor ``(C, *spatial)`` with parameters drawn from ``generator`` (torch.Generator)."""
+    import torch
+    import torch.nn.functional as F
+
+    if not cfg.enabled:
+        return x
+
+    def u(lo: float, hi: float) -> float:
+        return lo + (hi - lo) * float(torch.rand((), generator=generator))
+
+    nd = x.ndim - 1
+    if cfg.flip_prob > 0 and u(0, 1) < cfg.flip_prob:
+        x = torch.flip(x, dims=(x.ndim - 1,))
+    angle = math.radians(u(-cfg.rotate_deg, cfg.rotate_deg)) if cfg.rotate_deg > 0 else 0.0
+    s = u(*cfg.scale)
+    if angle != 0.0 or s != 1.0:
+        theta = torch.eye(nd, nd + 1, dtype=x.dtype)
+        c, si = math.cos(angle) / s, math.sin(angle) / s
+        # rotate in the last two axes (H, W for 2D; the in-plane axes for 3D), scale all axes
+        theta[:, :nd] = theta[:, :nd] / s
+        theta[nd - 2, nd - 2], theta[nd - 2, nd - 1] = c, -si
+        theta[nd - 1, nd - 2], theta[nd - 1, nd - 1] = si, c
+        grid = F.affine_grid(theta[None], [1, *x.shape], align_corners=False)
+        bg = x.amin(dim=tuple(range(1, x.ndim)), keepdim=True)
+        x = F.grid_sample((x - bg)[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0] + bg
+    x = x * u(*cfg.intensity_scale) + u(-cfg.intensity_shift, cfg.intensity_shift)
+    if cfg.noise_std > 0:
+        x = x + torch.randn(x.shape, generator=generator, dtype=x.dtype) * u(0, cfg.noise_std)
+    return x
+
+
+class ClassificationDataset:
+    """A torch-style dataset of ``(image (C, *spatial) float32 tensor, label int, index)``.
+
+    Images are read once and cached in memory (``cache=True``); unreadable images are skipped and listed in
+    ``self.skipped`` (``(image_id, message)``) so one bad file does not stop a run. With ``augment`` set, sample
+    ``i`` of epoch ``e`` is augmented with a generator seeded by ``derive_seed(seed, e, i)`` (reproducible,
+    independent of worker count); call :meth:`set_epoch` each epoch.
+    """
+
+    def __init__(
+        self,
+        data: ClassificationData,
+        in_channels: int = 3,
+        image_size: int = 224,
+        spatial_dims: int = 2,
+        normalize: str = "zscore",
+        augment: AugmentConfig | None = None,
+        seed: int = 0,
+        cache: bool = True,
+    ) -> None:
+        self.in_channels, self.image_size, self.spatial_dims = in_channels, image_size, spatial_dims
+        self.normalize, self.aug, self.seed, self.cache = normalize, augment, seed, cache
+        self.epoch = 0
+        self.samples: list[Sample] = []
+        self.skipped: list[tuple[str, str]] = []
+        self._cache: list[np.ndarray] = []
+        self.class_names = data.class_names
+        for s in data.samples:
+            try:
+                img = self._load(s.path)  # read once even without caching, to skip unreadable files up front
+            except MedseError as e:
+                self.skipped.append((s.image_id, str(e)))
+                continue
+            self.samples.append(s)
+            if cache:
+                self._cache.append(img.astype(np.float16))
+
+    def _load(self, path: Path) -> np.ndarray:
+        return load_image(path, self.in_channels, self.image_size, self.spatial_dims, self.normalize)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([s.label for s in self.samples], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Any, int, int]:
+        import torch
+
+        from medse.utils.seed import derive_seed
+
+        arr = self._cache[i].astype(np.float32) if self.cache else self._load(self.samples[i].path)
+        x = torch.from_numpy(arr)
+        if self.aug is not None and self.aug.enabled:
+            g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, i))
+            x = augment(x, self.aug, g)
+        return x, int(self.samples[i].label), i
