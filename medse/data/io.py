@@ -1,0 +1,298 @@
+"""Image I/O: NIfTI through nibabel, other ITK formats (``.nrrd``, ``.mha``, ``.mhd``, ...) through SimpleITK.
+
+Public API
+----------
+``read_image(path, *, expect_3d=False) -> Image``
+    ``Image.array`` is the voxel array in the file's own voxel order ``(x, y, z)`` or ``(x, y, z, c)``
+    (float data as float32, integer data in its native dtype); ``Image.affine`` maps voxel indices to
+    RAS+ world millimetres (4x4 float64, the NIfTI convention); ``Image.spacing`` the voxel sizes
+    (mm); ``Image.header`` what is needed to write an image alike (format, dtype, qform/sform codes,
+    and the nibabel header object for NIfTI). ITK images are stored in LPS+; their affine is converted
+    to RAS+ by negating the first two world axes, and ITK's (z, y, x) array order is transposed to
+    (x, y, z), so a NIfTI file and its ``.nrrd`` copy read to the same array and affine.
+``write_image(array, affine, path, *, like=None, dtype=None) -> Path``
+    Writes a NIfTI (``.nii``/``.nii.gz``) or ITK file atomically, qform and sform both set to
+    ``affine`` (codes copied from ``like`` when given, else 1 = scanner).
+``image_affine_from_itk(direction, spacing, origin) -> np.ndarray``
+    The RAS affine of an ITK geometry.
+
+Every failure to read raises :class:`~medse.utils.errors.MedseError` naming the file (missing,
+unreadable, truncated gzip, wrong dimensionality).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medse.utils.atomic import atomic_path
+from medse.utils.errors import MedseError
+
+__all__ = [
+    "NIFTI_SUFFIXES",
+    "IMAGE_SUFFIXES",
+    "Image",
+    "read_image",
+    "write_image",
+    "image_affine_from_itk",
+    "split_suffix",
+    "is_image_file",
+]
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd", ".nia", ".hdr", ".img", ".img.gz", ".vtk")
+IMAGE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
+
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def split_suffix(path: str | os.PathLike) -> tuple[str, str]:
+    """Split ``name.nii.gz`` into ``("name", ".nii.gz")`` (known double suffixes kept together)."""
+    name = Path(path).name
+    lower = name.lower()
+    for suf in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+        if lower.endswith(suf):
+            return name[: -len(suf)], name[-len(suf) :]
+    stem, dot, ext = name.rpartition(".")
+    return (stem, dot + ext) if dot else (name, "")
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """True for file names with a suffix medse lists as images (hidden/temporary files and the data
+    halves of header/data pairs such as Analyze ``.img`` excluded)."""
+    name = Path(path).name.lower()
+    if name.startswith("."):
+        return False
+    return name.endswith(IMAGE_SUFFIXES) and not name.endswith((".img", ".img.gz"))
+
+
+@dataclass
+class Image:
+    """A volume as stored: ``array`` (x, y, z[, c]), RAS ``affine`` (4x4 float64), ``spacing`` (mm).
+
+    Attributes:
+        array: voxel data in the file's voxel order; float data as float32, integers in native dtype.
+        affine: voxel index -> RAS+ world (mm), 4x4 float64.
+        spacing: voxel size along each stored spatial axis (mm).
+        path: the file read.
+        header: format information to write alike: ``format`` ("nifti" | "itk"), ``dtype`` (stored
+            dtype name), and for NIfTI ``qform_code``, ``sform_code``, ``nifti_header`` (nibabel header).
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    spacing: tuple[float, ...]
+    path: Path
+    header: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.array.shape)
+
+    @property
+    def spatial_shape(self) -> tuple[int, int, int]:
+        s = self.shape
+        return (s[0], s[1], s[2])
+
+    @property
+    def num_channels(self) -> int:
+        """1 for a 3D volume, C for an (x, y, z, c) array."""
+        return 1 if self.array.ndim == 3 else int(self.array.shape[3])
+
+    def channels(self) -> list[np.ndarray]:
+        """The volume as a list of 3D arrays (one per channel)."""
+        if self.array.ndim == 3:
+            return [self.array]
+        return [self.array[..., c] for c in range(self.array.shape[3])]
+
+
+def _normalise_dtype(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype.kind == "f" and arr.dtype != np.float32:
+        return arr.astype(np.float32)
+    if arr.dtype.kind == "b":
+        return arr.astype(np.uint8)
+    return arr
+
+
+def _check_dims(arr: np.ndarray, path: Path, expect_3d: bool) -> np.ndarray:
+    # NIfTI vector images are (x, y, z, 1, c): drop the singleton time axis.
+    if arr.ndim == 5 and arr.shape[3] == 1:
+        arr = arr[:, :, :, 0, :]
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim == 4 and arr.shape[3] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (3, 4):
+        raise MedseError(f"expected a 3D or 4D image, got {arr.ndim}D with shape {tuple(arr.shape)}", path)
+    if expect_3d and arr.ndim != 3:
+        raise MedseError(f"4D image (shape {tuple(arr.shape)}) where a 3D volume is expected", path)
+    return arr
+
+
+def _check_gzip(path: Path) -> None:
+    """Read a .gz file through to the end: detects truncation that lazy loaders would miss."""
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(1 << 22):
+                pass
+    except (EOFError, OSError, zlib.error) as e:
+        raise MedseError(f"truncated or corrupt gzip file ({e})", path) from e
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...], dict[str, Any]]:
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+    except Exception as e:
+        raise MedseError(f"unreadable NIfTI file ({type(e).__name__}: {e})", path) from e
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise MedseError(f"not a NIfTI image ({type(img).__name__})", path)
+    try:
+        arr = np.asanyarray(img.dataobj)
+    except (EOFError, OSError, zlib.error, ValueError) as e:
+        raise MedseError(f"truncated or corrupt image data ({type(e).__name__}: {e})", path) from e
+    hdr = img.header
+    affine = np.asarray(img.affine, dtype=np.float64)
+    zooms = tuple(float(z) for z in hdr.get_zooms()[:3])
+    qform_code = int(hdr["qform_code"])
+    sform_code = int(hdr["sform_code"])
+    info = {
+        "format": "nifti",
+        "dtype": str(hdr.get_data_dtype()),
+        "qform_code": qform_code,
+        "sform_code": sform_code,
+        "nifti_version": 2 if isinstance(img, nib.Nifti2Image) else 1,
+        "nifti_header": hdr,
+    }
+    return arr, affine, zooms, info
+
+
+def image_affine_from_itk(direction: Any, spacing: Any, origin: Any) -> np.ndarray:
+    """RAS+ 4x4 affine from ITK (LPS+) ``direction`` (row-major 3x3), ``spacing`` and ``origin``."""
+    d = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    lps = np.eye(4)
+    lps[:3, :3] = d @ np.diag(np.asarray(spacing, dtype=np.float64))
+    lps[:3, 3] = np.asarray(origin, dtype=np.float64)
+    return _LPS_TO_RAS @ lps
+
+
+def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...], dict[str, Any]]:
+    import SimpleITK as sitk
+
+    try:
+        img = sitk.ReadImage(str(path))
+    except Exception as e:
+        raise MedseError(f"unreadable image file ({str(e).strip().splitlines()[-1] if str(e).strip() else e})",
+                         path) from e
+    dim = img.GetDimension()
+    arr = sitk.GetArrayFromImage(img)  # (z, y, x[, c])
+    ncomp = img.GetNumberOfComponentsPerPixel()
+    spatial = arr.ndim - (1 if ncomp > 1 else 0)
+    arr = np.transpose(arr, tuple(range(spatial))[::-1] + tuple(range(spatial, arr.ndim)))
+    if dim == 2:
+        direction = np.eye(3)
+        direction[:2, :2] = np.asarray(img.GetDirection()).reshape(2, 2)
+        spacing = (*img.GetSpacing(), 1.0)
+        origin = (*img.GetOrigin(), 0.0)
+        arr = arr[:, :, None] if ncomp == 1 else arr[:, :, None, :]
+    elif dim == 3:
+        direction, spacing, origin = img.GetDirection(), img.GetSpacing(), img.GetOrigin()
+    elif dim == 4 and ncomp == 1:
+        d4 = np.asarray(img.GetDirection()).reshape(4, 4)
+        direction, spacing, origin = d4[:3, :3], img.GetSpacing()[:3], img.GetOrigin()[:3]
+    else:
+        raise MedseError(f"unsupported {dim}D image with {ncomp} components", path)
+    affine = image_affine_from_itk(direction, spacing, origin)
+    info = {"format": "itk", "dtype": str(arr.dtype)}
+    return np.ascontiguousarray(arr), affine, tuple(float(s) for s in spacing[:3]), info
+
+
+def read_image(path: str | os.PathLike, *, expect_3d: bool = False) -> Image:
+    """Read a NIfTI or ITK image into an :class:`Image` (voxel order (x, y, z[, c]), RAS affine).
+
+    Args:
+        path: ``.nii``, ``.nii.gz`` (NIfTI-1 or NIfTI-2, through nibabel) or any format SimpleITK
+            reads (``.nrrd``, ``.mha``, ``.mhd``, ...).
+        expect_3d: raise when the image has several channels/time points. Defaults to False.
+
+    Raises:
+        MedseError: naming the file when it is missing, unreadable, truncated, or not 3D/4D.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise MedseError("file not found", path)
+    if not path.is_file():
+        raise MedseError("not a file", path)
+    if path.stat().st_size == 0:
+        raise MedseError("empty file (0 bytes)", path)
+    lower = path.name.lower()
+    if lower.endswith(".gz"):
+        _check_gzip(path)
+    if lower.endswith(NIFTI_SUFFIXES):
+        arr, affine, spacing, info = _read_nifti(path)
+    else:
+        arr, affine, spacing, info = _read_itk(path)
+    arr = _check_dims(np.asarray(arr), path, expect_3d)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise MedseError("invalid (singular or non-finite) affine in the header", path)
+    return Image(array=_normalise_dtype(arr), affine=affine, spacing=spacing, path=path, header=info)
+
+
+def write_image(
+    array: np.ndarray,
+    affine: np.ndarray,
+    path: str | os.PathLike,
+    *,
+    like: Image | None = None,
+    dtype: Any = None,
+) -> Path:
+    """Write ``array`` (x, y, z[, c]) with RAS ``affine`` to ``path`` atomically.
+
+    NIfTI files get both qform and sform set to ``affine`` (codes from ``like`` when it is a NIfTI
+    image, else 1 = scanner), the stored dtype ``dtype`` (default: the array's) and no intensity
+    scaling. Other suffixes go through SimpleITK (affine converted to LPS).
+    """
+    path = Path(path)
+    array = np.asarray(array)
+    if dtype is not None:
+        array = array.astype(dtype)
+    affine = np.asarray(affine, dtype=np.float64)
+    lower = path.name.lower()
+    if lower.endswith(NIFTI_SUFFIXES):
+        import nibabel as nib
+
+        img = nib.Nifti1Image(array, affine)
+        qcode = scode = 1
+        if like is not None and like.header.get("format") == "nifti":
+            qcode = like.header.get("qform_code") or 1
+            scode = like.header.get("sform_code") or 1
+        img.set_qform(affine, code=int(qcode))
+        img.set_sform(affine, code=int(scode))
+        img.header.set_data_dtype(array.dtype)
+        img.header["scl_slope"] = 1.0
+        img.header["scl_inter"] = 0.0
+        img.header.set_xyzt_units("mm", "sec")
+        with atomic_path(path) as tmp:
+            nib.save(img, str(tmp))
+        return path
+    import SimpleITK as sitk
+
+    lps = _LPS_TO_RAS @ affine
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    direction = lps[:3, :3] / spacing
+    vector = array.ndim == 4
+    data = np.transpose(array, (2, 1, 0, 3) if vector else (2, 1, 0))
+    img = sitk.GetImageFromArray(np.ascontiguousarray(data), isVector=vector)
+    img.SetSpacing(tuple(float(s) for s in spacing))
+    img.SetOrigin(tuple(float(o) for o in lps[:3, 3]))
+    img.SetDirection(tuple(float(v) for v in direction.ravel()))
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(img, str(tmp), useCompression=True)
+    return path

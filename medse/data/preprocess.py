@@ -1,0 +1,414 @@
+"""Preprocessing of one case and its exact inverse.
+
+Pipeline (each step recorded in ``props`` so that :func:`invert_to_original` maps a prediction back
+onto the original file's voxel grid):
+
+1. read the channel images (3D files, or one 4D file holding all channels) and the label map;
+2. reorient to a canonical orientation (``"RAS"`` by default) by axis permutations and flips only
+   (nibabel ``io_orientation``: no interpolation, exactly invertible);
+3. optionally crop to the bounding box of the foreground (nnU-Net crops to the non-zero region,
+   Isensee et al., Nature Methods 2021);
+4. optionally resample to ``target_spacing`` (images by spline of order ``image_order``, labels by
+   nearest neighbour) on a grid whose voxel *edges* line up with the original's
+   (``x_old = (x_new + 0.5) * n_old / n_new - 0.5``), so integer up-sampling of a label map is
+   undone exactly;
+5. intensity normalisation per channel: ``"zscore"`` with mean/std over the foreground (nnU-Net's MRI
+   scheme), ``"ct"`` windowing (clip to ``ct_window`` then scale to [0, 1]), or ``"none"``.
+
+Public API: :class:`PreprocessConfig`, :func:`preprocess_case`, :func:`invert_to_original`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from medse.data.io import Image, read_image
+from medse.utils.errors import MedseError
+
+__all__ = ["PreprocessConfig", "preprocess_case", "invert_to_original", "foreground_mask", "PROPS_VERSION"]
+
+PROPS_VERSION = 1
+_AXCODES = {"L": "R", "R": "L", "A": "P", "P": "A", "S": "I", "I": "S"}
+
+
+@dataclass
+class PreprocessConfig:
+    """How a case is preprocessed (see the module docstring for the pipeline).
+
+    Attributes:
+        orientation: target axis codes, e.g. ``"RAS"`` or ``"LPS"``; ``"none"`` keeps the file's
+            voxel order. Defaults to "RAS".
+        target_spacing: voxel size (mm) to resample to, in the reoriented axis order; None keeps the
+            original spacing. Defaults to None.
+        normalization: ``"zscore"`` (foreground mean/std per channel), ``"ct"`` (window) or ``"none"``.
+            Defaults to "zscore".
+        ct_window: (low, high) Hounsfield window for ``"ct"``. Defaults to (-1000.0, 1000.0).
+        foreground: which voxels are foreground for z-score statistics and cropping: ``"nonzero"``
+            (any channel != 0, nnU-Net), ``"otsu"`` (any channel above its Otsu threshold; use it for
+            noisy MRI backgrounds) or ``"all"``. Defaults to "nonzero".
+        crop_foreground: crop to the bounding box of the foreground. Defaults to False.
+        crop_margin: voxels kept around the foreground box. Defaults to 0.
+        image_order: spline order for resampling images (labels always nearest). nnU-Net uses 3;
+            medse defaults to 1 (trilinear, faster on CPU). Defaults to 1.
+    """
+
+    orientation: str = "RAS"
+    target_spacing: tuple[float, float, float] | None = None
+    normalization: Literal["zscore", "ct", "none"] = "zscore"
+    ct_window: tuple[float, float] = (-1000.0, 1000.0)
+    foreground: Literal["nonzero", "otsu", "all"] = "nonzero"
+    crop_foreground: bool = False
+    crop_margin: int = 0
+    image_order: int = 1
+
+    def __post_init__(self) -> None:
+        o = str(self.orientation)
+        if o.lower() != "none":
+            up = o.upper()
+            axes = {_AXCODES[c] if c in "LPI" else c for c in up if c in _AXCODES}
+            if len(up) != 3 or any(c not in _AXCODES for c in up) or axes != {"R", "A", "S"}:
+                raise ValueError(f"orientation '{o}' must be three axis codes like 'RAS' or 'LPS', or 'none'")
+            self.orientation = up
+        if self.target_spacing is not None:
+            ts = tuple(float(v) for v in self.target_spacing)
+            if len(ts) != 3 or any(not np.isfinite(v) or v <= 0 for v in ts):
+                raise ValueError(f"target_spacing {self.target_spacing!r} must be three positive numbers")
+            self.target_spacing = ts  # type: ignore[assignment]
+        if self.normalization not in ("zscore", "ct", "none"):
+            raise ValueError(f"normalization '{self.normalization}' must be 'zscore', 'ct' or 'none'")
+        if self.foreground not in ("nonzero", "otsu", "all"):
+            raise ValueError(f"foreground '{self.foreground}' must be 'nonzero', 'otsu' or 'all'")
+        lo, hi = (float(v) for v in self.ct_window)
+        if not lo < hi:
+            raise ValueError(f"ct_window {self.ct_window!r} must be (low, high) with low < high")
+        self.ct_window = (lo, hi)
+        if int(self.crop_margin) < 0:
+            raise ValueError("crop_margin must be >= 0")
+        if not 0 <= int(self.image_order) <= 5:
+            raise ValueError("image_order must be a spline order between 0 and 5")
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _affines_close(a: np.ndarray, b: np.ndarray) -> bool:
+    return bool(np.allclose(a, b, rtol=1e-4, atol=1e-3))
+
+
+def _spacing_of(affine: np.ndarray) -> list[float]:
+    return [float(v) for v in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)]
+
+
+def foreground_mask(data: np.ndarray, mode: str = "nonzero") -> np.ndarray:
+    """Foreground of a (C, X, Y, Z) array: any channel non-zero / above its Otsu threshold / all."""
+    if mode == "all":
+        return np.ones(data.shape[1:], dtype=bool)
+    if mode == "nonzero":
+        return np.any(data != 0, axis=0)
+    if mode == "otsu":
+        from skimage.filters import threshold_otsu
+
+        mask = np.zeros(data.shape[1:], dtype=bool)
+        for c in data:
+            if np.ptp(c) > 0:
+                mask |= c > threshold_otsu(c)
+        return mask
+    raise ValueError(f"unknown foreground mode '{mode}'")
+
+
+def _resample(arr: np.ndarray, out_shape: Sequence[int], order: int) -> np.ndarray:
+    """Resample a 3D array to ``out_shape`` with voxel edges aligned (grid mode)."""
+    from scipy import ndimage as ndi
+
+    in_shape = np.asarray(arr.shape, dtype=np.float64)
+    f = in_shape / np.asarray(out_shape, dtype=np.float64)
+    offset = 0.5 * f - 0.5
+    src = arr if order == 0 or arr.dtype.kind == "f" else arr.astype(np.float32)
+    return ndi.affine_transform(src, f, offset=offset, output_shape=tuple(int(s) for s in out_shape), order=order,
+                                mode="nearest", prefilter=order > 1)
+
+
+def _invert_ornt(ornt: np.ndarray) -> np.ndarray:
+    inv = np.zeros_like(ornt)
+    for i, (ax, flip) in enumerate(ornt):
+        inv[int(ax)] = [i, flip]
+    return inv
+
+
+def _as_list(x: np.ndarray) -> list[Any]:
+    return np.asarray(x).tolist()
+
+
+def _read_channels(image_paths: Sequence[str | os.PathLike], expected_channels: int | None) -> tuple[
+        np.ndarray, Image]:
+    paths = [Path(p) for p in image_paths]
+    if not paths:
+        raise ValueError("image_paths is empty")
+    chans: list[np.ndarray] = []
+    ref: Image | None = None
+    for p in paths:
+        img = read_image(p, expect_3d=len(paths) > 1)
+        if ref is None:
+            ref = img
+        else:
+            if img.spatial_shape != ref.spatial_shape:
+                raise MedseError(f"channel shape {img.spatial_shape} differs from {ref.path.name} "
+                                 f"{ref.spatial_shape}", p)
+            if not _affines_close(img.affine, ref.affine):
+                raise MedseError(f"channel affine differs from {ref.path.name}", p)
+        for c in img.channels():
+            c = c.astype(np.float32, copy=False)
+            if not np.all(np.isfinite(c)):
+                raise MedseError(f"{int(np.sum(~np.isfinite(c)))} NaN/Inf voxels", p)
+            chans.append(c)
+    assert ref is not None
+    if expected_channels is not None and len(chans) != expected_channels:
+        if len(paths) == 1 and ref.array.ndim == 4 and expected_channels == 1:
+            raise MedseError(f"4D image (shape {ref.shape}) where a 3D volume is expected", paths[0])
+        raise MedseError(f"{len(chans)} channels where {expected_channels} are expected", paths[0])
+    return np.stack(chans), ref
+
+
+def _read_label(label_path: str | os.PathLike, ref: Image) -> np.ndarray:
+    lab = read_image(label_path, expect_3d=True)
+    if lab.spatial_shape != ref.spatial_shape:
+        raise MedseError(f"label shape {lab.spatial_shape} differs from image shape {ref.spatial_shape}", label_path)
+    if not _affines_close(lab.affine, ref.affine):
+        raise MedseError("label affine differs from the image affine", label_path)
+    arr = lab.array
+    if arr.dtype.kind == "f":
+        if not np.all(np.isfinite(arr)):
+            raise MedseError("NaN/Inf values in the label map", label_path)
+        if not np.array_equal(arr, np.round(arr)):
+            raise MedseError("non-integer values in the label map", label_path)
+    if arr.size and (arr.min() < 0 or arr.max() > 255):
+        raise MedseError(f"label values must lie in 0..255, found {arr.min()}..{arr.max()}", label_path)
+    return arr.astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------- main API
+def preprocess_case(
+    image_paths: Sequence[str | os.PathLike] | str | os.PathLike,
+    label_path: str | os.PathLike | None,
+    cfg: PreprocessConfig | None = None,
+    *,
+    expected_channels: int | None = None,
+    label_values: Sequence[int] | None = None,
+) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """Read and preprocess one case.
+
+    Args:
+        image_paths: one path per channel, or a single (possibly 4D) file.
+        label_path: the label map, or None.
+        cfg: preprocessing settings. Defaults to ``PreprocessConfig()``.
+        expected_channels: raise when the case has another number of channels. Defaults to None.
+        label_values: the dataset's label values; when they are not 0..K-1 the label map is remapped
+            to indices 0..K-1 (and :func:`invert_to_original` maps back). Defaults to None (kept).
+
+    Returns:
+        ``(image, label, props)``: image float32 (C, X, Y, Z); label uint8 (X, Y, Z) or None; props a
+        JSON-serialisable dict with ``original_shape``, ``original_affine``, ``original_axcodes``,
+        ``ornt_transform``, ``reoriented_shape``, ``crop_bbox``, ``cropped_shape``, ``resampled``,
+        ``shape_after``, ``spacing_before``, ``spacing_after``, ``affine_after``, ``normalization``...
+
+    Raises:
+        MedseError: naming the file for unreadable files, NaN/Inf voxels, shape/affine mismatches,
+        wrong channel counts, non-integer or out-of-set label values.
+    """
+    from nibabel.orientations import aff2axcodes, apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation
+
+    cfg = cfg or PreprocessConfig()
+    if isinstance(image_paths, (str, os.PathLike)):
+        image_paths = [image_paths]
+    data, ref = _read_channels(image_paths, expected_channels)
+    label = _read_label(label_path, ref) if label_path is not None else None
+    orig_affine = ref.affine
+    orig_shape = ref.spatial_shape
+
+    # -- label value remapping
+    values: list[int] | None = None
+    if label_values is not None:
+        values = sorted(int(v) for v in label_values)
+        if 0 not in values:
+            values = [0, *values]
+        if label is not None:
+            present = np.unique(label)
+            bad = sorted(set(present.tolist()) - set(values))
+            if bad:
+                raise MedseError(f"label values {bad} are not in the declared set {values}", label_path)
+            if values != list(range(len(values))):
+                lut = np.zeros(256, dtype=np.uint8)
+                lut[values] = np.arange(len(values), dtype=np.uint8)
+                label = lut[label]
+
+    # -- reorientation (exact: permutations and flips)
+    if cfg.orientation.lower() == "none":
+        transform = np.array([[0, 1], [1, 1], [2, 1]], dtype=np.float64)
+    else:
+        transform = io_orientation(orig_affine)
+        transform = _ornt_to(transform, axcodes2ornt(tuple(cfg.orientation)))
+    data = np.stack([np.ascontiguousarray(apply_orientation(c, transform)) for c in data])
+    if label is not None:
+        label = np.ascontiguousarray(apply_orientation(label, transform))
+    affine = orig_affine @ inv_ornt_aff(transform, orig_shape)
+    reoriented_shape = [int(s) for s in data.shape[1:]]
+    spacing_before = _spacing_of(affine)
+
+    # -- crop to the foreground
+    bbox = None
+    if cfg.crop_foreground:
+        mask = foreground_mask(data, cfg.foreground)
+        if mask.any():
+            bbox = []
+            for ax in range(3):
+                other = tuple(a for a in range(3) if a != ax)
+                idx = np.nonzero(mask.any(axis=other))[0]
+                lo = max(0, int(idx[0]) - int(cfg.crop_margin))
+                hi = min(mask.shape[ax], int(idx[-1]) + 1 + int(cfg.crop_margin))
+                bbox.append([lo, hi])
+            sl = tuple(slice(lo, hi) for lo, hi in bbox)
+            data = np.ascontiguousarray(data[(slice(None), *sl)])
+            if label is not None:
+                label = np.ascontiguousarray(label[sl])
+            shift = np.eye(4)
+            shift[:3, 3] = [b[0] for b in bbox]
+            affine = affine @ shift
+    cropped_shape = [int(s) for s in data.shape[1:]]
+
+    # -- resampling
+    resampled = False
+    if cfg.target_spacing is not None:
+        sp = np.asarray(_spacing_of(affine))
+        ts = np.asarray(cfg.target_spacing, dtype=np.float64)
+        new_shape = [max(1, int(round(n * s / t))) for n, s, t in zip(cropped_shape, sp, ts, strict=False)]
+        if new_shape != cropped_shape:
+            resampled = True
+            data = np.stack([_resample(c, new_shape, int(cfg.image_order)).astype(np.float32) for c in data])
+            if label is not None:
+                label = _resample(label, new_shape, 0).astype(np.uint8)
+            f = np.asarray(cropped_shape, dtype=np.float64) / np.asarray(new_shape, dtype=np.float64)
+            scale = np.eye(4)
+            scale[:3, :3] = np.diag(f)
+            scale[:3, 3] = 0.5 * f - 0.5
+            affine = affine @ scale
+    shape_after = [int(s) for s in data.shape[1:]]
+
+    # -- intensity normalisation
+    norm: dict[str, Any] = {"kind": cfg.normalization}
+    data = data.astype(np.float32, copy=False)
+    if cfg.normalization == "zscore":
+        mask = foreground_mask(data, cfg.foreground)
+        if mask.sum() < 2:
+            mask = np.ones_like(mask)
+        means, stds = [], []
+        for c in range(data.shape[0]):
+            vals = data[c][mask].astype(np.float64)
+            m, s = float(vals.mean()), float(vals.std())
+            data[c] = (data[c] - m) / max(s, 1e-8)
+            means.append(m)
+            stds.append(s)
+        norm.update(mean=means, std=stds, foreground=cfg.foreground)
+    elif cfg.normalization == "ct":
+        lo, hi = cfg.ct_window
+        data = (np.clip(data, lo, hi) - lo) / (hi - lo)
+        norm.update(window=[lo, hi])
+
+    props: dict[str, Any] = {
+        "version": PROPS_VERSION,
+        "image_paths": [str(p) for p in image_paths],
+        "label_path": str(label_path) if label_path is not None else None,
+        "num_channels": int(data.shape[0]),
+        "original_shape": [int(s) for s in orig_shape],
+        "original_affine": _as_list(orig_affine),
+        "original_axcodes": "".join(str(c) for c in aff2axcodes(orig_affine)),
+        "orientation": cfg.orientation,
+        "ornt_transform": _as_list(transform.astype(int)),
+        "reoriented_shape": reoriented_shape,
+        "crop_bbox": bbox,
+        "cropped_shape": cropped_shape,
+        "resampled": resampled,
+        "shape_after": shape_after,
+        "spacing_before": spacing_before,
+        "spacing_after": _spacing_of(affine),
+        "affine_after": _as_list(affine),
+        "normalization": norm,
+        "label_values": values,
+    }
+    return np.ascontiguousarray(data, dtype=np.float32), label, props
+
+
+def _ornt_to(start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    from nibabel.orientations import ornt_transform
+
+    return ornt_transform(start, end)
+
+
+def invert_to_original(
+    array: Any,
+    props: dict[str, Any],
+    is_label: bool,
+    *,
+    outside_background: float = 1.0,
+) -> np.ndarray:
+    """Map an array from preprocessed space back onto the original file's voxel grid.
+
+    Args:
+        array: (K, X', Y', Z') probabilities/logits or (X', Y', Z') labels (numpy or torch) in the
+            space ``preprocess_case`` produced (``props["shape_after"]``).
+        props: the props returned by :func:`preprocess_case` (or read back from JSON).
+        is_label: nearest-neighbour resampling and uint8 output (labels remapped to the dataset's
+            values when ``props["label_values"]`` is set); else linear resampling, float32 output.
+        outside_background: for non-label arrays, the value channel 0 gets outside a foreground crop
+            (other channels get 0), so argmax there is background. Defaults to 1.0.
+
+    Returns:
+        array of shape ``props["original_shape"]`` (labels) or (K, *original_shape).
+    """
+    if hasattr(array, "detach"):
+        array = array.detach().cpu().numpy()
+    arr = np.asarray(array)
+    expect = tuple(int(s) for s in props["shape_after"])
+    squeeze = False
+    if arr.ndim == 3:
+        arr = arr[None]
+        squeeze = True
+    if arr.ndim != 4 or tuple(arr.shape[1:]) != expect:
+        raise ValueError(f"array shape {tuple(np.asarray(array).shape)} does not match the preprocessed shape {expect}"
+                         " (expected (K, *shape) or (*shape))")
+    if is_label:
+        if arr.dtype.kind == "f":
+            arr = np.round(arr)
+        arr = arr.astype(np.uint8)
+    else:
+        arr = arr.astype(np.float32)
+    # undo resampling
+    cropped = [int(s) for s in props["cropped_shape"]]
+    if props.get("resampled"):
+        order = 0 if is_label else 1
+        arr = np.stack([_resample(c, cropped, order) for c in arr])
+    # undo crop
+    bbox = props.get("crop_bbox")
+    if bbox is not None:
+        full = [int(s) for s in props["reoriented_shape"]]
+        out = np.zeros((arr.shape[0], *full), dtype=arr.dtype)
+        if not is_label and arr.shape[0] > 1:
+            out[0] = outside_background
+        sl = tuple(slice(int(lo), int(hi)) for lo, hi in bbox)
+        out[(slice(None), *sl)] = arr
+        arr = out
+    # undo reorientation
+    from nibabel.orientations import apply_orientation
+
+    inv = _invert_ornt(np.asarray(props["ornt_transform"], dtype=np.float64))
+    arr = np.stack([np.ascontiguousarray(apply_orientation(c, inv)) for c in arr])
+    if tuple(arr.shape[1:]) != tuple(int(s) for s in props["original_shape"]):
+        raise ValueError(f"inverted shape {tuple(arr.shape[1:])} differs from the original {props['original_shape']}")
+    if is_label and props.get("label_values"):
+        values = np.asarray(props["label_values"], dtype=np.uint8)
+        if list(values) != list(range(len(values))):
+            arr = values[np.clip(arr, 0, len(values) - 1)]
+    return arr[0] if squeeze else arr
