@@ -54,7 +54,9 @@ def register(app: typer.Typer) -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             typer.echo(report.summary() + (f"; failures in {report.failures_csv}" if report.failures_csv else ""))
         if report.failed:
-            raise typer.Exit(1)
+            # SystemExit, not typer.Exit: medse.cli.main runs click with standalone_mode=False, where
+            # click turns typer.Exit into a return value that main() does not pass on.
+            raise SystemExit(1)
 
     @app.command("evaluate")
     def evaluate_cmd(
