@@ -1,0 +1,163 @@
+"""Evaluation: hand-computed metrics, MONAI agreement, the empty-mask rule, files written, grid mismatches."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import ndimage as ndi
+from scipy.spatial.distance import cdist
+
+from medse.data._testing import make_affine
+from medse.evaluation import METRICS, binary_metrics, evaluate
+from medse.utils.errors import MedseError
+
+
+def _cube(shape, lo, hi) -> np.ndarray:
+    m = np.zeros(shape, bool)
+    m[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))] = True
+    return m
+
+
+def _surface_distances(a: np.ndarray, b: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray]:
+    """Independent transcription: surface = mask minus its erosion; Euclidean distances in mm by brute force."""
+    sa = np.argwhere(a & ~ndi.binary_erosion(a)) * np.asarray(spacing)
+    sb = np.argwhere(b & ~ndi.binary_erosion(b)) * np.asarray(spacing)
+    d = cdist(sa, sb)
+    return d.min(axis=1), d.min(axis=0)
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (2.0, 0.5, 1.5)])
+def test_offset_cubes_known_dice_and_surface_distances(spacing) -> None:
+    a = _cube((20, 16, 16), (4, 4, 4), (12, 12, 12))
+    b = _cube((20, 16, 16), (6, 4, 4), (14, 12, 12))  # shifted 2 voxels along x
+    m = binary_metrics(a, b, spacing)
+    assert m["dice"] == pytest.approx(2 * 6 * 8 * 8 / (2 * 512))  # 0.75
+    # every surface voxel lies within 2 voxels along x of the other surface, and the x=4 face is at exactly 2
+    assert m["hd95"] == pytest.approx(2 * spacing[0], abs=1e-5)
+    dab, dba = _surface_distances(a, b, spacing)
+    assert m["assd"] == pytest.approx((dab.sum() + dba.sum()) / (dab.size + dba.size), rel=1e-5)
+    assert m["volume_ref_mm3"] == pytest.approx(512 * np.prod(spacing))
+    assert m["volume_diff_mm3"] == 0.0 and m["volume_diff_pct"] == 0.0
+
+
+def test_parallel_plates_hand_computed() -> None:
+    a = np.zeros((9, 5, 5), bool)
+    b = np.zeros((9, 5, 5), bool)
+    a[3] = True
+    b[5, :, :3] = True  # 15 voxels vs 25
+    m = binary_metrics(a, b, (0.5, 1.0, 1.0))
+    assert m["dice"] == 0.0
+    # b -> a: every b voxel is exactly 2 voxels (1 mm) from a; a -> b: distances sqrt(1 + dz^2), dz = 0, 1, 2
+    dz = np.array([0, 0, 0, 1, 2])  # columns z = 0..4 against b's z = 0..2
+    d_ab = np.tile(np.sqrt(1.0 + dz.astype(float) ** 2), 5)
+    expect = (d_ab.sum() + 15 * 1.0) / (25 + 15)
+    assert m["assd"] == pytest.approx(expect, rel=1e-5)
+    assert m["volume_diff_mm3"] == pytest.approx((25 - 15) * 0.5)  # prediction a minus reference b
+    assert m["volume_diff_pct"] == pytest.approx(100.0 * 10 / 15)
+
+
+def test_empty_rule() -> None:
+    z = np.zeros((6, 6, 6), bool)
+    one = z.copy()
+    one[2:4, 2:4, 2:4] = True
+    both = binary_metrics(z, z, (1, 1, 1))
+    assert (both["dice"], both["hd95"], both["assd"], both["volume_diff_pct"]) == (1.0, 0.0, 0.0, 0.0)
+    for p, r in ((one, z), (z, one)):
+        m = binary_metrics(p, r, (1, 1, 1))
+        assert m["dice"] == 0.0 and math.isnan(m["hd95"]) and math.isnan(m["assd"])
+    assert math.isnan(binary_metrics(one, z, (1, 1, 1))["volume_diff_pct"])
+    assert binary_metrics(z, one, (1, 1, 1))["volume_diff_pct"] == -100.0
+
+
+def _save(path: Path, arr: np.ndarray, affine: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(arr.astype(np.uint8), affine), str(path))
+    return path
+
+
+def test_evaluate_writes_long_csv_summary_and_matches_monai_dice(tmp_path: Path) -> None:
+    from monai.metrics import DiceMetric
+    from monai.networks.utils import one_hot
+
+    rng = np.random.default_rng(0)
+    aff = make_affine("anisotropic")
+    preds, refs = {}, {}
+    for i in range(3):
+        ref = np.zeros((16, 14, 12), np.uint8)
+        ref[3:10, 3:9, 2:8] = 1
+        ref[10:14, 4:10, 3:9] = 2
+        pred = ref.copy()
+        flip = rng.random(ref.shape) < 0.15
+        pred[flip] = rng.integers(0, 3, size=int(flip.sum()))
+        if i == 2:
+            pred[pred == 2] = 0  # label 2 missed entirely in case 2
+        refs[f"c{i}"], preds[f"c{i}"] = ref, pred
+        _save(tmp_path / "ref" / f"c{i}.nii.gz", ref, aff)
+        _save(tmp_path / "pred" / f"c{i}.nii.gz", pred, aff)
+    (tmp_path / "pred" / "c0.json").write_text(json.dumps({"labels": {"background": 0, "kidney": 1, "mass": 2}}))
+    (tmp_path / "pred" / "failures.csv").write_text("case_id,inputs,error\n")
+    df = evaluate(tmp_path / "pred", tmp_path / "ref", tmp_path / "ev")
+    assert list(df.columns) == ["case_id", "label", "label_value", "metric", "value"]
+    assert len(df) == 3 * 2 * len(METRICS)
+    assert set(df.label) == {"kidney", "mass"}
+    on_disk = pd.read_csv(tmp_path / "ev" / "metrics.csv")
+    assert len(on_disk) == len(df)
+    # Dice equals monai.metrics.DiceMetric on the same arrays
+    metric = DiceMetric(include_background=False, reduction="none")
+    for cid in ("c0", "c1"):
+        p = one_hot(torch.from_numpy(preds[cid].astype(np.int64))[None, None], 3)
+        r = one_hot(torch.from_numpy(refs[cid].astype(np.int64))[None, None], 3)
+        expect = metric(p, r)[0].numpy()
+        got = df[(df.case_id == cid) & (df.metric == "dice")].sort_values("label_value").value.to_numpy()
+        np.testing.assert_allclose(got, expect, rtol=1e-6)
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    mass = summary["labels"]["mass"]
+    assert mass["n_empty"] == 1 and mass["n_both_empty"] == 0 and mass["hd95"]["n_nan"] == 1
+    dice_mass = df[(df.label == "mass") & (df.metric == "dice")].value.to_numpy()
+    assert mass["dice"]["mean"] == pytest.approx(dice_mass.mean())
+    assert mass["dice"]["std"] == pytest.approx(dice_mass.std(ddof=1))
+    assert mass["dice"]["median"] == pytest.approx(np.median(dice_mass))
+    fg = df[df.metric == "dice"].groupby("case_id").value.mean()
+    assert summary["foreground"]["dice"]["mean"] == pytest.approx(fg.mean())
+    assert summary["num_cases"] == 3 and summary["missing_predictions"] == []
+    assert "both empty" in summary["empty_rule"]
+
+
+def test_mismatched_grids_name_both_files(tmp_path: Path) -> None:
+    a = np.zeros((8, 8, 8), np.uint8)
+    a[2:5, 2:5, 2:5] = 1
+    _save(tmp_path / "ref" / "x.nii.gz", a, np.eye(4))
+    _save(tmp_path / "pred" / "x.nii.gz", a, np.diag([2.0, 1.0, 1.0, 1.0]))
+    with pytest.raises(MedseError) as ei:
+        evaluate(tmp_path / "pred", tmp_path / "ref", tmp_path / "ev")
+    msg = str(ei.value)
+    assert str(tmp_path / "pred" / "x.nii.gz") in msg and str(tmp_path / "ref" / "x.nii.gz") in msg
+    _save(tmp_path / "pred" / "x.nii.gz", np.zeros((8, 8, 9), np.uint8), np.eye(4))
+    with pytest.raises(MedseError, match="different voxel grids"):
+        evaluate(tmp_path / "pred", tmp_path / "ref", None)
+    with pytest.raises(MedseError, match="no prediction matches"):
+        _save(tmp_path / "pred2" / "y.nii.gz", a, np.eye(4))
+        evaluate(tmp_path / "pred2", tmp_path / "ref", None)
+
+
+def test_cli_evaluate(tmp_path: Path, capsys) -> None:
+    from medse.cli import main
+
+    a = np.zeros((8, 8, 8), np.uint8)
+    a[2:6, 2:6, 2:6] = 1
+    b = np.zeros_like(a)
+    b[3:7, 2:6, 2:6] = 1
+    _save(tmp_path / "ref" / "x.nii.gz", a, np.eye(4))
+    _save(tmp_path / "pred" / "x.nii.gz", b, np.eye(4))
+    rc = main(["evaluate", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"), "--output",
+               str(tmp_path / "ev"), "--labels", "1", "--no-progress"])
+    assert rc == 0
+    assert "mean foreground Dice 0.7500" in capsys.readouterr().out
+    assert (tmp_path / "ev" / "metrics.csv").is_file() and (tmp_path / "ev" / "summary.json").is_file()
