@@ -33,7 +33,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from medse.compare.records import load_records
 from medse.utils.atomic import atomic_write_text
@@ -46,6 +46,8 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "ArchSpec",
     "Cell",
+    "SynthSpec",
+    "ensure_synthetic",
     "CompareConfig",
     "CompareReport",
     "TableSpec",
@@ -99,6 +101,21 @@ class TableSpec:
 
 
 @dataclass
+class SynthSpec:
+    """Generate the synthetic phantom dataset (``medse.data.synth.generate_dataset``) into ``OUT/data`` first.
+
+    Args:
+        n_cases: number of cases. Defaults to 20.
+        size: voxels along the finest axes. Defaults to 64.
+        seed: generator seed. Defaults to 0.
+    """
+
+    n_cases: int = 20
+    size: int = 64
+    seed: int = 0
+
+
+@dataclass
 class CompareConfig:
     """A comparison pipeline (``pipelines/*.yaml``).
 
@@ -115,11 +132,16 @@ class CompareConfig:
         overrides: training-config overrides for every cell. Defaults to none.
         block_overrides: per-block overrides, e.g. ``{cse: [model.attention_kwargs.reduction=2]}``.
             Defaults to none.
+        evaluate_on: which cases of each run's ``splits.json`` are predicted and evaluated: ``test`` (held out
+            from training and model selection) or ``val`` (k-fold cross-validation, every case evaluated once
+            across folds; the validation fold also picks ``best.pt``, so slightly optimistic). Defaults to ``test``.
         fold_key: config key set to each fold. Defaults to ``data.split.fold``.
         seed_key: config key set to each seed. Defaults to ``train.seed``.
         quiet: turn off per-iteration progress bars of the cells (``train.progress=false``). Defaults to True.
         figures: draw figures after the table. Defaults to True.
         table: :class:`TableSpec`.
+        synthetic: when set (:class:`SynthSpec`), the synthetic dataset is generated into ``OUT/data`` (once)
+            and every cell trains on it (``data.root``). Defaults to null (the training config names the data).
     """
 
     name: str
@@ -131,11 +153,13 @@ class CompareConfig:
     dataset: str | None = None
     overrides: list[str] = field(default_factory=list)
     block_overrides: dict[str, list[str]] = field(default_factory=dict)
+    evaluate_on: Literal["test", "val"] = "test"
     fold_key: str = "data.split.fold"
     seed_key: str = "train.seed"
     quiet: bool = True
     figures: bool = True
     table: TableSpec = field(default_factory=TableSpec)
+    synthetic: SynthSpec | None = None
     source: str | None = None  # the pipeline file, filled in by load_pipeline
 
     def __post_init__(self) -> None:
@@ -316,7 +340,7 @@ def run_cell(cell: Cell, cell_dir: Path, cfg: CompareConfig) -> pd.DataFrame:
     from medse.compare.records import cell_rows
     from medse.evaluation import evaluate
     from medse.inference import Predictor
-    from medse.inference.writer import write_label_like
+    from medse.inference.writer import output_suffix, write_label_like
     from medse.training import resume, train
     from medse.utils.complexity import count_params
 
@@ -328,10 +352,10 @@ def run_cell(cell: Cell, cell_dir: Path, cfg: CompareConfig) -> pd.DataFrame:
             run_dir.rmdir()
         train(cfg.train_config_path(), run_dir, overrides=cell_overrides(cfg, cell))
     splits = json.loads((run_dir / "splits.json").read_text())
-    test_ids = [str(c) for c in splits.get("test") or []]
+    test_ids = [str(c) for c in splits.get(cfg.evaluate_on) or []]
     if not test_ids:
-        raise MedseError("the split has no test cases to evaluate (set the split's test fraction)",
-                         run_dir / "splits.json")
+        hint = "set data.split.test_fraction" if cfg.evaluate_on == "test" else "use a kfold split"
+        raise MedseError(f"the split has no '{cfg.evaluate_on}' cases to evaluate ({hint})", run_dir / "splits.json")
     spec = _dataset_of_run(run_dir)
     by_id = {c.case_id: c for c in spec.cases}
     missing = [c for c in test_ids if c not in by_id or by_id[c].label is None]
@@ -347,9 +371,9 @@ def run_cell(cell: Cell, cell_dir: Path, cfg: CompareConfig) -> pd.DataFrame:
         t0 = time.perf_counter()
         mask = predictor.predict_case(case.images)
         infer_s[cid] = time.perf_counter() - t0
-        write_label_like(mask, case.images[0], pred_dir / f"{cid}.nii.gz")
+        write_label_like(mask, case.images[0], pred_dir / f"{cid}{output_suffix(case.images[0])}", sidecar=False)
         _link_reference(case.label, ref_dir / f"{cid}{_suffix(case.label)}")
-    labels = spec.labels or None
+    labels = {k: int(v) for k, v in (spec.labels or {}).items() if int(v) != 0} or None
     ev = evaluate(pred_dir, ref_dir, cell_dir / "eval", labels=labels)
     timing_path = run_dir / "timing.json"
     step = None
@@ -385,6 +409,7 @@ def run_compare(
     *,
     shard: str | tuple[int, int] | None = None,
     overrides: Sequence[str] = (),
+    train_overrides: Sequence[str] = (),
     runner: CellRunner | None = None,
     log: Callable[[str], None] | None = print,
 ) -> CompareReport:
@@ -395,6 +420,8 @@ def run_compare(
         output: output folder. Defaults to ``runs/compare/<name>``.
         shard: ``"i/n"``: run only cells ``i, i+n, i+2n, ...`` of the grid (0-based). Defaults to all.
         overrides: ``key=value`` overrides of the pipeline config (e.g. ``seeds=[0,1]``).
+        train_overrides: training-config overrides appended to every cell's (e.g. ``train.epochs=1``).
+            Changing them does not invalidate finished cells. Defaults to none.
         runner: the function that runs one cell and returns its records. Defaults to :func:`run_cell`.
         log: where progress lines go. Defaults to ``print``; None for silence.
 
@@ -402,6 +429,8 @@ def run_compare(
         :class:`CompareReport` (also written to ``OUT/report.json``).
     """
     cfg = load_pipeline(config, overrides)
+    if train_overrides:
+        cfg = dataclasses.replace(cfg, overrides=[*cfg.overrides, *train_overrides])
     out = Path(output) if output is not None else Path("runs") / "compare" / cfg.name
     out = out.expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -409,6 +438,9 @@ def run_compare(
     runner = runner or run_cell
     sh = parse_shard(shard)
     atomic_write_text(out / "pipeline.yaml", dump_yaml(cfg))
+    if cfg.synthetic is not None:
+        data_dir = ensure_synthetic(cfg.synthetic, out / "data", log=say)
+        cfg = dataclasses.replace(cfg, overrides=[*cfg.overrides, f"data.root={data_dir}"])
     cells = grid_cells(cfg)
     mine = cells if sh is None else cells[sh[0]:: sh[1]]
     report = CompareReport(output=out, cells=[c.cell_id for c in mine])
@@ -443,6 +475,27 @@ def run_compare(
     if report.failed:
         say(f"{len(report.failed)} cell(s) failed: {', '.join(report.failed)} (rerun to retry them)")
     return report
+
+
+def ensure_synthetic(spec: SynthSpec, data_dir: Path, *, log: Callable[[str], None] | None = None) -> Path:
+    """Generate the synthetic dataset into ``data_dir`` unless a complete one with the same settings is there."""
+    from medse.data.synth import generate_dataset
+
+    say = log or (lambda _m: None)
+    stamp = data_dir / "medse_synth.json"
+    want = dataclasses.asdict(spec)
+    if stamp.is_file():
+        try:
+            if json.loads(stamp.read_text()) == want:
+                return data_dir.resolve()
+        except json.JSONDecodeError:
+            pass
+    say(f"generating {spec.n_cases} synthetic cases of {spec.size}^3 voxels (seed {spec.seed}) -> {data_dir}")
+    t0 = time.perf_counter()
+    generate_dataset(data_dir, n_cases=spec.n_cases, size=spec.size, seed=spec.seed, overwrite=True)
+    atomic_write_text(stamp, json.dumps(want) + "\n")
+    say(f"synthetic data ready in {time.perf_counter() - t0:.1f} s")
+    return data_dir.resolve()
 
 
 def rebuild_outputs(
@@ -519,12 +572,21 @@ def _overlay(cfg: CompareConfig, out: Path, records: pd.DataFrame, table: Any, p
         if cell.arch != arch or cell.block != base:
             continue
         other = Cell(arch, best, cell.fold, cell.seed)
-        p_base = out / "cells" / cell.cell_id / "pred" / f"{case_id}.nii.gz"
-        p_best = out / "cells" / other.cell_id / "pred" / f"{case_id}.nii.gz"
-        if not (p_base.is_file() and p_best.is_file()):
+        p_base = _pred_file(out / "cells" / cell.cell_id / "pred", case_id)
+        p_best = _pred_file(out / "cells" / other.cell_id / "pred", case_id)
+        if p_base is None or p_best is None:
             continue
         spec = _dataset_of_run(out / "cells" / cell.cell_id / "run")
         case = next(c for c in spec.cases if c.case_id == case_id)
         return overlay_figure(case.images[0], case.label, {base: p_base, best: p_best}, path,
                               title=f"{arch}, case {case_id} (median gain of {best})")
     raise MedseError(f"no predictions of case '{case_id}' for both '{base}' and '{best}'")
+
+
+def _pred_file(pred_dir: Path, case_id: str) -> Path | None:
+    if not pred_dir.is_dir():
+        return None
+    for p in sorted(pred_dir.iterdir()):
+        if p.name.startswith(case_id + ".") and not p.name.endswith(".json"):
+            return p
+    return None
