@@ -220,3 +220,17 @@ def test_shipped_pipelines_load(name):
         except ImportError:
             pytest.skip("attention registry not present")
         assert set(cfg.blocks) == {"none", *list_attention()}
+
+
+@pytest.mark.parametrize("name,labels,channels", [
+    ("malc2012", {}, ["T1"]),
+    ("msd_task04_hippocampus", {"background": 0, "anterior": 1, "posterior": 2}, ["MRI"]),
+    ("brats_style", {"background": 0, "necrotic_core": 1, "edema": 2, "enhancing_tumor": 4},
+     ["flair", "t1", "t1ce", "t2"]),
+])
+def test_dataset_templates_are_valid_manifests(name, labels, channels):
+    datasets = pytest.importorskip("medse.data.datasets")
+    spec = datasets.read_manifest(REPO / "data_manifests" / "templates" / f"{name}.json")
+    assert spec.labels == labels and spec.channel_names == channels
+    assert spec.cases and all(len(c.images) == len(channels) and c.label is not None for c in spec.cases)
+    assert f"`{name}.json`" in (REPO / "data_manifests" / "templates" / "README.md").read_text()
