@@ -135,6 +135,15 @@ def _check_dims(arr: np.ndarray, path: Path, expect_3d: bool) -> np.ndarray:
     return arr
 
 
+def _detail(e: BaseException, path: Path) -> str:
+    """The last line of a library's error message, with the file name left out (the message names it)."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    text = lines[-1] if lines else type(e).__name__
+    for p in (f'"{path}"', f"'{path}'", str(path), str(path.resolve())):
+        text = text.replace(p, "the file")
+    return text
+
+
 def _check_gzip(path: Path) -> None:
     """Read a .gz file through to the end: detects truncation that lazy loaders would miss."""
     try:
@@ -142,7 +151,7 @@ def _check_gzip(path: Path) -> None:
             while f.read(1 << 22):
                 pass
     except (EOFError, OSError, zlib.error) as e:
-        raise MedseError(f"truncated or corrupt gzip file ({e})", path) from e
+        raise MedseError(f"truncated or corrupt gzip file ({_detail(e, path)})", path) from e
 
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...], dict[str, Any]]:
@@ -151,13 +160,13 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...], 
     try:
         img = nib.load(str(path))
     except Exception as e:
-        raise MedseError(f"unreadable NIfTI file ({type(e).__name__}: {e})", path) from e
+        raise MedseError(f"unreadable NIfTI file ({type(e).__name__}: {_detail(e, path)})", path) from e
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise MedseError(f"not a NIfTI image ({type(img).__name__})", path)
     try:
         arr = np.asanyarray(img.dataobj)
     except (EOFError, OSError, zlib.error, ValueError) as e:
-        raise MedseError(f"truncated or corrupt image data ({type(e).__name__}: {e})", path) from e
+        raise MedseError(f"truncated or corrupt image data ({type(e).__name__}: {_detail(e, path)})", path) from e
     hdr = img.header
     affine = np.asarray(img.affine, dtype=np.float64)
     zooms = tuple(float(z) for z in hdr.get_zooms()[:3])
@@ -189,8 +198,7 @@ def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...], di
     try:
         img = sitk.ReadImage(str(path))
     except Exception as e:
-        raise MedseError(f"unreadable image file ({str(e).strip().splitlines()[-1] if str(e).strip() else e})",
-                         path) from e
+        raise MedseError(f"unreadable image file ({_detail(e, path)})", path) from e
     dim = img.GetDimension()
     arr = sitk.GetArrayFromImage(img)  # (z, y, x[, c])
     ncomp = img.GetNumberOfComponentsPerPixel()

@@ -1,0 +1,74 @@
+"""Shared pytest fixtures (owned by the data area; every area may use them).
+
+Datasets (written once per test session with :mod:`medse.data.synth`, ~1 s):
+
+* ``synth_dataset`` -> Path: 6 synthetic brain phantoms at 24^3 (seed 0), layout "folder"
+  (``images/case_000.nii.gz``, ``labels/case_000.nii.gz``, ``dataset.json`` with label names,
+  ``manifest.json``); labels 0..6 (:data:`medse.data.synth.LABELS`), varied orientations, oblique and
+  anisotropic headers. Treat it as read-only (copy it into ``tmp_path`` to modify).
+* ``synth_manifest`` -> Path: ``synth_dataset / "manifest.json"``.
+* ``synth_nnunet`` -> Path: 4 phantoms at 20^3 in the nnU-Net v2 layout (imagesTr/case_000_0000.nii.gz,
+  labelsTr/, dataset.json).
+
+Random volumes with non-trivial headers (function-scoped, written under ``tmp_path``):
+
+* ``affine_kind`` -> str: parametrised over :data:`medse.data._testing.AFFINE_KINDS`
+  ("ras", "lps", "flipped", "permuted", "oblique", "anisotropic"); a test using it runs once per kind.
+* ``random_volume`` -> callable ``(name="img.nii.gz", shape=(20, 22, 24), kind="oblique", seed=0,
+  label=False, n_labels=4, foreground_box=True, dtype=None, affine=None) -> (path, array, affine)``:
+  writes under ``tmp_path`` (suffix picks the format: .nii, .nii.gz, .nrrd, .mha).
+* ``folder_dataset`` -> callable ``(n_cases=3, shape=(16, 18, 20), kinds=AFFINE_KINDS, n_labels=4)
+  -> Path``: a layout-"folder" dataset of random image/label pairs under ``tmp_path/ds``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from medse.data._testing import AFFINE_KINDS, write_case, write_random_volume
+
+
+@pytest.fixture(scope="session")
+def synth_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from medse.data.synth import generate_dataset
+
+    return generate_dataset(tmp_path_factory.mktemp("synth") / "demo", n_cases=6, size=24, seed=0)
+
+
+@pytest.fixture(scope="session")
+def synth_manifest(synth_dataset: Path) -> Path:
+    return synth_dataset / "manifest.json"
+
+
+@pytest.fixture(scope="session")
+def synth_nnunet(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from medse.data.synth import generate_dataset
+
+    return generate_dataset(tmp_path_factory.mktemp("synth_nnunet") / "Dataset001_Synth", n_cases=4, size=20,
+                            seed=1, layout="nnunet")
+
+
+@pytest.fixture(params=AFFINE_KINDS)
+def affine_kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def random_volume(tmp_path: Path):
+    def _write(name: str = "img.nii.gz", shape=(20, 22, 24), kind: str = "oblique", seed: int = 0, **kwargs):
+        return write_random_volume(tmp_path / name, shape, kind, seed, **kwargs)
+
+    return _write
+
+
+@pytest.fixture
+def folder_dataset(tmp_path: Path):
+    def _make(n_cases: int = 3, shape=(16, 18, 20), kinds=AFFINE_KINDS, n_labels: int = 4) -> Path:
+        root = tmp_path / "ds"
+        for i in range(n_cases):
+            write_case(root, f"c{i:02d}", shape, kinds[i % len(kinds)], seed=i, n_labels=n_labels)
+        return root
+
+    return _make

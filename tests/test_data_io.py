@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import gzip
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medse.data.io import image_affine_from_itk, is_image_file, read_image, split_suffix, write_image
+from medse.utils.errors import MedseError
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha"])
+def test_roundtrip_every_format_and_affine(random_volume, affine_kind, suffix):
+    path, arr, aff = random_volume(f"v{suffix}", kind=affine_kind, label=True, n_labels=5)
+    img = read_image(path)
+    assert img.array.shape == (20, 22, 24)
+    assert img.array.dtype == np.uint8
+    np.testing.assert_array_equal(img.array, arr)
+    np.testing.assert_allclose(img.affine, aff, atol=1e-5)
+    np.testing.assert_allclose(img.spacing, np.linalg.norm(aff[:3, :3], axis=0), rtol=1e-5)
+    assert img.num_channels == 1 and img.spatial_shape == (20, 22, 24)
+
+
+def test_float_data_is_float32_and_nifti_header_kept(random_volume):
+    path, arr, aff = random_volume("f.nii.gz", kind="lps", dtype="float64")
+    img = read_image(path)
+    assert img.array.dtype == np.float32
+    np.testing.assert_allclose(img.array, arr.astype(np.float32))
+    assert img.header["format"] == "nifti" and img.header["sform_code"] == 1 and img.header["qform_code"] == 1
+
+
+def test_itk_lps_converted_to_ras(tmp_path):
+    import SimpleITK as sitk
+
+    data = np.arange(4 * 5 * 6, dtype=np.int16).reshape(6, 5, 4)  # ITK order (z, y, x)
+    im = sitk.GetImageFromArray(data)
+    im.SetSpacing((0.5, 0.7, 2.0))
+    im.SetOrigin((10.0, -20.0, 30.0))
+    im.SetDirection((1, 0, 0, 0, 1, 0, 0, 0, 1))  # LPS identity
+    sitk.WriteImage(im, str(tmp_path / "x.nrrd"))
+    img = read_image(tmp_path / "x.nrrd")
+    assert img.array.shape == (4, 5, 6)
+    assert img.array[1, 2, 3] == data[3, 2, 1]
+    np.testing.assert_allclose(img.affine[:3, :3], np.diag([-0.5, -0.7, 2.0]))
+    np.testing.assert_allclose(img.affine[:3, 3], [-10.0, 20.0, 30.0])
+    np.testing.assert_allclose(image_affine_from_itk(np.eye(3), (1, 1, 1), (0, 0, 0)), np.diag([-1, -1, 1, 1.0]))
+
+
+def test_nifti_and_nrrd_copies_read_identically(random_volume):
+    path, arr, aff = random_volume("a.nii.gz", kind="oblique")
+    write_image(arr, aff, path.with_name("a.nrrd"))
+    a, b = read_image(path), read_image(path.with_name("a.nrrd"))
+    np.testing.assert_array_equal(a.array, b.array)
+    np.testing.assert_allclose(a.affine, b.affine, atol=1e-5)
+
+
+def test_nifti2_and_vector_images(tmp_path):
+    aff = np.diag([2.0, 2.0, 3.0, 1.0])
+    arr = np.random.default_rng(0).normal(size=(5, 6, 7)).astype(np.float32)
+    nib.save(nib.Nifti2Image(arr, aff), str(tmp_path / "n2.nii"))
+    img = read_image(tmp_path / "n2.nii")
+    assert img.header["nifti_version"] == 2
+    np.testing.assert_array_equal(img.array, arr)
+    vec = np.random.default_rng(1).normal(size=(5, 6, 7, 1, 3)).astype(np.float32)  # NIfTI vector (x,y,z,t=1,c)
+    nib.save(nib.Nifti1Image(vec, aff), str(tmp_path / "v.nii.gz"))
+    img = read_image(tmp_path / "v.nii.gz")
+    assert img.array.shape == (5, 6, 7, 3) and img.num_channels == 3
+    assert len(img.channels()) == 3
+    np.testing.assert_array_equal(img.channels()[2], vec[:, :, :, 0, 2])
+
+
+def test_errors_name_the_file(tmp_path, random_volume):
+    with pytest.raises(MedseError, match="missing.nii.gz.*not found"):
+        read_image(tmp_path / "missing.nii.gz")
+    (tmp_path / "empty.nii.gz").write_bytes(b"")
+    with pytest.raises(MedseError, match="empty.nii.gz.*empty file"):
+        read_image(tmp_path / "empty.nii.gz")
+    (tmp_path / "junk.nii").write_bytes(b"not a nifti file at all" * 20)
+    with pytest.raises(MedseError, match="junk.nii"):
+        read_image(tmp_path / "junk.nii")
+    (tmp_path / "junk.mha").write_bytes(b"garbage" * 10)
+    with pytest.raises(MedseError, match="junk.mha.*unreadable"):
+        read_image(tmp_path / "junk.mha")
+    path, _, _ = random_volume("t.nii.gz")
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(MedseError, match=r"t\.nii\.gz.*truncated"):
+        read_image(path)
+    # a gzip whose payload is a truncated NIfTI (valid gzip stream, data too short)
+    full = gzip.decompress(raw)
+    path.write_bytes(gzip.compress(full[: len(full) // 2]))
+    with pytest.raises(MedseError, match=r"t\.nii\.gz"):
+        read_image(path)
+
+
+def test_4d_where_3d_expected(tmp_path):
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 2), np.float32), np.eye(4)), str(tmp_path / "f.nii.gz"))
+    assert read_image(tmp_path / "f.nii.gz").array.shape == (4, 4, 4, 2)
+    with pytest.raises(MedseError, match=r"f\.nii\.gz: 4D image .* where a 3D volume is expected"):
+        read_image(tmp_path / "f.nii.gz", expect_3d=True)
+
+
+def test_messages_are_one_line(tmp_path):
+    (tmp_path / "junk.mha").write_bytes(b"garbage\nmore\n" * 10)
+    with pytest.raises(MedseError) as e:
+        read_image(tmp_path / "junk.mha")
+    assert "\n" not in str(e.value)
+
+
+def test_suffix_helpers():
+    assert split_suffix("a/b/case_0001.nii.gz") == ("case_0001", ".nii.gz")
+    assert split_suffix("x.mha") == ("x", ".mha")
+    assert is_image_file("a.nii.gz") and is_image_file("b.nrrd") and not is_image_file(".tmp-a.nii.gz")
+    assert not is_image_file("notes.txt") and not is_image_file("pair.img")

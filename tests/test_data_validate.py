@@ -1,0 +1,192 @@
+"""Each validation problem of issue 4 gives a one-line message naming the file (and ``medse validate`` exits 1)."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medse.cli import main
+from medse.data._testing import make_affine
+from medse.data.datasets import Case, load_dataset
+from medse.data.io import read_image, write_image
+from medse.data.validate import resolve_labels, validate_dataset
+from medse.utils.errors import MedseError
+
+
+def _declare(root, labels):
+    (root / "dataset.json").write_text(json.dumps({"labels": labels}))
+
+
+def _break_unreadable(root):
+    p = root / "images" / "c01.nii.gz"
+    p.write_bytes(b"\x00garbage" * 50)
+    return "c01.nii.gz", "corrupt gzip"
+
+
+def _break_truncated(root):
+    p = root / "labels" / "c01.nii.gz"
+    raw = p.read_bytes()
+    p.write_bytes(raw[: len(raw) // 2])
+    return "labels/c01.nii.gz", "truncated"
+
+
+def _break_shape(root):
+    img = read_image(root / "images" / "c01.nii.gz")
+    write_image(np.zeros((7, 7, 7), np.uint8), img.affine, root / "labels" / "c01.nii.gz")
+    return "labels/c01.nii.gz", "label shape (7, 7, 7) differs from image shape"
+
+
+def _break_affine(root):
+    lab = read_image(root / "labels" / "c01.nii.gz")
+    aff = lab.affine.copy()
+    aff[0, 3] += 5.0
+    write_image(lab.array, aff, root / "labels" / "c01.nii.gz")
+    return "labels/c01.nii.gz", "label affine differs from the image affine"
+
+
+def _break_4d(root):
+    img = read_image(root / "images" / "c01.nii.gz")
+    write_image(np.stack([img.array, img.array], axis=-1), img.affine, root / "images" / "c01.nii.gz")
+    return "images/c01.nii.gz", "4D image"
+
+
+def _break_nan(root):
+    img = read_image(root / "images" / "c01.nii.gz")
+    arr = img.array.copy()
+    arr[3, 3, 3] = np.nan
+    arr[4, 4, 4] = np.inf
+    write_image(arr, img.affine, root / "images" / "c01.nii.gz")
+    return "images/c01.nii.gz", "2 NaN/Inf voxels"
+
+
+def _break_values(root):
+    _declare(root, {"background": 0, "a": 1, "b": 2, "c": 3})
+    lab = read_image(root / "labels" / "c01.nii.gz")
+    arr = lab.array.copy()
+    arr[5, 5, 5] = 9
+    write_image(arr, lab.affine, root / "labels" / "c01.nii.gz")
+    return "labels/c01.nii.gz", "label values [9] are not in the declared label set"
+
+
+def _break_float_labels(root):
+    lab = read_image(root / "labels" / "c01.nii.gz")
+    arr = lab.array.astype(np.float32)
+    arr[5, 5, 5] = 1.5
+    write_image(arr, lab.affine, root / "labels" / "c01.nii.gz")
+    return "labels/c01.nii.gz", "non-integer values"
+
+
+def _break_missing_label(root):
+    (root / "labels" / "c01.nii.gz").unlink()
+    return "images/c01.nii.gz", "missing label for case 'c01'"
+
+
+def _break_orphan_label(root):
+    lab = read_image(root / "labels" / "c01.nii.gz")
+    write_image(lab.array, lab.affine, root / "labels" / "zz.nii.gz")
+    return "labels/zz.nii.gz", "no matching image"
+
+
+PROBLEMS = {
+    "unreadable": _break_unreadable,
+    "truncated": _break_truncated,
+    "shape": _break_shape,
+    "affine": _break_affine,
+    "4d": _break_4d,
+    "nan": _break_nan,
+    "values": _break_values,
+    "float_labels": _break_float_labels,
+    "missing_label": _break_missing_label,
+    "orphan_label": _break_orphan_label,
+}
+
+
+def test_clean_dataset_has_no_problems(folder_dataset):
+    root = folder_dataset()
+    rep = validate_dataset(load_dataset(root))
+    assert rep.errors == [] and rep.warnings == [] and rep.ok
+    assert rep.label_values == [0, 1, 2, 3] and rep.num_cases == 3 and rep.num_channels == 1
+    rep.raise_if_errors()  # no exception
+
+
+@pytest.mark.parametrize("problem", sorted(PROBLEMS))
+def test_each_problem_one_line_naming_the_file(folder_dataset, problem, capsys):
+    root = folder_dataset()
+    fragment, message = PROBLEMS[problem](root)
+    rep = validate_dataset(load_dataset(root))
+    assert len(rep.errors) == 1, rep.errors
+    err = rep.errors[0]
+    assert "\n" not in err
+    assert fragment in err and message in err, err
+    with pytest.raises(MedseError) as e:
+        rep.raise_if_errors()
+    assert str(e.value).startswith("dataset validation failed with 1 error:") and fragment in str(e.value)
+    assert "\n" not in str(e.value)
+    # the CLI prints the same line and exits 1
+    assert main(["validate", str(root)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert f"error: {err}" in out and out[-1].endswith("1 error(s), 0 warning(s)")
+
+
+def test_empty_label_is_a_warning(folder_dataset):
+    root = folder_dataset()
+    lab = read_image(root / "labels" / "c02.nii.gz")
+    write_image(np.zeros_like(lab.array), lab.affine, root / "labels" / "c02.nii.gz")
+    rep = validate_dataset(load_dataset(root))
+    assert rep.errors == []
+    assert len(rep.warnings) == 1 and "c02.nii.gz: empty label map" in rep.warnings[0]
+    assert main(["validate", str(root)]) == 0
+
+
+def test_duplicate_case_ids(folder_dataset):
+    spec = load_dataset(folder_dataset())
+    spec.cases.append(Case("c00", list(spec.cases[0].images), spec.cases[0].label))
+    rep = validate_dataset(spec)
+    assert len(rep.errors) == 1 and "duplicate case ID 'c00' (2 cases)" in rep.errors[0]
+    assert str(spec.source) in rep.errors[0]
+
+
+def test_channel_mismatch_between_channels(tmp_path):
+    root = tmp_path / "ds"
+    a1, a2 = make_affine("ras"), make_affine("lps")
+    rng = np.random.default_rng(0)
+    write_image(rng.normal(size=(6, 6, 6)).astype(np.float32), a1, root / "images" / "p_0000.nii.gz")
+    write_image(rng.normal(size=(6, 6, 6)).astype(np.float32), a2, root / "images" / "p_0001.nii.gz")
+    write_image(np.ones((6, 6, 6), np.uint8), a1, root / "labels" / "p.nii.gz")
+    rep = validate_dataset(load_dataset(root))
+    assert len(rep.errors) == 1 and "p_0001.nii.gz: affine differs from the case's first channel" in rep.errors[0]
+
+
+def test_labels_found_when_none_declared_and_pinning(folder_dataset):
+    root = folder_dataset(n_labels=3)
+    spec = load_dataset(root)
+    assert spec.labels == {}
+    rep = validate_dataset(spec)
+    assert rep.label_values == [0, 1, 2]
+    assert resolve_labels(spec, rep) == {"background": 0, "label_1": 1, "label_2": 2}
+    assert resolve_labels(spec, rep, pin={"x": 1, "y": 2}) == {"background": 0, "x": 1, "y": 2}
+    # a pinned label set is checked: value 2 is outside {0, 1}
+    rep2 = validate_dataset(spec, labels={"background": 0, "x": 1})
+    assert len(rep2.errors) == 3 and all("label values [2]" in e for e in rep2.errors)
+
+
+def test_many_errors_summarised(folder_dataset):
+    root = folder_dataset(n_cases=6)
+    for i in range(6):
+        (root / "labels" / f"c{i:02d}.nii.gz").unlink()
+    rep = validate_dataset(load_dataset(root))
+    assert len(rep.errors) == 6
+    with pytest.raises(MedseError, match=r"failed with 6 errors: .*; \.\.\. and 1 more$"):
+        rep.raise_if_errors()
+    assert validate_dataset(load_dataset(root), check_labels=False).errors == []
+
+
+def test_4d_label(folder_dataset):
+    root = folder_dataset()
+    lab = read_image(root / "labels" / "c00.nii.gz")
+    nib.save(nib.Nifti1Image(np.stack([lab.array] * 2, -1), lab.affine), str(root / "labels" / "c00.nii.gz"))
+    rep = validate_dataset(load_dataset(root))
+    assert len(rep.errors) == 1 and "labels/c00.nii.gz: 4D label map" in rep.errors[0]
