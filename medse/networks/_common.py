@@ -1,0 +1,231 @@
+"""Helpers shared by medse's segmentation networks: attention insertion, argument checks, pad-and-crop.
+
+Not public API; the networks import from here so that every network inserts attention, checks its
+arguments and handles odd input sizes the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medse.utils.errors import unknown_option_error
+
+#: The named places where a segmentation network can insert attention modules.
+POSITIONS: tuple[str, ...] = ("encoder", "bottleneck", "decoder")
+#: Padding modes accepted by the networks' ``pad_mode`` argument (``torch.nn.functional.pad`` modes).
+PAD_MODES: tuple[str, ...] = ("constant", "replicate", "reflect", "circular")
+
+
+@dataclass(frozen=True)
+class ByDims:
+    """A default that depends on ``spatial_dims``, e.g. ``ByDims({2: 7, 3: 3})`` for a kernel size.
+
+    Used in :class:`medse.networks.ModelInfo` ``defaults``; ``resolve(spatial_dims)`` gives the value.
+    """
+
+    values: dict[int, Any]
+
+    def resolve(self, spatial_dims: int) -> Any:
+        return self.values[spatial_dims]
+
+    def __repr__(self) -> str:
+        return ", ".join(f"{k}D: {v!r}" for k, v in sorted(self.values.items()))
+
+
+def resolve_default(value: Any, spatial_dims: int) -> Any:
+    """``value.resolve(spatial_dims)`` for a :class:`ByDims`, else ``value`` itself."""
+    return value.resolve(spatial_dims) if isinstance(value, ByDims) else value
+
+
+def check_int(name: str, value: object, minimum: int = 1, owner: str = "") -> int:
+    """``value`` as an int, or ``ValueError`` naming the argument when it is not an int >= ``minimum``."""
+    prefix = f"{owner}: " if owner else ""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{prefix}{name} must be an integer >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+def check_spatial_dims(owner: str, spatial_dims: object, supported: Sequence[int] = (2, 3)) -> int:
+    """``spatial_dims`` as an int, or ``ValueError`` naming the supported values."""
+    if isinstance(spatial_dims, bool) or not isinstance(spatial_dims, int) or spatial_dims not in supported:
+        sup = ", ".join(str(d) for d in supported)
+        raise ValueError(f"{owner}: spatial_dims must be one of {{{sup}}}, got {spatial_dims!r}.")
+    return int(spatial_dims)
+
+
+def check_dropout(owner: str, p: object) -> float:
+    """A dropout probability in [0, 1), or ``ValueError``."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) < 1.0:
+        raise ValueError(f"{owner}: dropout must be a number in [0, 1), got {p!r}.")
+    return float(p)
+
+
+def check_kernel_size(owner: str, k: object) -> int:
+    """An odd positive kernel size (so 'same' padding is k // 2), or ``ValueError``."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
+        raise ValueError(f"{owner}: kernel_size must be an odd positive integer, got {k!r}.")
+    return int(k)
+
+
+def check_pad_mode(owner: str, mode: object) -> str:
+    if not isinstance(mode, str) or mode not in PAD_MODES:
+        raise unknown_option_error(f"{owner} pad_mode", str(mode), PAD_MODES)
+    return mode
+
+
+def normalize_positions(owner: str, positions: object, allowed: Sequence[str] = POSITIONS) -> tuple[str, ...]:
+    """``attention_positions`` as a tuple of known names (a single string is accepted as one position)."""
+    if positions is None:
+        return tuple(allowed)
+    if isinstance(positions, str):
+        positions = (positions,)
+    if not isinstance(positions, (list, tuple, set, frozenset)):
+        raise ValueError(f"{owner}: attention_positions must be a sequence of names from {tuple(allowed)}, "
+                         f"got {positions!r}.")
+    out: list[str] = []
+    for p in positions:
+        if not isinstance(p, str) or p not in allowed:
+            raise unknown_option_error(f"attention position for {owner}", str(p), allowed)
+        if p not in out:
+            out.append(p)
+    return tuple(out)
+
+
+def make_attention(
+    attention: str,
+    spatial_dims: int,
+    channels: int,
+    kwargs: dict[str, Any] | None,
+    where: str,
+) -> nn.Module | None:
+    """Build one attention module for a feature map with ``channels`` channels, tagged ``_medse_attention``.
+
+    Returns ``None`` for ``attention="none"`` (the network then inserts nothing, so its state dict has no
+    extra keys). Errors from the block library (e.g. a reduction larger than the width) are re-raised as
+    ``ValueError`` naming ``where`` (network, position and stage) and the channel count.
+    """
+    if attention is None or attention == "none":
+        return None
+    try:
+        from medse.attention import create_attention
+    except ImportError as e:  # the blocks area is not importable
+        raise ValueError(f"attention='{attention}' needs medse.attention, which cannot be imported ({e}).") from e
+    try:
+        module = create_attention(attention, spatial_dims, channels, **(kwargs or {}))
+    except ValueError as e:
+        raise ValueError(f"{where} ({channels} channels): cannot build attention '{attention}': {e}") from e
+    if isinstance(module, nn.Identity):
+        return None
+    module._medse_attention = True
+    return module
+
+
+def with_attention(layer: nn.Module, attention: nn.Module | None) -> nn.Module:
+    """``nn.Sequential(layer, attention)``, or ``layer`` unchanged when ``attention`` is ``None``."""
+    return layer if attention is None else nn.Sequential(layer, attention)
+
+
+def divisor_of(strides: Sequence[int | Sequence[int]], spatial_dims: int) -> tuple[int, ...]:
+    """Per-axis product of a list of strides (each an int or one int per axis)."""
+    out = [1] * spatial_dims
+    for s in strides:
+        per_axis = [int(s)] * spatial_dims if isinstance(s, int) else [int(v) for v in s]
+        if len(per_axis) != spatial_dims:
+            raise ValueError(f"stride {s!r} must be an int or have {spatial_dims} values.")
+        out = [a * b for a, b in zip(out, per_axis, strict=True)]
+    return tuple(out)
+
+
+def lcm(values: Sequence[int]) -> int:
+    out = 1
+    for v in values:
+        out = out * int(v) // math.gcd(out, int(v))
+    return out
+
+
+def pad_to_multiple(
+    x: torch.Tensor, divisors: Sequence[int], mode: str = "constant"
+) -> tuple[torch.Tensor, list[int]]:
+    """Pad the spatial axes of ``x`` (B, C, *spatial) up to multiples of ``divisors``.
+
+    The padding is split between both ends (the smaller half first), so the image stays centred.
+    Returns the padded tensor and the per-axis amount padded before the data (``[]`` when nothing was
+    padded), which :func:`crop_to` uses to cut the output back to the input's size.
+    """
+    spatial = x.shape[2:]
+    totals = [(-int(n)) % int(d) for n, d in zip(spatial, divisors, strict=True)]
+    if not any(totals):
+        return x, []
+    before = [t // 2 for t in totals]
+    pad: list[int] = []
+    for t, b in zip(reversed(totals), reversed(before), strict=True):  # F.pad wants the last axis first
+        pad += [b, t - b]
+    if mode == "reflect" and any(t - b > n - 1 or b > n - 1 for t, b, n in zip(totals, before, spatial, strict=True)):
+        mode = "replicate"  # reflect cannot pad more than size - 1: fall back rather than fail
+    if mode == "constant":
+        return F.pad(x, pad, mode="constant", value=0.0), before
+    return F.pad(x, pad, mode=mode), before
+
+
+def crop_to(y: torch.Tensor, before: Sequence[int], spatial: Sequence[int]) -> torch.Tensor:
+    """Undo :func:`pad_to_multiple`: cut ``y``'s spatial axes to ``spatial`` starting at ``before``."""
+    if not before:
+        return y
+    index = [slice(None), slice(None)] + [slice(b, b + int(n)) for b, n in zip(before, spatial, strict=True)]
+    return y[tuple(index)]
+
+
+def conv(spatial_dims: int) -> type[nn.Module]:
+    return {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
+
+
+def conv_transpose(spatial_dims: int) -> type[nn.Module]:
+    return {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[spatial_dims]
+
+
+def batch_norm(spatial_dims: int) -> type[nn.Module]:
+    return {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[spatial_dims]
+
+
+def max_pool(spatial_dims: int) -> type[nn.Module]:
+    return {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}[spatial_dims]
+
+
+def max_unpool(spatial_dims: int) -> type[nn.Module]:
+    return {1: nn.MaxUnpool1d, 2: nn.MaxUnpool2d, 3: nn.MaxUnpool3d}[spatial_dims]
+
+
+def channel_dropout(spatial_dims: int) -> type[nn.Module]:
+    """Dropout of whole feature maps (``nn.Dropout2d`` / ``nn.Dropout3d``), as in Jégou et al. and QuickNAT."""
+    return {1: nn.Dropout1d, 2: nn.Dropout2d, 3: nn.Dropout3d}[spatial_dims]
+
+
+class PadCropMixin:
+    """``forward(x)`` pads ``x`` to a multiple of ``self._divisors``, runs ``forward_padded``, crops back.
+
+    Networks set ``self._divisors`` (per-axis), ``self.size_divisor`` (their lcm) and ``self.pad_mode``.
+    """
+
+    _divisors: tuple[int, ...]
+    pad_mode: str
+    spatial_dims: int
+
+    def forward_padded(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != self.spatial_dims + 2:
+            raise ValueError(
+                f"{type(self).__name__} expects a (B, C, {', '.join('XYZ'[: self.spatial_dims])}) tensor "
+                f"({self.spatial_dims + 2} axes), got shape {tuple(x.shape)}."
+            )
+        spatial = x.shape[2:]
+        xp, before = pad_to_multiple(x, self._divisors, self.pad_mode)
+        return crop_to(self.forward_padded(xp), before, spatial)

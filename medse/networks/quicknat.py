@@ -1,0 +1,209 @@
+"""QuickNAT, 2D and 3D, with its own attention module after every dense block.
+
+Roy, Conjeti, Navab and Wachinger, "QuickNAT: A fully convolutional network for quick and accurate segmentation
+of neuroanatomy", NeuroImage 186, 2019 (arXiv 1801.04161); squeeze-and-excitation in it: Roy, Navab and
+Wachinger, IEEE TMI 2019 (arXiv 1808.08127). Authors' code: https://github.com/ai-med/quickNAT_pytorch with
+https://github.com/ai-med/nn-common-modules.
+
+* dense block (authors' ``DenseBlock``): BN -> PReLU -> conv k x k (F filters); concat with the input;
+  BN -> PReLU -> conv k x k (F); concat input, both; BN -> PReLU -> 1x1 conv (F). One PReLU (a single
+  learnable slope) per block, convs with bias;
+* encoder block: dense block -> [attention] -> [dropout] -> 2x2 max-pool keeping the indices;
+* bottleneck: a dense block; decoder block: max-unpool with the indices -> concat(encoder output, unpooled)
+  -> dense block -> [attention] -> [dropout]; classifier: 1x1 conv to the classes (logits).
+  4 encoder and 4 decoder blocks, F = 64, k = 5, dropout 0.2 (the authors' settings).
+
+Unlike the authors' release (its blocks call the SE layer with two arguments, which crashes for cSE and
+scSE) and MONAI's ``Quicknat`` (fails on every forward pass, MONAI issue 7475, and shares one SE module
+across all blocks), every block here gets its own attention module built by ``medse.attention``, and every
+block type works.
+
+Attention positions: "encoder" (after every encoder dense block, before dropout and pooling, so skip and
+pooled path are recalibrated, as in the authors' code), "decoder" (after every decoder dense block) and
+"bottleneck" (NOTE: not in paper: the authors construct an SE layer for the bottleneck but never call it).
+
+NOTE: not in paper: the 3D variant, whose defaults are F = 32 filters and 3x3x3 kernels for CPU training
+(pass ``num_filters=64, kernel_size=5`` for the literal extension); ``depth``; inputs are padded to a multiple
+of ``size_divisor = 2 ** depth`` and the output cropped back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from medse.networks._common import (
+    POSITIONS,
+    ByDims,
+    PadCropMixin,
+    batch_norm,
+    channel_dropout,
+    check_dropout,
+    check_int,
+    check_kernel_size,
+    check_pad_mode,
+    check_spatial_dims,
+    conv,
+    make_attention,
+    max_pool,
+    max_unpool,
+    normalize_positions,
+)
+from medse.networks.registry import register_model
+
+__all__ = ["QuickNAT", "QuickNATDenseBlock", "quicknat"]
+
+
+class QuickNATDenseBlock(nn.Module):
+    """The authors' dense block: three BN -> PReLU -> conv units with dense concatenations, F output maps."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, num_filters: int, kernel_size: int) -> None:
+        super().__init__()
+        c, f, k, d = in_channels, num_filters, kernel_size, spatial_dims
+        self.norm1 = batch_norm(d)(c)
+        self.conv1 = conv(d)(c, f, k, padding=k // 2)
+        self.norm2 = batch_norm(d)(c + f)
+        self.conv2 = conv(d)(c + f, f, k, padding=k // 2)
+        self.norm3 = batch_norm(d)(c + 2 * f)
+        self.conv3 = conv(d)(c + 2 * f, f, 1)
+        self.prelu = nn.PReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o1 = self.conv1(self.prelu(self.norm1(x)))
+        o2 = self.conv2(self.prelu(self.norm2(torch.cat([x, o1], dim=1))))
+        return self.conv3(self.prelu(self.norm3(torch.cat([x, o1, o2], dim=1))))
+
+
+class QuickNAT(PadCropMixin, nn.Module):
+    """QuickNAT (Roy et al., NeuroImage 2019) in 2D or 3D, attention after every dense block.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: input channels.
+        out_channels: output channels (logits).
+        num_filters: filters F of every conv. Defaults to 64 in 2D (paper) and 32 in 3D (NOTE: not in paper).
+        kernel_size: kernel of the two large convs of every dense block. Defaults to 5 in 2D (paper) and 3 in
+            3D (NOTE: not in paper).
+        depth: number of encoder / decoder blocks. Defaults to 4 (paper).
+        dropout: channel dropout after every encoder and decoder block. Defaults to 0.2 (authors' settings).
+        attention: block name for ``medse.attention.create_attention`` or "none". Defaults to "none".
+        attention_positions: subset of ``("encoder", "bottleneck", "decoder")``. Defaults to all three.
+        attention_kwargs: keyword arguments for every block. Defaults to None.
+        pad_mode: padding of inputs that are not multiples of ``size_divisor``. Defaults to "constant".
+
+    Attributes:
+        size_divisor: ``2 ** depth``; other sizes are padded and the output cropped back.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        *,
+        num_filters: int | None = None,
+        kernel_size: int | None = None,
+        depth: int = 4,
+        dropout: float = 0.2,
+        attention: str = "none",
+        attention_positions: Sequence[str] = POSITIONS,
+        attention_kwargs: dict[str, Any] | None = None,
+        pad_mode: str = "constant",
+    ) -> None:
+        super().__init__()
+        owner = "quicknat"
+        d = self.spatial_dims = check_spatial_dims(owner, spatial_dims)
+        check_int("in_channels", in_channels, 1, owner)
+        check_int("out_channels", out_channels, 1, owner)
+        if num_filters is None:
+            num_filters = 64 if d == 2 else 32
+        f = check_int("num_filters", num_filters, 1, owner)
+        k = check_kernel_size(owner, (5 if d == 2 else 3) if kernel_size is None else kernel_size)
+        depth = check_int("depth", depth, 1, owner)
+        dropout = check_dropout(owner, dropout)
+        positions = normalize_positions(owner, attention_positions)
+        self.pad_mode = check_pad_mode(owner, pad_mode)
+        self.num_filters, self.kernel_size, self.depth = f, k, depth
+        self.attention, self.attention_positions = attention, positions
+        self._divisors = (2**depth,) * d
+        self.size_divisor = 2**depth
+
+        def att(position: str, where: str) -> nn.Module:
+            if position not in positions:
+                return nn.Identity()
+            m = make_attention(attention, d, f, attention_kwargs, f"quicknat {where}")
+            return nn.Identity() if m is None else m
+
+        self.encoders = nn.ModuleList(
+            QuickNATDenseBlock(d, in_channels if i == 0 else f, f, k) for i in range(depth)
+        )
+        self.encoder_attention = nn.ModuleList(att("encoder", f"encoder block {i}") for i in range(depth))
+        self.pool = max_pool(d)(2, stride=2, return_indices=True)
+        self.bottleneck = QuickNATDenseBlock(d, f, f, k)
+        self.bottleneck_attention = att("bottleneck", "bottleneck")
+        self.unpool = max_unpool(d)(2, stride=2)
+        self.decoders = nn.ModuleList(QuickNATDenseBlock(d, 2 * f, f, k) for _ in range(depth))
+        self.decoder_attention = nn.ModuleList(att("decoder", f"decoder block {i}") for i in range(depth))
+        self.dropout = channel_dropout(d)(dropout) if dropout > 0 else nn.Identity()
+        self.classifier = conv(d)(f, out_channels, 1)
+
+    def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
+        skips: list[torch.Tensor] = []
+        indices: list[torch.Tensor] = []
+        for enc, att in zip(self.encoders, self.encoder_attention, strict=True):
+            x = self.dropout(att(enc(x)))
+            skips.append(x)
+            x, idx = self.pool(x)
+            indices.append(idx)
+        x = self.bottleneck_attention(self.bottleneck(x))
+        for i, (dec, att) in enumerate(zip(self.decoders, self.decoder_attention, strict=True)):
+            skip = skips[-1 - i]
+            x = self.unpool(x, indices[-1 - i], output_size=skip.shape[2:])
+            x = self.dropout(att(dec(torch.cat([skip, x], dim=1))))
+        return self.classifier(x)
+
+
+@register_model(
+    "quicknat",
+    task="segmentation",
+    spatial_dims=(2, 3),
+    description="QuickNAT: dense blocks with max-pool indices and unpooling; own attention per block",
+    defaults={
+        "num_filters": ByDims({2: 64, 3: 32}),
+        "kernel_size": ByDims({2: 5, 3: 3}),
+        "depth": 4,
+        "dropout": 0.2,
+        "pad_mode": "constant",
+    },
+    paper="Roy et al., NeuroImage 2019 (arXiv 1801.04161)",
+)
+def quicknat(
+    spatial_dims: int,
+    in_channels: int,
+    out_channels: int,
+    attention: str = "none",
+    attention_positions: Sequence[str] = POSITIONS,
+    attention_kwargs: dict[str, Any] | None = None,
+    num_filters: int | None = None,
+    kernel_size: int | None = None,
+    depth: int = 4,
+    dropout: float = 0.2,
+    pad_mode: str = "constant",
+) -> QuickNAT:
+    """Build :class:`QuickNAT` (registered as ``quicknat``)."""
+    return QuickNAT(
+        spatial_dims,
+        in_channels,
+        out_channels,
+        num_filters=num_filters,
+        kernel_size=kernel_size,
+        depth=depth,
+        dropout=dropout,
+        attention=attention,
+        attention_positions=attention_positions,
+        attention_kwargs=attention_kwargs,
+        pad_mode=pad_mode,
+    )

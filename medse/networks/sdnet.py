@@ -1,0 +1,193 @@
+"""SD-Net, 2D and 3D, with attention after every encoder and decoder block.
+
+Roy, Conjeti, Sheet, Katouzian, Navab and Wachinger, "Error Corrective Boosting for Learning Fully
+Convolutional Networks with Limited Data", MICCAI 2017 (arXiv 1705.00938), as commonly re-implemented:
+
+* 3 encoder blocks: conv (64 filters, 7x7) -> BN -> ReLU -> 2x2 max-pool that keeps the indices;
+* bottleneck: conv (7x7, 64 -> 64) -> BN -> ReLU;
+* 3 decoder blocks: max-unpool with the stored indices -> concatenate the encoder block's (pre-pool) output
+  -> conv (7x7, 128 -> 64) -> BN -> ReLU;
+* classifier: 1x1 conv to the classes (logits; the paper trains with weighted cross-entropy + Dice).
+
+Attention (Roy et al., IEEE TMI 2019, arXiv 1808.08127, which evaluates SD-Net with cSE / sSE / scSE):
+after every encoder block before the pooling (so the skip connection and the pooled path are both
+recalibrated; position "encoder"), after every decoder block ("decoder") and, as medse's option, after the
+bottleneck ("bottleneck"; NOTE: not in paper).
+
+NOTE: not in paper: the 3D variant, whose defaults are 32 filters and 3x3x3 kernels (a 7x7x7 kernel with 64
+filters has 2.8M weights per conv and is too slow for CPU training; pass ``num_filters=64, kernel_size=7`` for
+the literal extension); ``depth`` (number of pools, 3 in the paper); inputs are padded to a multiple of
+``size_divisor = 2 ** depth`` and the output cropped back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from medse.networks._common import (
+    POSITIONS,
+    ByDims,
+    PadCropMixin,
+    batch_norm,
+    channel_dropout,
+    check_dropout,
+    check_int,
+    check_kernel_size,
+    check_pad_mode,
+    check_spatial_dims,
+    conv,
+    make_attention,
+    max_pool,
+    max_unpool,
+    normalize_positions,
+)
+from medse.networks.registry import register_model
+
+__all__ = ["ConvBNReLU", "SDNet", "sdnet"]
+
+
+class ConvBNReLU(nn.Sequential):
+    """conv ('same' padding, with bias) -> BN -> ReLU [-> channel dropout]."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, kernel_size: int, dropout: float):
+        super().__init__()
+        self.add_module("conv", conv(spatial_dims)(in_channels, out_channels, kernel_size, padding=kernel_size // 2))
+        self.add_module("norm", batch_norm(spatial_dims)(out_channels))
+        self.add_module("relu", nn.ReLU())
+        if dropout > 0:
+            self.add_module("drop", channel_dropout(spatial_dims)(dropout))
+
+
+class SDNet(PadCropMixin, nn.Module):
+    """SD-Net (Roy et al., MICCAI 2017) with max-pool indices and unpooling, 2D or 3D.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: input channels.
+        out_channels: output channels (logits).
+        num_filters: filters of every conv. Defaults to 64 in 2D (paper) and 32 in 3D (NOTE: not in paper).
+        kernel_size: kernel of every conv but the classifier. Defaults to 7 in 2D (paper) and 3 in 3D
+            (NOTE: not in paper).
+        depth: number of encoder blocks / pools. Defaults to 3 (paper).
+        dropout: channel dropout after every conv block. Defaults to 0.0 (the paper uses none).
+        attention: block name for ``medse.attention.create_attention`` or "none". Defaults to "none".
+        attention_positions: subset of ``("encoder", "bottleneck", "decoder")``. Defaults to all three.
+        attention_kwargs: keyword arguments for every block. Defaults to None.
+        pad_mode: padding of inputs that are not multiples of ``size_divisor``. Defaults to "constant".
+
+    Attributes:
+        size_divisor: ``2 ** depth``; other sizes are padded and the output cropped back.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        *,
+        num_filters: int | None = None,
+        kernel_size: int | None = None,
+        depth: int = 3,
+        dropout: float = 0.0,
+        attention: str = "none",
+        attention_positions: Sequence[str] = POSITIONS,
+        attention_kwargs: dict[str, Any] | None = None,
+        pad_mode: str = "constant",
+    ) -> None:
+        super().__init__()
+        owner = "sdnet"
+        d = self.spatial_dims = check_spatial_dims(owner, spatial_dims)
+        check_int("in_channels", in_channels, 1, owner)
+        check_int("out_channels", out_channels, 1, owner)
+        if num_filters is None:
+            num_filters = 64 if d == 2 else 32
+        f = check_int("num_filters", num_filters, 1, owner)
+        k = check_kernel_size(owner, (7 if d == 2 else 3) if kernel_size is None else kernel_size)
+        depth = check_int("depth", depth, 1, owner)
+        dropout = check_dropout(owner, dropout)
+        positions = normalize_positions(owner, attention_positions)
+        self.pad_mode = check_pad_mode(owner, pad_mode)
+        self.num_filters, self.kernel_size, self.depth = f, k, depth
+        self.attention, self.attention_positions = attention, positions
+        self._divisors = (2**depth,) * d
+        self.size_divisor = 2**depth
+
+        def att(position: str, where: str) -> nn.Module:
+            if position not in positions:
+                return nn.Identity()
+            m = make_attention(attention, d, f, attention_kwargs, f"sdnet {where}")
+            return nn.Identity() if m is None else m
+
+        self.encoders = nn.ModuleList(
+            ConvBNReLU(d, in_channels if i == 0 else f, f, k, dropout) for i in range(depth)
+        )
+        self.encoder_attention = nn.ModuleList(att("encoder", f"encoder block {i}") for i in range(depth))
+        self.pool = max_pool(d)(2, stride=2, return_indices=True)
+        self.bottleneck = ConvBNReLU(d, f, f, k, dropout)
+        self.bottleneck_attention = att("bottleneck", "bottleneck")
+        self.unpool = max_unpool(d)(2, stride=2)
+        self.decoders = nn.ModuleList(ConvBNReLU(d, 2 * f, f, k, dropout) for _ in range(depth))
+        self.decoder_attention = nn.ModuleList(att("decoder", f"decoder block {i}") for i in range(depth))
+        self.classifier = conv(d)(f, out_channels, 1)
+
+    def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
+        skips: list[torch.Tensor] = []
+        indices: list[torch.Tensor] = []
+        for enc, att in zip(self.encoders, self.encoder_attention, strict=True):
+            x = att(enc(x))
+            skips.append(x)
+            x, idx = self.pool(x)
+            indices.append(idx)
+        x = self.bottleneck_attention(self.bottleneck(x))
+        for i, (dec, att) in enumerate(zip(self.decoders, self.decoder_attention, strict=True)):
+            skip = skips[-1 - i]
+            x = self.unpool(x, indices[-1 - i], output_size=skip.shape[2:])
+            x = att(dec(torch.cat([skip, x], dim=1)))
+        return self.classifier(x)
+
+
+@register_model(
+    "sdnet",
+    task="segmentation",
+    spatial_dims=(2, 3),
+    description="SD-Net: conv blocks with max-pool indices and unpooling; attention after every block",
+    defaults={
+        "num_filters": ByDims({2: 64, 3: 32}),
+        "kernel_size": ByDims({2: 7, 3: 3}),
+        "depth": 3,
+        "dropout": 0.0,
+        "pad_mode": "constant",
+    },
+    paper="Roy et al., MICCAI 2017 (arXiv 1705.00938)",
+)
+def sdnet(
+    spatial_dims: int,
+    in_channels: int,
+    out_channels: int,
+    attention: str = "none",
+    attention_positions: Sequence[str] = POSITIONS,
+    attention_kwargs: dict[str, Any] | None = None,
+    num_filters: int | None = None,
+    kernel_size: int | None = None,
+    depth: int = 3,
+    dropout: float = 0.0,
+    pad_mode: str = "constant",
+) -> SDNet:
+    """Build :class:`SDNet` (registered as ``sdnet``)."""
+    return SDNet(
+        spatial_dims,
+        in_channels,
+        out_channels,
+        num_filters=num_filters,
+        kernel_size=kernel_size,
+        depth=depth,
+        dropout=dropout,
+        attention=attention,
+        attention_positions=attention_positions,
+        attention_kwargs=attention_kwargs,
+        pad_mode=pad_mode,
+    )
