@@ -29,6 +29,7 @@ class ECA(nn.Module):
     """Efficient Channel Attention (Wang et al., CVPR 2020), any number of spatial dimensions.
 
     Learnable parameters: k (the 1D convolution across channels, no bias). Parameter name: ``conv``.
+    NOTE: not in paper: the 1D and 3D versions (the squeeze is a mean over all spatial axes).
 
     Args:
         spatial_dims: number of spatial dimensions, 1, 2 or 3.

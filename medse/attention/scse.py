@@ -31,6 +31,7 @@ class SpatialSE(nn.Module):
 
     ``y = x * sigmoid(conv(x))`` where ``conv`` is a C -> 1 pointwise convolution with bias (MONAI's
     ``Conv[Conv.CONV, spatial_dims]``). Learnable parameters: ``C + 1``. The gate is the same for every channel.
+    NOTE: not in paper: the 1D version (the authors define 2D and 3D).
 
     Args:
         spatial_dims: number of spatial dimensions, 1, 2 or 3.
@@ -80,6 +81,7 @@ class SCSE(nn.Module):
 
     Departure: the MICCAI paper adds the two branches; the authors' released code and the TMI paper take the
     element-wise maximum, which is medse's default. ``"mul"`` (x * c * q) is offered for comparison only.
+    NOTE: not in paper: the 1D version and ``"mul"``.
 
     Args:
         spatial_dims: number of spatial dimensions, 1, 2 or 3.

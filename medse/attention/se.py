@@ -33,6 +33,9 @@ class SqueezeExcitation(nn.Module):
     ``y = x * sigmoid(fc2(relu(fc1(mean(x)))))``; both linear layers have a bias, as in the authors' Caffe
     models. Learnable parameters: ``2*C*(C//r) + C//r + C``.
 
+    NOTE: not in paper: the 1D and 3D versions (the SE paper is 2D; the squeeze is a mean over whatever spatial
+    axes there are, as in Roy et al.'s 3D cSE).
+
     Args:
         spatial_dims: number of spatial dimensions, 1, 2 or 3.
         in_channels: number of input channels C.
@@ -82,6 +85,7 @@ class ChannelSE(SqueezeExcitation):
 
     Numerically identical to ``monai.networks.blocks.ChannelSELayer(spatial_dims, C, r=2)`` when the weights
     are shared (``fc1`` <-> ``fc[0]``, ``fc2`` <-> ``fc[2]``). Learnable parameters: ``2*C*(C//r) + C//r + C``.
+    NOTE: not in paper: the 1D version (the authors define 2D and 3D).
 
     Args:
         spatial_dims: number of spatial dimensions, 1, 2 or 3.

@@ -20,6 +20,8 @@ from medse.attention._base import check_channels, check_spatial_dims, run_fused,
 class SimAM(nn.Module):
     """SimAM (Yang et al., ICML 2021): a full 3D (C x space) gate from an energy function, no parameters.
 
+    NOTE: not in paper: the 1D and 3D versions (the energy is taken over all spatial positions of a channel).
+
     Departures from the authors' code, both for numerical robustness only:
     ``n = max(N - 1, 1)`` so that a single spatial position gives the gate ``sigmoid(0.5)`` instead of NaN
     (the formula is 0/0 there), and the energy is computed in float32 for half-precision inputs (the squares of
