@@ -78,6 +78,9 @@ def synth_slice(label: str, size: int = 128, rng: np.random.Generator | None = N
     rng = np.random.default_rng() if rng is None else rng
     p = _patient(rng) if patient is None else patient
     prng = np.random.default_rng(p["seed"])
+    # separate streams: slice anatomy/distractors, lesion, acquisition; so the lesion is the only difference
+    # between two classes drawn with the same generator state
+    arng, lrng, qrng = (np.random.default_rng(int(v)) for v in rng.integers(2**31, size=3))
     lin = np.linspace(-1, 1, size)
     yy, xx = np.meshgrid(lin, lin, indexing="ij")  # y down (row), x right (column)
     c, s = math.cos(p["rot"]), math.sin(p["rot"])
@@ -103,15 +106,18 @@ def synth_slice(label: str, size: int = 128, rng: np.random.Generator | None = N
     falx = (np.abs(x) < 0.012) & brain & (np.abs(y) > 0.35)
     img[falx] = 0.75
     # distractors present in every class: vessel dots, a faint normal midline gland
-    for _ in range(int(rng.integers(2, 7))):
-        a, r = rng.uniform(0, 2 * math.pi), rng.uniform(0.1, 0.75)
+    for _ in range(int(arng.integers(2, 7))):
+        a, r = arng.uniform(0, 2 * math.pi), arng.uniform(0.1, 0.75)
         vx, vy = r * p["ax"] * math.cos(a), r * p["ay"] * math.sin(a)
-        img[((x - vx) ** 2 + (y - vy) ** 2) < rng.uniform(0.006, 0.015) ** 2] = rng.uniform(0.75, 0.95)
+        img[((x - vx) ** 2 + (y - vy) ** 2) < arng.uniform(0.006, 0.015) ** 2] = arng.uniform(0.75, 0.95)
     gland = ((x / 0.035) ** 2 + ((y - 0.62 * p["ay"]) / 0.025) ** 2) < 1
-    img[gland] = img[gland] + rng.uniform(0.0, 0.08)
+    if arng.random() < 0.5:  # a normal, empty sella in half of all slices
+        sella = ((x / 0.06) ** 2 + ((y - 0.62 * p["ay"]) / 0.045) ** 2) < 1
+        img[sella] = arng.uniform(0.15, 0.35)
+    img[gland] = img[gland] + arng.uniform(0.0, 0.08)
 
     shrink = 1.0 - 0.5 * abs(slice_offset)
-    contrast = rng.uniform(0.06, 0.32)  # lesion contrast varies from subtle to obvious
+    contrast = lrng.uniform(0.06, 0.32)  # lesion contrast varies from subtle to obvious
     if label == "glioma":
         ang = p["lesion_angle"]
         r = 0.30 + 0.30 * p["lesion_r"]
@@ -120,11 +126,11 @@ def synth_slice(label: str, size: int = 128, rng: np.random.Generator | None = N
         th = np.arctan2(y - ly, x - lx)
         rad = np.ones_like(th)
         for k in range(2, 6):
-            rad += rng.uniform(0.05, 0.2) * np.cos(k * th + rng.uniform(0, 2 * math.pi))
+            rad += lrng.uniform(0.05, 0.2) * np.cos(k * th + lrng.uniform(0, 2 * math.pi))
         d = np.sqrt((x - lx) ** 2 + (y - ly) ** 2) / (r0 * rad)
         edema = (d < 1.8) & brain
         img[edema] += 0.5 * contrast * np.clip(1.8 - d[edema], 0, 0.8) / 0.8
-        het = _smooth_field(rng, size, size / 48)
+        het = _smooth_field(lrng, size, size / 48)
         rim = (d < 1.0) & (d >= 0.55) & brain
         img[rim] = p["wm"] + contrast * (1.0 + 0.8 * het[rim])
         core = (d < 0.55) & brain
@@ -142,29 +148,31 @@ def synth_slice(label: str, size: int = 128, rng: np.random.Generator | None = N
             lx, ly = rr * p["ax"] * math.cos(ang), rr * p["ay"] * math.sin(ang)
         d = np.sqrt((x - lx) ** 2 + (y - ly) ** 2) / r0
         les = (d < 1.0) & (rho < 0.92)
-        img[les] = p["wm"] + 1.3 * contrast + 0.01 * rng.standard_normal(les.sum())
+        img[les] = p["wm"] + 1.3 * contrast + 0.01 * lrng.standard_normal(les.sum())
         # dural tail: a thin bright line along the inner skull next to the lesion
         tail = (np.abs(rho - 0.895) < 0.012) & (d < 2.2) & (d >= 1.0)
         img[tail] = p["wm"] + contrast
     elif label == "pituitary":
-        lx = rng.uniform(-0.02, 0.02)
+        lx = lrng.uniform(-0.02, 0.02)
         ly = (0.58 + 0.08 * p["lesion_r"]) * p["ay"]
         r0 = (0.05 + 0.07 * p["lesion_size"]) * shrink
         sella = (((x - lx) / (r0 * 1.7)) ** 2 + ((y - ly) / (r0 * 1.4)) ** 2) < 1
         img[sella] = 0.15
         d = np.sqrt(((x - lx) / (r0 * 1.2)) ** 2 + ((y - ly) / r0) ** 2)
         les = d < 1.0
-        img[les] = p["wm"] + contrast + 0.03 * _smooth_field(rng, size, size / 64)[les]
+        img[les] = p["wm"] + contrast + 0.03 * _smooth_field(lrng, size, size / 64)[les]
 
     from scipy.ndimage import gaussian_filter
 
-    img = gaussian_filter(img, rng.uniform(0.4, 1.0))  # partial volume
-    bias = 1.0 + rng.uniform(0.05, 0.25) * _smooth_field(rng, size, size / 5)
-    img = img * bias * rng.uniform(0.8, 1.2)
-    img = np.clip(img, 0, None) ** rng.uniform(0.8, 1.25)
-    sigma = rng.uniform(0.015, 0.06)
-    img = np.sqrt((img + sigma * rng.standard_normal(img.shape)) ** 2 + (sigma * rng.standard_normal(img.shape)) ** 2)
-    return np.clip(img / max(np.percentile(img, 99.8), 1e-6), 0, 1).astype(np.float32)
+    img = gaussian_filter(img, qrng.uniform(0.4, 1.0))  # partial volume
+    bias = 1.0 + qrng.uniform(0.05, 0.25) * _smooth_field(qrng, size, size / 5)
+    img = img * bias * qrng.uniform(0.8, 1.2)
+    img = np.clip(img, 0, None) ** qrng.uniform(0.8, 1.25)
+    sigma = qrng.uniform(0.015, 0.06)
+    noise_re, noise_im = qrng.standard_normal((2, size, size)) * sigma  # Rician magnitude noise
+    img = np.sqrt((img + noise_re) ** 2 + noise_im**2)
+    # fixed scaling (bright lesions may saturate, as in 8-bit exports); the lesion does not change other pixels
+    return np.clip(img / 1.1, 0, 1).astype(np.float32)
 
 
 def generate_classification_dataset(

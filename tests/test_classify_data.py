@@ -1,0 +1,202 @@
+"""Classifier data: folder and CSV inputs, grouped stratified splits, image reading, augmentation, synthetic set."""
+
+from __future__ import annotations
+
+import hashlib
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medse.classify.data import (
+    AugmentConfig,
+    ClassificationDataset,
+    augment,
+    class_weights,
+    load_classification_data,
+    load_image,
+    make_splits,
+    read_manifest,
+    scan_folder,
+)
+from medse.classify.synth import CLASS_NAMES, generate_classification_dataset, synth_slice
+from medse.utils.errors import MedseError
+
+
+def _png(path, value, size=(40, 36), mode="L"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(value)
+    arr = rng.integers(0, 255, (size[1], size[0]) + ((3,) if mode == "RGB" else ()), dtype=np.uint8)
+    Image.fromarray(arr, mode=mode).save(path)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "data"
+    for ci, name in enumerate(["meningioma", "glioma", "notumor"]):
+        for i in range(4):
+            _png(root / name / f"img{i}.png", 10 * ci + i)
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((30, 34, 5)).astype(np.float32), np.eye(4)),
+             root / "glioma" / "vol.nii.gz")
+    (root / "glioma" / "notes.txt").write_text("ignored")
+    return root
+
+
+def test_scan_folder_sorted_classes_and_ids(folder):
+    d = scan_folder(folder)
+    assert d.class_names == ["glioma", "meningioma", "notumor"]
+    assert d.counts() == {"glioma": 5, "meningioma": 4, "notumor": 4}
+    assert "glioma/vol.nii.gz" in {s.image_id for s in d.samples}
+    assert all(s.patient_id == s.image_id for s in d.samples)
+    with pytest.raises(MedseError, match="not one of the configured classes"):
+        scan_folder(folder, ["glioma", "meningioma"])
+    d2 = scan_folder(folder, ["notumor", "glioma", "meningioma", "pituitary"])
+    assert d2.labels.max() == 2 and any("pituitary" in w for w in d2.warnings)
+    with pytest.raises(MedseError, match="not found"):
+        scan_folder(folder / "nope")
+
+
+def test_manifest_with_patients_and_errors(tmp_path, folder):
+    man = folder / "manifest.csv"
+    man.write_text("path,label,patient_id\nglioma/img0.png,glioma,p1\nglioma/img1.png,glioma,p1\n"
+                   "notumor/img0.png,notumor,p2\n")
+    d = load_classification_data(man)
+    assert d.class_names == ["glioma", "notumor"] and [s.patient_id for s in d.samples] == ["p1", "p1", "p2"]
+    assert d.samples[0].path == folder / "glioma" / "img0.png"
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,label\na.png,x\n")
+    with pytest.raises(MedseError, match="no 'path' column"):
+        read_manifest(bad)
+    bad.write_text("path,label\na.png,x\na.png,x\n")
+    with pytest.raises(MedseError, match="duplicate path"):
+        read_manifest(bad)
+    bad.write_text("path,label\na.png,5\n")
+    with pytest.raises(MedseError, match="out of range"):
+        read_manifest(bad, ["a", "b"])
+
+
+def test_splits_are_grouped_and_stratified():
+    from medse.classify.data import ClassificationData, Sample
+
+    rng = np.random.default_rng(0)
+    samples = []
+    for p in range(60):
+        label = p % 4
+        for k in range(int(rng.integers(1, 4))):
+            samples.append(Sample(f"p{p}_s{k}", None, label, f"p{p}"))
+    d = ClassificationData(samples, ["a", "b", "c", "d"], "mem")
+    sp = make_splits(d, 0.2, 0.2, seed=3)
+    ids = {k: set(v) for k, v in sp.items()}
+    assert sum(len(v) for v in ids.values()) == len(samples) and not (ids["train"] & ids["test"])
+    pid = {s.image_id: s.patient_id for s in samples}
+    groups = {k: {pid[i] for i in v} for k, v in ids.items()}
+    assert not (groups["train"] & groups["val"]) and not (groups["train"] & groups["test"])
+    assert not (groups["val"] & groups["test"])
+    lab = {s.image_id: s.label for s in samples}
+    for k in ("val", "test"):
+        assert {lab[i] for i in ids[k]} == {0, 1, 2, 3}  # every class on every side
+        assert 0.1 < len(ids[k]) / len(samples) < 0.3
+    assert make_splits(d, 0.2, 0.2, seed=3) == sp  # deterministic
+    assert make_splits(d, 0.2, 0.2, seed=4) != sp
+    assert make_splits(d, 0.2, 0.0, seed=3)["test"] == []
+    with pytest.raises(MedseError, match="must be < 1"):
+        make_splits(d, 0.6, 0.5)
+
+
+def test_class_weights():
+    w = class_weights(np.array([0, 0, 0, 1]), 3)
+    np.testing.assert_allclose(w, [4 / 9, 4 / 3, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(class_weights(np.array([0, 1]), 2, "none"), [1, 1])
+
+
+def test_load_image_channels_size_norm_and_errors(folder, tmp_path):
+    x = load_image(folder / "glioma" / "img0.png", in_channels=3, image_size=32)
+    assert x.shape == (3, 32, 32) and x.dtype == np.float32
+    np.testing.assert_allclose(x[0], x[2])  # grey replicated
+    assert abs(x.mean()) < 1e-4 and abs(x.std() - 1) < 1e-3
+    v = load_image(folder / "glioma" / "vol.nii.gz", in_channels=1, image_size=32, normalize="minmax")
+    assert v.shape == (1, 32, 32) and v.min() == 0 and v.max() == pytest.approx(1)
+    v3 = load_image(folder / "glioma" / "vol.nii.gz", in_channels=1, image_size=16, spatial_dims=3)
+    assert v3.shape == (1, 16, 16, 16)
+    _png(tmp_path / "rgb.png", 1, mode="RGB")
+    assert load_image(tmp_path / "rgb.png", in_channels=1, image_size=32).shape == (1, 32, 32)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    with pytest.raises(MedseError, match="cannot read image") as err:
+        load_image(broken)
+    assert err.value.path == str(broken) and "broken.png" in str(err.value)
+    with pytest.raises(MedseError, match="raster images are 2D"):
+        load_image(folder / "glioma" / "img0.png", spatial_dims=3)
+
+
+def test_dataset_skips_unreadable_and_augments_deterministically(folder):
+    (folder / "notumor" / "img3.png").write_bytes(b"corrupt")
+    d = scan_folder(folder)
+    aug = AugmentConfig()
+    ds = ClassificationDataset(d, in_channels=1, image_size=32, augment=aug, seed=5)
+    assert len(ds) == len(d.samples) - 1 and ds.skipped[0][0] == "notumor/img3.png"
+    x0, y0, i0 = ds[0]
+    assert x0.shape == (1, 32, 32) and y0 == 0 and i0 == 0
+    torch.testing.assert_close(ds[0][0], x0)  # same (seed, epoch, index) -> same sample
+    ds.set_epoch(1)
+    assert not torch.allclose(ds[0][0], x0)
+    plain = ClassificationDataset(d, in_channels=1, image_size=32, augment=None, cache=False)
+    np.testing.assert_allclose(plain[0][0].numpy(), load_image(d.samples[0].path, 1, 32), atol=0)
+
+
+def test_augment_shapes_2d_3d_and_disabled():
+    g = torch.Generator().manual_seed(0)
+    x2 = torch.randn(2, 24, 20)
+    assert augment(x2, AugmentConfig(), g).shape == x2.shape
+    x3 = torch.randn(1, 12, 14, 10)
+    assert augment(x3, AugmentConfig(), g).shape == x3.shape
+    assert augment(x2, AugmentConfig(enabled=False), g) is x2
+    flip_only = AugmentConfig(flip_prob=1.0, rotate_deg=0, scale=(1, 1), intensity_scale=(1, 1), intensity_shift=0,
+                              noise_std=0)
+    torch.testing.assert_close(augment(x2, flip_only, g), torch.flip(x2, dims=(2,)))
+
+
+def test_synthetic_dataset_layout_proportions_determinism(tmp_path):
+    a = generate_classification_dataset(tmp_path / "a", n_images=24, size=48, seed=7)
+    b = generate_classification_dataset(tmp_path / "b", n_images=24, size=48, seed=7)
+    d = scan_folder(a)
+    assert d.class_names == sorted(CLASS_NAMES)
+    assert d.counts() == {"glioma": 7, "meningioma": 7, "notumor": 3, "pituitary": 7}  # study proportions
+    man = read_manifest(a / "manifest.csv")
+    assert len(man.samples) == 24 and len({s.patient_id for s in man.samples}) < 24  # several slices per patient
+    with Image.open(a / man.samples[0].image_id) as im:
+        assert im.size == (48, 48) and im.mode == "L"
+
+    def digest(root):
+        return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(root.rglob("*.png")))).hexdigest()
+
+    assert digest(a) == digest(b)
+    with pytest.raises(ValueError, match="unknown class"):
+        synth_slice("astrocytoma")
+
+
+def test_synthetic_lesions_are_where_the_class_says():
+    # pituitary lesion: midline, lower part; meningioma: at the brain edge; no tumour: brain close to symmetric
+    rng = np.random.default_rng(0)
+    from medse.classify.synth import _patient
+
+    size = 96
+    diffs = {}
+    for label in CLASS_NAMES:
+        d = []
+        for _ in range(6):
+            p = _patient(rng)
+            seed = int(rng.integers(1 << 30))
+            les = synth_slice(label, size, np.random.default_rng(seed), p)
+            ref = synth_slice("notumor", size, np.random.default_rng(seed), p)
+            d.append(np.abs(les - ref))
+        diffs[label] = np.mean(d, axis=0)
+    yy, xx = np.mgrid[0:size, 0:size] / (size - 1) * 2 - 1
+    assert diffs["notumor"].max() == 0
+    pit = diffs["pituitary"]
+    assert pit[yy > 0.3].sum() > 0.8 * pit.sum() and pit[np.abs(xx) < 0.3].sum() > 0.8 * pit.sum()
+    rho = np.sqrt(xx**2 + yy**2)
+    assert diffs["meningioma"][rho > 0.45].sum() > diffs["glioma"][rho > 0.45].sum() * 0.8
+    assert diffs["glioma"].sum() > 0

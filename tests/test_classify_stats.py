@@ -1,0 +1,220 @@
+"""Statistics of medse.classify.stats checked against independent computations and pROC's published example."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+from sklearn.metrics import roc_auc_score
+
+from medse.classify.evaluate import classification_metrics, compare_predictions
+from medse.classify.stats import (
+    StatisticsError,
+    auc_score,
+    delong_ci,
+    delong_covariance,
+    delong_test,
+    holm,
+    mcnemar_test,
+    midrank,
+    two_proportion_ztest,
+)
+
+ASAH = Path(__file__).parent / "data" / "aSAH.csv"
+
+
+@pytest.fixture(scope="module")
+def asah():
+    with open(ASAH, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 113
+    y = np.array([r["outcome"] == "Poor" for r in rows])
+    return y, np.array([float(r["s100b"]) for r in rows]), np.array([float(r["ndka"]) for r in rows])
+
+
+def test_asah_matches_proc_documented_values(asah):
+    # pROC (Robin et al. 2011) documented example on its aSAH data set:
+    #   roc(aSAH$outcome, aSAH$s100b): AUC 0.7314, ci.auc (DeLong) 0.6301-0.8326
+    #   roc(aSAH$outcome, aSAH$ndka):  AUC 0.612 (0.6119580 unrounded)
+    #   roc.test(r.s100b, r.ndka, method="delong"): Z = 1.3908, p-value = 0.1643, 95% CI of the difference
+    #   -0.04887 to 0.28769
+    y, s100b, ndka = asah
+    assert (y.sum(), (~y).sum()) == (41, 72)
+    r = delong_ci(y, s100b)
+    assert round(r.auc, 4) == 0.7314
+    assert (round(r.ci_low, 4), round(r.ci_high, 4)) == (0.6301, 0.8326)
+    assert round(delong_ci(y, ndka).auc, 3) == 0.612
+    assert delong_ci(y, ndka).auc == pytest.approx(0.6119580, abs=1e-7)
+    t = delong_test(y, ndka, s100b)  # diff = s100b - ndka, as pROC's roc1 - roc2 with roc1 = s100b
+    assert round(t.z, 4) == 1.3908 and round(t.p, 4) == 0.1643
+    assert round(t.ci_low, 4) == -0.0489 and round(t.ci_high, 4) == 0.2877
+    assert t.auc_a == pytest.approx(0.6119580, abs=1e-7) and t.auc_b == pytest.approx(0.7313686, abs=1e-7)
+    swapped = delong_test(y, s100b, ndka)
+    assert swapped.z == pytest.approx(-t.z) and swapped.p == pytest.approx(t.p)
+
+
+def test_auc_matches_sklearn_with_ties():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        y = rng.integers(0, 2, 80)
+        s = rng.integers(0, 6, 80).astype(float) + y * rng.uniform(0, 2)  # heavy ties
+        assert auc_score(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+        assert delong_ci(y, s).auc == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+
+
+def test_midrank():
+    np.testing.assert_allclose(midrank([3.0, 1.0, 3.0, 2.0, 3.0]), [4, 1, 4, 2, 4])
+    np.testing.assert_allclose(midrank([5.0]), [1])
+
+
+def _structural_components(y, scores):
+    """DeLong et al. (1988) directly, O(m * n): psi = 1 / 0.5 / 0 for X > Y / X == Y / X < Y."""
+    k = scores.shape[0]
+    pos, neg = scores[:, y], scores[:, ~y]
+    v10, v01, aucs = [], [], []
+    for r in range(k):
+        psi = (pos[r][:, None] > neg[r][None, :]) + 0.5 * (pos[r][:, None] == neg[r][None, :])
+        aucs.append(psi.mean())
+        v10.append(psi.mean(axis=1))
+        v01.append(psi.mean(axis=0))
+    m, n = pos.shape[1], neg.shape[1]
+    s10 = np.cov(np.array(v10), ddof=1)
+    s01 = np.cov(np.array(v01), ddof=1)
+    return np.array(aucs), s10 / m + s01 / n
+
+
+def test_delong_covariance_equals_structural_components_definition():
+    rng = np.random.default_rng(1)
+    y = rng.random(150) < 0.35
+    a = rng.normal(size=150) + 1.0 * y
+    b = np.round(a + rng.normal(scale=0.8, size=150), 1)  # correlated, with ties
+    c = rng.integers(0, 4, 150).astype(float)  # mostly ties
+    scores = np.stack([a, b, c])
+    aucs, cov = delong_covariance(y, scores)
+    ref_aucs, ref_cov = _structural_components(y, scores)
+    np.testing.assert_allclose(aucs, ref_aucs, atol=1e-12)
+    np.testing.assert_allclose(cov, ref_cov, atol=1e-12)
+    t = delong_test(y, a, b)
+    var = ref_cov[0, 0] + ref_cov[1, 1] - 2 * ref_cov[0, 1]
+    assert t.se == pytest.approx(math.sqrt(var), rel=1e-10)
+    assert t.z == pytest.approx((ref_aucs[1] - ref_aucs[0]) / math.sqrt(var), rel=1e-10)
+    assert t.p == pytest.approx(2 * stats.norm.sf(abs(t.z)), rel=1e-10)
+
+
+def test_delong_variance_agrees_with_large_bootstrap():
+    rng = np.random.default_rng(2)
+    n_pos, n_neg = 80, 120
+    y = np.r_[np.ones(n_pos, bool), np.zeros(n_neg, bool)]
+    a = rng.normal(size=200) + 1.2 * y
+    b = 0.6 * a + 0.8 * rng.normal(size=200) + 0.3 * y
+    _, cov = delong_covariance(y, np.stack([a, b]))
+    # stratified bootstrap (positives and negatives resampled separately, as pROC's default)
+    reps = 4000
+    pi = rng.integers(0, n_pos, (reps, n_pos))
+    ni = rng.integers(0, n_neg, (reps, n_neg)) + n_pos
+    idx = np.concatenate([pi, ni], axis=1)
+
+    def boot_auc(s):
+        ranks = stats.rankdata(s[idx], axis=1)
+        return (ranks[:, :n_pos].sum(1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+    ba, bb = boot_auc(a), boot_auc(b)
+    boot_cov = np.cov(np.stack([ba, bb]))
+    np.testing.assert_allclose(np.diag(cov), np.diag(boot_cov), rtol=0.12)
+    assert cov[0, 1] == pytest.approx(boot_cov[0, 1], rel=0.2)
+    diff_var = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
+    assert diff_var == pytest.approx(np.var(bb - ba, ddof=1), rel=0.15)
+
+
+def test_delong_edge_cases_give_messages_not_nan():
+    y = np.array([1, 1, 0, 0, 0])
+    with pytest.raises(StatisticsError, match="no positive cases"):
+        delong_ci(np.zeros(5, int), np.arange(5.0))
+    with pytest.raises(StatisticsError, match="no negative cases"):
+        delong_test(np.ones(5, int), np.arange(5.0), np.arange(5.0))
+    with pytest.raises(StatisticsError, match="NaN"):
+        delong_ci(y, [0.1, np.nan, 0.3, 0.2, 0.1])
+    with pytest.raises(StatisticsError, match="has 4 values"):
+        delong_ci(y, [0.1, 0.2, 0.3, 0.4])
+    with pytest.raises(StatisticsError, match="binary"):
+        delong_ci([0, 1, 2], [0.1, 0.2, 0.3])
+    perfect = delong_ci(y, [0.9, 0.8, 0.1, 0.2, 0.3])
+    assert (perfect.auc, perfect.ci_low, perfect.ci_high, perfect.se) == (1.0, 1.0, 1.0, 0.0)
+    assert "zero DeLong variance" in perfect.note
+    both = delong_test(y, [0.9, 0.8, 0.1, 0.2, 0.3], [5, 6, 1, 2, 1])
+    assert (both.diff, both.z, both.p) == (0.0, 0.0, 1.0) and "zero variance" in both.note
+    ties = delong_ci(y, np.ones(5))  # all scores tied: AUC 1/2
+    assert ties.auc == 0.5 and not math.isnan(ties.ci_low) and not math.isnan(ties.se)
+    one_imperfect = delong_test(y, [0.9, 0.8, 0.1, 0.2, 0.3], [0.9, 0.2, 0.1, 0.5, 0.3])
+    assert all(math.isfinite(v) for v in (one_imperfect.z, one_imperfect.p, one_imperfect.se))
+
+
+@pytest.mark.parametrize("b,c", [(0, 5), (3, 9), (7, 7), (12, 2), (1, 0)])
+def test_mcnemar_exact_matches_scipy_binomtest(b, c):
+    ca = np.r_[np.ones(b, bool), np.zeros(c, bool), np.ones(20, bool), np.zeros(6, bool)]
+    cb = np.r_[np.zeros(b, bool), np.ones(c, bool), np.ones(20, bool), np.zeros(6, bool)]
+    r = mcnemar_test(ca, cb)
+    assert (r.b, r.c, r.n) == (b, c, b + c + 26)
+    assert r.method == "exact binomial"
+    assert r.p == pytest.approx(stats.binomtest(b, b + c, 0.5).pvalue, abs=1e-12)
+
+
+def test_mcnemar_chi_square_above_threshold_and_no_discordance():
+    ca = np.r_[np.ones(30, bool), np.zeros(12, bool)]
+    cb = np.r_[np.zeros(30, bool), np.ones(12, bool)]
+    r = mcnemar_test(ca, cb)
+    assert r.method == "chi-square (continuity corrected)"
+    assert r.statistic == pytest.approx((abs(30 - 12) - 1) ** 2 / 42)
+    assert r.p == pytest.approx(stats.chi2.sf((18 - 1) ** 2 / 42, 1))
+    assert mcnemar_test(ca, cb, exact=True).p == pytest.approx(stats.binomtest(30, 42).pvalue)
+    same = mcnemar_test([True, False, True], [True, False, True])
+    assert (same.p, same.statistic) == (1.0, 0.0) and "no discordant" in same.note
+    with pytest.raises(StatisticsError):
+        mcnemar_test([True, False], [True])
+
+
+def test_two_proportion_ztest_is_unpaired_and_correct():
+    r = two_proportion_ztest(45, 100, 60, 100)
+    pool = 105 / 200
+    z = 0.15 / math.sqrt(pool * (1 - pool) * (2 / 100))
+    assert r.z == pytest.approx(z) and r.z == pytest.approx(2.1239, abs=1e-4)
+    assert r.p == pytest.approx(2 * stats.norm.sf(z))
+    assert r.paired is False
+    flat = two_proportion_ztest(10, 10, 10, 10)
+    assert (flat.z, flat.p) == (0.0, 1.0) and flat.note
+    with pytest.raises(StatisticsError):
+        two_proportion_ztest(1, 0, 1, 2)
+
+
+def test_holm():
+    adj = holm([0.01, 0.04, 0.03, 0.005])
+    # sorted 0.005*4 = 0.02, 0.01*3 = 0.03, 0.03*2 = 0.06, 0.04*1 = 0.04 -> monotone 0.06
+    assert adj == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, None, 0.01]) == [pytest.approx(0.5), None, pytest.approx(0.02)]
+    assert holm([0.9, 0.8]) == [1.0, 1.0]
+
+
+def test_metrics_with_absent_class_are_json_clean():
+    y = np.array([0, 0, 1, 1, 0, 1])
+    p = np.array([[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.4, 0.5, 0.1], [0.3, 0.6, 0.1],
+                  [0.1, 0.8, 0.1]])
+    m = classification_metrics(y, p, ["a", "b", "c"])
+    assert m["per_class"]["c"]["auc"] is None and "no positive cases" in m["per_class"]["c"]["note"]
+    assert m["per_class"]["c"]["sensitivity"] is None and m["per_class"]["c"]["precision"] is None
+    assert m["accuracy"] == pytest.approx(5 / 6)
+    assert m["confusion_matrix"] == [[2, 1, 0], [0, 3, 0], [0, 0, 0]]
+    assert m["macro_auc"] == pytest.approx(np.mean([m["per_class"]["a"]["auc"], m["per_class"]["b"]["auc"]]))
+    text = json.dumps(m)
+    assert "NaN" not in text
+    pred = {"class_names": ["a", "b", "c"], "image_ids": [str(i) for i in range(6)], "y_true": y, "probs": p}
+    comp = compare_predictions(pred, {**pred, "probs": p[:, [1, 0, 2]]})
+    c_row = comp["per_class"][2]
+    assert c_row["delong"] is None and "absent" in c_row["correctness_note"]
+    assert "NaN" not in json.dumps(comp)
+    with pytest.raises(Exception, match="different images"):
+        compare_predictions(pred, {**pred, "image_ids": [str(i + 1) for i in range(6)]})
