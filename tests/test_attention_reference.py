@@ -1,7 +1,8 @@
 """Each block against an independent, plain transcription of its paper's formula (random inputs and weights).
 
 The transcriptions below read weights from the blocks by their documented names but recompute everything else
-by hand (loops, einsum, explicit BatchNorm / h_swish / DCT formulas), in float64.
+by hand (loops, einsum, explicit BatchNorm / h_swish / DCT formulas), in float64. Blocks with a fast-path hook are
+checked with fused=False (plain code) and fused=True (medse/attention/_fused.py when present).
 """
 
 from __future__ import annotations
@@ -124,10 +125,11 @@ def pw(t, conv):
 # --- SE / cSE / sSE / scSE ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("d", [1, 2, 3])
 @pytest.mark.parametrize(("cls", "r"), [(SqueezeExcitation, 16), (ChannelSE, 2), (ChannelSE, 4)])
-def test_se_and_cse(cls, r, d) -> None:
-    block = _randomize(cls(d, 32, reduction=r))
+def test_se_and_cse(cls, r, d, fused) -> None:
+    block = _randomize(cls(d, 32, reduction=r, fused=fused))
     assert block.fc1.out_features == 32 // r
     x = _x((2, 32, *SIZES[d]))
     torch.testing.assert_close(
@@ -135,17 +137,19 @@ def test_se_and_cse(cls, r, d) -> None:
     )
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("d", [1, 2, 3])
-def test_sse(d) -> None:
-    block = _randomize(SpatialSE(d, 8))
+def test_sse(d, fused) -> None:
+    block = _randomize(SpatialSE(d, 8, fused=fused))
     x = _x((2, 8, *SIZES[d]))
     torch.testing.assert_close(block(x), x * ref_sse_gate(x, block.conv.weight, block.conv.bias), **TOL)
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("d", [2, 3])
 @pytest.mark.parametrize("aggregation", ["max", "add", "mul"])
-def test_scse(aggregation, d) -> None:
-    block = _randomize(SCSE(d, 16, aggregation=aggregation))
+def test_scse(aggregation, d, fused) -> None:
+    block = _randomize(SCSE(d, 16, aggregation=aggregation, fused=fused))
     x = _x((2, 16, *SIZES[d]))
     cse = block.cse
     xc = ref_se(x, cse.fc1.weight, cse.fc1.bias, cse.fc2.weight, cse.fc2.bias)
@@ -164,10 +168,11 @@ def test_scse_smp_preset_is_add_with_r16() -> None:
 # --- ECA ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("d", [1, 2, 3])
 @pytest.mark.parametrize("k", [1, 3, 5, 7])
-def test_eca(k, d) -> None:
-    block = _randomize(ECA(d, 12, kernel_size=k))
+def test_eca(k, d, fused) -> None:
+    block = _randomize(ECA(d, 12, kernel_size=k, fused=fused))
     x = _x((2, 12, *SIZES[d]))
     torch.testing.assert_close(block(x), ref_eca(x, block.conv.weight), **TOL)
 
@@ -180,10 +185,11 @@ def test_eca_adaptive_kernel(c, k) -> None:
 # --- SimAM ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("d", [1, 2, 3])
 @pytest.mark.parametrize("lam", [1e-4, 0.1])
-def test_simam(lam, d) -> None:
-    block = SimAM(d, 8, e_lambda=lam)
+def test_simam(lam, d, fused) -> None:
+    block = SimAM(d, 8, e_lambda=lam, fused=fused)
     x = _x((2, 8, *SIZES[d]))
     torch.testing.assert_close(block(x), ref_simam(x, lam), **TOL)
     xf = x.float()  # float32 path
@@ -299,10 +305,11 @@ def ref_ca_3d(x, m, train):
     return x * a_d * a_h * a_w
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("train", [False, True])
 @pytest.mark.parametrize("d", [2, 3])
-def test_coord_attention(d, train) -> None:
-    block = _randomize(CoordAttention(d, 16)).train(train)
+def test_coord_attention(d, train, fused) -> None:
+    block = _randomize(CoordAttention(d, 16, fused=fused)).train(train)
     assert block.mip == 8
     x = _x((2, 16, *SIZES[d]))
     expected = (ref_ca_2d if d == 2 else ref_ca_3d)(x, block, train)
