@@ -150,7 +150,11 @@ def _defaults_text(defaults: dict[str, Any]) -> str:
 def _param_names(name: str, spatial_dims: int, channels: int) -> str:
     block = create_attention(name, spatial_dims, channels)
     names = [f"`{n}` {tuple(p.shape)}" for n, p in block.named_parameters()]
-    buffers = [f"`{n}` {tuple(b.shape)} (buffer)" for n, b in block.named_buffers() if "running" not in n and "num_batches" not in n]
+    buffers = [
+        f"`{n}` {tuple(b.shape)} (buffer)"
+        for n, b in block.named_buffers()
+        if "running" not in n and "num_batches" not in n
+    ]
     return ", ".join(names + buffers) or "none"
 
 
