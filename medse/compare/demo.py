@@ -112,12 +112,13 @@ def run_demo(
 
 def _explain_example(cfg: Any, out: Path, say: Callable[[str], None]) -> dict[str, str]:
     """Gate maps of the first spatial-gate block model (scSE in the demo) on the overlay's example case."""
-    from medse.compare.explain import SPATIAL_GATE_BLOCKS, explain
+    from medse.compare.explain import explain, spatial_gate_blocks
     from medse.compare.figures import pick_example_case
     from medse.compare.pipeline import _dataset_of_run, grid_cells
     from medse.compare.records import load_records
 
-    cells = [c for c in grid_cells(cfg) if c.block in SPATIAL_GATE_BLOCKS]
+    gated = set(spatial_gate_blocks())
+    cells = [c for c in grid_cells(cfg) if c.block in gated]
     cells.sort(key=lambda c: (c.block != "scse",))
     for cell in cells:
         cdir = out / "cells" / cell.cell_id

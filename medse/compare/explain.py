@@ -33,7 +33,17 @@ from medse.utils.errors import MedseError
 
 __all__ = ["ExplainResult", "explain", "gate_layers"]
 
-SPATIAL_GATE_BLOCKS = ("sse", "scse", "ca", "simam", "pe")
+SPATIAL_GATE_BLOCKS = ("sse", "scse", "scse_smp", "ca", "simam", "pe")
+
+
+def spatial_gate_blocks() -> list[str]:
+    """Names of the registered blocks with a spatial gate (``AttentionInfo.spatial_gate``)."""
+    try:
+        from medse.attention import list_attention
+
+        return [n for n, info in list_attention().items() if getattr(info, "spatial_gate", False)]
+    except ImportError:  # pragma: no cover - the blocks area is part of every release
+        return list(SPATIAL_GATE_BLOCKS)
 
 
 @dataclass
@@ -196,7 +206,7 @@ def explain(
 
         att = load_config(Path(run_dir) / "config.yaml").model.attention
         raise MedseError(f"the run's network (attention '{att}') has no spatial-gate block; maps exist for "
-                         f"{', '.join(SPATIAL_GATE_BLOCKS)}", run_dir)
+                         f"{', '.join(spatial_gate_blocks())}", run_dir)
     chosen = _select(all_layers, layers)
     index_of = {id(m): i for i, (_, m) in enumerate(all_layers)}
     cfg = pred.preprocess if pred.preprocess is not None else PreprocessConfig()
