@@ -174,3 +174,21 @@ def test_dataset_json_label_errors(tmp_path):
     (root / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1, "b": 1}}))
     with pytest.raises(MedseError, match="label value 1 appears twice"):
         load_dataset(root)
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+def test_itk_formats_in_folder_layout(tmp_path, suffix):
+    from medse.data._testing import write_case
+    from medse.data.preprocess import PreprocessConfig, invert_to_original, preprocess_case
+    from medse.data.validate import validate_dataset
+
+    for i, kind in enumerate(("oblique", "permuted")):
+        write_case(tmp_path / "ds", f"k{i}", (9, 10, 11), kind, seed=i, suffix=suffix)
+    spec = load_dataset(tmp_path / "ds")
+    assert spec.case_ids == ["k0", "k1"] and spec.case("k1").images[0].name == f"k1{suffix}"
+    assert validate_dataset(spec).ok
+    c = spec.case("k1")
+    _, lab, props = preprocess_case(c.images, c.label, PreprocessConfig(crop_foreground=True))
+    from medse.data.io import read_image
+
+    np.testing.assert_array_equal(invert_to_original(lab, props, True), read_image(c.label).array)

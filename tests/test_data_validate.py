@@ -190,3 +190,14 @@ def test_4d_label(folder_dataset):
     nib.save(nib.Nifti1Image(np.stack([lab.array] * 2, -1), lab.affine), str(root / "labels" / "c00.nii.gz"))
     rep = validate_dataset(load_dataset(root))
     assert len(rep.errors) == 1 and "labels/c00.nii.gz: 4D label map" in rep.errors[0]
+
+
+def test_nifti_without_orientation_is_a_warning(folder_dataset):
+    root = folder_dataset()
+    img = nib.load(str(root / "images" / "c00.nii.gz"))
+    bare = nib.Nifti1Image(np.asarray(img.dataobj), None)
+    bare.set_qform(None, code=0)
+    bare.set_sform(None, code=0)
+    nib.save(bare, str(root / "images" / "c00.nii.gz"))
+    rep = validate_dataset(load_dataset(root), check_labels=False)
+    assert rep.errors == [] and len(rep.warnings) == 1 and "c00.nii.gz: no qform/sform" in rep.warnings[0]

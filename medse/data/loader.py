@@ -5,7 +5,9 @@
     in memory (``"memory"``), in ``.npz`` files under ``cache_dir`` keyed by a hash of the
     preprocessing settings and the input files' paths, sizes and modification times (``"disk"``), or
     nowhere (``"none"``). ``get(case_id) -> (image (C,X,Y,Z) float32, label (X,Y,Z) uint8 | None,
-    props)``; ``n_preprocessed`` counts the cases read from their original files.
+    props)``; ``n_preprocessed`` counts the cases read from their original files. With DataLoader
+    workers call ``preload()`` first, so that forked workers share the cached arrays (otherwise each
+    worker preprocesses its cases once on its own).
 
 ``PatchDataset(store, case_ids, patch_size, fg_ratio=0.33, augment=None, samples_per_epoch=None, seed=0,
 slice_axis=None)``

@@ -10,7 +10,8 @@ errors
     duplicate case IDs; missing labels (``check_labels``); problems found while listing the layout
     (label file without image, missing channels).
 warnings
-    empty label maps (background only); label maps stored as floating point.
+    empty label maps (background only); label maps stored as floating point; NIfTI images without
+    qform/sform (orientation unknown).
 
 ``ValidationReport.label_values`` are the label values found; when the dataset declares no labels,
 :func:`resolve_labels` names them ``label_<v>`` (background 0). ``raise_if_errors()`` raises one
@@ -106,6 +107,10 @@ def validate_dataset(
                 rep.errors.append(f"{p}: 4D image (shape {img.shape}) where a 3D volume is expected")
                 continue
             n_ch += img.num_channels
+            if img.header.get("format") == "nifti" and not img.header.get("qform_code") \
+                    and not img.header.get("sform_code"):
+                rep.warnings.append(f"{p}: no qform/sform in the header: orientation unknown (nibabel's default "
+                                    "LAS affine assumed)")
             if img.array.dtype.kind == "f":
                 bad = int(np.count_nonzero(~np.isfinite(img.array)))
                 if bad:
