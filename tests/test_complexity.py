@@ -144,3 +144,13 @@ def test_cli_blocks(tmp_path, capsys) -> None:
     assert target.read_text().startswith("# Attention blocks")
     assert main(["blocks", "--dims", "4"]) == 2
     assert "--dims" in capsys.readouterr().err
+
+
+def test_counts_on_the_meta_device_match_cpu() -> None:
+    """medse.networks counts models built on the meta device (no memory): the blocks must support it."""
+    for name, d in [("scse", 3), ("fca", 3), ("ca", 2), ("spse", 3), ("simam", 2), ("pe", 3), ("eca+ca", 3)]:
+        with torch.device("meta"):
+            meta = create_attention(name, d, 32)
+        shape = (1, 32, *([9] * d))
+        assert count_ops(meta, shape) == count_ops(create_attention(name, d, 32), shape), name
+        assert count_params(meta) == count_params(create_attention(name, d, 32)), name
