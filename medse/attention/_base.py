@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -32,7 +33,11 @@ def channel_view(s: torch.Tensor, spatial_dims: int) -> torch.Tensor:
 
 def check_spatial_dims(block: str, spatial_dims: object, supported: Sequence[int]) -> int:
     """Return ``spatial_dims`` as an int or raise ``ValueError`` naming the block and the supported values."""
-    if isinstance(spatial_dims, bool) or not isinstance(spatial_dims, int) or spatial_dims not in supported:
+    if (
+        isinstance(spatial_dims, bool)
+        or not isinstance(spatial_dims, numbers.Integral)
+        or spatial_dims not in supported
+    ):
         sup = ", ".join(str(d) for d in supported)
         raise ValueError(f"{block}: spatial_dims must be one of {{{sup}}}, got {spatial_dims!r}.")
     return int(spatial_dims)
@@ -40,7 +45,7 @@ def check_spatial_dims(block: str, spatial_dims: object, supported: Sequence[int
 
 def check_channels(block: str, in_channels: object) -> int:
     """Return ``in_channels`` as an int or raise ``ValueError`` if it is not a positive integer."""
-    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+    if isinstance(in_channels, bool) or not isinstance(in_channels, numbers.Integral) or in_channels < 1:
         raise ValueError(f"{block}: in_channels must be a positive integer, got {in_channels!r}.")
     return int(in_channels)
 
