@@ -233,3 +233,14 @@ def test_half_precision_modules(name: str, d: int) -> None:
         block = _build(name, d).to(dtype).eval()
         y = block((_x(d) * scale).to(dtype))
         assert y.dtype == dtype and torch.isfinite(y).all(), f"{name} {d}D {dtype}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(("name", "d"), BLOCK_CASES)
+def test_cuda_matches_cpu(name: str, d: int) -> None:
+    block = _build(name, d).eval()
+    x = _x(d)
+    expected = block(x)
+    got = block.cuda()(x.cuda()).cpu()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
