@@ -246,3 +246,20 @@ def test_cuda_matches_cpu(name: str, d: int, monkeypatch) -> None:
     expected = block(x)
     got = block.cuda()(x.cuda()).cpu()
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["scse", "fca", "ca", "spse", "eca+ca"])
+def test_checkpoint_round_trip(name: str, tmp_path) -> None:
+    from medse.utils.checkpoint import load_checkpoint, save_checkpoint
+
+    d = 3
+    block = _build(name, d).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(0.1)
+    path = save_checkpoint(tmp_path / "block.pt", {"model": block.state_dict()})
+    torch.manual_seed(123)
+    fresh = create_attention(name, d, C).eval()
+    fresh.load_state_dict(load_checkpoint(path)["model"])  # weights_only=True
+    x = _x(d)
+    torch.testing.assert_close(fresh(x), block(x))
