@@ -169,7 +169,15 @@ def blocks_markdown(channels: int = 64, size: int = 32) -> str:
         "class `Block(spatial_dims, in_channels, *, ...)`; output shape = input shape. Compositions such as",
         "`eca+ca` build the blocks in sequence (`nn.Sequential`); `{part: {...}}` keywords target one part.",
         "Blocks with a spatial gate take `record_gate=True` and then keep the detached gate in `last_gate`.",
-        "Blocks with a fast-path hook take `fused` (a hint: the same numbers either way).",
+        "Blocks with a fast-path hook take `fused` (a hint: the same numbers either way; the fast paths live in",
+        "`medse/attention/_fused.py`, contract in `medse/attention/_base.py`).",
+        "",
+        "Counting conventions (`medse.utils.complexity`): `count_params` counts learnable parameters once each",
+        "(BatchNorm running statistics and FcaNet's DCT filters are buffers, not counted). `count_macs` counts",
+        "multiply-adds of convolutions / linear layers (biases not counted) and one per element for normalisation",
+        "layers; with `elementwise=True` (the table's `elementwise ops` column) also pooling and each block's own",
+        "element-wise work (spatial means, gate products, SimAM's energy) as declared by its `extra_macs` method.",
+        "Activations are not counted. Reproduce the table with `medse blocks --channels 64 --size 32`.",
         "",
     ]
     for name, info in list_attention().items():
