@@ -103,7 +103,8 @@ def iter_window_slabs(
     Yields:
         ``(axis, start, stop, scores)`` with ``scores`` a float32 tensor ``(K, ...)`` covering
         ``start:stop`` along ``axis`` and the full image along the other axes (unpadded coordinates);
-        slabs arrive in order and tile the image exactly once.
+        slabs arrive in order and tile the image exactly once. A slab is a view of the internal buffer,
+        valid until the next one is requested: copy it (or reduce it) before asking for the next.
     """
     import torch
     from monai.data.utils import compute_importance_map, dense_patch_slices
@@ -169,8 +170,9 @@ def iter_window_slabs(
                 cnt = torch.zeros((1, *shape), dtype=torch.float32, device=device)
             for o, w in zip(out, batch, strict=True):
                 sl = (slice(None), *local(w))
-                acc[sl] += o * weight
+                acc[sl].addcmul_(o, weight)  # in place: no (K, *roi) temporary
                 cnt[sl] += weight
+            del out, x
         nxt = starts[gi + 1] if gi + 1 < len(starts) else padded[axis]
         d = nxt - z
         # finalise [z, nxt) along the axis; crop MONAI's padding
@@ -179,20 +181,19 @@ def iter_window_slabs(
             sel = [slice(None)] * (nd + 1)
             sel[axis + 1] = slice(a0 - z, a1 - z)
             sel = tuple(sel)
-            slab = acc[sel] / cnt[sel]
-            slab = slab[(slice(None), *crop_other)]
-            yield axis, a0 - lo_crop, a1 - lo_crop, slab
+            slab = acc[sel]
+            slab.div_(cnt[sel])  # finalised in place; these rows are never accumulated into again
+            yield axis, a0 - lo_crop, a1 - lo_crop, slab[(slice(None), *crop_other)]
         if gi + 1 < len(starts):
             keep = depth - d
-            src = [slice(None)] * (nd + 1)
-            dst = [slice(None)] * (nd + 1)
-            src[axis + 1] = slice(d, depth)
-            dst[axis + 1] = slice(0, keep)
+            # shift rows [d, depth) to [0, keep) in chunks of at most d rows: a chunk's source lies
+            # after its destination and is not yet overwritten, and no temporary copy is made
+            for c0 in range(0, keep, max(d, 1)):
+                c1 = min(keep, c0 + d)
+                for buf in (acc, cnt):
+                    buf.narrow(axis + 1, c0, c1 - c0).copy_(buf.narrow(axis + 1, c0 + d, c1 - c0))
             tail = [slice(None)] * (nd + 1)
             tail[axis + 1] = slice(keep, depth)
-            if keep > 0:
-                acc[tuple(dst)] = acc[tuple(src)].clone()
-                cnt[tuple(dst)] = cnt[tuple(src)].clone()
             acc[tuple(tail)] = 0
             cnt[tuple(tail)] = 0
 
