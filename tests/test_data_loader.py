@@ -179,3 +179,15 @@ def test_patch_dataset_in_dataloader_with_shuffle(store):
     g = torch.Generator().manual_seed(0)
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=3, shuffle=True, generator=g)))
     assert batch["image"].shape == (3, 1, 8, 8, 8) and batch["label"].shape == (3, 1, 8, 8, 8)
+
+
+def test_samples_do_not_alias_the_cache(store):
+    img, lab, _ = store.get("case_005")
+    assert not img.flags.writeable and not lab.flags.writeable
+    before = img.copy()
+    ds = PatchDataset(store, ["case_005"], img.shape[1:], fg_ratio=0.0, seed=0)
+    s = ds[0]
+    s["image"].add_(100.0)
+    v = VolumeDataset(store, ["case_005"])[0]
+    v["image"].mul_(0.0)
+    np.testing.assert_array_equal(store.get("case_005")[0], before)

@@ -128,10 +128,17 @@ class CaseStore:
                                label_values=self.label_values)
 
     def get(self, case_id: str) -> CaseData:
-        """``(image float32 (C,X,Y,Z), label uint8 (X,Y,Z) | None, props)`` of one case."""
+        """``(image float32 (C,X,Y,Z), label uint8 (X,Y,Z) | None, props)`` of one case.
+
+        With ``cache="memory"`` the arrays are the cached ones, marked read-only: copy before modifying.
+        """
         if self.cache == "memory":
             if case_id not in self._mem:
-                self._mem[case_id] = self._compute(case_id)
+                image, label, props = self._compute(case_id)
+                image.setflags(write=False)
+                if label is not None:
+                    label.setflags(write=False)
+                self._mem[case_id] = (image, label, props)
             return self._mem[case_id]
         if self.cache == "disk":
             path = self._disk_path(case_id)
@@ -306,12 +313,12 @@ class PatchDataset(_TorchDataset):  # type: ignore[misc,valid-type]
         lab, _ = _pad_to(label, patch, 0)
         start, _ = self.sample_location(case_id, lab, lab.shape, rng)
         sl = tuple(slice(s, s + p) for s, p in zip(start, patch, strict=False))
-        img_p = np.ascontiguousarray(img[(slice(None), *sl)])
-        lab_p = np.ascontiguousarray(lab[sl])
+        img_p = np.array(img[(slice(None), *sl)], dtype=np.float32)  # copies: the cache stays untouched
+        lab_p = np.array(lab[sl])
         if self.spatial_dims == 2:
             ax = int(self.slice_axis)  # type: ignore[arg-type]
-            img_p = np.take(img_p, 0, axis=ax + 1)
-            lab_p = np.take(lab_p, 0, axis=ax)
+            img_p = np.ascontiguousarray(np.take(img_p, 0, axis=ax + 1))
+            lab_p = np.ascontiguousarray(np.take(lab_p, 0, axis=ax))
         spacing = props.get("spacing_after")
         if spacing is not None and self.spatial_dims == 2:
             spacing = [s for a, s in enumerate(spacing) if a != self.slice_axis]
@@ -321,7 +328,7 @@ class PatchDataset(_TorchDataset):  # type: ignore[misc,valid-type]
             img_t, lab_t = apply_augmentation(self.transform, img_p, lab_p, derive_seed(self.seed, self.epoch, index,
                                                                                         1), spacing)
         else:
-            img_t = torch.from_numpy(img_p.astype(np.float32, copy=False))
+            img_t = torch.from_numpy(img_p)
             lab_t = torch.from_numpy(lab_p.astype(np.int64))[None]
         return {"image": img_t.float(), "label": lab_t.long(), "case_id": case_id}
 
@@ -341,7 +348,7 @@ class VolumeDataset(_TorchDataset):  # type: ignore[misc,valid-type]
 
         case_id = self.case_ids[index]
         image, label, props = self.store.get(case_id)
-        out: dict[str, Any] = {"image": torch.from_numpy(np.ascontiguousarray(image)), "case_id": case_id,
+        out: dict[str, Any] = {"image": torch.from_numpy(np.array(image, dtype=np.float32)), "case_id": case_id,
                                "props": props}
         if label is not None:
             out["label"] = torch.from_numpy(label.astype(np.int64))[None]
