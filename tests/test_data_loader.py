@@ -191,3 +191,27 @@ def test_samples_do_not_alias_the_cache(store):
     v = VolumeDataset(store, ["case_005"])[0]
     v["image"].mul_(0.0)
     np.testing.assert_array_equal(store.get("case_005")[0], before)
+
+
+def test_3d_transform_rebuilt_for_2d_slices(store):
+    t3 = build_augmentation(AugmentConfig(affine=AffineAug(p=1.0, degrees=30)), spatial_dims=3)
+    ds = PatchDataset(store, store.case_ids, (16, 16), augment=t3, seed=0, slice_axis=2)
+    assert ds.transform is not t3 and ds.transform._medse_spatial_dims == 2
+    assert ds[0]["image"].shape == (1, 16, 16)
+    assert PatchDataset(store, store.case_ids, (8, 8, 8), augment=t3).transform is t3
+
+
+def test_multichannel_patches(tmp_path):
+    from medse.data._testing import make_affine, write_random_volume
+
+    aff = make_affine("oblique")
+    for cid in ("a", "b"):
+        for ch in range(2):
+            write_random_volume(tmp_path / "ds" / "images" / f"{cid}_{ch:04d}.nii.gz", (12, 13, 14), affine=aff,
+                                seed=ch)
+        write_random_volume(tmp_path / "ds" / "labels" / f"{cid}.nii.gz", (12, 13, 14), affine=aff, label=True)
+    st = CaseStore(load_dataset(tmp_path / "ds"), PreprocessConfig())
+    ds = PatchDataset(st, ["a", "b"], (8, 8, 8), fg_ratio=1.0, seed=0)
+    s = ds[1]
+    assert s["image"].shape == (2, 8, 8, 8) and s["label"].shape == (1, 8, 8, 8)
+    assert not torch.equal(s["image"][0], s["image"][1])

@@ -76,7 +76,11 @@ def build_augmentation(cfg: AugmentConfig | None, spatial_dims: int = 3) -> Any:
     if cfg.ghosting.p > 0:
         ts.append(tio.RandomGhosting(num_ghosts=tuple(cfg.ghosting.num_ghosts), intensity=tuple(cfg.ghosting.intensity),
                                      axes=(0, 1) if two_d else (0, 1, 2), p=cfg.ghosting.p))
-    return tio.Compose(ts)
+    compose = tio.Compose(ts)
+    # remembered so that a dataset of the other dimensionality can rebuild it (PatchDataset does)
+    compose._medse_config = cfg
+    compose._medse_spatial_dims = spatial_dims
+    return compose
 
 
 def apply_augmentation(

@@ -202,7 +202,9 @@ class PatchDataset(_TorchDataset):  # type: ignore[misc,valid-type]
         case_ids: training cases (each must have a label).
         patch_size: 3 sizes (3D patches) or 2 sizes (2D slices across ``slice_axis``).
         fg_ratio: share of foreground-centred samples. Defaults to 0.33.
-        augment: an ``AugmentConfig``, a torchio transform, or None. Defaults to None.
+        augment: an ``AugmentConfig``, a torchio transform, or None; a transform from
+            :func:`~medse.data.augment.build_augmentation` made for the other dimensionality is rebuilt
+            for this one. Defaults to None.
         samples_per_epoch: samples per epoch. Defaults to None (one per case).
         seed: base seed. Defaults to 0.
         slice_axis: axis of the preprocessed volume slices are taken across (2D). Defaults to None.
@@ -239,8 +241,12 @@ class PatchDataset(_TorchDataset):  # type: ignore[misc,valid-type]
         self.spatial_dims = len(self.patch_size)
         self.slice_axis = slice_axis
         self.fg_ratio = float(fg_ratio)
-        self.transform = build_augmentation(augment, self.spatial_dims) if isinstance(augment, AugmentConfig) \
-            else augment
+        if isinstance(augment, AugmentConfig):
+            augment = build_augmentation(augment, self.spatial_dims)
+        elif getattr(augment, "_medse_spatial_dims", self.spatial_dims) != self.spatial_dims:
+            # built by build_augmentation for the other dimensionality (e.g. 3D rotations for 2D slices)
+            augment = build_augmentation(augment._medse_config, self.spatial_dims)
+        self.transform = augment
         self.samples_per_epoch = int(samples_per_epoch) if samples_per_epoch else len(self.case_ids)
         self.seed = int(seed)
         self.epoch = 0
