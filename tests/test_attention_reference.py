@@ -353,3 +353,19 @@ def test_project_excite() -> None:
                 )
     gate = _sigmoid(pw(torch.clamp(pw(z, block.conv1), min=0), block.conv2))
     torch.testing.assert_close(block(x), x * gate, **TOL)
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_fca_every_method_and_orthonormal_basis(d) -> None:
+    from medse.attention.fca import FREQ_METHODS, dct_filter
+
+    assert len(FREQ_METHODS) == 18
+    for method in FREQ_METHODS:
+        n = int(method[3:])
+        block = FcaAttention(d, 32, reduction=2, freq_method=method)
+        assert len(block.frequencies) == n and len(set(block.frequencies)) == n
+        assert block(torch.randn(1, 32, *([5] * d))).shape == (1, 32, *([5] * d))
+    # distinct DCT-II basis functions are orthonormal: <F_i, F_j> = delta_ij
+    freqs = [(0, 0, 0), (1, 0, 0), (0, 3, 2), (6, 6, 6)] if d == 3 else [(0, 0), (1, 0), (3, 2), (6, 6)]
+    filt = dct_filter((7,) * d, freqs, 4).double().flatten(1)
+    torch.testing.assert_close(filt @ filt.T, torch.eye(4, dtype=torch.float64), atol=1e-6, rtol=0)
