@@ -9,6 +9,15 @@ from torch import nn
 from medse.networks.resnet import STACKS, PreActBottleneck, ResNet50V2, keras_param_count
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread per test, restored after: on a shared 2-core machine this is several times faster."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def _n(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 

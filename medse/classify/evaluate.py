@@ -9,7 +9,8 @@ sensitivity, specificity, precision, F1; overall accuracy, macro and micro AUC, 
 the paired DeLong test of the AUCs, McNemar's paired test of correctness and the two-proportion Z-test used by the
 2025 ResNet50V2-SE study (labelled UNPAIRED), each Holm-corrected across classes; writes ``comparison.json``,
 ``comparison.csv``, ``comparison.md`` (a table in the study's style), ``roc_<class>.png`` (both models on one plot)
-and ``confusion.png`` (both models side by side).
+and ``confusion.png`` (both models side by side); ``baseline/`` and ``candidate/`` hold each model's predictions and
+metrics.
 
 Per-class correctness tests use the images of that class (did the model call them correctly, i.e. per-class
 recall), which is the proportion the study's Z-test compares; overall tests use every image.
@@ -58,7 +59,7 @@ def predict_run(run_dir: str | Path, data: str | Path | None = None, checkpoint:
     from tqdm.auto import tqdm
 
     from medse.classify.data import ClassificationDataset
-    from medse.classify.train import _device, build_model, load_config, load_run_data
+    from medse.classify.train import _device, build_model, load_config, load_run_data, torch_threads
     from medse.utils.checkpoint import load_checkpoint
     from medse.utils.config import load_yaml
 
@@ -85,7 +86,7 @@ def predict_run(run_dir: str | Path, data: str | Path | None = None, checkpoint:
         raise MedseError("no readable test images", items.source)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
     probs = []
-    with torch.no_grad():
+    with torch.no_grad(), torch_threads(cfg.train.num_threads):
         for x, _, _ in tqdm(loader, desc=f"predict {run_dir.name}", leave=False, disable=not progress):
             probs.append(torch.softmax(model(x.to(dev)).float(), 1).cpu().numpy())
     return {
@@ -313,8 +314,9 @@ def plot_confusion(matrices: dict[str, np.ndarray], class_names: list[str], path
 
 
 # ----------------------------------------------------------------------------------------------- evaluate
-def evaluate_predictions(pred: dict, output: str | Path, title: str = "") -> dict:
-    """Write predictions.csv, metrics.json/csv, table.md, roc.png, confusion.png for one model's predictions."""
+def evaluate_predictions(pred: dict, output: str | Path, title: str = "", plots: bool = True) -> dict:
+    """Write predictions.csv, metrics.json/csv, table.md (and with ``plots`` roc.png, confusion.png) for one
+    model's predictions."""
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     m = classification_metrics(pred["y_true"], pred["probs"], pred["class_names"])
@@ -326,8 +328,10 @@ def evaluate_predictions(pred: dict, output: str | Path, title: str = "") -> dic
     atomic_write_text(out / "metrics.json", json.dumps(m, indent=2) + "\n")
     _write_rows(out / "metrics.csv", _metrics_csv(m))
     atomic_write_text(out / "table.md", metrics_table(m, title))
-    plot_roc({title or "model": pred}, out / "roc.png")
-    plot_confusion({title or "model": np.array(m["confusion_matrix"])}, pred["class_names"], out / "confusion.png")
+    if plots:
+        plot_roc({title or "model": pred}, out / "roc.png")
+        plot_confusion({title or "model": np.array(m["confusion_matrix"])}, pred["class_names"],
+                       out / "confusion.png")
     return m
 
 
@@ -468,7 +472,7 @@ def compare_runs(baseline: str | Path, candidate: str | Path, output: str | Path
             preds[label] = read_predictions(run / "predictions.csv")  # an evaluation folder
         else:
             preds[label] = predict_run(run, data, checkpoint, split, progress=progress)
-        evaluate_predictions(preds[label], out / label, f"{label}: {run.name}")
+        evaluate_predictions(preds[label], out / label, f"{label}: {run.name}", plots=False)
     comp = compare_predictions(preds["baseline"], preds["candidate"])
     comp["baseline_run"], comp["candidate_run"] = str(baseline), str(candidate)
     atomic_write_text(out / "comparison.json", json.dumps(comp, indent=2) + "\n")
@@ -490,7 +494,6 @@ def compare_runs(baseline: str | Path, candidate: str | Path, output: str | Path
     labels = {bl: preds["baseline"], cl: preds["candidate"]}
     for name in comp["class_names"]:
         plot_roc(labels, out / f"roc_{name}.png", classes=[name])
-    plot_roc(labels, out / "roc.png")
     plot_confusion({bl: np.array(comp["baseline"]["confusion_matrix"]),
                     cl: np.array(comp["candidate"]["confusion_matrix"])}, comp["class_names"], out / "confusion.png")
     return comp

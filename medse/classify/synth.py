@@ -205,7 +205,15 @@ def generate_classification_dataset(
     if unknown:
         raise ValueError(f"unknown classes in proportions: {sorted(unknown)}; expected {CLASS_NAMES}")
     total = sum(props.values())
-    counts = {c: max(1, int(round(n_images * props.get(c, 0.0) / total))) for c in CLASS_NAMES}
+    # largest-remainder rounding: the counts add up to n_images, every class gets at least one image
+    raw = {c: n_images * props.get(c, 0.0) / total for c in CLASS_NAMES}
+    counts = {c: max(1, int(math.floor(v))) for c, v in raw.items()}
+    for c in sorted(CLASS_NAMES, key=lambda c: raw[c] - math.floor(raw[c]), reverse=True):
+        if sum(counts.values()) >= n_images:
+            break
+        counts[c] += 1
+    while sum(counts.values()) > n_images:
+        counts[max(counts, key=counts.get)] -= 1
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -1,0 +1,132 @@
+"""Classifier training, resume, evaluation and comparison end to end on tiny synthetic data (width 1/8, 32 px)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from medse.classify.synth import generate_classification_dataset
+from medse.classify.train import load_config, resume, train
+from medse.utils.errors import MedseError
+
+TINY = {
+    "model": {"in_channels": 1, "arch": {"width": 0.125}},
+    "data": {"image_size": 32, "val_fraction": 0.2, "test_fraction": 0.25},
+    "train": {"epochs": 2, "batch_size": 8, "lr": 0.003, "progress": False, "seed": 3, "num_threads": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    return generate_classification_dataset(tmp_path_factory.mktemp("cls") / "data", n_images=48, size=40, seed=1)
+
+
+def _cfg(root, **extra):
+    cfg = json.loads(json.dumps(TINY))
+    cfg["data"]["root"] = str(root)
+    for section, values in extra.items():
+        cfg[section].update(values)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def runs(synth, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    base = train(_cfg(synth / "manifest.csv"), out / "base")
+    se = train(_cfg(synth / "manifest.csv", model={"attention": "se", "attention_kwargs": {"reduction": 4}}),
+               out / "se")
+    return base, se
+
+
+def test_run_folder_contents(runs):
+    base, _ = runs
+    for name in ("config.yaml", "run_info.json", "dataset.json", "splits.json", "metrics.csv", "curves.png",
+                 "checkpoints/last.pt", "checkpoints/best.pt"):
+        assert (base / name).is_file(), name
+    ds = json.loads((base / "dataset.json").read_text())
+    assert ds["class_names"] == ["glioma", "meningioma", "notumor", "pituitary"] and ds["num_classes"] == 4
+    sp = json.loads((base / "splits.json").read_text())
+    assert sp["seed"] == 3 and len(sp["train"]) + len(sp["val"]) + len(sp["test"]) == 48
+    rows = list(csv.DictReader(open(base / "metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert all(float(r["train_loss"]) > 0 and 0 <= float(r["val_accuracy"]) <= 1 for r in rows)
+    ck = torch.load(base / "checkpoints" / "last.pt", weights_only=True)
+    assert ck["epoch"] == 1 and ck["class_names"] == ds["class_names"] and len(ck["history"]) == 2
+    info = json.loads((base / "run_info.json").read_text())
+    assert info["task"] == "classification" and "torch_version" in info
+
+
+def test_splits_keep_patients_apart(runs, synth):
+    base, se = runs
+    pid = {r["path"]: r["patient_id"] for r in csv.DictReader(open(synth / "manifest.csv"))}
+    sp = json.loads((base / "splits.json").read_text())
+    groups = {k: {pid[i] for i in sp[k]} for k in ("train", "val", "test")}
+    assert not (groups["train"] & groups["test"]) and not (groups["train"] & groups["val"])
+    assert json.loads((se / "splits.json").read_text())["test"] == sp["test"]  # same seed -> same test set
+
+
+def test_resume_equals_uninterrupted(runs, synth, tmp_path):
+    base, _ = runs
+    part = train(_cfg(synth / "manifest.csv", train={"epochs": 1}), tmp_path / "part")
+    assert len(list(csv.DictReader(open(part / "metrics.csv")))) == 1
+    resume(part, ["train.epochs=2"])
+    a = torch.load(base / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(part / "checkpoints" / "last.pt", weights_only=True)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert [r["epoch"] for r in csv.DictReader(open(part / "metrics.csv"))] == ["1", "2"]
+    with pytest.raises(MedseError, match="already holds a run"):
+        train(_cfg(synth / "manifest.csv"), part)
+
+
+def test_evaluate_and_compare_write_outputs(runs, tmp_path):
+    from medse.classify.evaluate import compare_runs, evaluate_run
+
+    base, se = runs
+    m = evaluate_run(base, tmp_path / "eval", progress=False)
+    for name in ("predictions.csv", "metrics.json", "metrics.csv", "table.md", "roc.png", "confusion.png"):
+        assert (tmp_path / "eval" / name).is_file(), name
+    n_test = len(json.loads((base / "splits.json").read_text())["test"])
+    preds = list(csv.DictReader(open(tmp_path / "eval" / "predictions.csv")))
+    assert len(preds) == n_test == m["n"]
+    assert abs(sum(float(preds[0][f"prob_{c}"]) for c in m["class_names"]) - 1) < 1e-4
+    assert sum(map(sum, m["confusion_matrix"])) == n_test
+    comp = compare_runs(base, se, tmp_path / "cmp", progress=False)
+    out = tmp_path / "cmp"
+    for name in ("comparison.json", "comparison.csv", "comparison.md", "confusion.png", "roc_glioma.png",
+                 "roc_pituitary.png", "baseline/predictions.csv", "candidate/metrics.json"):
+        assert (out / name).is_file(), name
+    assert [r["class"] for r in comp["per_class"]] == m["class_names"]
+    md = (out / "comparison.md").read_text()
+    assert "UNPAIRED" in md and "| glioma |" in md and "McNemar" in md
+    assert comp["baseline"]["accuracy"] == pytest.approx(m["accuracy"])
+    assert "NaN" not in (out / "comparison.json").read_text()
+
+
+def test_config_validation(synth, tmp_path):
+    with pytest.raises(MedseError, match="missing config key 'data.root'"):
+        load_config({})
+    with pytest.raises(MedseError, match="unknown config key 'train.epoch'.*Did you mean 'epochs'"):
+        load_config(_cfg(synth, train={"epoch": 3}))
+    with pytest.raises(MedseError, match="train.optimizer"):
+        load_config(_cfg(synth, train={"optimizer": "adamm"}))
+    with pytest.raises(MedseError, match="data.image_size"):
+        load_config(_cfg(synth, data={"image_size": 16}))
+    cfg = load_config(_cfg(synth), ["train.lr=0.01", "model.attention=se"])
+    assert cfg.train.lr == 0.01 and cfg.model.attention == "se"
+    with pytest.raises(MedseError, match="model"):
+        train(_cfg(synth, model={"attention": "sqeeze"}), tmp_path / "bad")
+
+
+def test_cli_synth_and_errors(tmp_path, capsys):
+    from medse.cli import main
+
+    assert main(["synth-cls", "--out", str(tmp_path / "s"), "--n-images", "8", "--size", "32"]) == 0
+    assert len(list((tmp_path / "s").rglob("*.png"))) == 8
+    assert main(["classify", "train", "--output", str(tmp_path / "r")]) == 2
+    assert "needs --config" in capsys.readouterr().err
+    assert main(["classify", "evaluate", "--run", str(tmp_path / "missing")]) == 2
+    assert "not a classifier run folder" in capsys.readouterr().err
