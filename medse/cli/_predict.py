@@ -12,7 +12,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command("predict")
     def predict_cmd(
-        run: Path = typer.Option(..., "--run", help="Training run folder (config.yaml, dataset.json, checkpoints/)."),
+        run: Path = typer.Option(..., "--run", "--run-dir", help="Training run folder (config.yaml, dataset.json, "
+                                 "checkpoints/); spell it --run-dir under torchrun, whose own parser takes --run "
+                                 "for its --run-path."),
         input: Path = typer.Option(..., "--input", "-i", help="Folder of scans (nnU-Net _0000 naming for "
                                    "channels), a single scan, or a dataset manifest."),
         output: Path = typer.Option(..., "--output", "-o", help="Folder for the masks (created)."),

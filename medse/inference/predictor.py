@@ -469,10 +469,14 @@ def _gather_failures(failed: list[tuple[str, str]], world: int) -> list[tuple[st
 
     if not dist.is_available() or (not dist.is_initialized() and "MASTER_ADDR" not in os.environ):
         return failed  # no rendezvous: each rank reports its own (failures.rank{r}.csv)
-    if not dist.is_initialized():
+    created = not dist.is_initialized()
+    if created:
         dist.init_process_group("gloo")
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, failed)
+    if created:  # ours: every rank has its answer, tear the group down again
+        dist.barrier()
+        dist.destroy_process_group()
     out = [tuple(f) for part in gathered for f in (part or [])]
     return sorted(out)  # type: ignore[arg-type]
 
@@ -589,8 +593,8 @@ def predict_folder(
                 msg = f"{type(e).__name__}: {msg}"
             report.failed.append((cid, msg))
             echo(f"failed: {cid}: {msg}")
+    gathered = world == 1 or _dist_initialized() or "MASTER_ADDR" in os.environ
     failed = _gather_failures(report.failed, world)
-    gathered = world == 1 or _dist_initialized()
     writer_rank = rank == 0 if gathered else True
     if writer_rank:
         fpath = out / ("failures.csv" if gathered else f"failures.rank{rank}.csv")
