@@ -176,3 +176,20 @@ def test_fused_hook_is_used_when_present(monkeypatch) -> None:
     finally:
         monkeypatch.delitem(sys.modules, "medse.attention._fused")
         attention_base._fused_module.cache_clear()
+
+
+def test_broken_fast_path_module_falls_back_with_a_warning(monkeypatch) -> None:
+    def broken(name: str):
+        raise IndentationError("unexpected indent (_fused.py, line 1)")
+
+    monkeypatch.setattr(attention_base, "importlib", types.SimpleNamespace(import_module=broken))
+    attention_base._fused_module.cache_clear()
+    try:
+        block = create_attention("sse", 2, 4)
+        x = torch.randn(2, 4, 5, 5)
+        with pytest.warns(UserWarning, match="_fused cannot be imported"):
+            y = block(x)
+        torch.testing.assert_close(y, x * torch.sigmoid(block.conv(x)))
+    finally:
+        monkeypatch.undo()
+        attention_base._fused_module.cache_clear()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib
 import numbers
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -66,12 +67,18 @@ def reduced_channels(block: str, in_channels: int, reduction: object) -> int:
 
 @functools.cache
 def _fused_module():
+    """The optional fast-path module, or None when it is absent or fails to import (then with a warning:
+    a broken optional fast path must not take the plain blocks down with it)."""
     try:
         return importlib.import_module("medse.attention._fused")
     except ModuleNotFoundError as e:
         if e.name == "medse.attention._fused":
             return None
-        raise
+        warnings.warn(f"medse.attention._fused cannot be imported ({e}); using the plain blocks.", stacklevel=3)
+        return None
+    except Exception as e:  # noqa: BLE001 - any import failure of an optional module
+        warnings.warn(f"medse.attention._fused cannot be imported ({e!r}); using the plain blocks.", stacklevel=3)
+        return None
 
 
 def fused_impl(name: str) -> Callable | None:

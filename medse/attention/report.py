@@ -12,6 +12,7 @@ Used by ``medse blocks`` and by the paper-count tests:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,6 +46,12 @@ def resnet50_params(
     return total
 
 
+@functools.lru_cache(maxsize=64)
+def _resnet50_default(name: str, spatial_dims: int) -> int:
+    """:func:`resnet50_params` with default options, cached (the table asks for it once per block and dim)."""
+    return resnet50_params(name, spatial_dims)
+
+
 def reference_conv(channels: int, size: int, spatial_dims: int) -> tuple[int, int]:
     """(params, MACs) of the reference conv: kernel 3 per axis, C -> C, bias, padding 1, input (1, C, size^d)."""
     k = 3**spatial_dims
@@ -76,7 +83,7 @@ def efficiency_rows(channels: int = 64, size: int = 32, dims: Sequence[int] = (2
             block = create_attention(name, d, channels)
             ops = count_ops(block, (1, channels, *([size] * d)))
             conv_p, conv_m = reference_conv(channels, size, d)
-            r50 = resnet50_params(name, d)
+            r50 = _resnet50_default(name, d)
             row.update(
                 params=count_params(block),
                 macs=ops["macs"],
