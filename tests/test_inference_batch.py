@@ -152,6 +152,16 @@ def test_sharding_over_ranks_and_channel_grouping(tmp_path: Path, monkeypatch) -
     assert len(lines) == 1 and "\n" not in lines[0]
     with pytest.raises(MedseError, match="not found"):
         collect_cases(tmp_path / "missing")
+    # two files for one case id, and an output folder that is the input folder: failures, inputs untouched
+    dup = tmp_path / "dup"
+    _nifti(dup / "d.nii.gz", np.ones((6, 6, 6)))
+    _nifti(dup / "d.nii", np.ones((6, 6, 6)))
+    _nifti(dup / "e.nii.gz", np.ones((6, 6, 6)))
+    before = {p.name: p.read_bytes() for p in dup.iterdir()}
+    rep = predict_folder(_label_predictor(), dup, dup, progress=False, echo=lines.append)
+    errs = dict(rep.failed)
+    assert "several files for case 'd'" in errs["d"] and "overwrite an input" in errs["e"]
+    assert {p.name: p.read_bytes() for p in dup.iterdir() if p.name != "failures.csv"} == before
 
 
 @pytest.mark.parametrize(

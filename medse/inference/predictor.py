@@ -50,6 +50,7 @@ class InputCase:
 
     case_id: str
     images: list[Path]
+    error: str | None = None
 
 
 def _split_suffix(path: Path) -> tuple[str, str]:
@@ -116,7 +117,12 @@ def collect_cases(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> li
     cases = []
     for cid, items in groups.items():
         items.sort()
-        cases.append(InputCase(cid, [f for _, f in items]))
+        files_ = [f for _, f in items]
+        chans = [ch for ch, _ in items]
+        error = None
+        if len(items) > 1 and (-1 in chans or len(set(chans)) != len(chans)):
+            error = f"several files for case '{cid}': {', '.join(f.name for f in files_)}"
+        cases.append(InputCase(cid, files_, error))
     return sorted(cases, key=lambda c: c.case_id)
 
 
@@ -562,14 +568,19 @@ def predict_folder(
         extra_base["medse_version"] = medse.__version__
     except Exception:  # pragma: no cover
         pass
+    input_files = {Path(p).resolve() for c in all_cases for p in c.images}
     bar = tqdm(cases, desc="predict", unit="case", disable=not progress or rank != 0, file=sys.stderr)
     for case in bar:
         cid = case.case_id
         try:
+            if case.error:
+                raise MedseError(case.error, case.images[0].parent)
             if cid in seen:
                 raise MedseError(f"duplicate case id '{cid}' in the inputs", case.images[0])
             seen.add(cid)
             target = out / f"{cid}{output_suffix(case.images[0])}"
+            if target.resolve() in input_files:
+                raise MedseError("the mask would overwrite an input scan: choose another output folder", target)
             if target.exists() and not overwrite:
                 report.skipped.append(cid)
                 continue
