@@ -46,42 +46,38 @@ class PreparedData:
 
 
 def _data_source(cfg: Config) -> str | Path:
-    data = cfg.data
-    manifest = getattr(data, "manifest", None)
-    root = getattr(data, "root", None)
-    if manifest:
-        return Path(manifest)
-    if root:
-        return Path(root)
+    if cfg.data.source:
+        return Path(cfg.data.source).expanduser()
     raise MedseError("config key 'data.root': no dataset given (set data.root=DIR or data.manifest=FILE)")
 
 
 def prepare_data(cfg: Config) -> PreparedData:
     """Load the dataset named by ``cfg.data`` and validate it; every problem becomes one MedseError line.
 
+    Classes: ``data.labels`` when pinned, else the dataset's declared labels, else the label values
+    validation found (:func:`medse.data.validate.resolve_labels`).
+
     Raises:
         MedseError: the dataset cannot be read or validation found errors (nothing has been written yet).
     """
     from medse.data.datasets import load_dataset
-    from medse.data.validate import validate_dataset
+    from medse.data.validate import resolve_labels, validate_dataset
 
     src = _data_source(cfg)
     if not Path(src).exists():
         key = "data.manifest" if getattr(cfg.data, "manifest", None) else "data.root"
         raise MedseError(f"config key '{key}': dataset path does not exist", src)
-    spec = load_dataset(src, layout=getattr(cfg.data, "layout", "auto"))
-    pinned = getattr(cfg.data, "labels", None)
-    report = _validate(validate_dataset, spec, pinned)
+    spec = load_dataset(src, layout=cfg.data.layout)
+    pinned = dict(cfg.data.labels) if cfg.data.labels else None
+    report = validate_dataset(spec, check_labels=True, labels=pinned)
     report.raise_if_errors()
-    labels = dict(pinned) if pinned else dict(spec.labels)
-    if not labels:
-        raise MedseError("dataset declares no labels and none are pinned in data.labels", src)
-    if 0 not in labels.values():
-        labels = {"background": 0, **labels}
+    labels = resolve_labels(spec, report, pinned)
     items = sorted(((int(v), str(n)) for n, v in labels.items()), key=lambda t: t[0])
     values = [v for v, _ in items]
     if len(set(values)) != len(values):
         raise MedseError(f"config key 'data.labels': duplicate label values {values}")
+    if len(values) < 2:
+        raise MedseError("the dataset has no foreground label to train on", src)
     train_cases = [c for c in spec.cases if getattr(c, "label", None) is not None]
     if len(train_cases) < 2:
         raise MedseError(f"need at least 2 labelled cases to train and validate, found {len(train_cases)}", src)
@@ -89,18 +85,9 @@ def prepare_data(cfg: Config) -> PreparedData:
         spec=spec,
         class_names=[n for _, n in items],
         class_values=values,
-        channel_names=list(getattr(spec, "channel_names", []) or ["image"]),
-        source=str(getattr(spec, "source", src)),
+        channel_names=list(spec.channel_names) or [f"channel_{i}" for i in range(max(report.num_channels, 1))],
+        source=str(spec.source or src),
     )
-
-
-def _validate(validate_dataset: Any, spec: Any, pinned: Any) -> Any:
-    import inspect
-
-    params = inspect.signature(validate_dataset).parameters
-    if pinned and "labels" in params:
-        return validate_dataset(spec, labels=pinned)
-    return validate_dataset(spec)
 
 
 def labelled_case_ids(prep: PreparedData) -> list[str]:
@@ -128,14 +115,13 @@ def _split_lists(split: Any) -> dict[str, list[str]]:
 def make_store(prep: PreparedData, cfg: Config) -> Any:
     from medse.data.loader import CaseStore
 
-    kwargs: dict[str, Any] = {}
-    if hasattr(cfg.data, "cache"):
-        kwargs["cache"] = cfg.data.cache
-    return CaseStore(prep.spec, cfg.data.preprocess, **kwargs)
+    return CaseStore(
+        prep.spec, cfg.data.preprocess, cache=cfg.data.cache, cache_dir=cfg.data.cache_dir,
+        label_values=prep.class_values,
+    )
 
 
 def make_train_dataset(store: Any, case_ids: list[str], cfg: Config) -> Any:
-    from medse.data.augment import build_augmentation
     from medse.data.loader import PatchDataset
 
     t = cfg.train
@@ -144,7 +130,7 @@ def make_train_dataset(store: Any, case_ids: list[str], cfg: Config) -> Any:
         case_ids,
         patch_size=tuple(t.patch_size),
         fg_ratio=t.fg_ratio,
-        augment=build_augmentation(cfg.augment),
+        augment=cfg.augment,
         samples_per_epoch=t.iterations_per_epoch * t.batch_size,
         seed=t.seed,
         slice_axis=t.slice_axis if cfg.model.spatial_dims == 2 else None,

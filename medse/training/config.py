@@ -17,17 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from medse.data.config import AugmentConfig, DataConfig
 from medse.utils.config import apply_overrides, from_dict, load_yaml, to_dict
 from medse.utils.errors import MedseError
-
-try:  # the data area's schemas; until they exist the sections are plain mappings
-    from medse.data.config import AugmentConfig, DataConfig
-
-    _HAVE_DATA_CONFIG = True
-except ImportError:  # pragma: no cover - only while medse.data is being written
-    DataConfig = dict  # type: ignore[misc,assignment]
-    AugmentConfig = dict  # type: ignore[misc,assignment]
-    _HAVE_DATA_CONFIG = False
 
 __all__ = ["Config", "InferConfig", "ModelConfig", "TrainConfig", "load_config", "config_to_dict"]
 

@@ -222,6 +222,7 @@ class _Trainer:
         self.best_metric = -math.inf
         self.best_epoch = -1
         self.timing = {"sum": 0.0, "count": 0}
+        self._steps_this_process = 0
         if checkpoint is not None:
             self._load_state(checkpoint)
         self.ddp_model = self.model
@@ -230,14 +231,6 @@ class _Trainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp_model = DistributedDataParallel(self.model, device_ids=ids)
-        # label value -> class index lookup (identity when the values are 0..K-1)
-        values = self.prep.class_values
-        self.lut = None
-        if values != list(range(len(values))):
-            lut = torch.zeros(max(values) + 1, dtype=torch.long)
-            for i, v in enumerate(values):
-                lut[v] = i
-            self.lut = lut.to(self.device)
 
     def _load_state(self, ck: dict[str, Any]) -> None:
         from medse.utils.seed import set_rng_states
@@ -335,7 +328,6 @@ class _Trainer:
         self.ddp_model.train()
         t_epoch = time.perf_counter()
         losses: list[float] = []
-        steps_here = 0
         bar = tqdm(
             self._loader(epoch), total=t.iterations_per_epoch, desc=f"epoch {epoch + 1}/{t.epochs}",
             disable=not (t.progress and self.dist.is_main), leave=False, dynamic_ncols=True,
@@ -347,8 +339,8 @@ class _Trainer:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             dt = time.perf_counter() - t0
-            steps_here += 1
-            if steps_here > TIMING_WARMUP_STEPS:
+            self._steps_this_process += 1
+            if self._steps_this_process > TIMING_WARMUP_STEPS:
                 self.timing["sum"] += dt
                 self.timing["count"] += 1
             global_loss = all_reduce_sum([loss], self.dist)[0] / self.dist.world_size
@@ -386,8 +378,6 @@ class _Trainer:
         label = label.to(self.device, non_blocking=True).long()
         if label.ndim == image.ndim - 1:
             label = label[:, None]
-        if self.lut is not None:
-            label = self.lut[label]
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, enabled=self.use_amp):
             logits = self.ddp_model(image)
@@ -421,8 +411,6 @@ class _Trainer:
                 label = torch.as_tensor(label).long().to(self.device)
                 if label.ndim == image.ndim:
                     label = label[0]
-                if self.lut is not None:
-                    label = self.lut[label]
                 logits = predict_logits(
                     model, image, spatial_dims=self.cfg.model.spatial_dims, roi_size=roi,
                     sw_batch_size=inf.sw_batch_size, overlap=inf.overlap, blend=inf.blend,
