@@ -87,6 +87,15 @@ def test_attention_positions_subsets(name: str) -> None:
     assert len(attention_modules(model)) == 1
 
 
+def test_composed_attention_is_one_module_per_place() -> None:
+    model = create_model("unet", 2, 1, 2, attention="sse+eca", **TINY["unet"])
+    atts = attention_modules(model)
+    assert len(atts) == 4 and all(len(a) == 2 for a in atts)
+    assert model(torch.randn(1, 1, 16, 16)).shape == (1, 2, 16, 16)
+    with pytest.raises(ValueError, match="Unknown attention block 'ecaa'. Did you mean 'eca'"):
+        create_model("unet", 2, 1, 2, attention="sse+ecaa", **TINY["unet"])
+
+
 @pytest.mark.parametrize("name", SEGMENTATION)
 def test_no_parameter_is_shared_between_attention_modules(name: str) -> None:
     model = create_model(name, 2, 1, 2, attention="scse", **TINY[name])

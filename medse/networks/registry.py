@@ -190,7 +190,7 @@ def _check_attention(model: str, attention: object, spatial_dims: int) -> str:
     for part in attention.split("+"):
         part = part.strip()
         if part not in blocks:
-            raise unknown_option_error("attention block", part, [*blocks, "none"])
+            raise unknown_option_error("attention block", part, sorted({*blocks, "none"}))
         supported = tuple(getattr(blocks[part], "spatial_dims", (2, 3)))
         if spatial_dims not in supported:
             raise ValueError(
