@@ -68,6 +68,8 @@ def test_from_run_loads_weights_and_maps_class_values(run_dir: Path, tmp_path: P
     lab = pred.predict_case(src)
     assert lab.shape == (12, 19, 9) and lab.dtype == np.uint8
     assert set(np.unique(lab).tolist()) <= {0, 1, 5}
+    # MONAI's SlidingWindowInferer as the engine gives the same labels
+    assert np.array_equal(Predictor.from_run(run_dir, device="cpu", engine="monai").predict_case(src), lab)
     with pytest.raises(MedseError, match="checkpoint not found"):
         Predictor.from_run(run_dir, checkpoint=str(tmp_path / "nope.pt"), device="cpu")
     with pytest.raises(ValueError, match="Predictor override"):

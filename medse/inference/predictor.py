@@ -183,6 +183,9 @@ class Predictor:
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:N"``. Defaults to ``"auto"``.
         amp: autocast (float16) forward passes on CUDA. Defaults to True.
         stream_axis: axis the sliding window streams along; None picks the cheapest. Defaults to None.
+        engine: ``"stream"`` (:func:`medse.inference.sliding.iter_window_slabs`, bounded memory) or
+            ``"monai"`` (``monai.inferers.SlidingWindowInferer``, full float32 ``(K, X, Y, Z)``; same
+            result up to float rounding). Defaults to ``"stream"``.
     """
 
     def __init__(
@@ -204,6 +207,7 @@ class Predictor:
         device: Any = "auto",
         amp: bool = True,
         stream_axis: int | None = None,
+        engine: str = "stream",
     ) -> None:
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -215,6 +219,8 @@ class Predictor:
             raise ValueError(f"blend must be 'gaussian' or 'constant', got {blend!r}")
         if not 0.0 <= overlap < 1.0:
             raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+        if engine not in ("stream", "monai"):
+            raise ValueError(f"engine must be 'stream' or 'monai', got {engine!r}")
         if slice_axis not in (0, 1, 2):
             raise ValueError(f"slice_axis must be 0, 1 or 2, got {slice_axis}")
         self.device = _resolve_device(device)
@@ -233,6 +239,7 @@ class Predictor:
         self.slice_axis = int(slice_axis)
         self.amp = bool(amp)
         self.stream_axis = stream_axis
+        self.engine = engine
         self.run_dir: Path | None = None
         self.checkpoint: Path | None = None
         self.timings: dict[str, float] = {"preprocess": 0.0, "forward": 0.0, "postprocess": 0.0, "write": 0.0}
@@ -249,7 +256,7 @@ class Predictor:
             device: see :class:`Predictor`. Defaults to ``"auto"``.
             overrides: Predictor arguments overriding the run's ``infer`` section (``roi_size``,
                 ``overlap``, ``blend``, ``sw_batch_size``, ``tta_flips``, ``largest_component``, ``amp``,
-                ``stream_axis``).
+                ``stream_axis``, ``engine``).
 
         Raises:
             MedseError: naming the missing/invalid file (config, dataset.json, checkpoint) or key.
@@ -295,11 +302,11 @@ class Predictor:
             tta_flips=inf.tta_flips, largest_component=inf.largest_component,
             slice_axis=int(getattr(cfg.train, "slice_axis", 2)), amp=bool(getattr(cfg.train, "amp", True)),
         )
-        unknown = set(overrides) - set(kwargs) - {"stream_axis"}
+        unknown = set(overrides) - set(kwargs) - {"stream_axis", "engine"}
         if unknown:
             from medse.utils.errors import unknown_option_error
 
-            raise unknown_option_error("Predictor override", sorted(unknown)[0], [*kwargs, "stream_axis"])
+            raise unknown_option_error("Predictor override", sorted(unknown)[0], [*kwargs, "stream_axis", "engine"])
         kwargs.update({k: v for k, v in overrides.items() if v is not None})
         pred = cls(
             model, spatial_dims=cfg.model.spatial_dims, in_channels=in_channels, class_values=class_values,
@@ -341,14 +348,23 @@ class Predictor:
         """Class-index map (and float16 probabilities ``(K, *shape)``) of a preprocessed ``(C, X, Y, Z)``."""
         import torch
 
-        from medse.inference.sliding import iter_slice_slabs, iter_window_slabs, sliding_window_labels
+        from medse.inference.sliding import (
+            iter_slice_slabs,
+            iter_window_slabs,
+            monai_sliding_window,
+            sliding_window_labels,
+        )
 
         if image.ndim != 4:
             raise ValueError(f"expected a (C, X, Y, Z) volume, got shape {image.shape}")
         x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
         net = self._network()
         with torch.inference_mode():
-            if self.spatial_dims == 3:
+            if self.spatial_dims == 3 and self.engine == "monai":
+                full = monai_sliding_window(x, net, self.roi_size, overlap=self.overlap,  # type: ignore[arg-type]
+                                            mode=self.blend, sw_batch_size=self.sw_batch_size, device=self.device)
+                slabs = iter([(2, 0, int(full.shape[-1]), full)])
+            elif self.spatial_dims == 3:
                 slabs = iter_window_slabs(
                     x, net, self.roi_size, overlap=self.overlap, mode=self.blend,  # type: ignore[arg-type]
                     sw_batch_size=self.sw_batch_size, device=self.device, axis=self.stream_axis)
