@@ -218,3 +218,45 @@ def test_metrics_with_absent_class_are_json_clean():
     assert "NaN" not in json.dumps(comp)
     with pytest.raises(Exception, match="different images"):
         compare_predictions(pred, {**pred, "image_ids": [str(i + 1) for i in range(6)]})
+
+
+def test_macro_delong_reduces_to_delong_and_matches_paired_bootstrap():
+    from medse.classify.stats import delong_macro_test
+
+    rng = np.random.default_rng(4)
+    # two classes: probabilities p and 1 - p -> macro AUC == AUC of class 1, variance == DeLong's exactly
+    y2 = (rng.random(120) < 0.4).astype(int)
+    pa = 1 / (1 + np.exp(-(rng.normal(size=120) + 1.2 * y2)))
+    pb = 1 / (1 + np.exp(-(0.7 * np.log(pa / (1 - pa)) + rng.normal(scale=0.7, size=120) + 0.4 * y2)))
+    macro = delong_macro_test(y2, np.c_[1 - pa, pa], np.c_[1 - pb, pb])
+    single = delong_test(y2 == 1, pa, pb)
+    assert macro.diff == pytest.approx(single.diff, abs=1e-12)
+    assert macro.se == pytest.approx(single.se, rel=1e-10) and macro.p == pytest.approx(single.p, rel=1e-10)
+    # four classes: variance of the macro-AUC difference vs a paired bootstrap over images
+    n, k = 240, 4
+    y = rng.integers(0, k, n)
+    logits_a = rng.normal(size=(n, k)) + 1.0 * np.eye(k)[y]
+    logits_b = 0.6 * logits_a + 0.8 * rng.normal(size=(n, k)) + 0.5 * np.eye(k)[y]
+
+    def softmax(z):
+        e = np.exp(z - z.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    qa, qb = softmax(logits_a), softmax(logits_b)
+    res = delong_macro_test(y, qa, qb)
+    assert res.classes == [0, 1, 2, 3]
+    ref = np.mean([roc_auc_score(y == c, qb[:, c]) - roc_auc_score(y == c, qa[:, c]) for c in range(k)])
+    assert res.diff == pytest.approx(ref, abs=1e-12)
+    idx = rng.integers(0, n, (2000, n))  # paired bootstrap: the same resampled images for both models
+
+    def boot_auc(q, c):
+        pos = y[idx] == c
+        m = pos.sum(1)
+        ranks = stats.rankdata(q[idx, c], axis=1)
+        return ((ranks * pos).sum(1) - m * (m + 1) / 2) / (m * (n - m))
+
+    diffs = np.mean([boot_auc(qb, c) - boot_auc(qa, c) for c in range(k)], axis=0)
+    assert res.se**2 == pytest.approx(np.var(diffs, ddof=1), rel=0.15)
+    absent = delong_macro_test(np.array([0, 1, 0, 1, 0]), np.eye(3)[[0, 1, 0, 0, 1]] * 0.5 + 0.1,
+                               np.eye(3)[[0, 1, 0, 1, 0]] * 0.5 + 0.1)
+    assert absent.classes == [0, 1] and "[2]" in absent.note and math.isfinite(absent.p)

@@ -29,6 +29,7 @@ import numpy as np
 from medse.classify.stats import (
     StatisticsError,
     delong_ci,
+    delong_macro_test,
     delong_test,
     holm,
     mcnemar_test,
@@ -400,6 +401,11 @@ def compare_predictions(base: dict, cand: dict, alpha: float = 0.05) -> dict[str
         "mcnemar": mcnemar_test(ca, cb).to_dict(),
         "ztest_unpaired": two_proportion_ztest(int(ca.sum()), len(y), int(cb.sum()), len(y)).to_dict(),
     }
+    try:
+        overall["delong_macro"] = delong_macro_test(y, base["probs"], cand["probs"], alpha).to_dict()
+    except StatisticsError as e:
+        overall["delong_macro"] = None
+        overall["delong_macro_note"] = str(e)
     return {
         "class_names": names,
         "n": int(len(y)),
@@ -415,6 +421,8 @@ def compare_predictions(base: dict, cand: dict, alpha: float = 0.05) -> dict[str
             "ztest_unpaired": "UNPAIRED pooled two-proportion Z-test (as in the 2025 study) of per-class recall / overall "
                               "accuracy; ignores that both models saw the same images",
             "holm": "Holm step-down correction across classes, per test",
+            "delong_macro": "overall: paired test of the macro AUC difference with the DeLong placement-value variance "
+                            "of the mean over classes (medse's extension; equals DeLong for one class)",
         },
     }
 
@@ -443,12 +451,15 @@ def comparison_table(comp: dict, base_label: str = "baseline", cand_label: str =
         lines.append(f"| {name} | {row['n']} | {_fmt(rb['sensitivity'])} | {_fmt(rc['sensitivity'])} | "
                      f"{_fmt(rb['f1'])} | {_fmt(rc['f1'])} | {auc_s(rb)} | {auc_s(rc)} | {dl} | {dp} | {mp} | {zs} |")
     o = comp["overall"]
+    dm = o.get("delong_macro")
+    dml = f"{dm['diff']:+.3f} [{dm['ci_low']:+.3f}, {dm['ci_high']:+.3f}]" if dm else "n/a"
     lines.append(
         f"| **overall** | {o['n']} | acc {o['accuracy_baseline']:.3f} | acc {o['accuracy_candidate']:.3f} | | | "
-        f"macro {_fmt(b['macro_auc'])} | macro {_fmt(c['macro_auc'])} | | | {_fmt_p(o['mcnemar']['p'])} | "
-        f"{o['ztest_unpaired']['z']:.3f}, {_fmt_p(o['ztest_unpaired']['p'])} |"
+        f"macro {_fmt(b['macro_auc'])} | macro {_fmt(c['macro_auc'])} | {dml} | {_fmt_p(dm['p']) if dm else 'n/a'} | "
+        f"{_fmt_p(o['mcnemar']['p'])} | {o['ztest_unpaired']['z']:.3f}, {_fmt_p(o['ztest_unpaired']['p'])} |"
     )
-    notes = ["", "Paired tests: DeLong (AUC, one-vs-rest) and McNemar (correctness on the same images; "
+    notes = ["", "Paired tests: DeLong (AUC, one-vs-rest; overall: macro AUC, medse's placement-value extension) and "
+             "McNemar (correctness on the same images; "
              f"{o['mcnemar']['method']} overall). The two-proportion Z-test is UNPAIRED (as used by the 2025 study) "
              "and is shown for comparison only. Per-class correctness = recall on that class's images. "
              "p-values in brackets: Holm-adjusted across classes."]
@@ -483,8 +494,10 @@ def compare_runs(baseline: str | Path, candidate: str | Path, output: str | Path
                 rows.append({"class": r["class"], "test": key, "paired": r[key]["paired"],
                              "statistic": r[key].get("z", r[key].get("statistic")), "p": r[key]["p"],
                              "p_holm": r[key]["p_holm"], "diff": r[key].get("diff"), "note": r[key].get("note", "")})
-    for key in ("mcnemar", "ztest_unpaired"):
-        o = comp["overall"][key]
+    for key in ("delong_macro", "mcnemar", "ztest_unpaired"):
+        o = comp["overall"].get(key)
+        if not o:
+            continue
         rows.append({"class": "overall", "test": key, "paired": o["paired"], "statistic": o.get("z", o.get("statistic")),
                      "p": o["p"], "p_holm": None, "diff": None, "note": o.get("note", "")})
     _write_rows(out / "comparison.csv", rows)
