@@ -215,3 +215,22 @@ def test_multichannel_patches(tmp_path):
     s = ds[1]
     assert s["image"].shape == (2, 8, 8, 8) and s["label"].shape == (1, 8, 8, 8)
     assert not torch.equal(s["image"][0], s["image"][1])
+
+
+def test_non_contiguous_labels_become_class_indices(tmp_path):
+    import json
+
+    from medse.data._testing import make_affine
+    from medse.data.io import write_image
+    from medse.data.preprocess import invert_to_original
+
+    aff = make_affine("lps")
+    rng = np.random.default_rng(0)
+    lab = rng.choice(np.array([0, 1, 2, 4], np.uint8), size=(10, 10, 10))
+    write_image(rng.normal(size=(10, 10, 10)).astype(np.float32), aff, tmp_path / "ds" / "images" / "a.nii.gz")
+    write_image(lab, aff, tmp_path / "ds" / "labels" / "a.nii.gz")
+    (tmp_path / "ds" / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "x": 1, "y": 2, "z": 4}}))
+    st = CaseStore(load_dataset(tmp_path / "ds"), PreprocessConfig())
+    _, plab, props = st.get("a")
+    assert sorted(np.unique(plab).tolist()) == [0, 1, 2, 3] and props["label_values"] == [0, 1, 2, 4]
+    np.testing.assert_array_equal(invert_to_original(plab, props, is_label=True), lab)

@@ -263,9 +263,16 @@ def write_image(
 ) -> Path:
     """Write ``array`` (x, y, z[, c]) with RAS ``affine`` to ``path`` atomically.
 
-    NIfTI files get both qform and sform set to ``affine`` (codes from ``like`` when it is a NIfTI
-    image, else 1 = scanner), the stored dtype ``dtype`` (default: the array's) and no intensity
-    scaling. Other suffixes go through SimpleITK (affine converted to LPS).
+    NIfTI files get both qform and sform set to ``affine`` and no intensity scaling; other suffixes
+    go through SimpleITK (affine converted to LPS).
+
+    Args:
+        array: voxel data in (x, y, z[, c]) order.
+        affine: voxel -> RAS+ world (mm), 4x4.
+        path: output file; its suffix picks the format.
+        like: an :class:`Image` whose qform/sform codes are copied (NIfTI). Defaults to None (codes 1,
+            scanner).
+        dtype: stored dtype. Defaults to None (the array's dtype).
     """
     path = Path(path)
     array = np.asarray(array)

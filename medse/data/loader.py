@@ -66,8 +66,9 @@ class CaseStore:
         preprocess_cfg: preprocessing settings. Defaults to ``PreprocessConfig()``.
         cache: ``"memory"``, ``"disk"`` or ``"none"``. Defaults to "memory".
         cache_dir: folder for ``"disk"``. Defaults to None (:func:`default_cache_dir`).
-        label_values: passed to :func:`preprocess_case` (remaps non-contiguous label values).
-            Defaults to None.
+        label_values: the label values, passed to :func:`preprocess_case`: non-contiguous values
+            (e.g. 0, 1, 2, 4) become class indices 0..K-1 (``props["label_values"]`` maps back).
+            Defaults to None (the dataset's declared labels, if any; else labels are kept as stored).
     """
 
     def __init__(
@@ -89,7 +90,9 @@ class CaseStore:
         self.cfg = preprocess_cfg or PreprocessConfig()
         self.cache = cache
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self.label_values = list(label_values) if label_values is not None else None
+        if label_values is None and spec.labels:
+            label_values = sorted(spec.labels.values())
+        self.label_values = sorted(int(v) for v in label_values) if label_values is not None else None
         self._cases: dict[str, Case] = {c.case_id: c for c in spec.cases}
         self._mem: dict[str, CaseData] = {}
         self._expected_channels = len(spec.channel_names) or None
@@ -159,7 +162,7 @@ class CaseStore:
         return self._compute(case_id)
 
     def preload(self, case_ids: Sequence[str] | None = None) -> None:
-        """Preprocess (and cache) ``case_ids`` (default all) now."""
+        """Preprocess (and cache) ``case_ids`` now. Defaults to None (all cases)."""
         for cid in case_ids if case_ids is not None else self.case_ids:
             self.get(cid)
 
