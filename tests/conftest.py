@@ -18,7 +18,16 @@ Random volumes with non-trivial headers (function-scoped, written under ``tmp_pa
   label=False, n_labels=4, foreground_box=True, dtype=None, affine=None) -> (path, array, affine)``:
   writes under ``tmp_path`` (suffix picks the format: .nii, .nii.gz, .nrrd, .mha).
 * ``folder_dataset`` -> callable ``(n_cases=3, shape=(16, 18, 20), kinds=AFFINE_KINDS, n_labels=4)
-  -> Path``: a layout-"folder" dataset of random image/label pairs under ``tmp_path/ds``.
+  -> Path``: a layout-"folder" dataset of random image/label pairs under ``tmp_path/ds`` (no dataset.json).
+
+Broken datasets (one per validation problem of issue 4; e.g. to show that training stops with the
+one-line error before creating a run folder):
+
+* ``broken_dataset`` -> ``(path, file_fragment, message_fragment)``: parametrised over
+  :data:`medse.data._testing.VALIDATION_PROBLEMS`; a 3-case dataset under ``tmp_path/broken`` (labels
+  declared in dataset.json, so it is trainable apart from the problem) with one problem injected. The
+  validation error names a file containing ``file_fragment`` and contains ``message_fragment``.
+  ``path`` is the dataset folder, or a manifest for "duplicate_ids".
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ from pathlib import Path
 
 import pytest
 
-from medse.data._testing import AFFINE_KINDS, write_case, write_random_volume
+from medse.data._testing import AFFINE_KINDS, VALIDATION_PROBLEMS, make_broken_dataset, write_case, write_random_volume
 
 
 @pytest.fixture(scope="session")
@@ -72,3 +81,8 @@ def folder_dataset(tmp_path: Path):
         return root
 
     return _make
+
+
+@pytest.fixture(params=VALIDATION_PROBLEMS)
+def broken_dataset(request: pytest.FixtureRequest, tmp_path: Path):
+    return make_broken_dataset(tmp_path / "broken", request.param)

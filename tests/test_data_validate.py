@@ -2,106 +2,16 @@
 
 from __future__ import annotations
 
-import json
-
 import nibabel as nib
 import numpy as np
 import pytest
 
 from medse.cli import main
-from medse.data._testing import make_affine
+from medse.data._testing import VALIDATION_PROBLEMS, make_affine, make_broken_dataset, make_dataset
 from medse.data.datasets import Case, load_dataset
 from medse.data.io import read_image, write_image
 from medse.data.validate import resolve_labels, validate_dataset
 from medse.utils.errors import MedseError
-
-
-def _declare(root, labels):
-    (root / "dataset.json").write_text(json.dumps({"labels": labels}))
-
-
-def _break_unreadable(root):
-    p = root / "images" / "c01.nii.gz"
-    p.write_bytes(b"\x00garbage" * 50)
-    return "c01.nii.gz", "corrupt gzip"
-
-
-def _break_truncated(root):
-    p = root / "labels" / "c01.nii.gz"
-    raw = p.read_bytes()
-    p.write_bytes(raw[: len(raw) // 2])
-    return "labels/c01.nii.gz", "truncated"
-
-
-def _break_shape(root):
-    img = read_image(root / "images" / "c01.nii.gz")
-    write_image(np.zeros((7, 7, 7), np.uint8), img.affine, root / "labels" / "c01.nii.gz")
-    return "labels/c01.nii.gz", "label shape (7, 7, 7) differs from image shape"
-
-
-def _break_affine(root):
-    lab = read_image(root / "labels" / "c01.nii.gz")
-    aff = lab.affine.copy()
-    aff[0, 3] += 5.0
-    write_image(lab.array, aff, root / "labels" / "c01.nii.gz")
-    return "labels/c01.nii.gz", "label affine differs from the image affine"
-
-
-def _break_4d(root):
-    img = read_image(root / "images" / "c01.nii.gz")
-    write_image(np.stack([img.array, img.array], axis=-1), img.affine, root / "images" / "c01.nii.gz")
-    return "images/c01.nii.gz", "4D image"
-
-
-def _break_nan(root):
-    img = read_image(root / "images" / "c01.nii.gz")
-    arr = img.array.copy()
-    arr[3, 3, 3] = np.nan
-    arr[4, 4, 4] = np.inf
-    write_image(arr, img.affine, root / "images" / "c01.nii.gz")
-    return "images/c01.nii.gz", "2 NaN/Inf voxels"
-
-
-def _break_values(root):
-    _declare(root, {"background": 0, "a": 1, "b": 2, "c": 3})
-    lab = read_image(root / "labels" / "c01.nii.gz")
-    arr = lab.array.copy()
-    arr[5, 5, 5] = 9
-    write_image(arr, lab.affine, root / "labels" / "c01.nii.gz")
-    return "labels/c01.nii.gz", "label values [9] are not in the declared label set"
-
-
-def _break_float_labels(root):
-    lab = read_image(root / "labels" / "c01.nii.gz")
-    arr = lab.array.astype(np.float32)
-    arr[5, 5, 5] = 1.5
-    write_image(arr, lab.affine, root / "labels" / "c01.nii.gz")
-    return "labels/c01.nii.gz", "non-integer values"
-
-
-def _break_missing_label(root):
-    (root / "labels" / "c01.nii.gz").unlink()
-    return "images/c01.nii.gz", "missing label for case 'c01'"
-
-
-def _break_orphan_label(root):
-    lab = read_image(root / "labels" / "c01.nii.gz")
-    write_image(lab.array, lab.affine, root / "labels" / "zz.nii.gz")
-    return "labels/zz.nii.gz", "no matching image"
-
-
-PROBLEMS = {
-    "unreadable": _break_unreadable,
-    "truncated": _break_truncated,
-    "shape": _break_shape,
-    "affine": _break_affine,
-    "4d": _break_4d,
-    "nan": _break_nan,
-    "values": _break_values,
-    "float_labels": _break_float_labels,
-    "missing_label": _break_missing_label,
-    "orphan_label": _break_orphan_label,
-}
 
 
 def test_clean_dataset_has_no_problems(folder_dataset):
@@ -112,10 +22,9 @@ def test_clean_dataset_has_no_problems(folder_dataset):
     rep.raise_if_errors()  # no exception
 
 
-@pytest.mark.parametrize("problem", sorted(PROBLEMS))
-def test_each_problem_one_line_naming_the_file(folder_dataset, problem, capsys):
-    root = folder_dataset()
-    fragment, message = PROBLEMS[problem](root)
+@pytest.mark.parametrize("problem", VALIDATION_PROBLEMS)
+def test_each_problem_one_line_naming_the_file(tmp_path, problem, capsys):
+    root, fragment, message = make_broken_dataset(tmp_path / "ds", problem)
     rep = validate_dataset(load_dataset(root))
     assert len(rep.errors) == 1, rep.errors
     err = rep.errors[0]
@@ -129,6 +38,14 @@ def test_each_problem_one_line_naming_the_file(folder_dataset, problem, capsys):
     assert main(["validate", str(root)]) == 1
     out = capsys.readouterr().out.splitlines()
     assert f"error: {err}" in out and out[-1].endswith("1 error(s), 0 warning(s)")
+
+
+def test_clean_declared_dataset(tmp_path):
+    root = make_dataset(tmp_path / "ds", n_cases=4)
+    spec = load_dataset(root)
+    assert spec.labels == {"background": 0, "l1": 1, "l2": 2, "l3": 3} and spec.channel_names == ["image"]
+    rep = validate_dataset(spec)
+    assert rep.ok and rep.warnings == []
 
 
 def test_empty_label_is_a_warning(folder_dataset):
@@ -201,3 +118,9 @@ def test_nifti_without_orientation_is_a_warning(folder_dataset):
     nib.save(bare, str(root / "images" / "c00.nii.gz"))
     rep = validate_dataset(load_dataset(root), check_labels=False)
     assert rep.errors == [] and len(rep.warnings) == 1 and "c00.nii.gz: no qform/sform" in rep.warnings[0]
+
+
+def test_broken_dataset_fixture(broken_dataset):
+    path, fragment, message = broken_dataset
+    errors = validate_dataset(load_dataset(path)).errors
+    assert len(errors) == 1 and fragment in errors[0] and message in errors[0]

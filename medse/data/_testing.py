@@ -7,6 +7,14 @@ foreground_box=True, dtype=None) -> (path, array, affine)``: random intensities 
 0..n_labels-1), zero outside a central box when ``foreground_box`` is True.
 ``write_case(folder, case_id, ...)``: an image + label pair with the same header, in
 ``folder/images/`` and ``folder/labels/`` (layout "folder").
+``make_dataset(root, n_cases=3, shape=(16, 18, 20), n_labels=4, declare_labels=True) -> root``: a clean
+layout-"folder" dataset (cases c00, c01, ... with varied affine kinds; ``dataset.json`` declaring labels
+``background, l1, l2, ...`` when ``declare_labels``).
+``make_broken_dataset(root, problem, ...) -> (root, file_fragment, message_fragment)``: the same with
+one validation problem injected into case c01 (or the dataset); the validation error names a file
+containing ``file_fragment`` and contains ``message_fragment``. ``VALIDATION_PROBLEMS`` lists them:
+unreadable, truncated, shape, affine, 4d, nan, values, float_labels, missing_label, orphan_label,
+duplicate_ids (the last needs a manifest: ``root`` then is the manifest path).
 """
 
 from __future__ import annotations
@@ -18,7 +26,8 @@ import numpy as np
 
 from medse.data.io import write_image
 
-__all__ = ["AFFINE_KINDS", "make_affine", "write_random_volume", "write_case", "rotation_matrix"]
+__all__ = ["AFFINE_KINDS", "VALIDATION_PROBLEMS", "make_affine", "write_random_volume", "write_case", "rotation_matrix",
+           "make_dataset", "make_broken_dataset"]
 
 AFFINE_KINDS = ("ras", "lps", "flipped", "permuted", "oblique", "anisotropic")
 
@@ -109,3 +118,103 @@ def write_case(
     lab[arr == 0] = 0
     write_image(lab, aff, folder / "labels" / f"{case_id}{suffix}")
     return img, folder / "labels" / f"{case_id}{suffix}"
+
+
+def make_dataset(
+    root: str | os.PathLike,
+    n_cases: int = 3,
+    shape: tuple[int, int, int] = (16, 18, 20),
+    n_labels: int = 4,
+    declare_labels: bool = True,
+) -> Path:
+    """A clean layout-"folder" dataset of random image/label pairs (see the module docstring)."""
+    import json
+
+    root = Path(root)
+    for i in range(n_cases):
+        write_case(root, f"c{i:02d}", shape, AFFINE_KINDS[i % len(AFFINE_KINDS)], seed=i, n_labels=n_labels)
+    if declare_labels:
+        labels = {"background": 0, **{f"l{v}": v for v in range(1, n_labels)}}
+        (root / "dataset.json").write_text(json.dumps({"labels": labels, "channel_names": {"0": "image"}}))
+    return root
+
+
+def _rewrite(path: Path, array: np.ndarray, affine: np.ndarray | None = None) -> None:
+    from medse.data.io import read_image
+
+    write_image(array, read_image(path).affine if affine is None else affine, path)
+
+
+def _inject(root: Path, problem: str) -> tuple[str, str]:
+    from medse.data.io import read_image
+
+    img_p, lab_p = root / "images" / "c01.nii.gz", root / "labels" / "c01.nii.gz"
+    if problem == "unreadable":
+        img_p.write_bytes(b"\x00garbage" * 50)
+        return "images/c01.nii.gz", "corrupt gzip"
+    if problem == "truncated":
+        raw = lab_p.read_bytes()
+        lab_p.write_bytes(raw[: len(raw) // 2])
+        return "labels/c01.nii.gz", "truncated"
+    if problem == "shape":
+        _rewrite(lab_p, np.zeros((7, 7, 7), np.uint8), read_image(img_p).affine)
+        return "labels/c01.nii.gz", "label shape (7, 7, 7) differs from image shape"
+    if problem == "affine":
+        lab = read_image(lab_p)
+        aff = lab.affine.copy()
+        aff[0, 3] += 5.0
+        _rewrite(lab_p, lab.array, aff)
+        return "labels/c01.nii.gz", "label affine differs from the image affine"
+    if problem == "4d":
+        img = read_image(img_p)
+        _rewrite(img_p, np.stack([img.array, img.array], axis=-1))
+        return "images/c01.nii.gz", "4D image"
+    if problem == "nan":
+        arr = read_image(img_p).array.copy()
+        arr[3, 3, 3] = np.nan
+        arr[4, 4, 4] = np.inf
+        _rewrite(img_p, arr)
+        return "images/c01.nii.gz", "2 NaN/Inf voxels"
+    if problem == "values":
+        arr = read_image(lab_p).array.copy()
+        arr[5, 5, 5] = 9
+        _rewrite(lab_p, arr)
+        return "labels/c01.nii.gz", "label values [9] are not in the declared label set"
+    if problem == "float_labels":
+        arr = read_image(lab_p).array.astype(np.float32)
+        arr[5, 5, 5] = 1.5
+        _rewrite(lab_p, arr)
+        return "labels/c01.nii.gz", "non-integer values"
+    if problem == "missing_label":
+        lab_p.unlink()
+        return "images/c01.nii.gz", "missing label for case 'c01'"
+    if problem == "orphan_label":
+        lab = read_image(lab_p)
+        write_image(lab.array, lab.affine, root / "labels" / "zz.nii.gz")
+        return "labels/zz.nii.gz", "no matching image"
+    raise ValueError(f"unknown problem '{problem}' (one of {', '.join(VALIDATION_PROBLEMS)})")
+
+
+VALIDATION_PROBLEMS = ("unreadable", "truncated", "shape", "affine", "4d", "nan", "values", "float_labels",
+                       "missing_label", "orphan_label", "duplicate_ids")
+
+
+def make_broken_dataset(
+    root: str | os.PathLike,
+    problem: str,
+    n_cases: int = 3,
+    shape: tuple[int, int, int] = (16, 18, 20),
+) -> tuple[Path, str, str]:
+    """A dataset with one validation problem; returns (dataset path, file fragment, message fragment)."""
+    from medse.data.datasets import load_dataset, manifest_dict
+
+    root = make_dataset(root, n_cases, shape)
+    if problem == "duplicate_ids":
+        import json
+
+        meta = manifest_dict(load_dataset(root), root)
+        meta["cases"].append(dict(meta["cases"][0]))
+        (root / "manifest.json").write_text(json.dumps(meta))
+        return root / "manifest.json", "manifest.json", "duplicate case ID 'c00' (2 cases)"
+    file_fragment, message = _inject(root, problem)
+    return root, file_fragment, message
