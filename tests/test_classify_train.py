@@ -78,6 +78,7 @@ def test_resume_equals_uninterrupted(runs, synth, tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
     assert [r["epoch"] for r in csv.DictReader(open(part / "metrics.csv"))] == ["1", "2"]
+    assert (part / "run_info.json").is_file() and (part / "run_info_resume_epoch1.json").is_file()
     with pytest.raises(MedseError, match="already holds a run"):
         train(_cfg(synth / "manifest.csv"), part)
 
@@ -103,6 +104,9 @@ def test_evaluate_and_compare_write_outputs(runs, tmp_path):
     md = (out / "comparison.md").read_text()
     assert "UNPAIRED" in md and "| glioma |" in md and "McNemar" in md
     assert comp["baseline"]["accuracy"] == pytest.approx(m["accuracy"])
+    macro = comp["overall"]["delong_macro"]
+    assert macro["auc_a"] == pytest.approx(comp["baseline"]["macro_auc"]) and 0 <= macro["p"] <= 1
+    assert all(r["mcnemar"]["p_holm"] >= r["mcnemar"]["p"] for r in comp["per_class"])
     assert "NaN" not in (out / "comparison.json").read_text()
 
 
@@ -130,3 +134,26 @@ def test_cli_synth_and_errors(tmp_path, capsys):
     assert "needs --config" in capsys.readouterr().err
     assert main(["classify", "evaluate", "--run", str(tmp_path / "missing")]) == 2
     assert "not a classifier run folder" in capsys.readouterr().err
+
+
+def test_3d_volumes_train_and_evaluate(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    from medse.classify.evaluate import evaluate_run
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "vols"
+    for c, name in enumerate(["a", "b"]):
+        (root / name).mkdir(parents=True)
+        for i in range(5):
+            vol = rng.normal(size=(20, 22, 18)).astype(np.float32)
+            vol[5:12, 5:12, 5:12] += 2.0 * c  # class b has a bright cube
+            nib.save(nib.Nifti1Image(vol, np.diag([1.0, 1.2, 2.0, 1.0])), root / name / f"v{i}.nii.gz")
+    cfg = {"model": {"spatial_dims": 3, "in_channels": 1, "arch": {"width": 0.125}},
+           "data": {"root": str(root), "image_size": 32, "val_fraction": 0.2, "test_fraction": 0.2},
+           "train": {"epochs": 1, "batch_size": 4, "progress": False, "num_threads": 1}}
+    run = train(cfg, tmp_path / "run3d")
+    m = evaluate_run(run, tmp_path / "ev", progress=False)
+    assert m["n"] == len(json.loads((run / "splits.json").read_text())["test"]) >= 2
+    assert set(m["per_class"]) == {"a", "b"}

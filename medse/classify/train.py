@@ -410,7 +410,7 @@ def _fit(cfg: ClassifierConfig, run_dir: Path, data: ClassificationData, splits:
     import torch
     from torch.utils.data import DataLoader, RandomSampler
 
-    from medse.utils.checkpoint import save_checkpoint
+    from medse.utils.checkpoint import load_checkpoint, save_checkpoint
     from medse.utils.runinfo import write_run_info
     from medse.utils.seed import derive_seed, get_rng_states, seed_everything, set_rng_states
 
@@ -427,8 +427,10 @@ def _fit(cfg: ClassifierConfig, run_dir: Path, data: ClassificationData, splits:
         print(f"warning: skipped unreadable image {image_id}: {msg}")
     if len(train_ds) == 0:
         raise MedseError("no readable training images", cfg.data.root)
-    write_run_info(run_dir, {"task": "classification", "n_train": len(train_ds),
-                             "n_val": len(val_ds) if val_ds else 0, "skipped": [s[0] for s in skipped]})
+    resumed_at = int(state["epoch"]) + 1 if state is not None else None
+    write_run_info(run_dir, {"task": "classification", "n_train": len(train_ds), "n_val": len(val_ds) if val_ds else 0,
+                             "skipped": [s[0] for s in skipped], "resumed_at_epoch": resumed_at},
+                   name="run_info.json" if state is None else f"run_info_resume_epoch{resumed_at}.json")
 
     model = build_model(cfg, num_classes).to(device)
     weights = torch.from_numpy(class_weights(train_ds.labels, num_classes, t.class_weighting)).to(device)
@@ -499,7 +501,7 @@ def _fit(cfg: ClassifierConfig, run_dir: Path, data: ClassificationData, splits:
     if writer is not None:
         writer.close()
     if not (ckpt / "best.pt").exists() and (ckpt / "last.pt").exists():
-        last = torch.load(ckpt / "last.pt", weights_only=True)
+        last = load_checkpoint(ckpt / "last.pt")
         save_checkpoint(ckpt / "best.pt", {"model": last["model"], "epoch": last["epoch"],
                                            "num_classes": num_classes, "class_names": list(data.class_names)})
     return run_dir
