@@ -345,6 +345,7 @@ def run_cell(cell: Cell, cell_dir: Path, cfg: CompareConfig) -> pd.DataFrame:
     from medse.utils.complexity import count_params
 
     run_dir = cell_dir / "run"
+    t_start, c_start = time.perf_counter(), time.process_time()
     if (run_dir / "config.yaml").is_file():
         resume(run_dir)  # a killed cell continues from its last checkpoint; a finished run returns at once
     else:
@@ -362,6 +363,7 @@ def run_cell(cell: Cell, cell_dir: Path, cfg: CompareConfig) -> pd.DataFrame:
     if missing:
         raise MedseError(f"test cases {missing[:5]} have no image/label in the dataset", run_dir / "splits.json")
 
+    t_trained, c_trained = time.perf_counter(), time.process_time()
     predictor = Predictor.from_run(run_dir, checkpoint="best")
     pred_dir = cell_dir / "pred"
     ref_dir = cell_dir / "ref"
@@ -373,8 +375,15 @@ def run_cell(cell: Cell, cell_dir: Path, cfg: CompareConfig) -> pd.DataFrame:
         infer_s[cid] = time.perf_counter() - t0
         write_label_like(mask, case.images[0], pred_dir / f"{cid}{output_suffix(case.images[0])}", sidecar=False)
         _link_reference(case.label, ref_dir / f"{cid}{_suffix(case.label)}")
+    t_predicted, c_predicted = time.perf_counter(), time.process_time()
     labels = {k: int(v) for k, v in (spec.labels or {}).items() if int(v) != 0} or None
     ev = evaluate(pred_dir, ref_dir, cell_dir / "eval", labels=labels)
+    t_done, c_done = time.perf_counter(), time.process_time()
+    atomic_write_text(cell_dir / "cell_times.json", json.dumps({
+        "train_s": round(t_trained - t_start, 2), "predict_s": round(t_predicted - t_trained, 2),
+        "evaluate_s": round(t_done - t_predicted, 2), "train_cpu_s": round(c_trained - c_start, 2),
+        "predict_cpu_s": round(c_predicted - c_trained, 2), "evaluate_cpu_s": round(c_done - c_predicted, 2),
+        "n_cases": len(test_ids)}, indent=2) + "\n")
     timing_path = run_dir / "timing.json"
     step = None
     if timing_path.is_file():
@@ -469,7 +478,7 @@ def run_compare(
         if err.is_file():
             err.unlink()
         report.ran.append(cell.cell_id)
-        say(f"[{k}/{len(mine)}] {cell.cell_id}: done in {time.perf_counter() - t0:.1f} s")
+        say(f"[{k}/{len(mine)}] {cell.cell_id}: done in {time.perf_counter() - t0:.1f} s{_times(cell_dir)}")
     report.outputs, report.table_markdown = rebuild_outputs(cfg, out, log=say)
     atomic_write_text(out / "report.json", json.dumps(report.to_dict(), indent=2) + "\n")
     if report.failed:
@@ -496,6 +505,15 @@ def ensure_synthetic(spec: SynthSpec, data_dir: Path, *, log: Callable[[str], No
     atomic_write_text(stamp, json.dumps(want) + "\n")
     say(f"synthetic data ready in {time.perf_counter() - t0:.1f} s")
     return data_dir.resolve()
+
+
+def _times(cell_dir: Path) -> str:
+    try:
+        t = json.loads((cell_dir / "cell_times.json").read_text())
+        return (f" (wall/CPU s: train {t['train_s']:.0f}/{t['train_cpu_s']:.0f}, predict {t['n_cases']} cases "
+                f"{t['predict_s']:.0f}/{t['predict_cpu_s']:.0f}, evaluate {t['evaluate_s']:.0f}/{t['evaluate_cpu_s']:.0f})")
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
 
 
 def rebuild_outputs(
