@@ -7,9 +7,9 @@ Per case, seeded:
 
 * smooth random deformation (random displacement field on a 5^3 control grid, cubic upsampling),
   random head size, small random rotation, random ventricle size, random cortical folding;
-* tissue intensities with random gain, partial-volume blur (Gaussian, 0.6 voxel of the finest
-  spacing), a smooth multiplicative bias field (up to about +-25 %) and Rician noise
-  (``sqrt((I + n1)^2 + n2^2)``, Gudbjartsson & Patz, MRM 1995);
+* tissue intensities with random gain, partial-volume blur (Gaussian, sigma 0.6 voxel along each
+  axis, so more millimetres along a thick-slice axis), a smooth multiplicative bias field (up to
+  about +-25 %) and Rician noise (``sqrt((I + n1)^2 + n2^2)``, Gudbjartsson & Patz, MRM 1995);
 * anisotropic spacing on about half the cases (one axis 1.25-1.6x thicker, with fewer voxels along
   it) and varied storage orientations (random axis permutation/flips: RAS, LPS, PIR, ...) with an
   oblique tilt (up to 12 degrees) in the header on about half the cases.
@@ -146,8 +146,8 @@ def generate_case(size: int = 64, seed: int = 0, *, anisotropy: bool = True,
     lut = np.array([0.0, jit["csf"], jit["gm"], jit["wm"], jit["csf"], jit["deep"], jit["deep"]], dtype=np.float32)
     img[brain] = lut[label[brain]]
     img *= np.float32(gain)
-    sigma = 0.6 * spacing.min() / spacing
-    img = ndi.gaussian_filter(img, sigma=sigma)  # partial-volume blur
+    # partial-volume blur: 0.6 voxel along every axis, so thick slices blur more (in mm) than thin ones
+    img = ndi.gaussian_filter(img, sigma=0.6)
     img *= np.exp(np.float32(0.25) * _smooth_noise(rng, 3, shp, 1)[0])  # bias field
     noise_sd = np.float32(0.03 * _INTENSITY["wm"] * gain)
     n1 = rng.normal(0.0, 1.0, size=shp).astype(np.float32) * noise_sd
