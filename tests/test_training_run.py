@@ -223,7 +223,10 @@ def test_kill_and_resume_gives_identical_weights(synth, tmp_path, kill_after):
     last = tmp_path / "killed" / "checkpoints" / "last.pt"
     # iteration 2 falls in epoch 1 (no checkpoint yet); iteration 5 in epoch 2 (epoch-1 checkpoint exists)
     assert last.is_file() == (kill_after > 3)
-    resumed = resume(tmp_path / "killed")
+    from medse.cli import main
+
+    assert main(["train", "--resume", str(tmp_path / "killed")]) == 0  # the CLI path of resume(run_dir)
+    resumed = tmp_path / "killed"
     assert _max_diff(_weights(ref), _weights(resumed)) <= 1e-6
     a, b = load_checkpoint(ref / "checkpoints" / "last.pt"), load_checkpoint(last)
     assert a["step_losses"] == pytest.approx(b["step_losses"], abs=1e-7)

@@ -38,6 +38,7 @@ class PreparedData:
         return {
             "labels": {n: int(v) for n, v in zip(self.class_names, self.class_values, strict=True)},
             "channel_names": list(self.channel_names),
+            "num_channels": len(self.channel_names),
             "num_classes": self.num_classes,
             "class_values": [int(v) for v in self.class_values],
             "source": self.source,

@@ -40,6 +40,10 @@ def init_distributed(device_type: str) -> DistInfo:
         return DistInfo()
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    if device_type == "cuda":
+        import torch
+
+        torch.cuda.set_device(local)  # before any collective: nccl uses the current device
     owns = not dist.is_initialized()
     if owns:
         backend = "nccl" if device_type == "cuda" else "gloo"
@@ -57,7 +61,10 @@ def barrier(info: DistInfo) -> None:
 
 
 def all_reduce_sum(values: Any, info: DistInfo, device: Any = "cpu") -> Any:
-    """Sum a float tensor (or a list of floats) over ranks; returns the same kind it was given."""
+    """Sum a float tensor (or a list of floats) over ranks; returns the same kind it was given.
+
+    ``device`` must be the rank's CUDA device under nccl (gloo reduces CPU tensors).
+    """
     import torch
 
     if not info.enabled:
@@ -66,8 +73,6 @@ def all_reduce_sum(values: Any, info: DistInfo, device: Any = "cpu") -> Any:
 
     as_list = not torch.is_tensor(values)
     t = torch.as_tensor(values, dtype=torch.float64, device=device).clone()
-    if t.device.type == "cuda":  # nccl does not reduce float64 on every device: use float32 there
-        t = t.float()
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.double().cpu().tolist() if as_list else t
 

@@ -343,7 +343,7 @@ class _Trainer:
             if self._steps_this_process > TIMING_WARMUP_STEPS:
                 self.timing["sum"] += dt
                 self.timing["count"] += 1
-            global_loss = all_reduce_sum([loss], self.dist)[0] / self.dist.world_size
+            global_loss = all_reduce_sum([loss], self.dist, self.device)[0] / self.dist.world_size
             losses.append(global_loss)
             self.step_losses.append(global_loss)
             self.global_step += 1
@@ -421,7 +421,7 @@ class _Trainer:
                     if not math.isnan(v):
                         sums[c] += v
                         counts[c] += 1
-        red = all_reduce_sum(sums + counts, self.dist)
+        red = all_reduce_sum(sums + counts, self.dist, self.device)
         model.train()
         return reduce_dice_sums(red[: k - 1], red[k - 1 :], names)
 
