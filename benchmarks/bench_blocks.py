@@ -1,0 +1,341 @@
+"""Benchmark of the attention blocks against the memory floor and a convolution (issue 8).
+
+For each block, on a 2D (8, 64, 128, 128) and a 3D (2, 32, 64, 64, 64) tensor, times forward (autograd
+recording, as in training) and forward+backward of
+
+(a) ``plain``: the block with ``fused=False``: the textbook transcription of the authors' formula;
+(b) ``fused``: medse's block with its default fast path (``medse/attention/_fused.py``);
+(c) ``floor``: ``x * 1.0`` on a tensor that requires grad (forward reads and writes the tensor once, backward
+    once more): the least any block can cost;
+(d) ``conv``: a 3x3(x3) convolution of the same width (C -> C, padding 1, bias).
+
+Rounds are interleaved (a, b, c, d, a, b, ...) in one process and the median of the rounds is reported, with
+ratios to (c) and to (a), the peak extra memory of one forward+backward (CPU: torch profiler allocation events;
+CUDA: ``max_memory_allocated``) and the bytes saved for backward (saved-tensor hooks).
+
+Usage::
+
+    python benchmarks/bench_blocks.py                      # CPU, both shapes, writes benchmarks/results/blocks_cpu.md
+    python benchmarks/bench_blocks.py --quick               # small shapes, a smoke run
+    python benchmarks/bench_blocks.py --device cuda --dtype bf16 --channels-last
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime as _dt
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+SHAPES = {2: (8, 64, 128, 128), 3: (2, 32, 64, 64, 64)}
+QUICK_SHAPES = {2: (2, 16, 32, 32), 3: (1, 16, 16, 16, 16)}
+
+# (label, registry name, kwargs)
+BLOCKS: list[tuple[str, str, dict]] = [
+    ("scse (max)", "scse", {"aggregation": "max"}),
+    ("scse (add)", "scse", {"aggregation": "add"}),
+    ("sse", "sse", {}),
+    ("cse", "cse", {}),
+    ("eca", "eca", {}),
+    ("simam", "simam", {}),
+    ("ca", "ca", {}),
+]
+
+
+class Floor(nn.Module):
+    """``x * 1.0``: one read and one write of the tensor forward, one of each backward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 1.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def make_input(shape: tuple[int, ...], device: torch.device, channels_last: bool, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g).to(device)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last if x.ndim == 4 else torch.channels_last_3d)
+    return x
+
+
+def time_step(
+    module: nn.Module, x: torch.Tensor, backward: bool, device: torch.device, dtype: torch.dtype
+) -> float:
+    """Seconds of one forward (and backward) of ``module`` on a fresh leaf copy of ``x``."""
+    xi = x.detach().requires_grad_(True)
+    _sync(device)
+    t0 = time.perf_counter()
+    with _autocast(device, dtype):
+        y = module(xi)
+    if backward:
+        y.backward(torch.ones_like(y))
+    _sync(device)
+    dt = time.perf_counter() - t0
+    del y, xi
+    return dt
+
+
+def peak_memory(module: nn.Module, x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> float:
+    """Peak extra bytes (MiB) allocated during one forward+backward, inputs excluded."""
+    xi = x.detach().requires_grad_(True)
+    g = torch.ones_like(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        with _autocast(device, dtype):
+            y = module(xi)
+        y.backward(g)
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with _autocast(device, dtype):
+            y = module(xi)
+        y.backward(g)
+        del y
+    events = sorted(
+        (e for e in prof.events() if getattr(e, "cpu_memory_usage", 0)), key=lambda e: e.time_range.start
+    )
+    cur = peak = 0
+    for e in events:
+        cur += e.cpu_memory_usage
+        peak = max(peak, cur)
+    return peak / 2**20
+
+
+def saved_bytes(module: nn.Module, x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> float:
+    """MiB of distinct tensors saved for backward by one forward (input included when saved)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        try:
+            key = t.untyped_storage().data_ptr()
+            seen[key] = max(seen.get(key, 0), t.untyped_storage().nbytes())
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+
+    xi = x.detach().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with _autocast(device, dtype):
+            y = module(xi)
+    del y
+    return sum(seen.values()) / 2**20
+
+
+@contextlib.contextmanager
+def fused_backend(name: str | None):
+    """Run with the fused kernels' backend ``name`` ("eager" / "compile"); None: leave it as it is."""
+    if name is None:
+        yield
+        return
+    from medse.attention import _fused
+
+    old = _fused.get_backend()
+    _fused.set_backend(name)
+    try:
+        yield
+    finally:
+        _fused.set_backend(old)
+
+
+def bench_shape(
+    spatial_dims: int,
+    shape: tuple[int, ...],
+    blocks: list[tuple[str, str, dict]],
+    repeats: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    channels_last: bool,
+    log: Callable[[str], None],
+    compile_variant: bool = False,
+) -> list[dict]:
+    from medse.attention import create_attention
+
+    c = shape[1]
+    x = make_input(shape, device, channels_last)
+    conv_cls = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+    conv = conv_cls(c, c, 3, padding=1).to(device)
+    floor = Floor()
+    if channels_last:
+        conv = conv.to(memory_format=torch.channels_last if spatial_dims == 2 else torch.channels_last_3d)
+    cands: dict[str, nn.Module] = {"floor": floor, "conv": conv}
+    backends: dict[str, str | None] = {"floor": None, "conv": None}
+    variants = ("plain", "fused", "compile") if compile_variant else ("plain", "fused")
+    compile_s: dict[str, float] = {}
+    for label, name, kw in blocks:
+        torch.manual_seed(0)
+        fused = create_attention(name, spatial_dims, c, **kw).to(device)
+        plain = copy.deepcopy(fused)
+        for m in plain.modules():
+            if hasattr(m, "fused"):
+                m.fused = False
+        cands[f"{label}|plain"], backends[f"{label}|plain"] = plain, None
+        cands[f"{label}|fused"], backends[f"{label}|fused"] = fused, "eager"
+        if compile_variant:
+            cands[f"{label}|compile"], backends[f"{label}|compile"] = fused, "compile"
+    times: dict[tuple[str, str], list[float]] = {(k, p): [] for k in cands for p in ("fwd", "fwdbwd")}
+    for k, m in cands.items():  # warm-up (and compilation, timed: first call of each compiled kernel)
+        t0 = time.perf_counter()
+        with fused_backend(backends[k]):
+            time_step(m, x, True, device, dtype)
+        if backends[k] == "compile":
+            compile_s[k] = time.perf_counter() - t0
+    for r in range(repeats):
+        for k, m in cands.items():
+            with fused_backend(backends[k]):
+                times[(k, "fwd")].append(time_step(m, x, False, device, dtype))
+                times[(k, "fwdbwd")].append(time_step(m, x, True, device, dtype))
+        log(f"  {spatial_dims}D round {r + 1}/{repeats} done")
+    med = {key: statistics.median(v) * 1e3 for key, v in times.items()}
+    mem, sav = {}, {}
+    for k, m in cands.items():
+        with fused_backend(backends[k]):
+            mem[k] = peak_memory(m, x, device, dtype)
+            sav[k] = saved_bytes(m, x, device, dtype)
+    rows = []
+    for k in ("floor", "conv"):
+        rows.append({"block": k, "variant": "", "fwd": med[(k, "fwd")], "fwdbwd": med[(k, "fwdbwd")],
+                     "peak": mem[k], "saved": sav[k]})
+    for label, _, _ in blocks:
+        for variant in variants:
+            k = f"{label}|{variant}"
+            rows.append({"block": label, "variant": variant, "fwd": med[(k, "fwd")],
+                         "fwdbwd": med[(k, "fwdbwd")], "peak": mem[k], "saved": sav[k]})
+            if k in compile_s:
+                rows[-1]["first_call_s"] = compile_s[k]
+    fl, cv = med[("floor", "fwdbwd")], med[("conv", "fwdbwd")]
+    fl_f = med[("floor", "fwd")]
+    for row in rows:
+        row["x_floor"] = row["fwdbwd"] / fl
+        row["x_floor_fwd"] = row["fwd"] / fl_f
+        row["x_conv"] = row["fwdbwd"] / cv
+        if row["variant"]:
+            row["speedup"] = med[(f"{row['block']}|plain", "fwdbwd")] / row["fwdbwd"]
+    return rows
+
+
+def to_markdown(title: str, shape: tuple[int, ...], rows: list[dict], repeats: int) -> str:
+    lines = [
+        f"### {title}, input {tuple(shape)}",
+        "",
+        "| block | variant | fwd ms | fwd+bwd ms | fwd / floor fwd | fwd+bwd / floor | fwd+bwd / conv | speed-up vs plain | "
+        "peak MiB | saved MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        sp = f"{r['speedup']:.2f}x" if "speedup" in r else ""
+        if "first_call_s" in r:
+            sp += f" (first call {r['first_call_s']:.0f} s)"
+        lines.append(
+            f"| {r['block']} | {r['variant']} | {r['fwd']:.1f} | {r['fwdbwd']:.1f} | {r['x_floor_fwd']:.2f} | "
+            f"{r['x_floor']:.2f} | {r['x_conv']:.2f} | {sp} | {r['peak']:.0f} | {r['saved']:.0f} |"
+        )
+    lines.append("")
+    lines.append(f"Median of {repeats} interleaved rounds in one process.")
+    return "\n".join(lines)
+
+
+def environment(device: torch.device) -> str:
+    if device.type == "cuda":
+        dev = torch.cuda.get_device_name(device)
+    else:
+        dev = f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, " \
+              f"{torch.get_num_threads()} torch threads"
+    return f"torch {torch.__version__}, Python {platform.python_version()}, device: {dev}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dims", type=int, nargs="+", default=[2, 3], choices=[2, 3])
+    ap.add_argument("--blocks", nargs="+", default=None, help="labels or registry names to run (default: all)")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="small shapes (smoke test)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time the fused blocks with the torch.compile backend (variant 'compile')")
+    ap.add_argument("--output", type=Path, default=None, help="Markdown file (default benchmarks/results/blocks_<dev>.md)")
+    ap.add_argument("--note", default="", help="free text added under the title (e.g. machine load)")
+    args = ap.parse_args(argv)
+
+    from medse.utils.atomic import atomic_path
+
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    blocks = BLOCKS
+    if args.blocks:
+        want = set(args.blocks)
+        blocks = [b for b in BLOCKS if b[0] in want or b[1] in want]
+        if not blocks:
+            raise SystemExit(f"error: --blocks {args.blocks}: none of {[b[0] for b in BLOCKS]}")
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    tag = f"{device.type}" + ("" if args.dtype == "fp32" else f"_{args.dtype}") + ("_cl" if args.channels_last else "")
+    out = args.output or RESULTS / f"blocks_{tag}{'_quick' if args.quick else ''}.md"
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    sections = []
+    for sd in args.dims:
+        log(f"{sd}D {shapes[sd]}: {len(blocks)} blocks x (plain, fused) + floor + conv, {args.repeats} rounds")
+        rows = bench_shape(sd, shapes[sd], blocks, args.repeats, device, dtype, args.channels_last, log,
+                           compile_variant=args.compile)
+        sections.append(to_markdown(f"{sd}D, {args.dtype}{', channels_last' if args.channels_last else ''}",
+                                    shapes[sd], rows, args.repeats))
+        print(sections[-1], flush=True)
+    head = [
+        f"# Attention blocks vs the memory floor ({tag})",
+        "",
+        f"Generated by `python benchmarks/bench_blocks.py {' '.join(argv if argv is not None else sys.argv[1:])}` "
+        f"on {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.",
+        f"Environment: {environment(device)}; MEDSE_FUSED_CHUNK={os.environ.get('MEDSE_FUSED_CHUNK', 'default')}.",
+        "",
+        "floor = `x * 1.0` on a tensor requiring grad; conv = 3x3(x3) convolution C -> C. Ratios use medians. "
+        "peak = extra memory allocated during one forward+backward; saved = bytes saved for backward "
+        "(the input included). Variants: plain = `fused=False` (textbook formula); fused = medse's default fast "
+        "path (hand-derived backward, eager kernels); compile = the same fast path with "
+        "`medse.attention._fused.set_backend('compile')` (first call = compilation, or loading PyTorch's disk "
+        "cache).",
+    ]
+    if device.type == "cpu":
+        head.append("Measured on a shared 2-core machine (other engineers' jobs running): absolute times are noisy, "
+                    "ratios within one run are what to read.")
+    if args.note:
+        head += ["", args.note]
+    text = "\n".join(head) + "\n\n" + "\n\n".join(sections) + "\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        Path(tmp).write_text(text)
+    log(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
