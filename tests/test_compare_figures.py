@@ -79,10 +79,10 @@ def test_overlay_from_files(tmp_path):
         nib.save(nib.Nifti1Image(arr, affine), paths[name])
     np.testing.assert_array_equal(load_volume(paths["ref"]), ref)
     out = overlay_figure(paths["img"], paths["ref"], {"none": paths["pred"], "scse": ref}, tmp_path / "ov.png",
-                         title="case")
+                         title="case", label_names={"background": 0, "liver": 1, "spleen": 2})
     assert out.read_bytes()[:8] == PNG_MAGIC and out.stat().st_size < 200_000
     w, h = _png_size(out)
-    assert w > 3 * h  # four panels side by side
+    assert w > 2.5 * h  # four panels side by side (plus the legend row)
     with pytest.raises(MedseError, match="shape"):
         overlay_figure(img, ref, {"bad": np.zeros((2, 2, 2))}, tmp_path / "x.png")
     with pytest.raises(MedseError, match="slice index"):

@@ -175,7 +175,7 @@ def explain(
         layers: gate layers to save, by index (0-based, in module order) or module name. Defaults to all.
         checkpoint: ``"best"``, ``"last"`` or a ``.pt`` path. Defaults to ``"best"``.
         axis: axis of the original volume the PNGs slice along. Defaults to 2.
-        slice_index: slice shown in the PNGs. Defaults to the slice where the deepest selected layer's gate
+        slice_index: slice shown in the PNGs. Defaults to the slice where the last selected layer's gate
             varies most.
         device: torch device of the forward pass. Defaults to ``"cpu"``.
         dpi: PNG resolution. Defaults to 90.

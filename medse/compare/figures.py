@@ -222,6 +222,7 @@ def overlay_figure(
     slice_index: int | None = None,
     channel: int = 0,
     title: str | None = None,
+    label_names: Mapping[str, int] | None = None,
     dpi: int = 90,
 ) -> Path:
     """Panels of one slice: the scan, the reference labels, then each prediction (e.g. ``none`` and the best block).
@@ -235,9 +236,11 @@ def overlay_figure(
         slice_index: slice to show. Defaults to the slice with the most reference foreground.
         channel: channel of a multi-channel scan. Defaults to 0.
         title: figure title. Defaults to none.
+        label_names: ``{name: value}`` for a colour legend of the labels shown. Defaults to None (no legend).
         dpi: resolution. Defaults to 90.
     """
     from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
 
     img = scan if isinstance(scan, np.ndarray) else load_volume(scan)
     ref = reference if isinstance(reference, np.ndarray) else load_volume(reference)
@@ -278,6 +281,15 @@ def overlay_figure(
                       interpolation="nearest")
         ax.set_title(name, fontsize=9)
         ax.axis("off")
+    if label_names:
+        shown = set(np.unique(_slice(ref, axis, slice_index)).tolist())
+        for p in preds.values():
+            shown |= set(np.unique(_slice(p, axis, slice_index)).tolist())
+        handles = [Patch(facecolor=cmap(v - 1), alpha=0.6, label=name)
+                   for name, v in sorted(label_names.items(), key=lambda kv: kv[1]) if v > 0 and v in shown]
+        if handles:
+            fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7), fontsize=7, frameon=False,
+                       bbox_to_anchor=(0.5, -0.06))
     if title:
         fig.suptitle(title, fontsize=9)
     return _save(fig, path, dpi)

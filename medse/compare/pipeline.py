@@ -597,7 +597,8 @@ def _overlay(cfg: CompareConfig, out: Path, records: pd.DataFrame, table: Any, p
         spec = _dataset_of_run(out / "cells" / cell.cell_id / "run")
         case = next(c for c in spec.cases if c.case_id == case_id)
         return overlay_figure(case.images[0], case.label, {base: p_base, best: p_best}, path,
-                              title=f"{arch}, case {case_id} (median gain of {best})")
+                              title=f"{arch}, case {case_id} (the case with the median gain of {best})",
+                              label_names=spec.labels or None)
     raise MedseError(f"no predictions of case '{case_id}' for both '{base}' and '{best}'")
 
 
