@@ -157,3 +157,14 @@ def test_3d_volumes_train_and_evaluate(tmp_path):
     m = evaluate_run(run, tmp_path / "ev", progress=False)
     assert m["n"] == len(json.loads((run / "splits.json").read_text())["test"]) >= 2
     assert set(m["per_class"]) == {"a", "b"}
+
+
+@pytest.mark.parametrize("name", ["classifier", "classifier_se", "classifier_cpu_demo", "classifier_se_cpu_demo"])
+def test_shipped_configs_validate(name):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
+    cfg = load_config(path, ["data.root=/nonexistent"])
+    assert cfg.model.name == "resnet50v2"
+    assert cfg.model.attention == ("se" if "_se" in name else "none")
+    assert cfg.model.arch.get("width", 1.0) == (0.25 if "cpu" in name else 1.0)
