@@ -63,10 +63,12 @@ __all__ = [
     "sse",
 ]
 
-#: Elements per cache block on CPU (summed over batch and channels). 0 or a negative value: no blocking.
-#: Defaults to 262144 (1 MiB of float32 per chunk tensor), overridable with the environment variable
-#: ``MEDSE_FUSED_CHUNK``.
-CHUNK_ELEMENTS: int = int(os.environ.get("MEDSE_FUSED_CHUNK", str(1 << 18)))
+#: Elements per cache block on CPU (summed over batch and channels); 0 or negative: no blocking (whole tensors).
+#: Blocking keeps temporaries in cache but runs many small parallel operators, each of which waits for every
+#: OpenMP thread: on a loaded machine (more runnable jobs than cores) that wait dominates and blocking was 5x
+#: slower than whole-tensor operators in ``benchmarks/results/blocks_cpu.md``. Defaults to 0, overridable with
+#: the environment variable ``MEDSE_FUSED_CHUNK`` (e.g. 262144 = 1 MiB of float32 per chunk tensor).
+CHUNK_ELEMENTS: int = int(os.environ.get("MEDSE_FUSED_CHUNK", "0"))
 
 _AGGREGATIONS = ("max", "add", "mul")
 _BACKENDS = ("eager", "compile")
@@ -296,12 +298,17 @@ class _ChannelFn(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         zl, c = ctx.gate
         x3, dy3 = x.flatten(2), dy.flatten(2)
-        gc = _dot_spatial(dy3, x3)
+        b, ch, n = x3.shape
+        single = len(_spans(n, b * ch, x.device)) == 1
+        if single:  # the gradient's buffer doubles as the scratch of dy * x: one full-size allocation
+            gx3 = torch.mul(dy3, x3)
+            gc = gx3.sum(-1, dtype=_acc_dtype(x.dtype))
+        else:
+            gc = _dot_spatial(dy3, x3)
         (gz,), gp = _gate_backward([c], [gc], [zl], ctx.params)
         gz = torch.zeros_like(zl) if gz is None else gz
-        gx3 = torch.addcmul(
-            (gz / x3.shape[-1]).to(x.dtype).unsqueeze(-1), dy3, c.detach().to(x.dtype).unsqueeze(-1)
-        )
+        gzn, c3 = (gz / n).to(x.dtype).unsqueeze(-1), c.detach().to(x.dtype).unsqueeze(-1)
+        gx3 = torch.addcmul(gzn, dy3, c3, out=gx3) if single else torch.addcmul(gzn, dy3, c3)
         return (_unflat(gx3, x.shape), None, *gp)
 
 
@@ -367,9 +374,9 @@ class _SpatialFn(torch.autograd.Function):
         gb = torch.zeros((), dtype=acc, device=x.device)
         for j0, j1 in _spans(n, b * c, x.device):
             xc, dyc, qc = x3[..., j0:j1], dy3[..., j0:j1], q[..., j0:j1]
-            gs = torch.mul(dyc, xc).sum(1, keepdim=True)  # gq (B, 1, k)
-            gs.mul_(qc).mul_(1 - qc)
             gxc = gx3[..., j0:j1]
+            gs = torch.mul(dyc, xc, out=gxc).sum(1, keepdim=True)  # gq (B, 1, k); gx's buffer as scratch
+            gs.mul_(qc).mul_(1 - qc)
             torch.mul(dyc, qc, out=gxc)
             gxc.addcmul_(w3, gs)
             gw += torch.matmul(xc, gs.transpose(1, 2)).sum(0, dtype=acc).view(c)
@@ -483,19 +490,16 @@ class _SCSEFn(torch.autograd.Function):
             xc, dyc, qc = x3[..., j0:j1], dy3[..., j0:j1], q[..., j0:j1]
             gxc = gx3[..., j0:j1]
             if mode == "max":
-                h = torch.sub(xc * c3, xc * qc).sign_().add_(1).mul_(0.5)
-                ga = h.mul_(dyc)  # dy * h
-                gbr = torch.sub(dyc, ga)  # dy * (1 - h)
-                gc += torch.mul(ga, xc).sum(-1, dtype=acc)
-                gs = gbr.mul_(xc).sum(1, keepdim=True)
-                torch.mul(ga, c3, out=gxc)
-                gbr = torch.sub(dyc, ga)
-                gxc.addcmul_(gbr, qc)
+                # h = (1 + sign(x c - x q)) / 2; ga = dy h; gb = dy - ga. Buffers: ga and gx only.
+                ga = torch.mul(xc, c3).addcmul_(xc, qc, value=-1).sign_().add_(1).mul_(0.5).mul_(dyc)
+                gc += torch.mul(ga, xc, out=gxc).sum(-1, dtype=acc)
+                gs = gxc.neg_().addcmul_(dyc, xc).sum(1, keepdim=True)  # sum_c (dy - ga) x
+                torch.mul(ga, c3, out=gxc).addcmul_(dyc, qc).addcmul_(ga, qc, value=-1)
             elif mode == "add":
-                t = torch.mul(dyc, xc)
+                t = torch.mul(dyc, xc, out=gxc)
                 gc += t.sum(-1, dtype=acc)
                 gs = t.sum(1, keepdim=True)
-                torch.mul(dyc, c3 + qc, out=gxc)
+                torch.mul(dyc, c3, out=gxc).addcmul_(dyc, qc)
             else:
                 t = torch.mul(dyc, xc)
                 gc += torch.mul(t, qc).sum(-1, dtype=acc)
