@@ -38,7 +38,8 @@ for _area in _AREAS:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        app(args=argv, standalone_mode=False)
+        # with standalone_mode=False, click returns the exit code of typer.Exit / ctx.exit instead of raising
+        rv = app(args=argv, standalone_mode=False)
     except (MedseError, ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         return 2
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             typer.echo("aborted", err=True)
             return 1
         raise
-    return 0
+    return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
 
 
 def _entry() -> None:
