@@ -73,8 +73,12 @@ def test_network_block_forward_backward(name: str, block: str, dims: int) -> Non
     atts = attention_modules(model)
     assert len(atts) == n_expected
     assert len({id(m) for m in atts}) == n_expected  # every place has its own module
+    calls = {id(m): 0 for m in atts}
+    for m in atts:  # every inserted module is on the forward path, once
+        m.register_forward_hook(lambda mod, i, o: calls.__setitem__(id(mod), calls[id(mod)] + 1))
     x = torch.randn(2, 2, *ODD_SIZE[dims])
     y = model(x)
+    assert all(v == 1 for v in calls.values())
     assert y.shape == (2, 3, *ODD_SIZE[dims])
     assert torch.isfinite(y).all()
     (y * torch.randn_like(y)).sum().backward()
@@ -92,7 +96,9 @@ def test_attention_positions_subsets(name: str) -> None:
         for subset in itertools.combinations(POSITIONS, r):
             model = create_model(name, 2, 1, 2, attention="cse", attention_positions=subset, **kw)
             assert len(attention_modules(model)) == sum(per_position[p] for p in subset), subset
-    # a single string is one position
+    # a single string is one position, None all of them
+    model = create_model(name, 2, 1, 2, attention="sse", attention_positions=None, **kw)
+    assert len(attention_modules(model)) == sum(per_position.values())
     model = create_model(name, 2, 1, 2, attention="sse", attention_positions="bottleneck", **kw)
     assert len(attention_modules(model)) == 1
 

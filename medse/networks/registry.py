@@ -217,7 +217,7 @@ def create_model(
     in_channels: int,
     out_channels: int,
     attention: str = "none",
-    attention_positions: Sequence[str] | str = POSITIONS,
+    attention_positions: Sequence[str] | str | None = POSITIONS,
     attention_kwargs: dict[str, Any] | None = None,
     **arch_kwargs: Any,
 ) -> nn.Module:
@@ -232,7 +232,8 @@ def create_model(
             ``"a+b"``, or ``"none"``. Defaults to ``"none"``.
         attention_positions: where to insert attention, a subset of the model's positions
             (``"encoder"``, ``"bottleneck"``, ``"decoder"`` for segmentation models); a single string is one
-            position. Ignored by models without positions (classifiers). Defaults to all three.
+            position; ``None`` means all. Ignored by models without positions (classifiers). Defaults to all
+            three.
         attention_kwargs: keyword arguments for every attention block (e.g. ``{"reduction": 4}``). Defaults to
             ``None`` (the blocks' defaults).
         **arch_kwargs: architecture arguments of the model (see ``list_models()[name].defaults``).
@@ -256,6 +257,8 @@ def create_model(
             raise ValueError(f"create_model('{key}'): {arg} must be a positive integer, got {value!r}.")
     attention = _check_attention(key, attention, spatial_dims)
     if info.positions:
+        if attention_positions is None:
+            attention_positions = info.positions
         if isinstance(attention_positions, str):
             attention_positions = (attention_positions,)
         if not isinstance(attention_positions, (list, tuple, set, frozenset)):
