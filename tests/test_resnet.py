@@ -139,3 +139,24 @@ def test_registry_builds_resnet50v2():
     assert len(registry.attention_modules(m)) == 16
     with pytest.raises(ValueError, match="widht"):
         registry.create_model("resnet50v2", 2, 3, 4, widht=0.5)
+
+
+def _blocks() -> list[tuple[str, int]]:
+    try:
+        from medse.attention import list_attention
+    except ImportError:
+        return []
+    return [(name, 2 if 2 in info.spatial_dims else info.spatial_dims[0]) for name, info in list_attention().items()]
+
+
+@pytest.mark.parametrize("name,dims", _blocks())
+def test_every_registered_block_fits_in_the_bottleneck(name, dims):
+    from medse.networks.registry import attention_modules
+
+    torch.manual_seed(0)
+    m = ResNet50V2(dims, 1, 3, attention=name, width=0.125)
+    out = m(torch.randn(2, 1, *([32] * dims)))
+    assert out.shape == (2, 3) and torch.isfinite(out).all()
+    out.sum().backward()
+    assert all(p.grad is not None for p in m.parameters())
+    assert len(attention_modules(m)) == (0 if name == "none" else 16)
