@@ -247,3 +247,66 @@ def test_bench_blocks_smoke(tmp_path):
     assert all(r["fwdbwd"] > 0 and r["saved"] >= 0 for r in rows)
     md = bench.to_markdown("2D", (1, 8, 8, 8), rows, 1)
     assert md.count("\n| scse (max) |") == 2
+
+
+def test_backend_switch_validates_and_falls_back(monkeypatch):
+    assert F.get_backend() in ("eager", "compile")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        F.set_backend("triton")
+
+    def broken_compile(fn, **kw):
+        def run(*a):
+            raise RuntimeError("no C++ compiler")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(F, "_compiled", {})
+    monkeypatch.setattr(F, "_compile_failed", False)
+    monkeypatch.setattr(F, "_backend", "compile")
+    fused, plain = _pair("simam", 2, 4)
+    x = _input((2, 4, 5, 6))
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        yf, gxf, _, _ = _run(fused, x, torch.ones_like(x))
+    yp, gxp, _, _ = _run(plain, x, torch.ones_like(x))
+    _close(yf, yp)
+    _close(gxf, gxp)
+    assert F._compile_failed and F._kernel(F._ck_simam_fwd) is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "kw"), [("scse", {"aggregation": "max"}), ("scse", {"aggregation": "add"}),
+                                          ("scse", {"aggregation": "mul"}), ("simam", {}), ("ca", {})])
+def test_compile_backend_matches_plain(name, kw, monkeypatch):
+    monkeypatch.setattr(F, "_backend", "compile")
+    for sd in (2, 3):
+        shape = SHAPES[sd]
+        fused, plain = _pair(name, sd, shape[1], **kw)
+        x, gy = _input(shape), _input(shape, seed=2, zeros=False)
+        yf, gxf, gpf, _ = _run(fused, x, gy)
+        yp, gxp, gpp, _ = _run(plain, x, gy)
+        _close(yf, yp)
+        _close(gxf, gxp)
+        scale = max(g.abs().max().item() for g in gpp) if gpp else 0.0
+        for a, b in zip(gpf, gpp, strict=True):
+            assert (a - b).abs().max().item() <= 1e-5 * scale
+    assert not F._compile_failed
+
+
+@pytest.mark.slow
+def test_bench_networks_smoke(tmp_path):
+    import sys
+
+    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench_dir))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_networks", bench_dir / "bench_networks.py")
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+    finally:
+        sys.path.remove(str(bench_dir))
+    out = tmp_path / "net.md"
+    assert bench.main(["--quick", "--repeats", "1", "--blocks", "scse", "--networks", "unet", "--output",
+                       str(out)]) == 0
+    text = out.read_text()
+    assert "U-Net 3D" in text and text.count("| scse (max) |") == 2 and "| none |" in text
