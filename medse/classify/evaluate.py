@@ -357,6 +357,12 @@ def _align(a: dict, b: dict) -> None:
             f"baseline and candidate were tested on different images ({len(sa)} vs {len(sb)}, {len(sa & sb)} shared); "
             "train both with the same data and seed, or pass --data to evaluate both on one set"
         )
+    pa = [str(Path(x).resolve()) for x in a.get("paths", a["image_ids"])]
+    pb = [str(Path(x).resolve()) for x in b.get("paths", b["image_ids"])]
+    if pa != pb:
+        i = next(k for k, (x, y) in enumerate(zip(pa, pb, strict=True)) if x != y)
+        raise MedseError(f"baseline and candidate read image '{a['image_ids'][i]}' from different files ({pa[i]} vs "
+                         f"{pb[i]}); pass --data to evaluate both on one set")
     if not np.array_equal(a["y_true"], b["y_true"]):
         raise MedseError("baseline and candidate disagree on the true labels of the same images")
 
