@@ -740,8 +740,19 @@ class _CoordFn(torch.autograd.Function):
         spans = _spans(sizes[0], b * c * (n // sizes[0]), x.device)
         out = _call(_ck_ca_bwd1, x, dy, _rest_view(a1, nd, 0), r)
         gx = None
+        m = n // sizes[0]
+        gemm = out is None and len(spans) == 1 and x.is_contiguous()
         if out is not None:
             g_first, g_r = out
+            spans = []
+        elif gemm:
+            # whole tensor: the gradient's buffer holds T = dy * x; both weighted reductions of T are batched
+            # matrix products (T @ R and a_1^T @ T), which read T once and allocate nothing full-size
+            gx = torch.empty_like(x, memory_format=torch.contiguous_format)
+            t3 = torch.mul(dy, x, out=gx).view(b * c, sizes[0], m)
+            g_first = torch.bmm(t3, r.reshape(b * c, m, 1)).view(b, c, sizes[0])
+            g_r = torch.bmm(a1.reshape(b * c, 1, sizes[0]), t3).view(b, c, *sizes[1:])
+            torch.mul(dy, _rest_view(a1, nd, 0), out=gx).mul_(r)
             spans = []
         else:
             gx = torch.empty_like(x)
@@ -772,7 +783,11 @@ class _CoordFn(torch.autograd.Function):
         e_rest = _rest_view(terms[1], nd, 1)
         for i in range(2, nd):
             e_rest = e_rest + _rest_view(terms[i], nd, i)
-        if gx is None:
+        if gemm:  # gx += e_1 (along axis 1) + e_rest (along the others): one rank-2 update
+            lhs = torch.stack([terms[0], torch.ones_like(terms[0])], dim=-1).reshape(b * c, sizes[0], 2)
+            rhs = torch.stack([torch.ones_like(e_rest), e_rest], dim=2).reshape(b * c, 2, m)
+            gx.view(b * c, sizes[0], m).baddbmm_(lhs, rhs)
+        elif gx is None:
             args = (dy, _rest_view(a1, nd, 0), r, _rest_view(terms[0], nd, 0), e_rest)
             gx = _call(_ck_ca_bwd2, *args)
             gx = _ck_ca_bwd2(*args) if gx is None else gx
