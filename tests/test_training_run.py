@@ -259,3 +259,27 @@ def test_ddp_two_processes_match_single_process(synth, tmp_path):
     # only rank 0 wrote: one events file, one run folder
     assert len(list((tmp_path / "ddp" / "tensorboard").glob("events.*"))) == 1
     assert json.loads((tmp_path / "ddp" / "timing.json").read_text())["world_size"] == 2
+
+
+# ----------------------------------------------------------------------------- GPU and acceptance (not in CI)
+@pytest.mark.gpu
+def test_amp_on_cuda(synth, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    run = train(tiny_config(synth, device="cuda", amp=True), tmp_path / "gpu")
+    ck = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert ck["scaler"] and ck["scaler"]["scale"] > 0  # GradScaler was active
+    assert json.loads((run / "timing.json").read_text())["device"].startswith("cuda")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["demo", "demo_2d"])
+def test_demo_configs_reach_dice_07_on_synthetic_data(tmp_path_factory, config):
+    """The acceptance run: 20 phantoms of 64^3, the shipped quick config, mean foreground Dice > 0.7."""
+    from medse.data.synth import generate_dataset
+
+    data = generate_dataset(tmp_path_factory.mktemp("demo") / "d", n_cases=20, size=64, seed=0)
+    run = train(REPO / "configs" / f"{config}.yaml", tmp_path_factory.mktemp("run") / "r",
+                overrides=[f"data.root={data}", "train.progress=false"])
+    best = json.loads((run / "timing.json").read_text())["best_val_dice_mean"]
+    assert best > 0.7, best

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -65,11 +66,12 @@ def train(
     """
     cfg = load_config(config, overrides)
     output = Path(output).expanduser().resolve()
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        hint = " (use `medse train --resume` to continue it)" if (output / "config.yaml").is_file() else ""
-        raise MedseError(f"output folder already exists and is not empty{hint}", output)
     dist = init_distributed(_device_type(cfg.train.device))
     try:
+        if output.exists() and (not output.is_dir() or any(output.iterdir())):
+            hint = " (use `medse train --resume` to continue it)" if (output / "config.yaml").is_file() else ""
+            raise MedseError(f"output folder already exists and is not empty{hint}", output)
+        barrier(dist)  # every rank has looked before rank 0 creates the folder
         prep = _data.prepare_data(cfg)
         err = None
         if dist.is_main:
@@ -368,6 +370,12 @@ class _Trainer:
         self.history.append(row)
         if self.dist.is_main:
             self._write(epoch + 1, row)
+            if t.progress:
+                val = row.get("val_dice_mean")
+                msg = f"epoch {epoch + 1}/{t.epochs}  loss {row['train_loss']:.4f}  {row['epoch_time_s']:.1f} s"
+                if val is not None:
+                    msg += f"  val Dice {val:.4f} (best {self.best_metric:.4f} @ {self.best_epoch})"
+                tqdm.write(msg, file=sys.stderr)
         barrier(self.dist)
 
     def _step(self, image: Any, label: Any) -> float:
