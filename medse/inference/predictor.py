@@ -223,6 +223,9 @@ class Predictor:
             raise ValueError(f"engine must be 'stream' or 'monai', got {engine!r}")
         if slice_axis not in (0, 1, 2):
             raise ValueError(f"slice_axis must be 0, 1 or 2, got {slice_axis}")
+        import monai.data.utils  # noqa: F401  (imported here, once, rather than inside the first case)
+        import monai.inferers  # noqa: F401
+
         self.device = _resolve_device(device)
         self.model = model.to(self.device).eval()
         self.spatial_dims = spatial_dims
