@@ -377,9 +377,15 @@ def test_cli_models(tmp_path, capsys) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("block", ["none", "scse"])
 def test_unet_torch_compile_smoke(block: str) -> None:
-    """torch.compile (inductor on CPU) gives the eager outputs and gradients, odd sizes included."""
+    """torch.compile (inductor on CPU) gives the eager outputs and gradients, odd sizes included.
+
+    The blocks run their plain code (``fused=False``): the fused fast paths of ``medse.attention._fused``
+    (custom autograd functions) do not compile yet (blocks area).
+    """
     torch.manual_seed(0)
-    model = create_model("unet", 2, 1, 2, channels=(16, 32, 32), strides=(2, 2), attention=block)
+    kw = {"fused": False} if block != "none" else None
+    model = create_model("unet", 2, 1, 2, channels=(16, 32, 32), strides=(2, 2), attention=block,
+                         attention_kwargs=kw)
     x = torch.randn(2, 1, 15, 17)
     compiled = torch.compile(model)
     y = compiled(x)
