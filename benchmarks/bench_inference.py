@@ -279,7 +279,17 @@ def write_report(path: Path, args: argparse.Namespace, rows: list[dict], mem_row
         a = _analytic_mb(shp, 14, roi_mem)
         lines.append(f"| {size} | {a['input']:.0f} | {a['monai_output_count']:.0f} | "
                      f"{a['stream_buffer']:.0f} (axis {a['axis']}) | {a['labels']:.0f} |")
+    by = {(r["size"], r["engine"]): r for r in mem_rows}
     lines.append("")
+    for size in sorted({r["size"] for r in mem_rows}):
+        a, b = by.get((size, "stream")), by.get((size, "monai"))
+        if a and b:
+            lines.append(f"{size}: streamed peak {a['peak_rss_mb'] / 1024:.2f} GiB vs MONAI "
+                         f"{b['peak_rss_mb'] / 1024:.2f} GiB ({b['peak_rss_mb'] / a['peak_rss_mb']:.1f}x); above "
+                         f"the loaded input and libraries {(a['peak_rss_mb'] - a['baseline_rss_mb']) / 1024:.2f} vs "
+                         f"{(b['peak_rss_mb'] - b['baseline_rss_mb']) / 1024:.2f} GiB.")
+            lines.append("")
+    lines += ["Wall times come from a machine shared with other jobs: compare them within one table only.", ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     from medse.utils.atomic import atomic_write_text
 
