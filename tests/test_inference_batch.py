@@ -207,3 +207,25 @@ def test_flip_tta_averages_flipped_predictions() -> None:
                      [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)]) / 8
         torch.testing.assert_close(got, manual)
         assert not torch.allclose(got, net(x))
+
+
+def test_manifest_inputs_and_manifest_references(tmp_path: Path) -> None:
+    from medse.data.datasets import Case, DatasetSpec, write_manifest
+    from medse.evaluation import evaluate
+
+    cases = []
+    for i in range(2):
+        img = _nifti(tmp_path / "data" / f"img{i}.nii.gz", (np.indices((6, 7, 5)).sum(0) % 2).astype(np.float32))
+        lab = tmp_path / "data" / f"lab{i}.nii.gz"
+        nib.save(nib.Nifti1Image((np.indices((6, 7, 5)).sum(0) % 2).astype(np.uint8), nib.load(str(img)).affine),
+                 str(lab))
+        cases.append(Case(f"case{i}", [img], lab))
+    manifest = write_manifest(DatasetSpec(cases, {"background": 0, "fg": 1}, ["ct"]), tmp_path / "m.json")
+    found = collect_cases(manifest)
+    assert [(c.case_id, [p.name for p in c.images]) for c in found] == [("case0", ["img0.nii.gz"]),
+                                                                        ("case1", ["img1.nii.gz"])]
+    rep = predict_folder(_label_predictor(), manifest, tmp_path / "out", progress=False)
+    assert sorted(p.name for p in rep.written) == ["case0.nii.gz", "case1.nii.gz"]
+    df = evaluate(tmp_path / "out", manifest, tmp_path / "ev")
+    assert set(df.label) == {"fg"}
+    assert df[df.metric == "dice"].value.tolist() == [1.0, 1.0]
