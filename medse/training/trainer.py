@@ -288,6 +288,8 @@ class _Trainer:
         if self.start_epoch >= t.epochs:
             return self.run_dir
         store = _data.make_store(self.prep, self.cfg)
+        if t.num_workers > 0:  # workers are re-forked every epoch: fill the cache first so they inherit it
+            store.preload(splits["train"])
         self.train_ds = _data.make_train_dataset(store, splits["train"], self.cfg)
         self.val_ds = _data.make_val_dataset(store, self.val_ids)
         self.tb = TensorBoardLogger(
