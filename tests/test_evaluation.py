@@ -161,3 +161,17 @@ def test_cli_evaluate(tmp_path: Path, capsys) -> None:
     assert rc == 0
     assert "mean foreground Dice 0.7500" in capsys.readouterr().out
     assert (tmp_path / "ev" / "metrics.csv").is_file() and (tmp_path / "ev" / "summary.json").is_file()
+
+
+def test_labels_found_in_any_case_when_none_declared(tmp_path: Path) -> None:
+    a = np.zeros((8, 8, 8), np.uint8)
+    a[1:3, 1:3, 1:3] = 1
+    b = a.copy()
+    b[5:7, 5:7, 5:7] = 3  # label 3 only in the second case
+    for cid, arr in (("a", a), ("b", b)):
+        _save(tmp_path / "ref" / f"{cid}.nii.gz", arr, np.eye(4))
+        _save(tmp_path / "pred" / f"{cid}.nii.gz", arr, np.eye(4))
+    df = evaluate(tmp_path / "pred", tmp_path / "ref", None)
+    assert sorted(set(df.label_value)) == [1, 3]
+    both_empty = df[(df.case_id == "a") & (df.label_value == 3)].set_index("metric").value
+    assert both_empty["dice"] == 1.0 and both_empty["hd95"] == 0.0

@@ -102,8 +102,21 @@ def _read_label(path: Path) -> Any:
     return img
 
 
+def _values_in(pairs: Sequence[tuple[str, Path, Path]]) -> set[int]:
+    """Every label value present in any prediction or reference (a pre-pass; unreadable files are skipped
+    here and reported by the main pass)."""
+    seen: set[int] = set()
+    for _, p, r in pairs:
+        for path in (p, r):
+            try:
+                seen |= {int(v) for v in np.unique(_read_label(path).array)}
+            except MedseError:
+                continue
+    return seen
+
+
 def _resolve_labels(labels: Mapping[str, int] | Sequence[int] | None, declared: Mapping[str, int],
-                    pred_dir: Path, first_pred: Path, values_seen: set[int]) -> dict[str, int]:
+                    pred_dir: Path, first_pred: Path, values_seen: Any) -> dict[str, int]:
     if isinstance(labels, Mapping):
         out = {str(k): int(v) for k, v in labels.items()}
     elif labels is not None:
@@ -121,7 +134,7 @@ def _resolve_labels(labels: Mapping[str, int] | Sequence[int] | None, declared: 
                 except (json.JSONDecodeError, TypeError, ValueError):
                     out = {}
         if not out:
-            out = {str(v): v for v in sorted(values_seen)}
+            out = {str(v): v for v in sorted(values_seen())}
     out = {k: v for k, v in out.items() if v != 0}
     if not out:
         raise MedseError("no foreground labels to evaluate (pass labels=... or give the references a dataset.json)",
@@ -192,7 +205,8 @@ def evaluate(
         ref: folder of reference label maps with the same case ids, or a dataset root / manifest.
         output_dir: where ``metrics.csv`` and ``summary.json`` go; None writes nothing.
         labels: ``{name: value}`` or label values to evaluate. Defaults to the reference dataset's
-            labels, else the prediction sidecar's, else every non-zero value found.
+            labels, else the first prediction's sidecar's, else every non-zero value found in any
+            prediction or reference.
         strict: after writing the results of the good cases, raise a MedseError when some case failed
             (unreadable file, mismatched grids). Defaults to True.
         progress: tqdm bar over the cases. Defaults to False.
@@ -211,7 +225,7 @@ def evaluate(
     pairs, missing, declared = collect_pairs(pdir, ref)
     rows: list[tuple[str, str, int, str, float]] = []
     errors: list[str] = []
-    resolved: dict[str, int] | None = None
+    resolved = _resolve_labels(labels, declared, pdir, pairs[0][1], lambda: _values_in(pairs))
     for cid, ppath, rpath in tqdm(pairs, desc="evaluate", unit="case", disable=not progress, file=sys.stderr):
         try:
             p = _read_label(ppath)
@@ -221,9 +235,6 @@ def evaluate(
                 raise MedseError(f"prediction {ppath} and reference {rpath} are on different voxel grids ({what}: "
                                  f"{p.array.shape if what == 'shape' else 'differs'} vs "
                                  f"{r.array.shape if what == 'shape' else 'reference'})")
-            if resolved is None:
-                seen = set(np.unique(r.array).tolist()) | set(np.unique(p.array).tolist())
-                resolved = _resolve_labels(labels, declared, pdir, ppath, {int(v) for v in seen})
             spacing = [float(s) for s in np.linalg.norm(np.asarray(r.affine)[:3, :3], axis=0)]
             for name, value, metric, v in case_metrics(p.array, r.array, spacing, resolved):
                 rows.append((cid, name, value, metric, v))
