@@ -578,6 +578,22 @@ def _simam_forward(x3: Tensor, mu: Tensor, den: Tensor) -> Tensor:
     return y3
 
 
+def _simam_eager(x3: Tensor, e_lambda: float) -> tuple[Tensor, Tensor, Tensor, int]:
+    """SimAM forward with eager operators: ``(y, mu, den, n)``. Whole tensors: the output's buffer is the only
+    full-size allocation (it holds x - mu, whose norm gives sum d, then the gate, then y)."""
+    b, c, n_pos = x3.shape
+    if len(_spans(n_pos, b * c, x3.device)) > 1:
+        mu, den, n = _simam_stats(x3, e_lambda)
+        return _simam_forward(x3, mu, den), mu, den, n
+    mu = x3.mean(-1, keepdim=True)
+    y3 = torch.sub(x3, mu)
+    dsum = torch.linalg.vector_norm(y3, dim=-1, keepdim=True).square_()
+    n = max(n_pos - 1, 1)
+    den = 4 * (dsum / n + e_lambda)
+    y3.square_().div_(den).add_(0.5).sigmoid_().mul_(x3)
+    return y3, mu, den, n
+
+
 class _SimAMFn(torch.autograd.Function):
     """SimAM, y = x * sigmoid(e), e = d / den + 1/2, d = (x - mu)^2, den = 4 (sum d / n + lambda).
 
@@ -597,8 +613,7 @@ class _SimAMFn(torch.autograd.Function):
             y3, mu, den = out
             n = max(x3.shape[-1] - 1, 1)
         else:
-            mu, den, n = _simam_stats(x3, e_lambda)
-            y3 = _simam_forward(x3, mu, den)
+            y3, mu, den, n = _simam_eager(x3, e_lambda)
         ctx.save_for_backward(x, mu, den)
         ctx.n = n
         return _unflat(y3, x.shape)
@@ -622,7 +637,7 @@ class _SimAMFn(torch.autograd.Function):
             s = torch.mul(u, u).div_(den).add_(0.5).sigmoid_()
             gxc = gx3[..., j0:j1]
             torch.mul(dyc, s, out=gxc)
-            ge = torch.rsub(s, 1).mul_(s).mul_(dyc).mul_(xc)  # dy * x * s * (1 - s)
+            ge = s.addcmul_(s, s, value=-1).mul_(dyc).mul_(xc)  # dy * x * s * (1 - s), in s's buffer
             geu = ge.mul_(u)
             r1 += geu.sum(-1, keepdim=True)
             gxc.addcmul_(geu, two_over_den)
@@ -653,8 +668,7 @@ def simam_attention(x: Tensor, e_lambda: float = 1e-4) -> Tensor:
         out = _call(_ck_simam_fwd, x3, torch.tensor(e_lambda, dtype=x.dtype, device=x.device))
         if out is not None:
             return _unflat(out[0], x.shape)
-        mu, den, _ = _simam_stats(x3, e_lambda)
-        return _unflat(_simam_forward(x3, mu, den), x.shape)
+        return _unflat(_simam_eager(x3, e_lambda)[0], x.shape)
     return _SimAMFn.apply(x, float(e_lambda))
 
 
