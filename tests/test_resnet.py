@@ -160,3 +160,13 @@ def test_every_registered_block_fits_in_the_bottleneck(name, dims):
     out.sum().backward()
     assert all(p.grad is not None for p in m.parameters())
     assert len(attention_modules(m)) == (0 if name == "none" else 16)
+
+
+def test_keras_initialisation():
+    m = ResNet50V2(in_channels=1, out_channels=5, width=0.125, init="keras")
+    conv = m.blocks[0].conv2  # 3x3, fan_in = fan_out = 8 * 9
+    limit = (6 / (conv.in_channels * 9 + conv.out_channels * 9)) ** 0.5
+    assert conv.weight.abs().max() <= limit and conv.weight.abs().max() > 0.8 * limit
+    assert torch.all(m.stem.bias == 0) and torch.all(m.fc.bias == 0) and torch.all(m.blocks[0].conv3.bias == 0)
+    with pytest.raises(ValueError, match="init"):
+        ResNet50V2(init="he")

@@ -152,6 +152,9 @@ class ResNet50V2(nn.Module):
         dropout: dropout before the dense layer (NOTE: not in Keras's model). Defaults to 0.0.
         bn_eps: BatchNorm epsilon. Defaults to 1.001e-5 (Keras).
         bn_momentum: BatchNorm momentum, PyTorch convention. Defaults to 0.1 (Keras's 0.99 equals 0.01 here).
+        init: "torch" (PyTorch's default initialisation) or "keras" (Glorot-uniform conv and dense kernels, zero
+            biases, as Keras's ``Conv2D``/``Dense`` defaults). Attention blocks keep their own initialisation.
+            Defaults to "torch".
     """
 
     def __init__(
@@ -166,8 +169,11 @@ class ResNet50V2(nn.Module):
         dropout: float = 0.0,
         bn_eps: float = KERAS_BN_EPS,
         bn_momentum: float = 0.1,
+        init: str = "torch",
     ) -> None:
         super().__init__()
+        if init not in ("torch", "keras"):
+            raise ValueError(f"init must be 'torch' or 'keras', got {init!r}")
         if spatial_dims not in (1, 2, 3):
             raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims}")
         if in_channels < 1:
@@ -219,6 +225,16 @@ class ResNet50V2(nn.Module):
         self.num_features = channels
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fc = nn.Linear(channels, out_channels) if out_channels > 0 else nn.Identity()
+        if init == "keras":
+            self._keras_init()
+
+    def _keras_init(self) -> None:
+        attention = {id(p) for b in self.blocks for p in b.attention.parameters()}
+        for m in self.modules():
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and id(m.weight) not in attention:
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features ``(B, num_features)`` after the final BN-ReLU and global average pooling."""
@@ -271,7 +287,7 @@ def _register(fn: Any) -> Any:
             task="classification",
             spatial_dims=(2, 3),
             description="Keras-layout ResNet50V2 (pre-activation ResNet-50), attention before the residual add",
-            defaults={"width": 1.0, "dropout": 0.0, "bn_eps": KERAS_BN_EPS, "bn_momentum": 0.1},
+            defaults={"width": 1.0, "dropout": 0.0, "bn_eps": KERAS_BN_EPS, "bn_momentum": 0.1, "init": "torch"},
             paper="He et al., Identity Mappings in Deep Residual Networks, ECCV 2016 (Keras ResNet50V2 layout)",
         )(fn)
     except TypeError:  # a registry whose decorator takes fewer keywords
