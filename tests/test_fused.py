@@ -264,6 +264,7 @@ def test_backend_switch_validates_and_falls_back(monkeypatch):
     monkeypatch.setattr(F, "_compiled", {})
     monkeypatch.setattr(F, "_compile_failed", False)
     monkeypatch.setattr(F, "_backend", "compile")
+    monkeypatch.setattr(F, "COMPILE_MIN_ELEMENTS", 0)
     fused, plain = _pair("simam", 2, 4)
     x = _input((2, 4, 5, 6))
     with pytest.warns(RuntimeWarning, match="torch.compile failed"):
@@ -274,11 +275,23 @@ def test_backend_switch_validates_and_falls_back(monkeypatch):
     assert F._compile_failed and F._kernel(F._ck_simam_fwd) is None
 
 
+def test_compile_backend_skips_small_tensors(monkeypatch):
+    calls = []
+    monkeypatch.setattr(F, "_backend", "compile")
+    monkeypatch.setattr(F, "COMPILE_MIN_ELEMENTS", 1000)
+    monkeypatch.setattr(F, "_kernel", lambda fn: calls.append(fn.__name__) or fn)
+    assert F._call(F._ck_ca_apply, torch.ones(2, 4, 5, 5), torch.ones(2, 4, 5, 1), torch.ones(2, 4, 1, 5)) is None
+    assert calls == []
+    out = F._call(F._ck_ca_apply, torch.ones(2, 4, 25, 25), torch.ones(2, 4, 25, 1), torch.ones(2, 4, 1, 25))
+    assert calls == ["_ck_ca_apply"] and out.shape == (2, 4, 25, 25)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("name", "kw"), [("scse", {"aggregation": "max"}), ("scse", {"aggregation": "add"}),
                                           ("scse", {"aggregation": "mul"}), ("simam", {}), ("ca", {})])
 def test_compile_backend_matches_plain(name, kw, monkeypatch):
     monkeypatch.setattr(F, "_backend", "compile")
+    monkeypatch.setattr(F, "COMPILE_MIN_ELEMENTS", 0)
     for sd in (2, 3):
         shape = SHAPES[sd]
         fused, plain = _pair(name, sd, shape[1], **kw)

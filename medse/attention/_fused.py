@@ -48,6 +48,7 @@ from torch.autograd.function import once_differentiable
 
 __all__ = [
     "CHUNK_ELEMENTS",
+    "COMPILE_MIN_ELEMENTS",
     "get_backend",
     "set_backend",
     "ca",
@@ -105,9 +106,18 @@ def _kernel(fn: Callable) -> Callable | None:
     return k
 
 
+#: Smallest input (elements) that the compile backend compiles for; smaller ones run the eager kernels. Small
+#: tensors gain little from fusion, pay the compiled function's guard checks, and their many distinct shapes
+#: (one per network level) trigger recompilations for size-dependent kernel choices (dynamo stops at its
+#: recompile limit of 8 per function). Defaults to 1048576 (``MEDSE_FUSED_COMPILE_MIN``).
+COMPILE_MIN_ELEMENTS: int = int(os.environ.get("MEDSE_FUSED_COMPILE_MIN", str(1 << 20)))
+
+
 def _call(fn: Callable, *args):
     """Run ``fn`` compiled when the compile backend is on, falling back to eager if compilation fails."""
     global _compile_failed
+    if args[0].numel() < COMPILE_MIN_ELEMENTS:
+        return None
     k = _kernel(fn)
     if k is not None:
         try:
