@@ -282,8 +282,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action="store_true",
                     help="also time the fused blocks with the torch.compile backend (variant 'compile')")
     ap.add_argument("--output", type=Path, default=None, help="Markdown file (default benchmarks/results/blocks_<dev>.md)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads for this process (default: torch's choice); on a loaded machine "
+                         "1 thread avoids OpenMP barrier waits")
     ap.add_argument("--note", default="", help="free text added under the title (e.g. machine load)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from medse.utils.atomic import atomic_path
 

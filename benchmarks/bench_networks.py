@@ -154,8 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action="store_true", help="also time the fast path with the compile backend")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--output", type=Path, default=None)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads for this process (default: torch's choice); on a loaded machine "
+                         "1 thread avoids OpenMP barrier waits")
     ap.add_argument("--note", default="")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from medse.utils.atomic import atomic_path
 
