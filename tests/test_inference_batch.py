@@ -16,6 +16,7 @@ from medse.data._testing import make_affine
 from medse.data.preprocess import PreprocessConfig
 from medse.inference import Predictor, collect_cases, predict_folder
 from medse.inference.sliding import (
+    argmax_channels,
     choose_stream_axis,
     flip_tta,
     iter_window_slabs,
@@ -229,3 +230,12 @@ def test_manifest_inputs_and_manifest_references(tmp_path: Path) -> None:
     df = evaluate(tmp_path / "out", manifest, tmp_path / "ev")
     assert set(df.label) == {"fg"}
     assert df[df.metric == "dice"].value.tolist() == [1.0, 1.0]
+
+
+def test_argmax_channels_equals_torch_argmax_with_ties() -> None:
+    torch.manual_seed(0)
+    x = torch.randint(0, 3, (5, 7, 6, 4)).float()  # many ties
+    x = x[:, 1:, ::2]  # strided view, as a cropped slab
+    got = argmax_channels(x)
+    assert got.dtype == torch.uint8
+    torch.testing.assert_close(got.long(), torch.argmax(x, dim=0))

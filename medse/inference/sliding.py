@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "argmax_channels",
     "choose_stream_axis",
     "flip_tta",
     "iter_slice_slabs",
@@ -257,6 +258,22 @@ def monai_sliding_window(image: Any, predictor: Predictor, roi_size: Sequence[in
     return inferer(image[None], predictor)[0]
 
 
+def argmax_channels(scores: Any) -> Any:
+    """``argmax`` over the first axis of ``(K, ...)`` scores as uint8 (int16 above 256 classes), by K
+    element-wise passes: far faster than ``torch.argmax(dim=0)`` on strided slabs and no int64 output.
+    Ties go to the lowest index, as ``torch.argmax``."""
+    import torch
+
+    k = int(scores.shape[0])
+    idx = torch.zeros(scores.shape[1:], dtype=torch.uint8 if k <= 256 else torch.int16, device=scores.device)
+    best = scores[0].clone()
+    for c in range(1, k):
+        better = scores[c] > best
+        idx[better] = c
+        torch.maximum(best, scores[c], out=best)
+    return idx
+
+
 def sliding_window_labels(slabs: Iterator[tuple[int, int, int, Any]], spatial_shape: Sequence[int], *,
                           probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """Consume slabs of scores: argmax into a uint8/uint16 label map, optionally softmax into float16.
@@ -276,7 +293,7 @@ def sliding_window_labels(slabs: Iterator[tuple[int, int, int, Any]], spatial_sh
                 probs = np.zeros((k, *spatial_shape), dtype=np.float16)
         sel = [slice(None)] * len(spatial_shape)
         sel[axis] = slice(a0, a1)
-        labels[tuple(sel)] = torch.argmax(scores, dim=0).cpu().numpy().astype(labels.dtype)
+        labels[tuple(sel)] = argmax_channels(scores).cpu().numpy().astype(labels.dtype, copy=False)
         if probs is not None:
             probs[(slice(None), *sel)] = torch.softmax(scores, dim=0).cpu().numpy().astype(np.float16)
     if labels is None:
