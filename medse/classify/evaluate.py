@@ -175,7 +175,8 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: l
         except StatisticsError as e:
             row["note"] = f"class '{name}': {e}"
         if prec is None:
-            row["note"] = (row["note"] + "; " if row["note"] else "") + f"class '{name}': precision and F1 undefined (class never predicted)"
+            msg = f"class '{name}': precision and F1 undefined (class never predicted)"
+            row["note"] = f"{row['note']}; {msg}" if row["note"] else msg
         per_class[name] = row
     aucs = [r["auc"] for r in per_class.values() if r["auc"] is not None]
     onehot = np.eye(k)[y]
@@ -421,11 +422,12 @@ def compare_predictions(base: dict, cand: dict, alpha: float = 0.05) -> dict[str
         "baseline": classification_metrics(y, base["probs"], names, alpha),
         "candidate": classification_metrics(y, cand["probs"], names, alpha),
         "methods": {
-            "delong": "paired DeLong test of AUCs (one-vs-rest), fast algorithm of Sun and Xu 2014; diff = candidate - baseline",
+            "delong": "paired DeLong test of AUCs (one-vs-rest), fast algorithm of Sun and Xu 2014; "
+                      "diff = candidate - baseline",
             "mcnemar": "paired McNemar test of correctness on the same images: exact binomial if discordant < 25, "
                        "else chi-square with continuity correction; per class on the images of that class",
-            "ztest_unpaired": "UNPAIRED pooled two-proportion Z-test (as in the 2025 study) of per-class recall / overall "
-                              "accuracy; ignores that both models saw the same images",
+            "ztest_unpaired": "UNPAIRED pooled two-proportion Z-test (as in the 2025 study) of per-class recall / "
+                              "overall accuracy; ignores that both models saw the same images",
             "holm": "Holm step-down correction across classes, per test",
             "delong_macro": "overall: paired test of the macro AUC difference with the DeLong placement-value variance "
                             "of the mean over classes (medse's extension; equals DeLong for one class)",
@@ -504,8 +506,9 @@ def compare_runs(baseline: str | Path, candidate: str | Path, output: str | Path
         o = comp["overall"].get(key)
         if not o:
             continue
-        rows.append({"class": "overall", "test": key, "paired": o["paired"], "statistic": o.get("z", o.get("statistic")),
-                     "p": o["p"], "p_holm": None, "diff": None, "note": o.get("note", "")})
+        rows.append({"class": "overall", "test": key, "paired": o["paired"],
+                     "statistic": o.get("z", o.get("statistic")), "p": o["p"], "p_holm": None, "diff": o.get("diff"),
+                     "note": o.get("note", "")})
     _write_rows(out / "comparison.csv", rows)
     bl, cl = f"baseline ({baseline.name})", f"candidate ({candidate.name})"
     atomic_write_text(out / "comparison.md", comparison_table(comp, "base", "cand").replace(

@@ -322,7 +322,8 @@ def delong_ci(y_true: Sequence, scores: Sequence, alpha: float = 0.05) -> AUCRes
     note = ""
     if var == 0.0:
         note = "zero DeLong variance (perfect or constant separation): the CI collapses to the AUC"
-    return AUCResult(auc, var, se, max(0.0, auc - q * se), min(1.0, auc + q * se), int(yb.sum()), int((~yb).sum()), note)
+    lo, hi = max(0.0, auc - q * se), min(1.0, auc + q * se)
+    return AUCResult(auc, var, se, lo, hi, int(yb.sum()), int((~yb).sum()), note)
 
 
 def delong_test(y_true: Sequence, scores_a: Sequence, scores_b: Sequence, alpha: float = 0.05) -> DeLongResult:
@@ -348,7 +349,8 @@ def delong_test(y_true: Sequence, scores_a: Sequence, scores_b: Sequence, alpha:
         se = 0.0
         if abs(diff) < 1e-12:
             diff, z, p = 0.0, 0.0, 1.0
-            note = "zero variance of the AUC difference (identical rankings or perfect separation): no evidence of a difference"
+            note = ("zero variance of the AUC difference (identical rankings or perfect separation): "
+                    "no evidence of a difference")
         else:
             z, p = math.copysign(math.inf, diff), 0.0
             note = "zero variance of the AUC difference with unequal AUCs: the test is degenerate"

@@ -232,7 +232,8 @@ def load_run_data(run_dir: str | Path, split: str = "test", data: str | Path | N
         raise MedseError(f"unknown split '{split}', expected train, val or test")
     ids = splits[split]
     if not ids:
-        raise MedseError(f"split '{split}' of the run is empty; pass a data folder or manifest", run_dir / "splits.json")
+        raise MedseError(f"split '{split}' of the run is empty; pass a data folder or manifest",
+                         run_dir / "splits.json")
     source = cfg.data.test_root if (split == "test" and cfg.data.test_root) else cfg.data.root
     return load_classification_data(source, names).subset(ids)
 
@@ -453,7 +454,9 @@ def _fit(cfg: ClassifierConfig, run_dir: Path, data: ClassificationData, splits:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(run_dir / "tensorboard"))
-    val_loader = DataLoader(val_ds, batch_size=t.batch_size, shuffle=False, num_workers=t.num_workers) if val_ds else None
+    val_loader = None
+    if val_ds is not None:
+        val_loader = DataLoader(val_ds, batch_size=t.batch_size, shuffle=False, num_workers=t.num_workers)
     ckpt = run_dir / "checkpoints"
     for epoch in range(start, t.epochs):
         t0 = time.time()
