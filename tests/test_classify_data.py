@@ -200,3 +200,16 @@ def test_synthetic_lesions_are_where_the_class_says():
     rho = np.sqrt(xx**2 + yy**2)
     assert diffs["meningioma"][rho > 0.45].sum() > diffs["glioma"][rho > 0.45].sum() * 0.8
     assert diffs["glioma"].sum() > 0
+
+
+def test_3d_rotation_is_in_plane():
+    # a volume constant along depth stays constant along depth after augmentation (rotation in H-W only)
+    g = torch.Generator().manual_seed(1)
+    plane = torch.randn(1, 1, 16, 16)
+    vol = plane.unsqueeze(2).expand(1, 1, 6, 16, 16)[0].contiguous()  # (C, D, H, W)
+    cfg = AugmentConfig(flip_prob=0.0, rotate_deg=30, scale=(1, 1), intensity_scale=(1, 1), intensity_shift=0,
+                        noise_std=0)
+    out = augment(vol, cfg, g)
+    assert out.shape == vol.shape and not torch.allclose(out, vol)
+    for d in range(6):
+        torch.testing.assert_close(out[:, d], out[:, 0], rtol=0, atol=1e-5)

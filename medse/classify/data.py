@@ -369,10 +369,11 @@ def augment(x: Any, cfg: AugmentConfig, generator: Any) -> Any:
     if angle != 0.0 or s != 1.0:
         theta = torch.eye(nd, nd + 1, dtype=x.dtype)
         c, si = math.cos(angle) / s, math.sin(angle) / s
-        # rotate in the last two axes (H, W for 2D; the in-plane axes for 3D), scale all axes
+        # affine_grid's coordinates are (x, y[, z]) = (W, H[, D]): rotate in the W-H plane (the in-plane axes of
+        # both 2D images and 3D volumes stored (D, H, W)), scale all axes
         theta[:, :nd] = theta[:, :nd] / s
-        theta[nd - 2, nd - 2], theta[nd - 2, nd - 1] = c, -si
-        theta[nd - 1, nd - 2], theta[nd - 1, nd - 1] = si, c
+        theta[0, 0], theta[0, 1] = c, -si
+        theta[1, 0], theta[1, 1] = si, c
         grid = F.affine_grid(theta[None], [1, *x.shape], align_corners=False)
         bg = x.amin(dim=tuple(range(1, x.ndim)), keepdim=True)
         x = F.grid_sample((x - bg)[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0] + bg
