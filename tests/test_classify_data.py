@@ -202,14 +202,17 @@ def test_synthetic_lesions_are_where_the_class_says():
     assert diffs["glioma"].sum() > 0
 
 
-def test_3d_rotation_is_in_plane():
-    # a volume constant along depth stays constant along depth after augmentation (rotation in H-W only)
+def test_3d_rotation_is_axial_and_flip_is_left_right():
+    # NIfTI order (C, X, Y, Z): a volume constant along Z stays constant along Z (rotation in the X-Y plane)
     g = torch.Generator().manual_seed(1)
-    plane = torch.randn(1, 1, 16, 16)
-    vol = plane.unsqueeze(2).expand(1, 1, 6, 16, 16)[0].contiguous()  # (C, D, H, W)
+    vol = torch.randn(1, 16, 16, 1).expand(1, 16, 16, 6).contiguous()
     cfg = AugmentConfig(flip_prob=0.0, rotate_deg=30, scale=(1, 1), intensity_scale=(1, 1), intensity_shift=0,
                         noise_std=0)
     out = augment(vol, cfg, g)
     assert out.shape == vol.shape and not torch.allclose(out, vol)
-    for d in range(6):
-        torch.testing.assert_close(out[:, d], out[:, 0], rtol=0, atol=1e-5)
+    for z in range(6):
+        torch.testing.assert_close(out[..., z], out[..., 0], rtol=0, atol=1e-5)
+    flip = AugmentConfig(flip_prob=1.0, rotate_deg=0, scale=(1, 1), intensity_scale=(1, 1), intensity_shift=0,
+                         noise_std=0)
+    v = torch.randn(1, 5, 6, 7)
+    torch.testing.assert_close(augment(v, flip, g), torch.flip(v, dims=(1,)))

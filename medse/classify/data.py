@@ -337,7 +337,9 @@ def load_image(
 class AugmentConfig:
     """Random augmentation for training images (2D and 3D), drawn from a seeded generator.
 
-    Defaults: left-right flip with probability 0.5, rotation up to 10 degrees (in the first two spatial axes),
+    Images are ``(C, H, W)`` (2D) or ``(C, X, Y, Z)`` (3D, NIfTI voxel order): the flip is left-right (W, or X)
+    and the rotation in-plane (H-W, or the axial X-Y plane). NOTE: not in paper (the study's augmentation is not
+    specified). Defaults: left-right flip with probability 0.5, rotation up to 10 degrees,
     scaling 0.9-1.1, intensity scale 0.9-1.1 and shift +-0.1 (in z-score units), Gaussian noise sd up to 0.05.
     """
 
@@ -363,17 +365,19 @@ def augment(x: Any, cfg: AugmentConfig, generator: Any) -> Any:
 
     nd = x.ndim - 1
     if cfg.flip_prob > 0 and u(0, 1) < cfg.flip_prob:
-        x = torch.flip(x, dims=(x.ndim - 1,))
+        # left-right: the image width (2D), the first voxel axis X of a NIfTI volume (3D, as medse reads it)
+        x = torch.flip(x, dims=(x.ndim - 1,) if nd == 2 else (1,))
     angle = math.radians(u(-cfg.rotate_deg, cfg.rotate_deg)) if cfg.rotate_deg > 0 else 0.0
     s = u(*cfg.scale)
     if angle != 0.0 or s != 1.0:
         theta = torch.eye(nd, nd + 1, dtype=x.dtype)
         c, si = math.cos(angle) / s, math.sin(angle) / s
-        # affine_grid's coordinates are (x, y[, z]) = (W, H[, D]): rotate in the W-H plane (the in-plane axes of
-        # both 2D images and 3D volumes stored (D, H, W)), scale all axes
+        # affine_grid's coordinates run from the last array axis: 2D (H, W) -> (x=W, y=H), rotate in H-W;
+        # 3D NIfTI (X, Y, Z) -> (x=Z, y=Y, z=X), rotate in the axial X-Y plane (grid rows 1, 2); scale all axes
         theta[:, :nd] = theta[:, :nd] / s
-        theta[0, 0], theta[0, 1] = c, -si
-        theta[1, 0], theta[1, 1] = si, c
+        i, j = (0, 1) if nd == 2 else (1, 2)
+        theta[i, i], theta[i, j] = c, -si
+        theta[j, i], theta[j, j] = si, c
         grid = F.affine_grid(theta[None], [1, *x.shape], align_corners=False)
         bg = x.amin(dim=tuple(range(1, x.ndim)), keepdim=True)
         x = F.grid_sample((x - bg)[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0] + bg
