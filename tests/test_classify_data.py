@@ -118,6 +118,12 @@ def test_load_image_channels_size_norm_and_errors(folder, tmp_path):
     assert abs(x.mean()) < 1e-4 and abs(x.std() - 1) < 1e-3
     v = load_image(folder / "glioma" / "vol.nii.gz", in_channels=1, image_size=32, normalize="minmax")
     assert v.shape == (1, 32, 32) and v.min() == 0 and v.max() == pytest.approx(1)
+    arr = np.asarray(nib.load(folder / "glioma" / "vol.nii.gz").dataobj)[:, :, 2]  # (X=30, Y=34) middle slice
+    raw = load_image(folder / "glioma" / "vol.nii.gz", in_channels=1, image_size=34, normalize="none")
+    assert raw.shape == (1, 34, 34)
+    slice_nii = tmp_path / "slice.nii.gz"
+    nib.save(nib.Nifti1Image(arr[:30, :30].astype(np.float32), np.eye(4)), slice_nii)
+    np.testing.assert_allclose(load_image(slice_nii, 1, 30, normalize="none")[0], arr[:30, :30].T, rtol=1e-5)
     v3 = load_image(folder / "glioma" / "vol.nii.gz", in_channels=1, image_size=16, spatial_dims=3)
     assert v3.shape == (1, 16, 16, 16)
     _png(tmp_path / "rgb.png", 1, mode="RGB")

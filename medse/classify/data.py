@@ -11,8 +11,9 @@ Splits are stratified by class and grouped by patient (scikit-learn ``Stratified
 too few groups, ``GroupShuffleSplit``), so one patient never sits on both sides of a split.
 
 Images are read as float32 ``(C, *spatial)``: raster images as grey (1 channel) or RGB (3 channels; grey
-replicated), NIfTI 2D slices as they are, NIfTI volumes whole (``spatial_dims=3``) or their middle slice along
-the last axis (``spatial_dims=2``, NOTE: not in paper); resized to ``image_size`` and normalised per image.
+replicated), NIfTI 2D slices transposed to (Y, X) so that the width is X (left-right, as in exported PNGs), NIfTI
+volumes whole in voxel order (X, Y, Z) (``spatial_dims=3``) or their middle slice along the last axis
+(``spatial_dims=2``, NOTE: not in paper); resized to ``image_size`` and normalised per image.
 """
 
 from __future__ import annotations
@@ -270,13 +271,13 @@ def _read_raw(path: Path, in_channels: int, spatial_dims: int) -> np.ndarray:
 
             arr = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(np.float32).T
         arr = np.squeeze(arr)
+        if arr.ndim == 3 and spatial_dims == 2:
+            arr = arr[:, :, arr.shape[2] // 2]  # middle slice along the last axis (NOTE: not in paper)
         if arr.ndim == 2:
             if spatial_dims == 3:
                 raise MedseError("2D image given to a 3D model (model.spatial_dims is 3)", path)
-            arr = arr[None]
+            arr = arr.T[None]  # slices as (rows = Y, columns = X), so the image width is left-right as in PNGs
         elif arr.ndim == 3:
-            if spatial_dims == 2:
-                arr = arr[:, :, arr.shape[2] // 2]  # middle slice along the last axis (NOTE: not in paper)
             arr = arr[None]
         elif arr.ndim == 4 and spatial_dims == 3:  # (X, Y, Z, C)
             arr = np.moveaxis(arr, -1, 0)
