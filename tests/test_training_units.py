@@ -49,6 +49,8 @@ def test_overrides_are_parsed_as_yaml():
         (["train.device=tpu"], "train.device"),
         (["modle.name=unet"], "modle"),
         (["train.batch_size=0"], "train.batch_size"),
+        (["train.num_threads=0"], "train.num_threads"),
+        (["train.slice_axis=3"], "train.slice_axis"),
     ],
 )
 def test_schema_errors_name_the_key(overrides, needle):

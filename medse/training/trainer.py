@@ -206,6 +206,8 @@ class _Trainer:
         from medse.utils.seed import derive_seed, seed_everything
 
         cfg, t = self.cfg, self.cfg.train
+        if t.num_threads is not None:  # this process only, and only when the config asks for it
+            torch.set_num_threads(t.num_threads)
         self.device = _resolve_device(t.device, self.dist)
         self.use_amp = bool(t.amp and self.device.type == "cuda")
         seed_everything(derive_seed(t.seed, 0x5EED))  # weight initialisation, identical on every rank
