@@ -323,3 +323,10 @@ def test_bench_networks_smoke(tmp_path):
                        str(out)]) == 0
     text = out.read_text()
     assert "U-Net 3D" in text and text.count("| scse (max) |") == 2 and "| none |" in text
+
+
+def test_whole_model_compile_traces_the_plain_formula(monkeypatch):
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    fused, _ = _pair("scse", 2, 8)
+    assert F.scse(fused, torch.randn(1, 8, 4, 4)) is NotImplemented
+    assert F.simam(create_attention("simam", 2, 8), torch.randn(1, 8, 4, 4)) is NotImplemented

@@ -861,6 +861,9 @@ def coord_attention(x: Tensor, strip_fn: Callable[..., list[Tensor]], params: Se
 
 
 def _usable(x: Tensor) -> bool:
+    # under torch.compile of a whole model, the plain formula is traced and fused by the compiler itself
+    if torch.compiler.is_compiling():
+        return False
     return x.is_floating_point() and x.ndim >= 3 and x.numel() > 0
 
 
