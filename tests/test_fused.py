@@ -68,6 +68,23 @@ def _close(a, b, rtol=1e-5):
     assert err <= rtol, f"relative error {err:.3e} > {rtol}"
 
 
+@pytest.fixture(autouse=True)
+def _fast_path_on_tiny_inputs(monkeypatch):
+    """The tests use tiny tensors: take the fast path at every size (blocks skip it below MIN_ELEMENTS)."""
+    monkeypatch.setattr(F, "MIN_ELEMENTS", 0)
+
+
+def test_small_inputs_use_the_plain_code(monkeypatch):
+    monkeypatch.setattr(F, "MIN_ELEMENTS", 1000)
+    fused, plain = _pair("scse", 2, 8)
+    small, large = _input((1, 8, 5, 5)), _input((1, 8, 12, 12))
+    assert F.scse(fused, small) is NotImplemented
+    y = fused(small.requires_grad_(True))
+    assert type(y.grad_fn).__name__ != "_SCSEFnBackward"
+    _close(y.detach(), plain(small).detach())
+    assert type(fused(large.requires_grad_(True)).grad_fn).__name__ == "_SCSEFnBackward"
+
+
 @pytest.fixture(params=[16, None], ids=["many-chunks", "default-chunks"])
 def chunking(request, monkeypatch):
     if request.param is not None:
