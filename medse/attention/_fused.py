@@ -17,8 +17,8 @@ here compute the same outputs and gradients as the plain ``forward`` of the bloc
 - optional cache blocking on CPU (:data:`CHUNK_ELEMENTS`, off by default).
 
 Plain vs fused on the 3D benchmark tensor (2, 32, 64, 64, 64), forward+backward as a multiple of ``x * 1.0``
-(``benchmarks/results/blocks_cpu*.md``, shared 2-core CPU): scSE-max 10.7 -> 4.4 (eager) / 1.9 (compile),
-SimAM 7.4 -> 3.5 / 2.0, CA 6.9 -> 3.3 / 2.8, cSE 2.8 -> 1.9. See ``docs/performance.md``.
+(``benchmarks/results/blocks_cpu_run2.md``, 2-core CPU): scSE-max 9.9 -> 3.3 (eager) / 1.7 (compile),
+SimAM 8.7 -> 3.2 / 1.6, CA 6.3 -> 1.8 / 1.6, cSE 2.2 -> 1.4. See ``docs/performance.md``.
 
 Contract with the blocks (``medse/attention/_base.py``): each block name (``cse``, ``sse``, ``scse``, ``eca``,
 ``ca``, ``simam``) is a function ``fn(module, x) -> Tensor`` here, computing what the block's plain ``forward``
@@ -62,8 +62,8 @@ __all__ = [
 
 #: Elements per cache block on CPU (summed over batch and channels); 0 or negative: no blocking (whole tensors).
 #: Blocking keeps temporaries in cache but runs many small parallel operators, each of which waits for every
-#: OpenMP thread: on a loaded machine (more runnable jobs than cores) that wait dominates and blocking was 5x
-#: slower than whole-tensor operators in ``benchmarks/results/blocks_cpu.md``. Defaults to 0, overridable with
+#: OpenMP thread: on a loaded machine (more runnable jobs than cores) that wait dominates (scSE-max 3D with 256k
+#: element blocks: 30x the floor, whole tensors 5.8x, same load). Defaults to 0, overridable with
 #: the environment variable ``MEDSE_FUSED_CHUNK`` (e.g. 262144 = 1 MiB of float32 per chunk tensor).
 CHUNK_ELEMENTS: int = int(os.environ.get("MEDSE_FUSED_CHUNK", "0"))
 
