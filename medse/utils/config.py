@@ -117,7 +117,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise MedseError(f"config key '{key}': expected {len(args)} values, got {len(value)}")
-            return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+            return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
         inner = args[0] if args else Any
         conv = [_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(conv) if (origin is tuple or tp is tuple) else conv
