@@ -6,10 +6,11 @@ arguments and handles odd input sizes the same way.
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -127,6 +128,32 @@ def make_attention(
     return module
 
 
+#: ``att(position, channels, where)``: an attention module for a feature map, ``nn.Identity()`` when none.
+AttentionFactory = Callable[[str, int, str], nn.Module]
+
+
+def attention_factory(
+    owner: str,
+    attention: str,
+    spatial_dims: int,
+    positions: Sequence[str],
+    kwargs: dict[str, Any] | None,
+) -> AttentionFactory:
+    """``att(position, channels, where)`` building one attention module per call with :func:`make_attention`.
+
+    Gives ``nn.Identity()`` when ``position`` is not in ``positions`` or the block inserts nothing, so a
+    network can store the result unconditionally; errors name ``f"{owner} {where}"``.
+    """
+
+    def att(position: str, channels: int, where: str) -> nn.Module:
+        if position not in positions:
+            return nn.Identity()
+        m = make_attention(attention, spatial_dims, channels, kwargs, f"{owner} {where}")
+        return nn.Identity() if m is None else m
+
+    return att
+
+
 def with_attention(layer: nn.Module, attention: nn.Module | None) -> nn.Module:
     """``nn.Sequential(layer, attention)``, or ``layer`` unchanged when ``attention`` is ``None``."""
     return layer if attention is None else nn.Sequential(layer, attention)
@@ -210,12 +237,44 @@ def channel_dropout(spatial_dims: int) -> type[nn.Module]:
 class PadCropMixin:
     """``forward(x)`` pads ``x`` to a multiple of ``self._divisors``, runs ``forward_padded``, crops back.
 
-    Networks set ``self._divisors`` (per-axis), ``self.size_divisor`` (their lcm) and ``self.pad_mode``.
+    Networks set ``self._divisors`` (per-axis), ``self.size_divisor`` (their lcm) and ``self.pad_mode``,
+    usually through :meth:`_check_io` and :meth:`_setup_attention`.
     """
 
     _divisors: tuple[int, ...]
     pad_mode: str
     spatial_dims: int
+    size_divisor: int
+    attention: str
+    attention_positions: tuple[str, ...]
+
+    def _check_io(self, owner: str, spatial_dims: object, in_channels: object, out_channels: object) -> int:
+        """Check the arguments every network has; sets and returns ``self.spatial_dims`` (2 or 3)."""
+        d = self.spatial_dims = check_spatial_dims(owner, spatial_dims)
+        check_int("in_channels", in_channels, 1, owner)
+        check_int("out_channels", out_channels, 1, owner)
+        return d
+
+    def _setup_attention(
+        self,
+        owner: str,
+        attention: str,
+        attention_positions: object,
+        attention_kwargs: dict[str, Any] | None,
+        pad_mode: object,
+        pools: int,
+    ) -> AttentionFactory:
+        """Check positions and ``pad_mode``, set the attention and padding attributes, return the factory.
+
+        Sets ``pad_mode``, ``attention``, ``attention_positions`` and, for a network with ``pools`` 2x
+        poolings along every axis, ``_divisors`` and ``size_divisor = 2 ** pools``.
+        """
+        positions = normalize_positions(owner, attention_positions)
+        self.pad_mode = check_pad_mode(owner, pad_mode)
+        self.attention, self.attention_positions = attention, positions
+        self._divisors = (2**pools,) * self.spatial_dims
+        self.size_divisor = 2**pools
+        return attention_factory(owner, attention, self.spatial_dims, positions, attention_kwargs)
 
     def forward_padded(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -229,3 +288,43 @@ class PadCropMixin:
         spatial = x.shape[2:]
         xp, before = pad_to_multiple(x, self._divisors, self.pad_mode)
         return crop_to(self.forward_padded(xp), before, spatial)
+
+
+#: Arguments a registered builder takes first, in this order (the registry passes them by keyword).
+BUILDER_HEAD: tuple[str, ...] = (
+    "spatial_dims", "in_channels", "out_channels", "attention", "attention_positions", "attention_kwargs",
+)
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def class_builder(cls: type[M], name: str) -> Callable[..., M]:
+    """A registry builder function ``name(...)`` for the network class ``cls`` without re-typing its signature.
+
+    The builder's signature is the constructor's with :data:`BUILDER_HEAD` first and every argument
+    positional-or-keyword (``name(spatial_dims, in_channels, out_channels, attention, attention_positions,
+    attention_kwargs, <architecture arguments in the constructor's order>)``), the same defaults and
+    annotations; it binds its arguments and calls ``cls(spatial_dims, in_channels, out_channels, **rest)``.
+    """
+    params = inspect.signature(cls).parameters
+    head = [params[n] for n in BUILDER_HEAD]
+    rest = [p for n, p in params.items() if n not in BUILDER_HEAD]
+    signature = inspect.Signature(
+        [p.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in head + rest],
+        return_annotation=cls.__name__,
+    )
+
+    def builder(*args: Any, **kwargs: Any) -> M:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        return cls(arguments.pop("spatial_dims"), arguments.pop("in_channels"), arguments.pop("out_channels"),
+                   **arguments)
+
+    builder.__signature__ = signature  # type: ignore[attr-defined]
+    builder.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
+    builder.__annotations__["return"] = signature.return_annotation
+    builder.__name__ = builder.__qualname__ = name
+    builder.__module__ = cls.__module__
+    builder.__doc__ = f"Build :class:`{cls.__name__}` (registered as ``{name}``)."
+    return builder

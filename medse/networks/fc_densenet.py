@@ -50,13 +50,10 @@ from medse.networks._common import (
     check_dropout,
     check_int,
     check_kernel_size,
-    check_pad_mode,
-    check_spatial_dims,
+    class_builder,
     conv,
     conv_transpose,
-    make_attention,
     max_pool,
-    normalize_positions,
 )
 from medse.networks.registry import register_model
 from medse.utils.errors import unknown_option_error
@@ -185,9 +182,7 @@ class FCDenseNet(PadCropMixin, nn.Module):
     ) -> None:
         super().__init__()
         owner = "fc_densenet"
-        d = self.spatial_dims = check_spatial_dims(owner, spatial_dims)
-        check_int("in_channels", in_channels, 1, owner)
-        check_int("out_channels", out_channels, 1, owner)
+        d = self._check_io(owner, spatial_dims, in_channels, out_channels)
         if preset is None:
             preset = "56" if d == 2 else "slim"
         preset = str(preset)
@@ -208,20 +203,10 @@ class FCDenseNet(PadCropMixin, nn.Module):
         first = check_int("first_channels", cfg["first_channels"], 1, owner)
         kernel_size = check_kernel_size(owner, kernel_size)
         dropout = check_dropout(owner, dropout)
-        positions = normalize_positions(owner, attention_positions)
-        self.pad_mode = check_pad_mode(owner, pad_mode)
+        att = self._setup_attention(owner, attention, attention_positions, attention_kwargs, pad_mode, len(down))
         self.preset = preset
         self.growth_rate, self.down_layers, self.up_layers = k, down, up
         self.bottleneck_layers, self.first_channels = n_bottleneck, first
-        self.attention, self.attention_positions = attention, positions
-        self._divisors = (2**len(down),) * d
-        self.size_divisor = 2 ** len(down)
-
-        def att(position: str, channels: int, where: str) -> nn.Module:
-            if position not in positions:
-                return nn.Identity()
-            m = make_attention(attention, d, channels, attention_kwargs, f"fc_densenet {where}")
-            return nn.Identity() if m is None else m
 
         self.first_conv = conv(d)(in_channels, first, kernel_size, padding=kernel_size // 2)
         channels = first
@@ -279,7 +264,8 @@ def _layers(name: str, value: object, length: int | None, owner: str) -> tuple[i
     return out
 
 
-@register_model(
+#: Builder registered as ``fc_densenet``: ``fc_densenet(spatial_dims, in_channels, out_channels, attention, ...)``.
+fc_densenet = register_model(
     "fc_densenet",
     task="segmentation",
     spatial_dims=(2, 3),
@@ -296,39 +282,4 @@ def _layers(name: str, value: object, length: int | None, owner: str) -> tuple[i
         "pad_mode": "constant",
     },
     paper="Jégou et al., CVPR-W 2017 (arXiv 1611.09326)",
-)
-def fc_densenet(
-    spatial_dims: int,
-    in_channels: int,
-    out_channels: int,
-    attention: str = "none",
-    attention_positions: Sequence[str] = POSITIONS,
-    attention_kwargs: dict[str, Any] | None = None,
-    preset: str | int | None = None,
-    growth_rate: int | None = None,
-    down_layers: int | Sequence[int] | None = None,
-    bottleneck_layers: int | None = None,
-    up_layers: int | Sequence[int] | None = None,
-    first_channels: int | None = None,
-    kernel_size: int = 3,
-    dropout: float = 0.2,
-    pad_mode: str = "constant",
-) -> FCDenseNet:
-    """Build :class:`FCDenseNet` (registered as ``fc_densenet``)."""
-    return FCDenseNet(
-        spatial_dims,
-        in_channels,
-        out_channels,
-        preset=preset,
-        growth_rate=growth_rate,
-        down_layers=down_layers,
-        bottleneck_layers=bottleneck_layers,
-        up_layers=up_layers,
-        first_channels=first_channels,
-        kernel_size=kernel_size,
-        dropout=dropout,
-        attention=attention,
-        attention_positions=attention_positions,
-        attention_kwargs=attention_kwargs,
-        pad_mode=pad_mode,
-    )
+)(class_builder(FCDenseNet, "fc_densenet"))

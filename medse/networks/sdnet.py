@@ -37,13 +37,10 @@ from medse.networks._common import (
     check_dropout,
     check_int,
     check_kernel_size,
-    check_pad_mode,
-    check_spatial_dims,
+    class_builder,
     conv,
-    make_attention,
     max_pool,
     max_unpool,
-    normalize_positions,
 )
 from medse.networks.registry import register_model
 
@@ -100,38 +97,26 @@ class SDNet(PadCropMixin, nn.Module):
     ) -> None:
         super().__init__()
         owner = "sdnet"
-        d = self.spatial_dims = check_spatial_dims(owner, spatial_dims)
-        check_int("in_channels", in_channels, 1, owner)
-        check_int("out_channels", out_channels, 1, owner)
+        d = self._check_io(owner, spatial_dims, in_channels, out_channels)
         if num_filters is None:
             num_filters = 64 if d == 2 else 32
         f = check_int("num_filters", num_filters, 1, owner)
         k = check_kernel_size(owner, (7 if d == 2 else 3) if kernel_size is None else kernel_size)
         depth = check_int("depth", depth, 1, owner)
         dropout = check_dropout(owner, dropout)
-        positions = normalize_positions(owner, attention_positions)
-        self.pad_mode = check_pad_mode(owner, pad_mode)
+        att = self._setup_attention(owner, attention, attention_positions, attention_kwargs, pad_mode, depth)
         self.num_filters, self.kernel_size, self.depth = f, k, depth
-        self.attention, self.attention_positions = attention, positions
-        self._divisors = (2**depth,) * d
-        self.size_divisor = 2**depth
-
-        def att(position: str, where: str) -> nn.Module:
-            if position not in positions:
-                return nn.Identity()
-            m = make_attention(attention, d, f, attention_kwargs, f"sdnet {where}")
-            return nn.Identity() if m is None else m
 
         self.encoders = nn.ModuleList(
             ConvBNReLU(d, in_channels if i == 0 else f, f, k, dropout) for i in range(depth)
         )
-        self.encoder_attention = nn.ModuleList(att("encoder", f"encoder block {i}") for i in range(depth))
+        self.encoder_attention = nn.ModuleList(att("encoder", f, f"encoder block {i}") for i in range(depth))
         self.pool = max_pool(d)(2, stride=2, return_indices=True)
         self.bottleneck = ConvBNReLU(d, f, f, k, dropout)
-        self.bottleneck_attention = att("bottleneck", "bottleneck")
+        self.bottleneck_attention = att("bottleneck", f, "bottleneck")
         self.unpool = max_unpool(d)(2, stride=2)
         self.decoders = nn.ModuleList(ConvBNReLU(d, 2 * f, f, k, dropout) for _ in range(depth))
-        self.decoder_attention = nn.ModuleList(att("decoder", f"decoder block {i}") for i in range(depth))
+        self.decoder_attention = nn.ModuleList(att("decoder", f, f"decoder block {i}") for i in range(depth))
         self.classifier = conv(d)(f, out_channels, 1)
 
     def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
@@ -150,7 +135,8 @@ class SDNet(PadCropMixin, nn.Module):
         return self.classifier(x)
 
 
-@register_model(
+#: Builder registered as ``sdnet``: ``sdnet(spatial_dims, in_channels, out_channels, attention, ...)``.
+sdnet = register_model(
     "sdnet",
     task="segmentation",
     spatial_dims=(2, 3),
@@ -163,31 +149,4 @@ class SDNet(PadCropMixin, nn.Module):
         "pad_mode": "constant",
     },
     paper="Roy et al., MICCAI 2017 (arXiv 1705.00938)",
-)
-def sdnet(
-    spatial_dims: int,
-    in_channels: int,
-    out_channels: int,
-    attention: str = "none",
-    attention_positions: Sequence[str] = POSITIONS,
-    attention_kwargs: dict[str, Any] | None = None,
-    num_filters: int | None = None,
-    kernel_size: int | None = None,
-    depth: int = 3,
-    dropout: float = 0.0,
-    pad_mode: str = "constant",
-) -> SDNet:
-    """Build :class:`SDNet` (registered as ``sdnet``)."""
-    return SDNet(
-        spatial_dims,
-        in_channels,
-        out_channels,
-        num_filters=num_filters,
-        kernel_size=kernel_size,
-        depth=depth,
-        dropout=dropout,
-        attention=attention,
-        attention_positions=attention_positions,
-        attention_kwargs=attention_kwargs,
-        pad_mode=pad_mode,
-    )
+)(class_builder(SDNet, "sdnet"))

@@ -33,6 +33,7 @@ from medse.networks._common import (
     check_int,
     check_pad_mode,
     check_spatial_dims,
+    class_builder,
     crop_to,
     divisor_of,
     lcm,
@@ -179,7 +180,8 @@ class UNetWithAttention(MonaiUNet):
         return crop_to(self.model(xp), before, spatial)
 
 
-@register_model(
+#: Builder registered as ``unet``: ``unet(spatial_dims, in_channels, out_channels, attention, ...)``.
+unet = register_model(
     "unet",
     task="segmentation",
     spatial_dims=(2, 3),
@@ -198,43 +200,4 @@ class UNetWithAttention(MonaiUNet):
         "pad_mode": "constant",
     },
     paper="Kerfoot et al., STACOM 2018 (MONAI UNet); attention placement: Roy et al., IEEE TMI 2019",
-)
-def unet(
-    spatial_dims: int,
-    in_channels: int,
-    out_channels: int,
-    attention: str = "none",
-    attention_positions: Sequence[str] = POSITIONS,
-    attention_kwargs: dict[str, Any] | None = None,
-    channels: Sequence[int] = DEFAULT_CHANNELS,
-    strides: Sequence[int | Sequence[int]] | None = None,
-    kernel_size: Sequence[int] | int = 3,
-    up_kernel_size: Sequence[int] | int = 3,
-    num_res_units: int = 0,
-    act: tuple | str = Act.PRELU,
-    norm: tuple | str = Norm.INSTANCE,
-    dropout: float = 0.0,
-    bias: bool = True,
-    adn_ordering: str = "NDA",
-    pad_mode: str = "constant",
-) -> UNetWithAttention:
-    """Build :class:`UNetWithAttention` (registered as ``unet``)."""
-    return UNetWithAttention(
-        spatial_dims,
-        in_channels,
-        out_channels,
-        channels=channels,
-        strides=strides,
-        kernel_size=kernel_size,
-        up_kernel_size=up_kernel_size,
-        num_res_units=num_res_units,
-        act=act,
-        norm=norm,
-        dropout=dropout,
-        bias=bias,
-        adn_ordering=adn_ordering,
-        attention=attention,
-        attention_positions=attention_positions,
-        attention_kwargs=attention_kwargs,
-        pad_mode=pad_mode,
-    )
+)(class_builder(UNetWithAttention, "unet"))
