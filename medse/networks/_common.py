@@ -1,4 +1,5 @@
-"""Helpers shared by medse's segmentation networks: attention insertion, argument checks, pad-and-crop.
+"""Helpers shared by medse's segmentation networks: attention insertion, argument checks, pad-and-crop,
+the SD-Net / QuickNAT encoder-decoder and registry builders derived from a network class.
 
 Not public API; the networks import from here so that every network inserts attention, checks its
 arguments and handles odd input sizes the same way.
@@ -288,6 +289,68 @@ class PadCropMixin:
         spatial = x.shape[2:]
         xp, before = pad_to_multiple(x, self._divisors, self.pad_mode)
         return crop_to(self.forward_padded(xp), before, spatial)
+
+
+class UnpoolingEncoderDecoder(PadCropMixin, nn.Module):
+    """The encoder-decoder of SD-Net and QuickNAT: max-pool indices and unpooling, attention after every block.
+
+    ``depth`` encoder blocks (each -> attention -> :meth:`_after_block` -> 2x max-pool keeping the indices, the
+    pre-pool output being the skip), a bottleneck block -> attention, ``depth`` decoder blocks (max-unpool ->
+    concat(skip, unpooled) -> block -> attention -> :meth:`_after_block`) and a 1x1 ``classifier`` that the
+    subclass adds. Every block has ``num_filters`` output maps.
+    """
+
+    num_filters: int
+    kernel_size: int
+    depth: int
+    classifier: nn.Module
+
+    def _check_architecture(
+        self, owner: str, num_filters: int | None, kernel_size: int | None, kernel_size_2d: int, depth: object
+    ) -> tuple[int, int, int]:
+        """Check and set ``num_filters`` (default 64 in 2D, 32 in 3D), ``kernel_size`` (default
+        ``kernel_size_2d`` in 2D, 3 in 3D) and ``depth``; call after :meth:`_check_io`."""
+        d = self.spatial_dims
+        if num_filters is None:
+            num_filters = 64 if d == 2 else 32
+        f = check_int("num_filters", num_filters, 1, owner)
+        k = check_kernel_size(owner, (kernel_size_2d if d == 2 else 3) if kernel_size is None else kernel_size)
+        depth = check_int("depth", depth, 1, owner)
+        self.num_filters, self.kernel_size, self.depth = f, k, depth
+        return f, k, depth
+
+    def _build_encoder_decoder(
+        self, block: Callable[[int], nn.Module], in_channels: int, att: AttentionFactory
+    ) -> None:
+        """Build the blocks (``block(in_channels)`` gives one with ``num_filters`` outputs), pools and attention."""
+        d, f, depth = self.spatial_dims, self.num_filters, self.depth
+        self.encoders = nn.ModuleList(block(in_channels if i == 0 else f) for i in range(depth))
+        self.encoder_attention = nn.ModuleList(att("encoder", f, f"encoder block {i}") for i in range(depth))
+        self.pool = max_pool(d)(2, stride=2, return_indices=True)
+        self.bottleneck = block(f)
+        self.bottleneck_attention = att("bottleneck", f, "bottleneck")
+        self.unpool = max_unpool(d)(2, stride=2)
+        self.decoders = nn.ModuleList(block(2 * f) for _ in range(depth))
+        self.decoder_attention = nn.ModuleList(att("decoder", f, f"decoder block {i}") for i in range(depth))
+
+    def _after_block(self, x: torch.Tensor) -> torch.Tensor:
+        """Applied after every encoder and decoder block's attention (QuickNAT: channel dropout)."""
+        return x
+
+    def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
+        skips: list[torch.Tensor] = []
+        indices: list[torch.Tensor] = []
+        for enc, att in zip(self.encoders, self.encoder_attention, strict=True):
+            x = self._after_block(att(enc(x)))
+            skips.append(x)
+            x, idx = self.pool(x)
+            indices.append(idx)
+        x = self.bottleneck_attention(self.bottleneck(x))
+        for i, (dec, att) in enumerate(zip(self.decoders, self.decoder_attention, strict=True)):
+            skip = skips[-1 - i]
+            x = self.unpool(x, indices[-1 - i], output_size=skip.shape[2:])
+            x = self._after_block(att(dec(torch.cat([skip, x], dim=1))))
+        return self.classifier(x)
 
 
 #: Arguments a registered builder takes first, in this order (the registry passes them by keyword).

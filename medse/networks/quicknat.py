@@ -38,16 +38,12 @@ from torch import nn
 from medse.networks._common import (
     POSITIONS,
     ByDims,
-    PadCropMixin,
+    UnpoolingEncoderDecoder,
     batch_norm,
     channel_dropout,
     check_dropout,
-    check_int,
-    check_kernel_size,
     class_builder,
     conv,
-    max_pool,
-    max_unpool,
 )
 from medse.networks.registry import register_model
 
@@ -74,7 +70,7 @@ class QuickNATDenseBlock(nn.Module):
         return self.conv3(self.prelu(self.norm3(torch.cat([x, o1, o2], dim=1))))
 
 
-class QuickNAT(PadCropMixin, nn.Module):
+class QuickNAT(UnpoolingEncoderDecoder):
     """QuickNAT (Roy et al., NeuroImage 2019) in 2D or 3D, attention after every dense block.
 
     Args:
@@ -113,42 +109,15 @@ class QuickNAT(PadCropMixin, nn.Module):
         super().__init__()
         owner = "quicknat"
         d = self._check_io(owner, spatial_dims, in_channels, out_channels)
-        if num_filters is None:
-            num_filters = 64 if d == 2 else 32
-        f = check_int("num_filters", num_filters, 1, owner)
-        k = check_kernel_size(owner, (5 if d == 2 else 3) if kernel_size is None else kernel_size)
-        depth = check_int("depth", depth, 1, owner)
+        f, k, depth = self._check_architecture(owner, num_filters, kernel_size, 5, depth)
         dropout = check_dropout(owner, dropout)
         att = self._setup_attention(owner, attention, attention_positions, attention_kwargs, pad_mode, depth)
-        self.num_filters, self.kernel_size, self.depth = f, k, depth
-
-        self.encoders = nn.ModuleList(
-            QuickNATDenseBlock(d, in_channels if i == 0 else f, f, k) for i in range(depth)
-        )
-        self.encoder_attention = nn.ModuleList(att("encoder", f, f"encoder block {i}") for i in range(depth))
-        self.pool = max_pool(d)(2, stride=2, return_indices=True)
-        self.bottleneck = QuickNATDenseBlock(d, f, f, k)
-        self.bottleneck_attention = att("bottleneck", f, "bottleneck")
-        self.unpool = max_unpool(d)(2, stride=2)
-        self.decoders = nn.ModuleList(QuickNATDenseBlock(d, 2 * f, f, k) for _ in range(depth))
-        self.decoder_attention = nn.ModuleList(att("decoder", f, f"decoder block {i}") for i in range(depth))
+        self._build_encoder_decoder(lambda c: QuickNATDenseBlock(d, c, f, k), in_channels, att)
         self.dropout = channel_dropout(d)(dropout) if dropout > 0 else nn.Identity()
         self.classifier = conv(d)(f, out_channels, 1)
 
-    def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
-        skips: list[torch.Tensor] = []
-        indices: list[torch.Tensor] = []
-        for enc, att in zip(self.encoders, self.encoder_attention, strict=True):
-            x = self.dropout(att(enc(x)))
-            skips.append(x)
-            x, idx = self.pool(x)
-            indices.append(idx)
-        x = self.bottleneck_attention(self.bottleneck(x))
-        for i, (dec, att) in enumerate(zip(self.decoders, self.decoder_attention, strict=True)):
-            skip = skips[-1 - i]
-            x = self.unpool(x, indices[-1 - i], output_size=skip.shape[2:])
-            x = self.dropout(att(dec(torch.cat([skip, x], dim=1))))
-        return self.classifier(x)
+    def _after_block(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(x)
 
 
 #: Builder registered as ``quicknat``: ``quicknat(spatial_dims, in_channels, out_channels, attention, ...)``.

@@ -25,22 +25,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
 from medse.networks._common import (
     POSITIONS,
     ByDims,
-    PadCropMixin,
+    UnpoolingEncoderDecoder,
     batch_norm,
     channel_dropout,
     check_dropout,
-    check_int,
-    check_kernel_size,
     class_builder,
     conv,
-    max_pool,
-    max_unpool,
 )
 from medse.networks.registry import register_model
 
@@ -59,7 +54,7 @@ class ConvBNReLU(nn.Sequential):
             self.add_module("drop", channel_dropout(spatial_dims)(dropout))
 
 
-class SDNet(PadCropMixin, nn.Module):
+class SDNet(UnpoolingEncoderDecoder):
     """SD-Net (Roy et al., MICCAI 2017) with max-pool indices and unpooling, 2D or 3D.
 
     Args:
@@ -98,41 +93,11 @@ class SDNet(PadCropMixin, nn.Module):
         super().__init__()
         owner = "sdnet"
         d = self._check_io(owner, spatial_dims, in_channels, out_channels)
-        if num_filters is None:
-            num_filters = 64 if d == 2 else 32
-        f = check_int("num_filters", num_filters, 1, owner)
-        k = check_kernel_size(owner, (7 if d == 2 else 3) if kernel_size is None else kernel_size)
-        depth = check_int("depth", depth, 1, owner)
+        f, k, depth = self._check_architecture(owner, num_filters, kernel_size, 7, depth)
         dropout = check_dropout(owner, dropout)
         att = self._setup_attention(owner, attention, attention_positions, attention_kwargs, pad_mode, depth)
-        self.num_filters, self.kernel_size, self.depth = f, k, depth
-
-        self.encoders = nn.ModuleList(
-            ConvBNReLU(d, in_channels if i == 0 else f, f, k, dropout) for i in range(depth)
-        )
-        self.encoder_attention = nn.ModuleList(att("encoder", f, f"encoder block {i}") for i in range(depth))
-        self.pool = max_pool(d)(2, stride=2, return_indices=True)
-        self.bottleneck = ConvBNReLU(d, f, f, k, dropout)
-        self.bottleneck_attention = att("bottleneck", f, "bottleneck")
-        self.unpool = max_unpool(d)(2, stride=2)
-        self.decoders = nn.ModuleList(ConvBNReLU(d, 2 * f, f, k, dropout) for _ in range(depth))
-        self.decoder_attention = nn.ModuleList(att("decoder", f, f"decoder block {i}") for i in range(depth))
+        self._build_encoder_decoder(lambda c: ConvBNReLU(d, c, f, k, dropout), in_channels, att)
         self.classifier = conv(d)(f, out_channels, 1)
-
-    def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
-        skips: list[torch.Tensor] = []
-        indices: list[torch.Tensor] = []
-        for enc, att in zip(self.encoders, self.encoder_attention, strict=True):
-            x = att(enc(x))
-            skips.append(x)
-            x, idx = self.pool(x)
-            indices.append(idx)
-        x = self.bottleneck_attention(self.bottleneck(x))
-        for i, (dec, att) in enumerate(zip(self.decoders, self.decoder_attention, strict=True)):
-            skip = skips[-1 - i]
-            x = self.unpool(x, indices[-1 - i], output_size=skip.shape[2:])
-            x = att(dec(torch.cat([skip, x], dim=1)))
-        return self.classifier(x)
 
 
 #: Builder registered as ``sdnet``: ``sdnet(spatial_dims, in_channels, out_channels, attention, ...)``.
