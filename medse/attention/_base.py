@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 import numbers
 import warnings
 from collections.abc import Callable, Sequence
@@ -96,3 +97,26 @@ def run_fused(module: torch.nn.Module, name: str, x: torch.Tensor) -> torch.Tens
         return None
     out = fn(module, x)
     return None if out is NotImplemented else out
+
+
+class ChannelGateBlock(torch.nn.Module):
+    """Base of the blocks that rescale each channel by a gate computed from the input (SE, cSE, ECA).
+
+    Subclasses define ``channel_gate(x) -> (B, C, 1, ..., 1)`` and ``block_name`` (the fast-path name);
+    ``forward`` takes the fast path when enabled and available, else computes ``x * channel_gate(x)``.
+    """
+
+    block_name: str
+
+    def channel_gate(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = run_fused(self, self.block_name, x)
+        if out is not None:
+            return out
+        return x * self.channel_gate(x)
+
+    def extra_macs(self, input_shape: tuple[int, ...]) -> int:
+        """Element-wise work outside the gate's layers: the spatial mean (one add per element) and x * s."""
+        return 2 * math.prod(input_shape)

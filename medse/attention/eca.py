@@ -13,7 +13,13 @@ import math
 import torch
 from torch import nn
 
-from medse.attention._base import channel_view, check_channels, check_spatial_dims, run_fused, spatial_axes
+from medse.attention._base import (
+    ChannelGateBlock,
+    channel_view,
+    check_channels,
+    check_spatial_dims,
+    spatial_axes,
+)
 
 
 def eca_kernel_size(channels: int, gamma: float = 2, b: float = 1) -> int:
@@ -25,7 +31,7 @@ def eca_kernel_size(channels: int, gamma: float = 2, b: float = 1) -> int:
     return t if t % 2 else t + 1
 
 
-class ECA(nn.Module):
+class ECA(ChannelGateBlock):
     """Efficient Channel Attention (Wang et al., CVPR 2020), any number of spatial dimensions.
 
     Learnable parameters: k (the 1D convolution across channels, no bias). Parameter name: ``conv``.
@@ -74,16 +80,6 @@ class ECA(nn.Module):
         z = x.mean(dim=spatial_axes(x))  # (B, C)
         s = torch.sigmoid(self.conv(z.unsqueeze(1))).squeeze(1)  # (B, 1, C) -> (B, C)
         return channel_view(s, x.ndim - 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = run_fused(self, self.block_name, x)
-        if out is not None:
-            return out
-        return x * self.channel_gate(x)
-
-    def extra_macs(self, input_shape: tuple[int, ...]) -> int:
-        """Element-wise work outside the convolution: the spatial mean and x * s (2 per element)."""
-        return 2 * math.prod(input_shape)
 
     def extra_repr(self) -> str:
         return f"spatial_dims={self.spatial_dims}, in_channels={self.in_channels}, kernel_size={self.kernel_size}"

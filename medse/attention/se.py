@@ -12,22 +12,20 @@ one-to-one on MONAI's ``ChannelSELayer.fc[0]`` / ``fc[2]``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from medse.attention._base import (
+    ChannelGateBlock,
     channel_view,
     check_channels,
     check_spatial_dims,
     reduced_channels,
-    run_fused,
     spatial_axes,
 )
 
 
-class SqueezeExcitation(nn.Module):
+class SqueezeExcitation(ChannelGateBlock):
     """Squeeze-and-Excitation block (Hu et al., CVPR 2018), any number of spatial dimensions.
 
     ``y = x * sigmoid(fc2(relu(fc1(mean(x)))))``; both linear layers have a bias, as in the authors' Caffe
@@ -65,16 +63,6 @@ class SqueezeExcitation(nn.Module):
         z = x.mean(dim=spatial_axes(x))
         s = torch.sigmoid(self.fc2(self.act(self.fc1(z))))
         return channel_view(s, x.ndim - 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = run_fused(self, self.block_name, x)
-        if out is not None:
-            return out
-        return x * self.channel_gate(x)
-
-    def extra_macs(self, input_shape: tuple[int, ...]) -> int:
-        """Element-wise work outside the linear layers: the spatial mean (one add per element) and x * s."""
-        return 2 * math.prod(input_shape)
 
     def extra_repr(self) -> str:
         return f"spatial_dims={self.spatial_dims}, in_channels={self.in_channels}, reduction={self.reduction}"
