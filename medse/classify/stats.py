@@ -60,8 +60,32 @@ class StatisticsError(MedseError):
     """A statistic is undefined for the given data (e.g. a class with no positive cases)."""
 
 
+class _Result:
+    """Shared behaviour of the result records: ``to_dict`` for JSON/CSV output."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 @dataclass
-class AUCResult:
+class _PairedAUCs(_Result):
+    """Fields shared by the paired AUC comparisons (``diff = auc_b - auc_a``)."""
+
+    auc_a: float
+    auc_b: float
+    diff: float
+    ci_low: float
+    ci_high: float
+    se: float
+    z: float
+    p: float
+    var_a: float
+    var_b: float
+    cov: float
+
+
+@dataclass
+class AUCResult(_Result):
     auc: float
     variance: float
     se: float
@@ -71,60 +95,29 @@ class AUCResult:
     n_neg: int
     note: str = ""
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass
-class DeLongResult:
+class DeLongResult(_PairedAUCs):
     """Paired DeLong test of two correlated AUCs; ``diff = auc_b - auc_a``."""
 
-    auc_a: float
-    auc_b: float
-    diff: float
-    ci_low: float
-    ci_high: float
-    se: float
-    z: float
-    p: float
-    var_a: float
-    var_b: float
-    cov: float
     n_pos: int
     n_neg: int
     note: str = ""
     paired: bool = True
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass
-class MacroDeLongResult:
+class MacroDeLongResult(_PairedAUCs):
     """Paired test of two macro (mean one-vs-rest) AUCs; ``diff = auc_b - auc_a``; ``classes``: those averaged."""
 
-    auc_a: float
-    auc_b: float
-    diff: float
-    ci_low: float
-    ci_high: float
-    se: float
-    z: float
-    p: float
-    var_a: float
-    var_b: float
-    cov: float
     n: int
     classes: list[int]
     note: str = ""
     paired: bool = True
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass
-class McNemarResult:
+class McNemarResult(_Result):
     """McNemar's paired test. ``b``: A right and B wrong; ``c``: A wrong and B right."""
 
     b: int
@@ -136,12 +129,9 @@ class McNemarResult:
     note: str = ""
     paired: bool = True
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass
-class ZTestResult:
+class ZTestResult(_Result):
     """Pooled two-proportion Z-test (UNPAIRED); ``z > 0`` when proportion B exceeds proportion A."""
 
     p_a: float
@@ -152,9 +142,6 @@ class ZTestResult:
     p: float
     note: str = ""
     paired: bool = False
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def midrank(x: np.ndarray) -> np.ndarray:
