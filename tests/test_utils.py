@@ -8,7 +8,7 @@ from typing import Literal
 
 import pytest
 
-from medse.utils.atomic import atomic_path, atomic_write_text
+from medse.utils.atomic import atomic_path, atomic_write_text, ensure_writable_dir, stale_temp_files
 from medse.utils.checkpoint import load_checkpoint, save_checkpoint
 from medse.utils.config import apply_overrides, from_dict, load_yaml, to_dict
 from medse.utils.errors import MedseError, unknown_option_error
@@ -86,6 +86,92 @@ def test_atomic_path_leaves_nothing_on_error(tmp_path):
     assert os.listdir(tmp_path) == []
     atomic_write_text(target, "done")
     assert target.read_text() == "done" and os.listdir(tmp_path) == ["out.nii.gz"]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)], ids=["022", "077", "002"])
+def test_atomic_files_get_the_mode_open_gives_under_the_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        with open(tmp_path / "plain.txt", "w") as f:
+            f.write("x")
+        atomic_write_text(tmp_path / "a.txt", "content")
+        with atomic_path(tmp_path / "b.nii.gz") as tmp:
+            assert tmp.name.startswith(".tmp-b-") and tmp.name.endswith(".nii.gz")
+            tmp.write_bytes(b"bytes")
+        save_checkpoint(tmp_path / "c.pt", {"x": 1})
+    finally:
+        os.umask(old)
+    assert (os.stat(tmp_path / "plain.txt").st_mode & 0o777) == mode
+    for name in ("a.txt", "b.nii.gz", "c.pt"):
+        assert (os.stat(tmp_path / name).st_mode & 0o777) == mode, name
+    assert (tmp_path / "a.txt").read_text() == "content" and (tmp_path / "b.nii.gz").read_bytes() == b"bytes"
+    assert load_checkpoint(tmp_path / "c.pt") == {"x": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.nii.gz", "c.pt", "plain.txt"]
+
+
+def test_checkpoints_are_fsynced_before_the_rename(tmp_path, monkeypatch):
+    import medse.utils.atomic as atomic
+
+    events = []
+    real_replace, real_fsync = os.replace, os.fsync
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}") if os.path.isdir("/proc/self/fd") else ""))
+        real_fsync(fd)
+
+    def replace(a, b):
+        events.append(("replace", str(b)))
+        real_replace(a, b)
+
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    save_checkpoint(tmp_path / "last.pt", {"epoch": 3})
+    kinds = [k for k, _ in events]
+    assert kinds == ["fsync", "replace", "fsync"], events  # file, rename, folder
+    if os.path.isdir("/proc/self/fd"):
+        assert ".tmp-last-" in events[0][1] and events[2][1] == str(tmp_path)
+    assert load_checkpoint(tmp_path / "last.pt") == {"epoch": 3}
+    events.clear()
+    with atomic_path(tmp_path / "plain.csv") as tmp:  # the default: no fsync
+        tmp.write_text("a,b\n")
+    assert [k for k, _ in events] == ["replace"]
+
+
+def test_stale_temp_files_match_only_medse_names_of_the_targets(tmp_path):
+    names = [".tmp-case1-abcd1234.nii.gz", ".tmp-case1-zz_9x0q1.nii.gz", ".tmp-case1-abcd1234.json",
+             ".tmp-case10-abcd1234.nii.gz", ".tmp-case1-abc.nii.gz", ".tmp-other-abcd1234.nii.gz", "case1.nii.gz",
+             ".tmp-case1-abcd1234.nii"]
+    for n in names:
+        (tmp_path / n).write_text("x")
+    found = stale_temp_files([tmp_path / "case1.nii.gz", tmp_path / "missing_dir" / "x.json"])
+    assert [p.name for p in found] == [".tmp-case1-abcd1234.nii.gz", ".tmp-case1-zz_9x0q1.nii.gz"]
+    found = stale_temp_files([tmp_path / "case1.json"])
+    assert [p.name for p in found] == [".tmp-case1-abcd1234.json"]
+
+
+def test_ensure_writable_dir_fails_in_one_line_even_as_root(tmp_path):
+    created = ensure_writable_dir(tmp_path / "a" / "b")
+    assert created == [tmp_path / "a", tmp_path / "a" / "b"] and (tmp_path / "a" / "b").is_dir()
+    assert list((tmp_path / "a" / "b").iterdir()) == []  # the probe file is gone
+    assert ensure_writable_dir(tmp_path / "a") == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(MedseError) as e:
+        ensure_writable_dir(tmp_path / "file" / "sub")  # a parent is a file: fails for root too
+    assert str(tmp_path / "file" / "sub") in str(e.value) and "cannot create the output folder" in str(e.value)
+    assert "\n" not in str(e.value)
+    with pytest.raises(MedseError, match="exists and is not a folder"):
+        ensure_writable_dir(tmp_path / "file")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):  # root: the mode does not stop it (the file/sub case above does)
+            assert ensure_writable_dir(ro) == []
+        else:
+            with pytest.raises(MedseError, match="cannot write into the output folder"):
+                ensure_writable_dir(ro)
+    finally:
+        ro.chmod(0o700)
 
 
 def test_checkpoint_roundtrip_weights_only(tmp_path):

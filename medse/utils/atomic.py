@@ -1,49 +1,170 @@
 """Atomic file writes: write to a temporary name in the same folder, then rename into place.
 
-No reader ever sees a half-written file, and a killed process leaves at most a ``.tmp-*`` file behind.
+No reader ever sees a half-written file, and a killed process leaves at most a ``.tmp-*`` file behind
+(:func:`stale_temp_files` finds those of a given target, so a later run can remove them).
+
+Files get the mode a plain ``open(path, "w")`` gives (``0o666`` minus the caller's umask, default ACLs
+applied by the kernel): the temporary file is created with ``os.open(..., 0o666)``, not ``mkstemp``
+(which always uses ``0o600``). With ``fsync=True`` the file's data are flushed to disk before the rename
+and the folder entry after it, so that a crash right after the call cannot leave an empty or truncated
+file under the final name (checkpoints and masks use it).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
-from collections.abc import Iterator
+import re
+import secrets
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+__all__ = ["TEMP_PREFIX", "atomic_path", "atomic_write_bytes", "atomic_write_text", "ensure_writable_dir",
+           "fsync_dir", "fsync_file", "stale_temp_files", "temp_name_parts"]
+
+TEMP_PREFIX = ".tmp-"
+# the 8 random characters: tempfile.mkstemp's alphabet (older medse versions used mkstemp), hex today
+_RANDOM_RE = "[a-z0-9_]{8}"
+
+
+def temp_name_parts(path: str | os.PathLike, suffix: str | None = None) -> tuple[str, str]:
+    """``(prefix, suffix)`` of the temporary names :func:`atomic_path` uses for ``path``:
+    ``.tmp-<name up to the first dot>-<8 random characters><suffix>``."""
+    name = Path(path).name
+    if suffix is None:
+        suffix = name[name.index("."):] if "." in name else ""
+    return f"{TEMP_PREFIX}{name.split('.')[0]}-", suffix
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a file's data to disk."""
+    flags = os.O_RDONLY if os.name != "nt" else os.O_RDWR
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a folder's entries (a rename into it) to disk; a no-op where folders cannot be opened."""
+    if os.name == "nt":  # pragma: no cover - no directory handles to fsync on Windows
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):  # some file systems refuse fsync on folders
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _create_temp(folder: Path, prefix: str, suffix: str) -> Path:
+    for _ in range(100):
+        tmp = folder / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            # 0o666 & ~umask, as open() would give; O_EXCL: never reuse an existing name
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        except FileExistsError:  # pragma: no cover - 2**32 names
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"no free temporary name in {folder}")  # pragma: no cover
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, suffix: str | None = None, *, fsync: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it to ``path``, on error delete it.
 
-    ``suffix`` defaults to the full suffix of ``path`` (e.g. ``.nii.gz``) so that libraries choosing a
-    format from the file name (nibabel, SimpleITK, matplotlib) write the right format.
+    Args:
+        path: the final file name (its folder is created).
+        suffix: the temporary name's ending; defaults to the full suffix of ``path`` (e.g. ``.nii.gz``) so
+            that libraries choosing a format from the file name (nibabel, SimpleITK, matplotlib) write the
+            right format.
+        fsync: flush the file to disk before the rename and the folder after it. Defaults to False.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if suffix is None:
-        name = path.name
-        suffix = name[name.index(".") :] if "." in name else ""
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name.split('.')[0]}-", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    prefix, suffix = temp_name_parts(path, suffix)
+    tmp_path = _create_temp(path.parent, prefix, suffix)
     try:
         yield tmp_path
+        if fsync:
+            fsync_file(tmp_path)
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+    if fsync:
+        fsync_dir(path.parent)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    with atomic_path(path) as tmp:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = True) -> Path:
+    """Write ``data`` to ``path`` atomically (flushed to disk unless ``fsync=False``)."""
+    with atomic_path(path, fsync=fsync) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
     return Path(path)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: str | os.PathLike, text: str, *, fsync: bool = True) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    return atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
+
+
+def stale_temp_files(targets: Iterable[str | os.PathLike]) -> list[Path]:
+    """Temporary files :func:`atomic_path` left beside each of ``targets`` (killed writers), existing now.
+
+    Only names of medse's own pattern (``.tmp-<stem>-<8 characters><target's suffix>``) for exactly
+    these targets are returned; other files in the folders are never matched.
+    """
+    found: list[Path] = []
+    by_folder: dict[Path, list[re.Pattern[str]]] = {}
+    for t in targets:
+        t = Path(t)
+        prefix, suffix = temp_name_parts(t)
+        by_folder.setdefault(t.parent, []).append(re.compile(re.escape(prefix) + _RANDOM_RE + re.escape(suffix) + "$"))
+    for folder, patterns in by_folder.items():
+        try:
+            names = [e.name for e in os.scandir(folder) if e.name.startswith(TEMP_PREFIX) and e.is_file()]
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        found.extend(folder / n for n in sorted(names) if any(p.match(n) for p in patterns))
+    return found
+
+
+def ensure_writable_dir(folder: str | os.PathLike, what: str = "output folder") -> list[Path]:
+    """Create ``folder`` (and its parents) and check that a file can be created in it.
+
+    Returns the folders that were created (outermost first), so that a caller failing before it wrote
+    anything can remove them again.
+
+    Raises:
+        MedseError: naming the folder, when it cannot be created or written (also as root: a file is
+            really created and removed, not only ``os.access`` asked).
+    """
+    from medse.utils.errors import MedseError
+
+    folder = Path(folder)
+    missing = []
+    p = folder
+    while not p.exists() and not p.is_symlink() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    if folder.exists() and not folder.is_dir():
+        raise MedseError(f"{what} exists and is not a folder", folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise MedseError(f"cannot create the {what}: a parent path is a file", folder) from None
+    except OSError as e:
+        raise MedseError(f"cannot create the {what} ({e.strerror or type(e).__name__})", folder) from None
+    try:
+        probe = _create_temp(folder, f"{TEMP_PREFIX}write-check-", "")
+    except OSError as e:
+        raise MedseError(f"cannot write into the {what} ({e.strerror or type(e).__name__})", folder) from None
+    probe.unlink()
+    return missing[::-1]

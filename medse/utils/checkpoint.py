@@ -16,7 +16,7 @@ from medse.utils.errors import MedseError
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     import torch
 
-    with atomic_path(path) as tmp:
+    with atomic_path(path, fsync=True) as tmp:
         torch.save(state, tmp)
     return Path(path)
 
