@@ -9,6 +9,7 @@ from medse.data.config import AffineAug, AugmentConfig, BiasFieldAug, ElasticAug
 from medse.data.datasets import load_dataset
 from medse.data.loader import CaseStore, PatchDataset, VolumeDataset, collate_first
 from medse.data.preprocess import PreprocessConfig
+from medse.utils.errors import MedseError
 
 
 @pytest.fixture(scope="module")
@@ -234,3 +235,26 @@ def test_non_contiguous_labels_become_class_indices(tmp_path):
     _, plab, props = st.get("a")
     assert sorted(np.unique(plab).tolist()) == [0, 1, 2, 3] and props["label_values"] == [0, 1, 2, 4]
     np.testing.assert_array_equal(invert_to_original(plab, props, is_label=True), lab)
+
+
+def test_nonfinite_voxels_replaced_in_training_data_with_one_warning_per_case(tmp_path):
+    import warnings
+
+    from medse.data._testing import make_broken_dataset
+    from medse.data.preprocess import NonFiniteWarning
+
+    root, _, _ = make_broken_dataset(tmp_path / "ds", "nan")  # c01: one NaN and one +Inf voxel
+    spec = load_dataset(root)
+    store = CaseStore(spec, PreprocessConfig(), cache="none")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            for cid in store.case_ids:
+                image, _, props = store.get(cid)
+                assert np.all(np.isfinite(image))
+                assert props["nonfinite_voxels"] == (2 if cid == "c01" else 0)
+    msgs = [str(w.message) for w in caught if issubclass(w.category, NonFiniteWarning)]
+    assert len(msgs) == 1 and msgs[0].startswith("case 'c01': 2 NaN/Inf voxels replaced") and "c01.nii.gz" in msgs[0]
+    strict = CaseStore(spec, PreprocessConfig(nonfinite="error"), cache="none")
+    with pytest.raises(MedseError, match=r"c01\.nii\.gz: 2 NaN/Inf voxels"):
+        strict.get("c01")

@@ -137,7 +137,7 @@ def test_multichannel_and_errors(tmp_path):
     bad[0, 0, 0] = np.nan
     write_image(bad, aff, tmp_path / "nan.nii.gz")
     with pytest.raises(MedseError, match=r"nan\.nii\.gz: 1 NaN/Inf voxels"):
-        preprocess_case(tmp_path / "nan.nii.gz", None)
+        preprocess_case(tmp_path / "nan.nii.gz", None, PreprocessConfig(nonfinite="error"))
     write_image(a[:5], aff, tmp_path / "small.nii.gz")
     with pytest.raises(MedseError, match=r"small\.nii\.gz: channel shape"):
         preprocess_case([tmp_path / "c0.nii.gz", tmp_path / "small.nii.gz"], None)
@@ -165,3 +165,58 @@ def test_synth_left_right_in_ras(synth_dataset):
         xl = np.argwhere(lab == LABELS["deep_left"])[:, 0].mean()
         xr = np.argwhere(lab == LABELS["deep_right"])[:, 0].mean()
         assert xl < xr, (cid, props["original_axcodes"])
+
+
+def test_nan_and_inf_replaced_by_the_channel_finite_minimum(tmp_path):
+    aff = make_affine("oblique")
+    rng = np.random.default_rng(3)
+    a = rng.normal(loc=100.0, size=(6, 7, 8)).astype(np.float32)
+    b = rng.normal(loc=-5.0, size=(6, 7, 8)).astype(np.float32)
+    bad_a = a.copy()
+    bad_a[0, 0, 0], bad_a[1, 2, 3], bad_a[5, 6, 7] = np.nan, np.inf, -np.inf
+    write_image(bad_a, aff, tmp_path / "a.nii.gz")
+    write_image(b, aff, tmp_path / "b.nii.gz")
+    raw, _, props = preprocess_case([tmp_path / "a.nii.gz", tmp_path / "b.nii.gz"], None,
+                                    PreprocessConfig(normalization="none", orientation="none"))
+    finite = np.isfinite(bad_a)
+    want = np.where(finite, bad_a, bad_a[finite].min())
+    assert np.all(np.isfinite(raw))
+    np.testing.assert_array_equal(raw[0], want)  # "none": the raw intensities, so the rule is visible exactly
+    np.testing.assert_array_equal(raw[1], b)  # the other channel is untouched (its own minimum is not used)
+    assert props["nonfinite_voxels"] == 3
+    assert props["nonfinite_replaced"] == [{"channel": 0, "file": str(tmp_path / "a.nii.gz"), "count": 3,
+                                            "value": float(bad_a[finite].min())}]
+    json.dumps(props)
+    # the replacement happens before normalisation: z-score of the replaced image
+    z, _, zp = preprocess_case(tmp_path / "a.nii.gz", None, PreprocessConfig(normalization="zscore",
+                                                                            foreground="all", orientation="none"))
+    np.testing.assert_allclose(z[0], (want - want.mean()) / want.std(), rtol=1e-4, atol=1e-4)
+    assert zp["nonfinite_voxels"] == 3
+    _, _, clean = preprocess_case(tmp_path / "b.nii.gz", None)
+    assert clean["nonfinite_voxels"] == 0 and clean["nonfinite_replaced"] == []
+    with pytest.raises(MedseError, match=r"a\.nii\.gz: 3 NaN/Inf voxels"):
+        preprocess_case(tmp_path / "a.nii.gz", None, PreprocessConfig(nonfinite="error"))
+    write_image(np.full((6, 7, 8), np.nan, np.float32), aff, tmp_path / "allnan.nii.gz")
+    with pytest.raises(MedseError, match=r"allnan\.nii\.gz: all 336 voxels are NaN/Inf"):
+        preprocess_case(tmp_path / "allnan.nii.gz", None)
+    with pytest.raises(MedseError, match="nonfinite"):
+        from_dict(PreprocessConfig, {"nonfinite": "drop"})
+
+
+def test_nibabel_resampled_file_with_153_nans():
+    """nibabel's own test file: a resampled scan whose voxels outside the field of view are NaN."""
+    import os
+
+    from nibabel.testing import data_path
+
+    path = os.path.join(data_path, "resampled_anat_moved.nii")
+    if not os.path.exists(path):
+        pytest.skip("this nibabel has no resampled_anat_moved.nii")
+    arr = read_image(path).array
+    n_nan = int(np.isnan(arr).sum())
+    assert n_nan == 153
+    img, _, props = preprocess_case(path, None, PreprocessConfig(normalization="none"))
+    assert props["nonfinite_voxels"] == 153 and np.all(np.isfinite(img))
+    assert float(img.min()) == float(np.nanmin(arr))
+    with pytest.raises(MedseError, match="153 NaN/Inf voxels"):
+        preprocess_case(path, None, PreprocessConfig(nonfinite="error"))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from medse.cli import main
-from medse.data._testing import VALIDATION_PROBLEMS, make_affine, make_broken_dataset, make_dataset
+from medse.data._testing import VALIDATION_PROBLEMS, VALIDATION_WARNINGS, make_affine, make_broken_dataset, make_dataset
 from medse.data.datasets import Case, load_dataset
 from medse.data.io import read_image, write_image
 from medse.data.validate import resolve_labels, validate_dataset
@@ -124,3 +124,24 @@ def test_broken_dataset_fixture(broken_dataset):
     path, fragment, message = broken_dataset
     errors = validate_dataset(load_dataset(path)).errors
     assert len(errors) == 1 and fragment in errors[0] and message in errors[0]
+
+
+@pytest.mark.parametrize("problem", VALIDATION_WARNINGS)
+def test_nonfinite_voxels_are_a_warning_unless_strict(tmp_path, problem, capsys):
+    root, fragment, message = make_broken_dataset(tmp_path / "ds", problem)
+    rep = validate_dataset(load_dataset(root))
+    assert rep.errors == [] and len(rep.warnings) == 1
+    assert fragment in rep.warnings[0] and message in rep.warnings[0] and "replaced" in rep.warnings[0]
+    assert main(["validate", str(root)]) == 0
+    assert any(ln.startswith("warning: ") and fragment in ln for ln in capsys.readouterr().out.splitlines())
+    strict = validate_dataset(load_dataset(root), nonfinite="error")
+    assert len(strict.errors) == 1 and fragment in strict.errors[0] and message in strict.errors[0]
+    assert strict.warnings == []
+
+
+def test_image_without_any_finite_voxel_is_an_error(folder_dataset):
+    root = folder_dataset()
+    img = read_image(root / "images" / "c01.nii.gz")
+    write_image(np.full(img.array.shape, np.nan, np.float32), img.affine, root / "images" / "c01.nii.gz")
+    rep = validate_dataset(load_dataset(root))
+    assert len(rep.errors) == 1 and "c01.nii.gz" in rep.errors[0] and "without any finite voxel" in rep.errors[0]

@@ -13,8 +13,10 @@ layout-"folder" dataset (cases c00, c01, ... with varied affine kinds; ``dataset
 ``make_broken_dataset(root, problem, ...) -> (root, file_fragment, message_fragment)``: the same with
 one validation problem injected into case c01 (or the dataset); the validation error names a file
 containing ``file_fragment`` and contains ``message_fragment``. ``VALIDATION_PROBLEMS`` lists them:
-unreadable, truncated, shape, affine, 4d, nan, values, float_labels, missing_label, orphan_label,
+unreadable, truncated, shape, affine, 4d, values, float_labels, missing_label, orphan_label,
 duplicate_ids (the last needs a manifest: ``root`` then is the manifest path).
+``VALIDATION_WARNINGS`` lists the injectable problems that are warnings (the case is still usable): nan
+(one NaN and one +Inf voxel in c01's image, replaced by preprocessing).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy as np
 
 from medse.data.io import write_image
 
-__all__ = ["AFFINE_KINDS", "VALIDATION_PROBLEMS", "make_affine", "write_random_volume", "write_case", "rotation_matrix",
+__all__ = ["AFFINE_KINDS", "VALIDATION_PROBLEMS", "VALIDATION_WARNINGS", "make_affine", "write_random_volume", "write_case", "rotation_matrix",
            "make_dataset", "make_broken_dataset"]
 
 AFFINE_KINDS = ("ras", "lps", "flipped", "permuted", "oblique", "anisotropic")
@@ -192,11 +194,12 @@ def _inject(root: Path, problem: str) -> tuple[str, str]:
         lab = read_image(lab_p)
         write_image(lab.array, lab.affine, root / "labels" / "zz.nii.gz")
         return "labels/zz.nii.gz", "no matching image"
-    raise ValueError(f"unknown problem '{problem}' (one of {', '.join(VALIDATION_PROBLEMS)})")
+    raise ValueError(f"unknown problem '{problem}' (one of {', '.join(VALIDATION_PROBLEMS + VALIDATION_WARNINGS)})")
 
 
-VALIDATION_PROBLEMS = ("unreadable", "truncated", "shape", "affine", "4d", "nan", "values", "float_labels",
+VALIDATION_PROBLEMS = ("unreadable", "truncated", "shape", "affine", "4d", "values", "float_labels",
                        "missing_label", "orphan_label", "duplicate_ids")
+VALIDATION_WARNINGS = ("nan",)
 
 
 def make_broken_dataset(

@@ -4,8 +4,10 @@
     preprocesses each case once (:func:`medse.data.preprocess.preprocess_case`) and keeps the result
     in memory (``"memory"``), in ``.npz`` files under ``cache_dir`` keyed by a hash of the
     preprocessing settings and the input files' paths, sizes and modification times (``"disk"``), or
-    nowhere (``"none"``). ``get(case_id) -> (image (C,X,Y,Z) float32, label (X,Y,Z) uint8 | None,
-    props)``; ``n_preprocessed`` counts the cases read from their original files. With DataLoader
+    nowhere (``"none"``). NaN/Inf image voxels are replaced by their channel's finite minimum (the
+    ``nonfinite`` setting of :class:`~medse.data.preprocess.PreprocessConfig`) with one
+    :class:`~medse.data.preprocess.NonFiniteWarning` per case naming the count. ``get(case_id) -> (image
+    (C,X,Y,Z) float32, label (X,Y,Z) uint8 | None, props)``; ``n_preprocessed`` counts the cases read from their original files. With DataLoader
     workers call ``preload()`` first, so that forked workers share the cached arrays (otherwise each
     worker preprocesses its cases once on its own).
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,7 +42,7 @@ import numpy as np
 
 from medse.data.config import AugmentConfig
 from medse.data.datasets import Case, DatasetSpec
-from medse.data.preprocess import PreprocessConfig, preprocess_case
+from medse.data.preprocess import NonFiniteWarning, PreprocessConfig, nonfinite_message, preprocess_case
 from medse.utils.atomic import atomic_path
 from medse.utils.config import to_dict
 from medse.utils.errors import MedseError
@@ -97,6 +100,7 @@ class CaseStore:
         self._mem: dict[str, CaseData] = {}
         self._expected_channels = len(spec.channel_names) or None
         self.n_preprocessed = 0
+        self._warned: set[str] = set()
 
     @property
     def case_ids(self) -> list[str]:
@@ -127,8 +131,13 @@ class CaseStore:
     def _compute(self, case_id: str) -> CaseData:
         case = self._case(case_id)
         self.n_preprocessed += 1
-        return preprocess_case(case.images, case.label, self.cfg, expected_channels=self._expected_channels,
-                               label_values=self.label_values)
+        out = preprocess_case(case.images, case.label, self.cfg, expected_channels=self._expected_channels,
+                              label_values=self.label_values)
+        msg = nonfinite_message(out[2])
+        if msg and case_id not in self._warned:
+            self._warned.add(case_id)
+            warnings.warn(f"case '{case_id}': {msg}", NonFiniteWarning, stacklevel=2)
+        return out
 
     def get(self, case_id: str) -> CaseData:
         """``(image float32 (C,X,Y,Z), label uint8 (X,Y,Z) | None, props)`` of one case.

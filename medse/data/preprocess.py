@@ -3,7 +3,10 @@
 Pipeline (each step recorded in ``props`` so that :func:`invert_to_original` maps a prediction back
 onto the original file's voxel grid):
 
-1. read the channel images (3D files, or one 4D file holding all channels) and the label map;
+1. read the channel images (3D files, or one 4D file holding all channels) and the label map; NaN and
+   +-Inf voxels (routine outside the field of view of resampled scans) are replaced by the finite minimum
+   of their channel, before any other step (``nonfinite="replace"``, counted in
+   ``props["nonfinite_voxels"]``), or refused (``nonfinite="error"``);
 2. reorient to a canonical orientation (``"RAS"`` by default) by axis permutations and flips only
    (nibabel ``io_orientation``: no interpolation, exactly invertible);
 3. optionally crop to the bounding box of the foreground (nnU-Net crops to the non-zero region,
@@ -31,7 +34,8 @@ import numpy as np
 from medse.data.io import Image, read_image
 from medse.utils.errors import MedseError
 
-__all__ = ["PreprocessConfig", "preprocess_case", "invert_to_original", "foreground_mask", "PROPS_VERSION"]
+__all__ = ["PreprocessConfig", "preprocess_case", "invert_to_original", "foreground_mask", "replace_nonfinite",
+           "nonfinite_message", "NonFiniteWarning", "PROPS_VERSION"]
 
 PROPS_VERSION = 1
 _AXCODES = {"L": "R", "R": "L", "A": "P", "P": "A", "S": "I", "I": "S"}
@@ -56,6 +60,9 @@ class PreprocessConfig:
         crop_margin: voxels kept around the foreground box. Defaults to 0.
         image_order: spline order for resampling images (labels always nearest). nnU-Net uses 3;
             medse defaults to 1 (trilinear, faster on CPU). Defaults to 1.
+        nonfinite: what NaN/Inf image voxels become: ``"replace"`` (the finite minimum of the voxel's
+            channel, in the file's own intensities, i.e. before normalisation; a channel without any
+            finite voxel is an error) or ``"error"`` (refuse the case). Defaults to "replace".
     """
 
     orientation: str = "RAS"
@@ -66,6 +73,7 @@ class PreprocessConfig:
     crop_foreground: bool = False
     crop_margin: int = 0
     image_order: int = 1
+    nonfinite: Literal["replace", "error"] = "replace"
 
     def __post_init__(self) -> None:
         o = str(self.orientation)
@@ -92,6 +100,8 @@ class PreprocessConfig:
             raise ValueError("crop_margin must be >= 0")
         if not 0 <= int(self.image_order) <= 5:
             raise ValueError("image_order must be a spline order between 0 and 5")
+        if self.nonfinite not in ("replace", "error"):
+            raise ValueError(f"nonfinite '{self.nonfinite}' must be 'replace' or 'error'")
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -143,12 +153,50 @@ def _as_list(x: np.ndarray) -> list[Any]:
     return np.asarray(x).tolist()
 
 
-def _read_channels(image_paths: Sequence[str | os.PathLike], expected_channels: int | None) -> tuple[
-        np.ndarray, Image]:
+def replace_nonfinite(channel: np.ndarray, path: str | os.PathLike | None = None) -> tuple[np.ndarray, int, float]:
+    """Replace NaN/+-Inf voxels of one float channel by its finite minimum: ``(channel, count, value)``.
+
+    The input is not modified (a copy is made when something is replaced). ``value`` is NaN when nothing
+    was replaced.
+
+    Raises:
+        MedseError: the channel has no finite voxel at all (nothing to replace with), naming ``path``.
+    """
+    if channel.dtype.kind != "f":
+        return channel, 0, float("nan")
+    finite = np.isfinite(channel)
+    n_bad = int(channel.size - np.count_nonzero(finite))
+    if n_bad == 0:
+        return channel, 0, float("nan")
+    if n_bad == channel.size:
+        raise MedseError(f"all {n_bad} voxels are NaN/Inf", path)
+    value = float(channel[finite].min())
+    out = np.where(finite, channel, np.asarray(value, dtype=channel.dtype))
+    return out, n_bad, value
+
+
+class NonFiniteWarning(UserWarning):
+    """NaN/Inf image voxels were replaced (see :func:`replace_nonfinite`)."""
+
+
+def nonfinite_message(props: dict[str, Any]) -> str | None:
+    """One line saying how many NaN/Inf voxels of a case were replaced and by what, or None if none were."""
+    rep = props.get("nonfinite_replaced") or []
+    if not rep:
+        return None
+    total = sum(int(r["count"]) for r in rep)
+    parts = "; ".join(f"{r['file']}: {r['count']} -> {r['value']:.6g}"
+                      + (f" (channel {r['channel']})" if len(rep) > 1 else "") for r in rep)
+    return f"{total} NaN/Inf voxels replaced by the channel's finite minimum ({parts})"
+
+
+def _read_channels(image_paths: Sequence[str | os.PathLike], expected_channels: int | None,
+                   nonfinite: str = "replace") -> tuple[np.ndarray, Image, list[dict[str, Any]]]:
     paths = [Path(p) for p in image_paths]
     if not paths:
         raise ValueError("image_paths is empty")
     chans: list[np.ndarray] = []
+    replaced: list[dict[str, Any]] = []
     ref: Image | None = None
     for p in paths:
         img = read_image(p, expect_3d=len(paths) > 1)
@@ -162,15 +210,21 @@ def _read_channels(image_paths: Sequence[str | os.PathLike], expected_channels: 
                 raise MedseError(f"channel affine differs from {ref.path.name}", p)
         for c in img.channels():
             c = c.astype(np.float32, copy=False)
-            if not np.all(np.isfinite(c)):
-                raise MedseError(f"{int(np.sum(~np.isfinite(c)))} NaN/Inf voxels", p)
+            if nonfinite == "error":
+                if not np.all(np.isfinite(c)):
+                    raise MedseError(f"{int(np.sum(~np.isfinite(c)))} NaN/Inf voxels (data.preprocess.nonfinite is "
+                                     "'error')", p)
+            else:
+                c, n_bad, value = replace_nonfinite(c, p)
+                if n_bad:
+                    replaced.append({"channel": len(chans), "file": str(p), "count": n_bad, "value": value})
             chans.append(c)
     assert ref is not None
     if expected_channels is not None and len(chans) != expected_channels:
         if len(paths) == 1 and ref.array.ndim == 4 and expected_channels == 1:
             raise MedseError(f"4D image (shape {ref.shape}) where a 3D volume is expected", paths[0])
         raise MedseError(f"{len(chans)} channels where {expected_channels} are expected", paths[0])
-    return np.stack(chans), ref
+    return np.stack(chans), ref, replaced
 
 
 def _read_label(label_path: str | os.PathLike, ref: Image) -> np.ndarray:
@@ -213,10 +267,13 @@ def preprocess_case(
         ``(image, label, props)``: image float32 (C, X, Y, Z); label uint8 (X, Y, Z) or None; props a
         JSON-serialisable dict with ``original_shape``, ``original_affine``, ``original_axcodes``,
         ``ornt_transform``, ``reoriented_shape``, ``crop_bbox``, ``cropped_shape``, ``resampled``,
-        ``shape_after``, ``spacing_before``, ``spacing_after``, ``affine_after``, ``normalization``...
+        ``shape_after``, ``spacing_before``, ``spacing_after``, ``affine_after``, ``normalization``,
+        ``nonfinite_voxels`` (NaN/Inf image voxels replaced, 0 if none) and ``nonfinite_replaced``
+        (``[{"channel", "file", "count", "value"}]``, one entry per channel that had any).
 
     Raises:
-        MedseError: naming the file for unreadable files, NaN/Inf voxels, shape/affine mismatches,
+        MedseError: naming the file for unreadable files, NaN/Inf voxels (``cfg.nonfinite="error"``, or a
+        channel without any finite voxel), shape/affine mismatches,
         wrong channel counts, non-integer or out-of-set label values.
     """
     from nibabel.orientations import aff2axcodes, apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation
@@ -224,7 +281,7 @@ def preprocess_case(
     cfg = cfg or PreprocessConfig()
     if isinstance(image_paths, (str, os.PathLike)):
         image_paths = [image_paths]
-    data, ref = _read_channels(image_paths, expected_channels)
+    data, ref, replaced = _read_channels(image_paths, expected_channels, cfg.nonfinite)
     label = _read_label(label_path, ref) if label_path is not None else None
     orig_affine = ref.affine
     orig_shape = ref.spatial_shape
@@ -337,6 +394,8 @@ def preprocess_case(
         "affine_after": _as_list(affine),
         "normalization": norm,
         "label_values": values,
+        "nonfinite_voxels": int(sum(r["count"] for r in replaced)),
+        "nonfinite_replaced": replaced,
     }
     return np.ascontiguousarray(data, dtype=np.float32), label, props
 

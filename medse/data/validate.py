@@ -5,12 +5,14 @@ reports each problem as one line naming the file:
 
 errors
     unreadable / truncated / empty file; 4D image where 3D is expected (or a channel count that
-    differs from the dataset's); NaN/Inf voxels; channel images whose shape or affine differ;
+    differs from the dataset's); NaN/Inf voxels with ``nonfinite="error"`` (or an image without any finite
+    voxel); channel images whose shape or affine differ;
     image/label shape or affine mismatch; non-integer, negative or out-of-set label values;
     duplicate case IDs; missing labels (``check_labels``); problems found while listing the layout
     (label file without image, missing channels).
 warnings
-    empty label maps (background only); label maps stored as floating point; NIfTI images without
+    NaN/Inf image voxels (``nonfinite="replace"``, the default: preprocessing replaces them by the
+    channel's finite minimum); empty label maps (background only); label maps stored as floating point; NIfTI images without
     qform/sform (orientation unknown).
 
 ``ValidationReport.label_values`` are the label values found; when the dataset declares no labels,
@@ -78,6 +80,7 @@ def validate_dataset(
     spec: DatasetSpec,
     check_labels: bool = True,
     labels: dict[str, int] | None = None,
+    nonfinite: str = "replace",
 ) -> ValidationReport:
     """Check every case of ``spec``; see the module docstring for the list of checks.
 
@@ -86,7 +89,11 @@ def validate_dataset(
         check_labels: require a label for every case and check label files. Defaults to True.
         labels: the label set to check against (e.g. pinned in the config); defaults to
             ``spec.labels``; when both are empty, values are only collected.
+        nonfinite: ``"replace"`` (NaN/Inf image voxels are a warning, as preprocessing replaces them) or
+            ``"error"`` (they are an error, as with ``data.preprocess.nonfinite: error``). Defaults to "replace".
     """
+    if nonfinite not in ("replace", "error"):
+        raise ValueError(f"nonfinite '{nonfinite}' must be 'replace' or 'error'")
     rep = ValidationReport(num_cases=len(spec.cases))
     declared = dict(labels) if labels else dict(spec.labels)
     allowed = set(declared.values()) | {0} if declared else None
@@ -113,8 +120,14 @@ def validate_dataset(
                                     "LAS affine assumed)")
             if img.array.dtype.kind == "f":
                 bad = int(np.count_nonzero(~np.isfinite(img.array)))
-                if bad:
+                if bad and nonfinite == "error":
                     rep.errors.append(f"{p}: {bad} NaN/Inf voxels")
+                elif bad:
+                    if any(not np.isfinite(c).any() for c in img.channels()):
+                        rep.errors.append(f"{p}: {bad} NaN/Inf voxels and a channel without any finite voxel")
+                    else:
+                        rep.warnings.append(f"{p}: {bad} NaN/Inf voxels (replaced by the channel's finite minimum "
+                                            "when preprocessed)")
             if ref is None:
                 ref = img
             else:

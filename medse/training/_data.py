@@ -70,7 +70,8 @@ def prepare_data(cfg: Config) -> PreparedData:
         raise MedseError(f"config key '{key}': dataset path does not exist", src)
     spec = load_dataset(src, layout=cfg.data.layout)
     pinned = dict(cfg.data.labels) if cfg.data.labels else None
-    report = validate_dataset(spec, check_labels=True, labels=pinned)
+    nonfinite = getattr(getattr(cfg.data, "preprocess", None), "nonfinite", "replace")
+    report = validate_dataset(spec, check_labels=True, labels=pinned, nonfinite=nonfinite)
     report.raise_if_errors()
     labels = resolve_labels(spec, report, pinned)
     items = sorted(((int(v), str(n)) for n, v in labels.items()), key=lambda t: t[0])
