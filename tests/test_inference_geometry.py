@@ -172,16 +172,24 @@ def test_tta_and_probabilities(tmp_path: Path) -> None:
     np.testing.assert_allclose(back.affine, nib.load(str(src)).affine, atol=1e-5)
 
 
-def test_wrong_channel_count_and_nan_voxels_raise_naming_the_file(tmp_path: Path) -> None:
+def test_wrong_channel_count_raises_and_nan_voxels_are_replaced(tmp_path: Path) -> None:
+    from medse.data.preprocess import NonFiniteWarning
+
     src, lab = _make_input(tmp_path, "ras")
     pred = _predictor()
     with pytest.raises(MedseError, match="channels"):
         pred.predict_case([src, src])
     bad = lab.astype(np.float32)
-    bad[3, 4, 5] = np.nan
+    bad[3, 4, 5], bad[0, 0, 0], bad[1, 2, 3] = np.nan, np.inf, -np.inf
     p = _write_nifti(tmp_path / "nan.nii.gz", bad, np.eye(4))
-    with pytest.raises(MedseError, match="nan.nii.gz"):
-        pred.predict_case(p)
+    with pytest.warns(NonFiniteWarning, match=r"^3 NaN/Inf voxels replaced by the channel's finite minimum .*nan"):
+        out = pred.predict_case(p)
+    want = lab.copy()
+    want[3, 4, 5] = want[0, 0, 0] = want[1, 2, 3] = lab.min()  # the encoded label of the finite minimum
+    np.testing.assert_array_equal(out, want)
+    assert pred.last_props["nonfinite_voxels"] == 3
+    with pytest.raises(MedseError, match=r"nan\.nii\.gz: 3 NaN/Inf voxels"):
+        _predictor(strict_nonfinite=True).predict_case(p)
 
 
 def test_writer_dtypes_and_failed_check_leaves_nothing(tmp_path: Path) -> None:

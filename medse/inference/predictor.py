@@ -21,6 +21,7 @@ existing outputs unless ``overwrite``, records failures in ``failures.csv`` and 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -126,6 +127,56 @@ def collect_cases(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> li
     return sorted(cases, key=lambda c: c.case_id)
 
 
+# ------------------------------------------------------------------------------------------ settings
+class InferenceSettingsError(MedseError, ValueError):
+    """An inference setting out of its allowed range (a :class:`MedseError` and a ``ValueError``)."""
+
+
+_BLENDS = ("gaussian", "constant")
+
+
+def check_inference_settings(spatial_dims: int, *, roi_size: Any = None, overlap: Any = None, blend: Any = None,
+                             sw_batch_size: Any = None, source: str = "") -> None:
+    """Reject sliding-window settings outside their allowed range, before any model or case is loaded.
+
+    ``roi_size``: ``spatial_dims`` integers >= 1 (required for 3D; None = whole slices for 2D);
+    ``overlap`` in [0, 1); ``blend`` ``"gaussian"`` or ``"constant"``; ``sw_batch_size`` an integer >= 1.
+    Arguments left None are not checked (except a missing 3D ``roi_size`` when ``source`` says it is final).
+
+    Raises:
+        InferenceSettingsError: one line naming the setting (``source``: where it came from, e.g. the
+            run's config file), its value and the allowed range.
+    """
+    where = f" ({source})" if source else ""
+
+    def fail(msg: str) -> None:
+        raise InferenceSettingsError(msg + where)
+
+    if roi_size is not None:
+        try:
+            vals = list(roi_size)
+        except TypeError:
+            vals = None
+        if vals is None or len(vals) != spatial_dims:
+            fail(f"roi_size {roi_size!r} must have {spatial_dims} entries for a {spatial_dims}D network")
+        bad = [v for v in vals if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating))
+               or not float(v).is_integer() or v < 1]
+        if bad:
+            fail(f"roi_size {list(vals)} must be {spatial_dims} integers >= 1 (got {bad[0]!r})")
+    if overlap is not None:
+        try:
+            ov = float(overlap)
+        except (TypeError, ValueError):
+            ov = float("nan")
+        if not 0.0 <= ov < 1.0:
+            fail(f"overlap {overlap!r} must be in [0, 1)")
+    if blend is not None and blend not in _BLENDS:
+        fail(f"blend {blend!r} must be 'gaussian' or 'constant'")
+    if sw_batch_size is not None and (isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, (int, np.integer))
+                                      or sw_batch_size < 1):
+        fail(f"sw_batch_size {sw_batch_size!r} must be an integer >= 1")
+
+
 # --------------------------------------------------------------------------------------- predictor
 def _resolve_device(device: Any) -> Any:
     import torch
@@ -161,6 +212,105 @@ def _preprocess_config(data_section: Any) -> Any:
     raise MedseError(f"config key 'data.preprocess': unsupported value {pre!r}")
 
 
+@dataclass
+class _RunSpec:
+    """What a run folder says about inference, read without loading the weights."""
+
+    run: Path
+    cfg: Any
+    labels: dict[str, int]
+    class_values: list[int]
+    num_classes: int
+    in_channels: int
+    kwargs: dict[str, Any]
+    checkpoint: Path
+
+
+_OVERRIDES = ("roi_size", "overlap", "blend", "sw_batch_size", "tta_flips", "largest_component", "slice_axis",
+              "amp", "stream_axis", "engine", "strict_nonfinite")
+
+
+def _read_run(run_dir: str | os.PathLike, checkpoint: str, overrides: Mapping[str, Any]) -> _RunSpec:
+    """Config, dataset.json and the inference settings (run's ``infer`` section + ``overrides``, checked)."""
+    from medse.training.config import load_config
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise MedseError("run folder not found", run)
+    unknown = set(overrides) - set(_OVERRIDES)
+    if unknown:
+        from medse.utils.errors import unknown_option_error
+
+        raise unknown_option_error("Predictor override", sorted(unknown)[0], _OVERRIDES)
+    cfg = load_config(run / "config.yaml")
+    ds_path = run / "dataset.json"
+    if not ds_path.is_file():
+        raise MedseError("dataset.json not found in the run folder", ds_path)
+    try:
+        ds = json.loads(ds_path.read_text())
+    except json.JSONDecodeError as e:
+        raise MedseError(f"invalid JSON ({e})", ds_path) from e
+    labels = {str(k): int(v) for k, v in (ds.get("labels") or {}).items()}
+    class_values = ds.get("class_values") or sorted(set(labels.values()) | {0})
+    num_classes = int(ds.get("num_classes") or len(class_values))
+    if len(class_values) != num_classes:
+        raise MedseError(f"class_values has {len(class_values)} entries but num_classes is {num_classes}",
+                         ds_path)
+    channels = ds.get("channel_names") or []
+    in_channels = int(ds.get("num_channels") or len(channels) or 1)
+    inf = cfg.infer
+    roi = inf.roi_size or cfg.train.patch_size
+    run_kwargs: dict[str, Any] = dict(
+        roi_size=None if roi is None else list(roi), overlap=inf.overlap, blend=inf.blend,
+        sw_batch_size=inf.sw_batch_size, tta_flips=inf.tta_flips, largest_component=inf.largest_component,
+        slice_axis=int(getattr(cfg.train, "slice_axis", 2)), amp=bool(getattr(cfg.train, "amp", True)),
+    )
+    given = {k: v for k, v in overrides.items() if v is not None}
+    dims = int(cfg.model.spatial_dims)
+    # the run's own values first, so that an error names the right source
+    check_inference_settings(dims, **{k: run_kwargs[k] for k in ("overlap", "blend", "sw_batch_size")
+                                      if k not in given},
+                             **({"roi_size": run_kwargs["roi_size"]} if "roi_size" not in given else {}),
+                             source=f"infer.* / train.patch_size of {run / 'config.yaml'}")
+    check_inference_settings(dims, **{k: given[k] for k in ("roi_size", "overlap", "blend", "sw_batch_size")
+                                      if k in given})
+    run_kwargs.update(given)
+    ck = Path(checkpoint)
+    if checkpoint in ("best", "last"):
+        ck = run / "checkpoints" / f"{checkpoint}.pt"
+    if not ck.is_file():
+        raise MedseError("checkpoint not found", ck)
+    return _RunSpec(run, cfg, labels, [int(v) for v in class_values], num_classes, in_channels, run_kwargs, ck)
+
+
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def _cached_file_sha256(path: Path) -> str:
+    """sha256 of a checkpoint file, cached by (resolved path, size, mtime_ns) for this process."""
+    from medse.inference.writer import file_sha256
+
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = file_sha256(path)
+    return _SHA_CACHE[key]
+
+
+def _state_dict_sha256(model: Any) -> str:
+    """sha256 over a module's state dict: names, dtypes, shapes and raw bytes of every tensor."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 class Predictor:
     """A trained network plus the preprocessing and inference settings of its run.
 
@@ -186,6 +336,9 @@ class Predictor:
         engine: ``"stream"`` (:func:`medse.inference.sliding.iter_window_slabs`, bounded memory) or
             ``"monai"`` (``monai.inferers.SlidingWindowInferer``, full float32 ``(K, X, Y, Z)``; same
             result up to float rounding). Defaults to ``"stream"``.
+        strict_nonfinite: True refuses cases with NaN/Inf voxels (``nonfinite="error"``), False replaces
+            them by the channel's finite minimum (``"replace"``). Defaults to None (``preprocess.nonfinite``,
+            itself "replace" by default).
     """
 
     def __init__(
@@ -208,17 +361,14 @@ class Predictor:
         amp: bool = True,
         stream_axis: int | None = None,
         engine: str = "stream",
+        strict_nonfinite: bool | None = None,
     ) -> None:
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         if spatial_dims == 3 and roi_size is None:
-            raise ValueError("roi_size is required for 3D networks")
-        if roi_size is not None and len(roi_size) != spatial_dims:
-            raise ValueError(f"roi_size {list(roi_size)} needs {spatial_dims} values")
-        if blend not in ("gaussian", "constant"):
-            raise ValueError(f"blend must be 'gaussian' or 'constant', got {blend!r}")
-        if not 0.0 <= overlap < 1.0:
-            raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+            raise InferenceSettingsError("roi_size is required for 3D networks")
+        check_inference_settings(spatial_dims, roi_size=roi_size, overlap=overlap, blend=blend,
+                                 sw_batch_size=sw_batch_size)
         if engine not in ("stream", "monai"):
             raise ValueError(f"engine must be 'stream' or 'monai', got {engine!r}")
         if slice_axis not in (0, 1, 2):
@@ -232,6 +382,13 @@ class Predictor:
         self.in_channels = int(in_channels)
         self.class_values = None if class_values is None else [int(v) for v in class_values]
         self.label_names = dict(label_names) if label_names else None
+        if strict_nonfinite is not None:
+            import dataclasses
+
+            from medse.data.preprocess import PreprocessConfig
+
+            base = preprocess if preprocess is not None else PreprocessConfig()
+            preprocess = dataclasses.replace(base, nonfinite="error" if strict_nonfinite else "replace")
         self.preprocess = preprocess
         self.roi_size = None if roi_size is None else [int(r) for r in roi_size]
         self.overlap = float(overlap)
@@ -245,6 +402,8 @@ class Predictor:
         self.engine = engine
         self.run_dir: Path | None = None
         self.checkpoint: Path | None = None
+        self.last_props: dict[str, Any] | None = None
+        self._identity: dict[str, Any] | None = None
         self.timings: dict[str, float] = {"preprocess": 0.0, "forward": 0.0, "postprocess": 0.0, "write": 0.0}
 
     # ------------------------------------------------------------------ construction from a run
@@ -259,65 +418,75 @@ class Predictor:
             device: see :class:`Predictor`. Defaults to ``"auto"``.
             overrides: Predictor arguments overriding the run's ``infer`` section (``roi_size``,
                 ``overlap``, ``blend``, ``sw_batch_size``, ``tta_flips``, ``largest_component``, ``amp``,
-                ``stream_axis``, ``engine``).
+                ``stream_axis``, ``engine``, ``strict_nonfinite``).
 
         Raises:
-            MedseError: naming the missing/invalid file (config, dataset.json, checkpoint) or key.
+            MedseError: naming the missing/invalid file (config, dataset.json, checkpoint) or key, or an
+                inference setting out of range (checked before the checkpoint is read).
         """
-        from medse.training.config import load_config
+        return cls._from_spec(_read_run(run_dir, checkpoint, overrides), device)
+
+    @classmethod
+    def _from_spec(cls, spec: _RunSpec, device: Any) -> Predictor:
         from medse.utils.checkpoint import load_checkpoint
 
-        run = Path(run_dir)
-        if not run.is_dir():
-            raise MedseError("run folder not found", run)
-        cfg = load_config(run / "config.yaml")
-        ds_path = run / "dataset.json"
-        if not ds_path.is_file():
-            raise MedseError("dataset.json not found in the run folder", ds_path)
-        try:
-            ds = json.loads(ds_path.read_text())
-        except json.JSONDecodeError as e:
-            raise MedseError(f"invalid JSON ({e})", ds_path) from e
-        labels = {str(k): int(v) for k, v in (ds.get("labels") or {}).items()}
-        class_values = ds.get("class_values") or sorted(set(labels.values()) | {0})
-        num_classes = int(ds.get("num_classes") or len(class_values))
-        if len(class_values) != num_classes:
-            raise MedseError(f"class_values has {len(class_values)} entries but num_classes is {num_classes}",
-                             ds_path)
-        channels = ds.get("channel_names") or []
-        in_channels = int(ds.get("num_channels") or len(channels) or 1)
-        ck = Path(checkpoint)
-        if checkpoint in ("best", "last"):
-            ck = run / "checkpoints" / f"{checkpoint}.pt"
+        ck = spec.checkpoint
         state = load_checkpoint(ck)
         if "model" not in state:
             raise MedseError("checkpoint has no 'model' entry", ck)
-        model = _build_model(cfg, in_channels, num_classes)
+        model = _build_model(spec.cfg, spec.in_channels, spec.num_classes)
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as e:
             first = str(e).strip().splitlines()
             raise MedseError(f"weights do not fit the configured model ({first[0] if first else e})", ck) from e
-        inf = cfg.infer
-        roi = list(inf.roi_size or cfg.train.patch_size)
-        kwargs: dict[str, Any] = dict(
-            roi_size=roi, overlap=inf.overlap, blend=inf.blend, sw_batch_size=inf.sw_batch_size,
-            tta_flips=inf.tta_flips, largest_component=inf.largest_component,
-            slice_axis=int(getattr(cfg.train, "slice_axis", 2)), amp=bool(getattr(cfg.train, "amp", True)),
-        )
-        unknown = set(overrides) - set(kwargs) - {"stream_axis", "engine"}
-        if unknown:
-            from medse.utils.errors import unknown_option_error
-
-            raise unknown_option_error("Predictor override", sorted(unknown)[0], [*kwargs, "stream_axis", "engine"])
-        kwargs.update({k: v for k, v in overrides.items() if v is not None})
         pred = cls(
-            model, spatial_dims=cfg.model.spatial_dims, in_channels=in_channels, class_values=class_values,
-            label_names=labels or None, preprocess=_preprocess_config(cfg.data), device=device, **kwargs,
+            model, spatial_dims=spec.cfg.model.spatial_dims, in_channels=spec.in_channels,
+            class_values=spec.class_values, label_names=spec.labels or None,
+            preprocess=_preprocess_config(spec.cfg.data), device=device, **spec.kwargs,
         )
-        pred.run_dir = run
+        pred.run_dir = spec.run
         pred.checkpoint = ck
         return pred
+
+    # ------------------------------------------------------------------ identity (what a mask was made with)
+    def identity(self) -> dict[str, Any]:
+        """What made this predictor's masks: resolved run folder, checkpoint path and the sha256 of its
+        file (or, without a checkpoint file, of the model's state dict). Computed once and cached."""
+        if self._identity is None:
+            ident: dict[str, Any] = {
+                "run_dir": str(Path(self.run_dir).resolve()) if self.run_dir else None,
+                "checkpoint": str(Path(self.checkpoint).resolve()) if self.checkpoint else None,
+                "checkpoint_sha256": None,
+                "model_sha256": None,
+            }
+            if self.checkpoint is not None and Path(self.checkpoint).is_file():
+                ident["checkpoint_sha256"] = _cached_file_sha256(Path(self.checkpoint))
+            else:
+                ident["model_sha256"] = _state_dict_sha256(self.model)
+            self._identity = ident
+        return dict(self._identity)
+
+    def output_settings(self) -> dict[str, Any]:
+        """The settings that change the predicted labels (recorded in each mask's sidecar and compared
+        before a finished case is skipped): window, overlap, blending, TTA, largest component, slicing,
+        class values and preprocessing (all but ``nonfinite``, which only decides whether a case fails)."""
+        from medse.utils.config import to_dict
+
+        pre = to_dict(self.preprocess) if self.preprocess is not None else None
+        if isinstance(pre, dict):
+            pre.pop("nonfinite", None)
+        return {
+            "spatial_dims": self.spatial_dims,
+            "roi_size": self.roi_size,
+            "overlap": self.overlap,
+            "blend": self.blend,
+            "tta_flips": self.tta_flips,
+            "largest_component": self.largest_component,
+            "slice_axis": self.slice_axis if self.spatial_dims == 2 else None,
+            "class_values": self.class_values,
+            "preprocess": pre,
+        }
 
     # ------------------------------------------------------------------ core
     @property
@@ -388,8 +557,12 @@ class Predictor:
         return image, props
 
     def predict_case(self, image_paths: str | os.PathLike | Sequence[str | os.PathLike], *,
-                     return_probabilities: bool = False) -> Any:
+                     return_probabilities: bool = False, warn_nonfinite: bool = True) -> Any:
         """Label map of one case in the original grid of its (first) image file.
+
+        NaN/Inf voxels are replaced by their channel's finite minimum (``preprocess.nonfinite``,
+        ``strict_nonfinite``) with a :class:`~medse.data.preprocess.NonFiniteWarning` naming the count
+        (``warn_nonfinite=False``: no warning; the count is in ``self.last_props["nonfinite_voxels"]``).
 
         Args:
             image_paths: one file per channel (or one file).
@@ -401,13 +574,21 @@ class Predictor:
             ``(labels, probabilities)``.
 
         Raises:
-            MedseError: unreadable/4D/NaN input or wrong channel count, naming the file.
+            MedseError: unreadable/4D input, NaN/Inf input with ``nonfinite="error"``, or wrong channel
+                count, naming the file.
         """
-        from medse.data.preprocess import invert_to_original
+        from medse.data.preprocess import NonFiniteWarning, invert_to_original, nonfinite_message
 
         paths = [Path(image_paths)] if isinstance(image_paths, (str, os.PathLike)) else [Path(p) for p in image_paths]
+        self.last_props = None
         t0 = time.perf_counter()
         image, props = self._read(paths)
+        self.last_props = props
+        msg = nonfinite_message(props)
+        if msg and warn_nonfinite:
+            import warnings
+
+            warnings.warn(msg, NonFiniteWarning, stacklevel=2)
         self.timings["preprocess"] += time.perf_counter() - t0
         f0 = self.timings["forward"]
         t1 = time.perf_counter()
@@ -461,11 +642,17 @@ def _build_model(cfg: Any, in_channels: int, out_channels: int) -> Any:
 # --------------------------------------------------------------------------------------- batches
 @dataclass
 class PredictReport:
-    """What :func:`predict_folder` did: masks written, cases skipped (output existed), failures."""
+    """What :func:`predict_folder` did: masks written, cases skipped (finished by the same run, checkpoint
+    and settings), failures (including existing masks refused without ``overwrite``), cases redone because
+    their own earlier output was broken (``(case, reason)``), NaN/Inf voxel counts replaced per case, and
+    stale temporary files removed at the start."""
 
     written: list[Path] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    redone: list[tuple[str, str]] = field(default_factory=list)
+    nonfinite: dict[str, int] = field(default_factory=dict)
+    removed_temp: list[Path] = field(default_factory=list)
     failures_csv: Path | None = None
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
@@ -526,6 +713,71 @@ def write_failures_csv(path: Path, failed: Sequence[tuple[str, str]], inputs: Ma
     return path
 
 
+_SETTINGS_ORDER = ("roi_size", "overlap", "blend", "tta_flips", "largest_component", "slice_axis", "spatial_dims",
+                   "class_values", "preprocess")
+
+
+def _input_stats(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    out = []
+    for p in paths:
+        st = Path(p).stat()
+        out.append({"path": str(Path(p).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return out
+
+
+def _existing_output(target: Path, case: InputCase, identity: Mapping[str, Any], settings: Mapping[str, Any],
+                     prob_target: Path | None) -> tuple[str, str]:
+    """What to do with a case whose mask exists (no ``overwrite``): ``("skip"|"redo"|"refuse", reason)``.
+
+    The rule (docs/inference.md): skip only a mask that this run and checkpoint wrote with the same
+    output-changing settings and inputs, that still reads back (sha256 as recorded, header and data load,
+    shape of the input). Redo what is provably this run's own but broken or stale (mask unreadable or
+    truncated, input files updated in place, requested probabilities missing). Refuse everything else
+    (no or unreadable sidecar, another run or checkpoint, other settings, other input files, a mask
+    edited after it was written): the user decides with ``overwrite``.
+    """
+    from medse.inference.writer import file_sha256, mask_file_problem, read_sidecar
+
+    side, why = read_sidecar(target)
+    if side is None:
+        return "refuse", f"mask exists with {why}: cannot tell which run wrote it; pass --overwrite"
+    if not side.get("checkpoint_sha256") and not side.get("model_sha256"):
+        return "refuse", "mask exists from another run/checkpoint (its sidecar records no checkpoint hash); " \
+                         "pass --overwrite"
+    for key, what in (("run_dir", "run"), ("checkpoint_sha256", "checkpoint"), ("model_sha256", "model")):
+        if side.get(key) != identity.get(key):
+            return "refuse", f"mask exists from another {what} ({side.get(key)}); pass --overwrite"
+    theirs = side.get("settings") if isinstance(side.get("settings"), dict) else {}
+    diffs = [f"{k} {theirs.get(k)!r} -> {settings.get(k)!r}" for k in _SETTINGS_ORDER
+             if json.dumps(theirs.get(k), sort_keys=True, default=str) != json.dumps(settings.get(k), sort_keys=True,
+                                                                                   default=str)]
+    if diffs:
+        return "refuse", f"mask exists from other inference settings ({'; '.join(diffs)}); pass --overwrite"
+    recorded = side.get("input_files") if isinstance(side.get("input_files"), list) else []
+    current = _input_stats(case.images)
+    if [r.get("path") for r in recorded if isinstance(r, dict)] != [c["path"] for c in current]:
+        return "refuse", "mask exists for other input files (" + \
+            ", ".join(str(r.get("path")) for r in recorded if isinstance(r, dict)) + "); pass --overwrite"
+    sha_ok = False
+    try:
+        sha_ok = file_sha256(target) == side.get("mask_sha256")
+    except OSError as e:
+        return "redo", f"existing mask unreadable ({e.strerror or type(e).__name__})"
+    problem = mask_file_problem(target, case.images[0], read_data=not sha_ok)
+    if problem is not None:
+        return "redo", f"existing mask {problem}"
+    if not sha_ok:
+        return "refuse", "mask was modified after medse wrote it (sha256 differs from its sidecar); pass --overwrite"
+    if [(r.get("size"), r.get("mtime_ns")) for r in recorded] != [(c["size"], c["mtime_ns"]) for c in current]:
+        return "redo", "input file changed since the mask was written"
+    if prob_target is not None:
+        if not prob_target.is_file():
+            return "redo", "probabilities requested but missing"
+        if file_sha256(prob_target) != side.get("probabilities_sha256"):
+            return "redo", "probabilities file differs from the one recorded in the sidecar"
+    return "skip", ""
+
+
 def predict_folder(
     run_dir: str | os.PathLike | Predictor,
     inputs: str | os.PathLike | Sequence[str | os.PathLike],
@@ -541,18 +793,26 @@ def predict_folder(
 ) -> PredictReport:
     """Predict every case of ``inputs`` into ``output_dir``; failures don't stop the batch.
 
+    Before any model or case is loaded: the inference settings are checked (run's ``infer`` section and
+    ``overrides``; :func:`check_inference_settings`), the inputs are listed, and ``output_dir`` is created
+    and checked for writing (a one-line :class:`MedseError` naming it). Temporary files a killed run left
+    for this rank's cases are removed.
+
     Args:
         run_dir: a run folder (or a ready :class:`Predictor`).
         inputs: folder, manifest, image file or list of files (see :func:`collect_cases`).
         output_dir: where ``{case_id}{input suffix}`` masks and ``{case_id}.json`` sidecars go
             (probabilities in ``output_dir/probabilities/``).
-        overwrite: redo cases whose mask exists. Defaults to False (a killed run resumes).
+        overwrite: redo every case whose mask exists. Defaults to False: a finished case of the same run,
+            checkpoint, settings and inputs is skipped (a killed run resumes), this run's own broken
+            outputs are redone, and any other existing mask is refused (a failure naming the reason).
         checkpoint: ``"best"``, ``"last"`` or a path. Defaults to ``"best"``.
         device: ``"auto"``, ``"cpu"``, ``"cuda:N"``. Defaults to ``"auto"`` (``cuda:LOCAL_RANK`` under torchrun).
         save_probabilities: also write float32 class probabilities ``(x, y, z, K)``. Defaults to False.
         progress: tqdm bar over the cases. Defaults to True.
-        echo: callable taking a line for per-case failures. Defaults to ``tqdm.write`` to stderr.
-        overrides: inference settings passed to :meth:`Predictor.from_run`.
+        echo: callable taking a line for per-case failures and warnings. Defaults to ``tqdm.write`` to stderr.
+        overrides: inference settings passed to :meth:`Predictor.from_run` (``strict_nonfinite=True``
+            refuses NaN/Inf voxels instead of replacing them).
 
     Returns:
         A :class:`PredictReport`. Failures are also in ``output_dir/failures.csv`` (removed when a run has
@@ -562,31 +822,58 @@ def predict_folder(
 
     from tqdm.auto import tqdm
 
-    from medse.inference.writer import output_suffix, write_label_like, write_probabilities_like
+    from medse.inference.writer import file_sha256, output_suffix, write_label_like, write_probabilities_like
+    from medse.utils.atomic import ensure_writable_dir, stale_temp_files
 
     t_start = time.perf_counter()
     out = Path(output_dir)
+    spec = None
+    if isinstance(run_dir, Predictor):
+        given = sorted(k for k, v in overrides.items() if v is not None)
+        if given:
+            raise ValueError(f"inference overrides ({', '.join(given)}) cannot be applied to a ready Predictor; "
+                             "set them on it")
+    else:
+        spec = _read_run(run_dir, checkpoint, overrides)  # settings checked, nothing loaded yet
     all_cases = collect_cases(inputs)
     rank, world = _dist_info()
     cases = all_cases[rank::world]
-    predictor = run_dir if isinstance(run_dir, Predictor) else Predictor.from_run(
-        run_dir, checkpoint=checkpoint, device=device, **overrides)
-    out.mkdir(parents=True, exist_ok=True)
+    created = ensure_writable_dir(out)
+    if save_probabilities:
+        created += ensure_writable_dir(out / "probabilities", "probabilities folder")
+    try:
+        predictor = run_dir if isinstance(run_dir, Predictor) else Predictor._from_spec(spec, device)  # type: ignore[arg-type]
+    except BaseException:
+        for d in reversed(created):  # nothing was written: leave no empty folder behind
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
     if echo is None:
         def echo(line: str) -> None:
             tqdm.write(line, file=sys.stderr)
     report = PredictReport()
-    seen: set[str] = set()
-    extra_base: dict[str, Any] = {
-        "run_dir": str(predictor.run_dir) if predictor.run_dir else None,
-        "checkpoint": str(predictor.checkpoint) if predictor.checkpoint else None,
-    }
+    targets = {c.case_id: out / f"{c.case_id}{output_suffix(c.images[0])}" for c in cases if c.images}
+    from medse.inference.writer import sidecar_path
+
+    own_files = [f for t in targets.values() for f in (t, sidecar_path(t), out / "probabilities" / t.name)]
+    own_files += [out / "failures.csv", out / f"failures.rank{rank}.csv"] if rank == 0 else \
+        [out / f"failures.rank{rank}.csv"]
+    for tmp in stale_temp_files(own_files):
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            report.removed_temp.append(tmp)
+    if report.removed_temp:
+        echo(f"removed {len(report.removed_temp)} temporary file(s) left by an interrupted run in {out}")
+    identity = predictor.identity()
+    settings = predictor.output_settings()
+    base: dict[str, Any] = {**identity, "settings": settings}
     try:
         import medse
 
-        extra_base["medse_version"] = medse.__version__
+        base["medse_version"] = medse.__version__
     except Exception:  # pragma: no cover
         pass
+    seen: set[str] = set()
     input_files = {Path(p).resolve() for c in all_cases for p in c.images}
     bar = tqdm(cases, desc="predict", unit="case", disable=not progress or rank != 0, file=sys.stderr)
     for case in bar:
@@ -597,22 +884,37 @@ def predict_folder(
             if cid in seen:
                 raise MedseError(f"duplicate case id '{cid}' in the inputs", case.images[0])
             seen.add(cid)
-            target = out / f"{cid}{output_suffix(case.images[0])}"
+            target = targets[cid]
             if target.resolve() in input_files:
                 raise MedseError("the mask would overwrite an input scan: choose another output folder", target)
-            if target.exists() and not overwrite:
-                report.skipped.append(cid)
-                continue
-            res = predictor.predict_case(case.images, return_probabilities=save_probabilities)
+            prob_target = out / "probabilities" / target.name if save_probabilities else None
+            if (target.exists() or target.is_symlink()) and not overwrite:
+                action, reason = _existing_output(target, case, identity, settings, prob_target)
+                if action == "skip":
+                    report.skipped.append(cid)
+                    continue
+                if action == "refuse":
+                    raise MedseError(reason, target)
+                report.redone.append((cid, reason))
+                echo(f"redo: {cid}: {reason}")
+            res = predictor.predict_case(case.images, return_probabilities=save_probabilities, warn_nonfinite=False)
             labels, probs = res if save_probabilities else (res, None)
+            props = predictor.last_props or {}
+            n_bad = int(props.get("nonfinite_voxels") or 0)
+            if n_bad:
+                from medse.data.preprocess import nonfinite_message
+
+                report.nonfinite[cid] = n_bad
+                echo(f"warning: {cid}: {nonfinite_message(props)}")
             t0 = time.perf_counter()
+            extra = {**base, "case_id": cid, "inputs": [str(p) for p in case.images],
+                     "input_files": _input_stats(case.images), "nonfinite_voxels": n_bad}
             if probs is not None:
-                write_probabilities_like(probs, case.images[0], out / "probabilities" / target.name)
+                assert prob_target is not None
+                write_probabilities_like(probs, case.images[0], prob_target)
+                extra["probabilities_sha256"] = file_sha256(prob_target)
             del probs
-            write_label_like(
-                labels, case.images[0], target, label_names=predictor.label_names,
-                extra={**extra_base, "case_id": cid, "inputs": [str(p) for p in case.images]},
-            )
+            write_label_like(labels, case.images[0], target, label_names=predictor.label_names, extra=extra)
             predictor.timings["write"] += time.perf_counter() - t0
             report.written.append(target)
         except KeyboardInterrupt:

@@ -12,15 +12,19 @@ The mask takes the geometry of the *input file itself*, not of a recomputed affi
 
 Labels are stored as uint8, or uint16 when a label value exceeds 255 (never float). Every file is written
 to a temporary name in the output folder (:func:`medse.utils.atomic.atomic_path`), read back and checked
-against the input (shape, affine within 1e-5, qform/sform codes, voxel values) and only then renamed into
-place, so a half-written or misaligned mask never exists under its final name. Inputs are only read.
+against the input (shape, affine within 1e-5, qform/sform codes, voxel values), flushed to disk (fsync)
+and only then renamed into place, so a half-written or misaligned mask never exists under its final name.
+The sidecar ``<stem>.json`` (with the mask file's sha256) is written after the check and *before* the
+mask is renamed into place, so a mask under its final name always has the sidecar that describes it (a
+killed run leaves at most a sidecar without a mask). Inputs are only read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +35,12 @@ from medse.utils.errors import MedseError
 
 __all__ = [
     "NIFTI_SUFFIXES",
+    "file_sha256",
     "label_dtype",
+    "mask_file_problem",
     "output_suffix",
+    "read_sidecar",
+    "sidecar_path",
     "write_label_like",
     "write_probabilities_like",
     "write_sidecar",
@@ -189,8 +197,17 @@ def _check_itk(tmp: Path, geom: dict[str, Any], data_zyx: np.ndarray, ref: Path,
                          tmp)
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _write(data: np.ndarray, reference_path: Path, out_path: Path, intent: str, extra: int,
-           check_values: bool) -> Path:
+           check_values: bool, before_rename: Callable[[Path], None] | None = None) -> Path:
     geom = reference_geometry(reference_path)
     data = _fit_to_shape(data, geom["shape"], extra, reference_path)
     if geom["format"] == "nifti":
@@ -202,9 +219,11 @@ def _write(data: np.ndarray, reference_path: Path, out_path: Path, intent: str, 
         img = type(ref_img)(data, None, header=hdr)
         if not _is_nifti(out_path):
             raise MedseError("a mask written like a NIfTI input must have a .nii or .nii.gz name", out_path)
-        with atomic_path(out_path) as tmp:
+        with atomic_path(out_path, fsync=True) as tmp:
             nib.save(img, str(tmp))
             _check_nifti(tmp, geom, data, reference_path, check_values)
+            if before_rename is not None:
+                before_rename(tmp)
         return out_path
     import SimpleITK as sitk
 
@@ -215,9 +234,11 @@ def _write(data: np.ndarray, reference_path: Path, out_path: Path, intent: str, 
     img.SetOrigin(geom["origin"])
     img.SetSpacing(geom["spacing"])
     img.SetDirection(geom["direction"])
-    with atomic_path(out_path) as tmp:
+    with atomic_path(out_path, fsync=True) as tmp:
         sitk.WriteImage(img, str(tmp), useCompression=True)
         _check_itk(tmp, geom, data_zyx, reference_path, check_values)
+        if before_rename is not None:
+            before_rename(tmp)
     return out_path
 
 
@@ -239,7 +260,8 @@ def write_label_like(
         reference_path: the input scan the mask belongs to (NIfTI-1/2 or any SimpleITK format).
         out_path: where to write; NIfTI references need a ``.nii``/``.nii.gz`` name.
         label_names: ``{name: value}`` written to the sidecar JSON. Defaults to None (values only).
-        sidecar: also write ``<out stem>.json`` with label names and ``extra``. Defaults to True.
+        sidecar: also write ``<out stem>.json`` with label names, ``extra`` and ``mask_sha256`` (the
+            written file's sha256), before the mask is renamed into place. Defaults to True.
         extra: more sidecar entries (source files, run, checkpoint). Defaults to None.
         check_values: also compare the voxel values read back. Defaults to True.
 
@@ -263,9 +285,21 @@ def write_label_like(
     if lo < 0:
         raise MedseError(f"label map holds a negative value {lo}", out)
     data = mask.astype(label_dtype(hi), copy=False)
-    _write(data, ref, out, "label", 0, check_values)
-    if sidecar:
-        write_sidecar(out, label_names=label_names, extra=extra)
+    if not sidecar:
+        _write(data, ref, out, "label", 0, check_values)
+        return out
+    written: list[Path] = []
+
+    def sidecar_first(tmp: Path) -> None:
+        written.append(write_sidecar(out, label_names=label_names,
+                                     extra={**(extra or {}), "mask_sha256": file_sha256(tmp)}))
+
+    try:
+        _write(data, ref, out, "label", 0, check_values, before_rename=sidecar_first)
+    except BaseException:
+        for p in written:  # the rename failed after the sidecar was written: no sidecar without its mask
+            p.unlink(missing_ok=True)
+        raise
     return out
 
 
@@ -291,6 +325,56 @@ def sidecar_path(mask_path: str | os.PathLike) -> Path:
     """``case.nii.gz`` -> ``case.json`` beside it."""
     p = Path(mask_path)
     return p.with_name(p.name[: -len(output_suffix(p))] + ".json") if output_suffix(p) else p.with_suffix(".json")
+
+
+def read_sidecar(mask_path: str | os.PathLike) -> tuple[dict[str, Any] | None, str | None]:
+    """``(payload, None)`` of the sidecar of ``mask_path``, or ``(None, reason)`` when it is missing or unreadable."""
+    path = sidecar_path(mask_path)
+    if not path.is_file():
+        return None, f"no sidecar {path.name}"
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f"unreadable sidecar {path.name} ({type(e).__name__})"
+    if not isinstance(payload, dict):
+        return None, f"unreadable sidecar {path.name} (not a JSON object)"
+    return payload, None
+
+
+def mask_file_problem(mask_path: str | os.PathLike, reference_path: str | os.PathLike,
+                      extra_axes: int = 0, read_data: bool = True) -> str | None:
+    """Why ``mask_path`` is not a usable mask for ``reference_path`` (header or data do not load, or its
+    shape is not the reference's voxel grid), or None when it is fine."""
+    mask_path = Path(mask_path)
+    try:
+        want = tuple(reference_geometry(reference_path)["shape"])
+    except MedseError as e:
+        return str(e)
+    try:
+        if _is_nifti(mask_path):
+            import nibabel as nib
+
+            img = nib.load(str(mask_path))
+            shape = tuple(int(s) for s in img.shape)
+            if read_data:
+                np.asarray(img.dataobj)
+        else:
+            import SimpleITK as sitk
+
+            if read_data:
+                shape = tuple(int(s) for s in sitk.ReadImage(str(mask_path)).GetSize())
+            else:
+                reader = sitk.ImageFileReader()
+                reader.SetFileName(str(mask_path))
+                reader.ReadImageInformation()
+                shape = tuple(int(s) for s in reader.GetSize())
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        return f"unreadable ({type(e).__name__}: {first})"
+    spatial = shape[: len(shape) - extra_axes] if extra_axes else shape
+    if spatial != want:
+        return f"shape {spatial} differs from the input's {want}"
+    return None
 
 
 def write_sidecar(mask_path: str | os.PathLike, *, label_names: Mapping[str, int] | None = None,
