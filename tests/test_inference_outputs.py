@@ -272,7 +272,9 @@ def test_unwritable_output_folder_fails_before_the_model_or_any_case(run_dir: Pa
     assert not (tmp_path / "new").exists()
 
 
-def test_nan_and_inf_voxels_are_replaced_warned_and_recorded(run_dir: Path, tmp_path: Path) -> None:
+def test_nan_and_inf_voxels_are_replaced_warned_and_recorded(run_dir: Path, tmp_path: Path, capsys) -> None:
+    from medse.cli import main
+
     rng = np.random.default_rng(2)
     arr = rng.normal(size=(12, 10, 9)).astype(np.float32)
     arr[0, 0, :3] = np.nan
@@ -292,6 +294,11 @@ def test_nan_and_inf_voxels_are_replaced_warned_and_recorded(run_dir: Path, tmp_
     rep, _ = _run(run_dir, inp, tmp_path / "strict", strict_nonfinite=True)
     assert [c for c, _ in rep.failed] == ["holes"] and "5 NaN/Inf voxels" in rep.failed[0][1]
     assert [p.name for p in rep.written] == ["clean.nii.gz"]
+    argv = ["predict", "--run", str(run_dir), "--input", str(inp), "--device", "cpu", "--no-progress", "--output"]
+    assert main([*argv, str(tmp_path / "cli_strict"), "--strict-nonfinite"]) == 1
+    assert "failed: holes:" in capsys.readouterr().err
+    assert main([*argv, str(tmp_path / "cli")]) == 0
+    assert "warning: holes: 5 NaN/Inf voxels replaced" in capsys.readouterr().err
 
 
 def test_nibabel_resampled_file_with_153_nans_predicts(run_dir: Path, tmp_path: Path) -> None:

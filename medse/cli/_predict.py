@@ -31,6 +31,9 @@ def register(app: typer.Typer) -> None:
         save_probabilities: bool = typer.Option(False, "--save-probabilities",
                                                 help="Also write class probabilities to OUTPUT/probabilities/."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar over the cases."),
+        strict_nonfinite: bool = typer.Option(None, "--strict-nonfinite/--replace-nonfinite",
+                                              help="Refuse scans with NaN/Inf voxels instead of replacing them "
+                                              "by the channel's finite minimum (default: the run's setting)."),
     ) -> None:
         """Predict a mask for every scan, aligned with it (same shape, affine, qform/sform).
 
@@ -52,6 +55,7 @@ def register(app: typer.Typer) -> None:
             run, input, output, overwrite=overwrite, checkpoint=checkpoint, device=device,
             save_probabilities=save_probabilities, progress=progress, roi_size=roi, overlap=overlap, blend=blend,
             sw_batch_size=sw_batch_size, tta_flips=tta, largest_component=largest_component,
+            strict_nonfinite=strict_nonfinite,
         )
         if int(os.environ.get("RANK", "0")) == 0:
             typer.echo(report.summary() + (f"; failures in {report.failures_csv}" if report.failures_csv else ""))
