@@ -258,3 +258,36 @@ def test_nonfinite_voxels_replaced_in_training_data_with_one_warning_per_case(tm
     strict = CaseStore(spec, PreprocessConfig(nonfinite="error"), cache="none")
     with pytest.raises(MedseError, match=r"c01\.nii\.gz: 2 NaN/Inf voxels"):
         strict.get("c01")
+
+
+@pytest.mark.slow
+def test_training_on_a_dataset_with_nan_voxels_runs_with_a_warning(tmp_path):
+    """prepare_data validates with NaN/Inf as a warning, the store replaces them, the loss stays finite."""
+    import csv
+    import math
+    import warnings
+
+    from medse.data._testing import make_broken_dataset
+    from medse.data.preprocess import NonFiniteWarning
+    from medse.training import train
+
+    root, _, _ = make_broken_dataset(tmp_path / "ds", "nan", n_cases=3, shape=(16, 16, 16))
+    cfg = {
+        "data": {"root": str(root), "split": {"val_fraction": 0.34, "seed": 0}, "cache": "memory"},
+        "model": {"name": "unet", "spatial_dims": 3, "kwargs": {"channels": [4, 8], "strides": [2]}},
+        "train": {"epochs": 1, "iterations_per_epoch": 2, "batch_size": 2, "patch_size": [16, 16, 16],
+                  "val_every": 1, "progress": False, "device": "cpu", "amp": False},
+        "infer": {"roi_size": [16, 16, 16]},
+    }
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = train(cfg, tmp_path / "run")
+    msgs = [str(w.message) for w in caught if issubclass(w.category, NonFiniteWarning)]
+    assert len(msgs) == 1 and "case 'c01': 2 NaN/Inf voxels replaced" in msgs[0]
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(math.isfinite(float(r["train_loss"])) for r in rows)
+    strict = {**cfg, "data": {**cfg["data"], "preprocess": {"nonfinite": "error"}}}
+    with pytest.raises(MedseError, match=r"^dataset validation failed with 1 error: .*c01\.nii\.gz: 2 NaN/Inf voxels"):
+        train(strict, tmp_path / "run_strict")
+    assert not (tmp_path / "run_strict").exists()

@@ -3,7 +3,8 @@
 :class:`Predictor` holds a network and the run's recorded preprocessing. ``predict_case(image_paths)``:
 
 1. ``medse.data.preprocess.preprocess_case`` with the run's ``data.preprocess`` settings (reorientation,
-   optional crop and resampling, intensity normalisation; NaN voxels, wrong channel counts, 4D files and
+   optional crop and resampling, intensity normalisation; NaN/Inf voxels replaced by the channel's finite
+   minimum with a warning, or refused with ``strict_nonfinite``; wrong channel counts, 4D files and
    unreadable files raise :class:`~medse.utils.errors.MedseError` naming the file);
 2. 3D networks: sliding windows (:func:`medse.inference.sliding.iter_window_slabs`, MONAI's window
    placement and Gaussian blending, streamed so that no float32 ``(K, X, Y, Z)`` is held);
@@ -14,9 +15,11 @@
 4. class index -> label value (``dataset.json`` ``class_values``), optional largest connected component.
 
 :func:`predict_folder` runs it over a folder / manifest, writes each mask with
-:func:`medse.inference.writer.write_label_like` (input header copied, round-trip checked, atomic), skips
-existing outputs unless ``overwrite``, records failures in ``failures.csv`` and shards the cases over
-``torchrun`` ranks (rank r takes ``cases[r::world]``).
+:func:`medse.inference.writer.write_label_like` (input header copied, round-trip checked, atomic, fsync'd),
+skips only masks its sidecar traces to the same run, checkpoint (sha256), settings and inputs, redoes this
+run's own broken ones and refuses any other existing mask unless ``overwrite`` (docs/inference.md),
+checks settings and the output folder before loading anything, records failures in ``failures.csv`` and
+shards the cases over ``torchrun`` ranks (rank r takes ``cases[r::world]``).
 """
 
 from __future__ import annotations
@@ -746,7 +749,9 @@ def _existing_output(target: Path, case: InputCase, identity: Mapping[str, Any],
                          "pass --overwrite"
     for key, what in (("run_dir", "run"), ("checkpoint_sha256", "checkpoint"), ("model_sha256", "model")):
         if side.get(key) != identity.get(key):
-            return "refuse", f"mask exists from another {what} ({side.get(key)}); pass --overwrite"
+            theirs_ = side.get(key)
+            shown = theirs_[:12] if key.endswith("sha256") and isinstance(theirs_, str) else theirs_
+            return "refuse", f"mask exists from another {what} ({shown}); pass --overwrite"
     theirs = side.get("settings") if isinstance(side.get("settings"), dict) else {}
     diffs = [f"{k} {theirs.get(k)!r} -> {settings.get(k)!r}" for k in _SETTINGS_ORDER
              if json.dumps(theirs.get(k), sort_keys=True, default=str) != json.dumps(settings.get(k), sort_keys=True,
