@@ -364,3 +364,33 @@ def test_masks_fsynced_and_sidecar_in_place_before_the_mask(tmp_path: Path, monk
     assert any(n.startswith(".tmp-m-") and n.endswith(".nii.gz") for n in synced)  # the mask, before its rename
     assert seen_at_rename == {"m.nii.gz": True}
     assert json.loads((tmp_path / "o" / "m.json").read_text())["mask_sha256"] == file_sha256(tmp_path / "o" / "m.nii.gz")
+
+
+def test_predictor_built_in_code_and_nrrd_outputs_follow_the_same_rule(tmp_path: Path) -> None:
+    """No run folder or checkpoint file: the model's state dict hash identifies it; NRRD masks via SimpleITK."""
+    from medse.data.io import write_image
+    from medse.data.preprocess import PreprocessConfig
+
+    def predictor(bias: float) -> Predictor:
+        net = torch.nn.Conv3d(1, 2, 1)
+        with torch.no_grad():
+            net.weight.copy_(torch.tensor([0.0, 1.0]).view(2, 1, 1, 1, 1))
+            net.bias.copy_(torch.tensor([0.0, bias]))
+        return Predictor(net, spatial_dims=3, in_channels=1, preprocess=PreprocessConfig(normalization="none"),
+                         roi_size=[8, 8, 8], device="cpu")
+
+    inp = tmp_path / "in"
+    write_image(np.random.default_rng(0).normal(size=(9, 8, 7)).astype(np.float32), make_affine("lps"),
+                inp / "a.nrrd")
+    out = tmp_path / "out"
+    rep = predict_folder(predictor(0.0), inp, out, progress=False)
+    assert [p.name for p in rep.written] == ["a.nrrd"]
+    side = json.loads((out / "a.json").read_text())
+    assert side["run_dir"] is None and side["checkpoint_sha256"] is None and len(side["model_sha256"]) == 64
+    assert predict_folder(predictor(0.0), inp, out, progress=False).skipped == ["a"]
+    rep = predict_folder(predictor(0.5), inp, out, progress=False, echo=lambda _: None)
+    assert "mask exists from another model" in rep.failed[0][1]
+    data = (out / "a.nrrd").read_bytes()
+    (out / "a.nrrd").write_bytes(data[: len(data) - 20])
+    rep = predict_folder(predictor(0.0), inp, out, progress=False, echo=lambda _: None)
+    assert rep.written and rep.redone and rep.redone[0][1].startswith("existing mask unreadable")
