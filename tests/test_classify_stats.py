@@ -324,3 +324,6 @@ def test_macro_delong_single_positive_class_and_holm_skip_nan():
     m = classification_metrics(y, pa, ["a", "b", "c"])
     assert m["per_class"]["c"]["auc_ci"] == [None, None] and "single positive" in m["per_class"]["c"]["note"]
     json.dumps(m, allow_nan=False)
+    from medse.classify.evaluate import metrics_table
+
+    assert "[CI n/a]" in metrics_table(m)

@@ -241,7 +241,8 @@ def metrics_table(m: dict, title: str = "") -> str:
     lines += ["| Class | n | Precision | Recall (sensitivity) | Specificity | F1 | AUC [95% CI, DeLong] |",
               "|---|---:|---:|---:|---:|---:|---|"]
     for name, r in m["per_class"].items():
-        ci = f" [{r['auc_ci'][0]:.3f}, {r['auc_ci'][1]:.3f}]" if r["auc_ci"] else ""
+        ci = "" if not r["auc_ci"] else " [CI n/a]" if r["auc_ci"][0] is None else \
+            f" [{r['auc_ci'][0]:.3f}, {r['auc_ci'][1]:.3f}]"
         lines.append(f"| {name} | {r['n']} | {_fmt(r['precision'])} | {_fmt(r['sensitivity'])} | "
                      f"{_fmt(r['specificity'])} | {_fmt(r['f1'])} | {_fmt(r['auc'])}{ci} |")
     lines.append(f"| **overall** | {m['n']} | | accuracy {_fmt(m['accuracy'])} | | | macro {_fmt(m['macro_auc'])}, "
@@ -285,7 +286,8 @@ def plot_roc(preds: dict[str, dict], path: Path, classes: list[str] | None = Non
                 continue
             fpr, tpr, _ = roc_curve(y, pr["probs"][:, c])
             auc = delong_ci(y, pr["probs"][:, c])
-            ax.plot(fpr, tpr, label=f"{label}: AUC {auc.auc:.3f} [{auc.ci_low:.3f}, {auc.ci_high:.3f}]")
+            ci = "CI n/a" if auc.ci_low != auc.ci_low else f"{auc.ci_low:.3f}, {auc.ci_high:.3f}"
+            ax.plot(fpr, tpr, label=f"{label}: AUC {auc.auc:.3f} [{ci}]")
         ax.plot([0, 1], [0, 1], ":", color="grey", lw=0.8)
         ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=name, xlim=(0, 1), ylim=(0, 1.01))
         ax.legend(loc="lower right", fontsize=8)
