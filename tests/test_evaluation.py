@@ -237,7 +237,7 @@ def test_output_folder_checked_before_any_work(tmp_path: Path, monkeypatch) -> N
 
     _three_refs_one_pred(tmp_path)
     called = []
-    monkeypatch.setattr(runner, "match_cases", lambda *a, **k: called.append(1))  # must not be reached
+    monkeypatch.setattr(runner, "_read_label", lambda *a, **k: called.append(1))  # no image may be read
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(MedseError, match="existing file, not a folder") as ei:
@@ -254,3 +254,6 @@ def test_output_folder_checked_before_any_work(tmp_path: Path, monkeypatch) -> N
     with pytest.raises(MedseError, match="cannot be written \\(Permission denied\\)"):
         evaluate(tmp_path / "pred", tmp_path / "ref", tmp_path / "ro")
     assert called == []
+    with pytest.raises(MedseError, match="prediction folder not found"):  # wrong inputs create no output folder
+        evaluate(tmp_path / "nope", tmp_path / "ref", tmp_path / "never")
+    assert not (tmp_path / "never").exists()

@@ -274,8 +274,8 @@ def evaluate(
     if hd95_mode not in HD95_MODES:
         raise MedseError(f"hd95_mode '{hd95_mode}' must be one of {', '.join(HD95_MODES)}")
     pdir = Path(pred_dir)
-    out = check_writable_folder(output_dir) if output_dir is not None else None
-    matched = match_cases(pdir, ref)
+    matched = match_cases(pdir, ref)  # folder listings only: cheap, and nothing is created when inputs are wrong
+    out = check_writable_folder(output_dir) if output_dir is not None else None  # before any image is read
     pairs, missing, declared = matched["pairs"], matched["missing"], matched["labels"]
     extra = matched["extra"]
     if extra:
