@@ -260,3 +260,70 @@ def test_macro_delong_reduces_to_delong_and_matches_paired_bootstrap():
     absent = delong_macro_test(np.array([0, 1, 0, 1, 0]), np.eye(3)[[0, 1, 0, 0, 1]] * 0.5 + 0.1,
                                np.eye(3)[[0, 1, 0, 1, 0]] * 0.5 + 0.1)
     assert absent.classes == [0, 1] and "[2]" in absent.note and math.isfinite(absent.p)
+
+
+# ----------------------------------------------------------------------------- degenerate inputs (issue 11, item 14)
+def test_delong_single_positive_or_negative_is_nan_with_note():
+    rng = np.random.default_rng(5)
+    scores_a, scores_b = rng.random(30), rng.random(30)
+    one_pos = np.zeros(30, int)
+    one_pos[3] = 1
+    for y in (one_pos, 1 - one_pos):
+        t = delong_test(y, scores_a, scores_b)
+        assert math.isnan(t.p) and math.isnan(t.z) and math.isnan(t.se) and math.isnan(t.ci_low)
+        assert "single" in t.note and "pROC gives NA" in t.note
+        assert t.auc_a == pytest.approx(roc_auc_score(y, scores_a)) and t.diff == pytest.approx(t.auc_b - t.auc_a)
+        c = delong_ci(y, scores_a)
+        assert math.isnan(c.se) and math.isnan(c.ci_low) and math.isnan(c.ci_high) and "single" in c.note
+        assert c.auc == pytest.approx(roc_auc_score(y, scores_a))
+        assert c.to_dict()["se"] is None and t.to_dict()["p"] is None  # strict JSON
+        _, cov = delong_covariance(y, np.stack([scores_a, scores_b]))
+        assert np.isnan(cov).all()
+    two_pos = one_pos.copy()
+    two_pos[7] = 1  # two positives: defined again
+    assert math.isfinite(delong_test(two_pos, scores_a, scores_b).p)
+
+
+def test_delong_other_degenerate_inputs_have_notes():
+    y = np.array([1, 1, 1, 0, 0, 0, 0])
+    s = np.array([0.9, 0.3, 0.6, 0.5, 0.2, 0.4, 0.1])
+    with pytest.raises(StatisticsError, match="no negative cases"):  # all one class
+        delong_test(np.ones(7, int), s, s)
+    const = delong_ci(y, np.full(7, 0.3))  # constant scores: AUC 1/2, zero variance
+    assert const.auc == 0.5 and const.se == 0.0 and "zero DeLong variance" in const.note
+    same = delong_test(y, s, s)  # identical models
+    assert (same.diff, same.z, same.p) == (0.0, 0.0, 1.0) and "no evidence of a difference" in same.note
+    both_const = delong_test(y, np.full(7, 0.3), np.full(7, 0.8))  # two constant models: equal AUCs, zero variance
+    assert both_const.p == 1.0 and "zero variance" in both_const.note
+    perfect_vs_inverted = delong_test(y, s * 0 + np.r_[1, 1, 1, 0, 0, 0, 0], np.r_[0, 0, 0, 1, 1, 1, 1])
+    assert perfect_vs_inverted.p == 0.0 and "degenerate" in perfect_vs_inverted.note
+    assert perfect_vs_inverted.to_dict()["z"] is None  # -inf is not JSON
+
+
+def test_macro_delong_single_positive_class_and_holm_skip_nan():
+    from medse.classify.evaluate import compare_predictions
+    from medse.classify.stats import delong_macro_test
+
+    rng = np.random.default_rng(6)
+    y = np.r_[np.zeros(10, int), np.ones(10, int), 2]  # class 2 has a single image
+    pa, pb = rng.dirichlet(np.ones(3), 21), rng.dirichlet(np.ones(3), 21)
+    r = delong_macro_test(y, pa, pb)
+    assert math.isnan(r.p) and "[2]" in r.note and "pROC gives NA" in r.note and r.classes == [0, 1, 2]
+    assert holm([0.01, float("nan"), 0.04]) == [pytest.approx(0.02), None, pytest.approx(0.04)]
+    pred = {"class_names": ["a", "b", "c"], "image_ids": [str(i) for i in range(21)], "y_true": y, "probs": pa}
+    comp = compare_predictions(pred, {**pred, "probs": pb})
+    c_row = comp["per_class"][2]
+    assert c_row["delong"]["p"] is None and c_row["delong"]["p_holm"] is None and "single" in c_row["delong"]["note"]
+    assert comp["per_class"][0]["delong"]["p_holm"] is not None
+    text = json.dumps(comp, allow_nan=False)  # strict JSON: no NaN, no Infinity
+    assert "pROC gives NA" in text
+    from medse.classify.evaluate import classification_metrics, comparison_table
+
+    md = comparison_table(comp)
+    assert "| c | 1 |" in md and "[n/a]" in md and "pROC gives NA" in md
+    m = classification_metrics(y, pa, ["a", "b", "c"])
+    assert m["per_class"]["c"]["auc_ci"] == [None, None] and "single positive" in m["per_class"]["c"]["note"]
+    json.dumps(m, allow_nan=False)
+    from medse.classify.evaluate import metrics_table
+
+    assert "[CI n/a]" in metrics_table(m)

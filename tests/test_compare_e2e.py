@@ -56,6 +56,11 @@ def test_demo_end_to_end_and_resume(tmp_path, capsys):
     assert (out / "table_structures.csv").is_file()
     md = (out / "table.md").read_text()
     assert "Dataset: tiny phantoms; test cases: 3; folds: -; seeds: 0" in md
+    # one run of 3 cases per block: no timing overhead is printed, only the reason (never a noise number)
+    scse_line = next(line for line in md.splitlines() if line.startswith("| unet | scse |"))
+    assert scse_line.count("n/a (3 measurements from 1 paired run; needs >= 5 from >= 2 runs)") == 1
+    assert scse_line.count("n/a (1 measurement from 1 paired run; needs >= 5 from >= 2 runs)") == 1
+    assert "| unet | scse |" in "\n".join(lines) and "needs >= 5" in "\n".join(lines)  # the demo prints it
     for name in ("dice_boxplot.png", "gain.png", "overlay.png"):
         assert (out / "figures" / name).stat().st_size > 1000
     assert Path(summary["outputs"]["gates_montage"]).is_file()

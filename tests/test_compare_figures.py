@@ -39,6 +39,9 @@ def test_boxplot_and_gain_chart(tmp_path):
     assert bar.read_bytes()[:8] == PNG_MAGIC and bar.stat().st_size < 200_000
     struct = dice_boxplot(rec, tmp_path / "liver.png", structure="liver")
     assert struct.is_file()
+    hd = build_table(rec, metric="hd95", n_boot=50)  # distance tables plot too (gain = reduction in mm)
+    assert hd.header["gain_unit"] == "mm" and gain_barchart(hd, tmp_path / "gain_hd95.png").is_file()
+    assert dice_boxplot(rec, tmp_path / "hd95.png", metric="hd95").is_file()
     assert not list(tmp_path.glob(".tmp-*"))
 
 

@@ -234,3 +234,25 @@ def test_dataset_templates_are_valid_manifests(name, labels, channels):
     assert spec.labels == labels and spec.channel_names == channels
     assert spec.cases and all(len(c.images) == len(channels) and c.label is not None for c in spec.cases)
     assert f"`{name}.json`" in (REPO / "data_manifests" / "templates" / "README.md").read_text()
+
+
+def test_unmatched_cases_are_warned_and_reported(tmp_path):
+    pipe = write_pipeline(tmp_path)
+    out = tmp_path / "out"
+
+    def runner(cell: Cell, cell_dir: Path, cfg: CompareConfig) -> pd.DataFrame:
+        rec = fake_records(cell)
+        if cell.block == "scse" and cell.arch == "unet":  # scse of unet never evaluated case c5
+            rec = rec[~((rec["case_id"] == "c5") & (rec["metric"] == "dice"))]
+        return rec
+
+    lines: list[str] = []
+    rep = run_compare(pipe, out, runner=runner, log=lines.append)
+    assert rep.unmatched == ["unet: case c5 not scored for scse"]
+    assert any(line.startswith("warning: unmatched") and "c5" in line for line in lines)
+    import json
+
+    assert json.loads((out / "report.json").read_text())["unmatched"] == rep.unmatched
+    table = pd.read_csv(out / "table.csv").set_index(["arch", "block"])
+    assert (table.loc["unet", "n_cases"] == 5).all() and (table.loc["unet_wide", "n_cases"] == 6).all()
+    assert "Unmatched cases" in (out / "table.md").read_text()

@@ -71,7 +71,9 @@ def test_empty_rule() -> None:
     assert (both["dice"], both["hd95"], both["assd"], both["volume_diff_pct"]) == (1.0, 0.0, 0.0, 0.0)
     for p, r in ((one, z), (z, one)):
         m = binary_metrics(p, r, (1, 1, 1))
-        assert m["dice"] == 0.0 and math.isnan(m["hd95"]) and math.isnan(m["assd"])
+        # one empty: the documented worst value, the grid diagonal sqrt(3 * 5^2) mm
+        assert m["dice"] == 0.0 and m["hd95"] == m["assd"] == pytest.approx(math.sqrt(75))
+    assert binary_metrics(one, z, (2.0, 1.0, 0.5))["hd95"] == pytest.approx(math.sqrt(100 + 25 + 6.25))
     assert math.isnan(binary_metrics(one, z, (1, 1, 1))["volume_diff_pct"])
     assert binary_metrics(z, one, (1, 1, 1))["volume_diff_pct"] == -100.0
 
@@ -119,14 +121,19 @@ def test_evaluate_writes_long_csv_summary_and_matches_monai_dice(tmp_path: Path)
         np.testing.assert_allclose(got, expect, rtol=1e-6)
     summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
     mass = summary["labels"]["mass"]
-    assert mass["n_empty"] == 1 and mass["n_both_empty"] == 0 and mass["hd95"]["n_nan"] == 1
+    assert mass["n_empty"] == 1 and mass["n_both_empty"] == 0 and mass["hd95"]["n_nan"] == 0
+    diag = float(np.linalg.norm((np.array([16, 14, 12]) - 1) * np.linalg.norm(aff[:3, :3], axis=0)))
+    missed = df[(df.case_id == "c2") & (df.label == "mass")].set_index("metric").value
+    assert missed["hd95"] == pytest.approx(diag) and missed["assd"] == pytest.approx(diag)  # counted, not dropped
+    hd_mass = df[(df.label == "mass") & (df.metric == "hd95")].value.to_numpy()
+    assert mass["hd95"]["mean"] == pytest.approx(hd_mass.mean()) and mass["hd95"]["n"] == 3
     dice_mass = df[(df.label == "mass") & (df.metric == "dice")].value.to_numpy()
     assert mass["dice"]["mean"] == pytest.approx(dice_mass.mean())
     assert mass["dice"]["std"] == pytest.approx(dice_mass.std(ddof=1))
     assert mass["dice"]["median"] == pytest.approx(np.median(dice_mass))
     fg = df[df.metric == "dice"].groupby("case_id").value.mean()
     assert summary["foreground"]["dice"]["mean"] == pytest.approx(fg.mean())
-    assert summary["num_cases"] == 3 and summary["missing_predictions"] == []
+    assert summary["num_cases"] == 3 and summary["missing_predictions"] == [] and summary["hd95_mode"] == "max"
     assert "both empty" in summary["empty_rule"]
 
 
@@ -159,7 +166,7 @@ def test_cli_evaluate(tmp_path: Path, capsys) -> None:
     rc = main(["evaluate", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"), "--output",
                str(tmp_path / "ev"), "--labels", "1", "--no-progress"])
     assert rc == 0
-    assert "mean foreground Dice 0.7500" in capsys.readouterr().out
+    assert "1 cases (0 without prediction, scored Dice 0), mean foreground Dice 0.7500" in capsys.readouterr().out
     assert (tmp_path / "ev" / "metrics.csv").is_file() and (tmp_path / "ev" / "summary.json").is_file()
 
 
@@ -175,3 +182,78 @@ def test_labels_found_in_any_case_when_none_declared(tmp_path: Path) -> None:
     assert sorted(set(df.label_value)) == [1, 3]
     both_empty = df[(df.case_id == "a") & (df.label_value == 3)].set_index("metric").value
     assert both_empty["dice"] == 1.0 and both_empty["hd95"] == 0.0
+
+
+# ----------------------------------------------------------------------------- missing / extra predictions (item 8)
+def _three_refs_one_pred(tmp_path: Path) -> np.ndarray:
+    a = np.zeros((8, 8, 8), np.uint8)
+    a[2:6, 2:6, 2:6] = 1
+    for cid in ("a", "b", "c"):
+        _save(tmp_path / "ref" / f"{cid}.nii.gz", a, np.eye(4))
+    _save(tmp_path / "pred" / "a.nii.gz", a, np.eye(4))  # perfect prediction of a; b and c have none
+    _save(tmp_path / "pred" / "zz_extra.nii.gz", a, np.eye(4))  # a prediction without a reference
+    return a
+
+
+def test_missing_predictions_are_failures_scored_worst(tmp_path: Path) -> None:
+    _three_refs_one_pred(tmp_path)
+    with pytest.warns(UserWarning, match="zz_extra"):
+        with pytest.raises(MedseError, match=r"2 reference case\(s\) have no prediction \(b, c\)"):
+            evaluate(tmp_path / "pred", tmp_path / "ref", tmp_path / "ev")
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())  # written before raising
+    assert summary["missing_predictions"] == ["b", "c"] and summary["num_missing"] == 2
+    assert summary["num_cases"] == 3 and summary["num_evaluated"] == 1
+    assert summary["extra_predictions"] == ["zz_extra"]
+    fg = summary["foreground"]["dice"]
+    assert fg["mean"] == pytest.approx(1 / 3) and fg["n"] == 3  # not "1 case, Dice 1.0"
+    lab = summary["labels"]["1"]
+    assert lab["n_missing"] == 2 and lab["n_empty"] == 0
+    assert lab["hd95"]["mean"] == pytest.approx(2 * math.sqrt(3 * 49) / 3)  # 0, diagonal, diagonal
+    df = pd.read_csv(tmp_path / "ev" / "metrics.csv")
+    b = df[df.case_id == "b"].set_index("metric").value
+    assert b["dice"] == 0.0 and b["hd95"] == pytest.approx(math.sqrt(3 * 49)) and b["volume_ref_mm3"] == 64
+    assert "zz_extra" not in set(df.case_id)
+    with pytest.warns(UserWarning):
+        ok = evaluate(tmp_path / "pred", tmp_path / "ref", None, allow_missing=True)
+    assert sorted(ok.case_id.unique()) == ["a", "b", "c"]
+
+
+def test_cli_evaluate_missing_exit_1_unless_allowed(tmp_path: Path, capsys) -> None:
+    from medse.cli import main
+
+    _three_refs_one_pred(tmp_path)
+    args = ["evaluate", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"), "--output",
+            str(tmp_path / "ev"), "--no-progress"]
+    assert main(args) == 1
+    out = capsys.readouterr()
+    assert "3 cases (2 without prediction, scored Dice 0), mean foreground Dice 0.3333" in out.out
+    assert "missing prediction: b" in out.err and "missing prediction: c" in out.err
+    assert "warning:" in out.err and "zz_extra" in out.err and "Traceback" not in out.err
+    assert main([*args, "--allow-missing"]) == 0
+
+
+def test_output_folder_checked_before_any_work(tmp_path: Path, monkeypatch) -> None:
+    import medse.evaluation.runner as runner
+
+    _three_refs_one_pred(tmp_path)
+    called = []
+    monkeypatch.setattr(runner, "_read_label", lambda *a, **k: called.append(1))  # no image may be read
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(MedseError, match="existing file, not a folder") as ei:
+        evaluate(tmp_path / "pred", tmp_path / "ref", blocker)
+    assert str(blocker) in str(ei.value)
+    with pytest.raises(MedseError, match="cannot be written") as ei:
+        evaluate(tmp_path / "pred", tmp_path / "ref", blocker / "sub")
+    assert str(blocker / "sub") in str(ei.value) and "\n" not in str(ei.value)
+
+    def deny(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(runner.tempfile, "TemporaryFile", deny)  # a read-only folder (works as root too)
+    with pytest.raises(MedseError, match="cannot be written \\(Permission denied\\)"):
+        evaluate(tmp_path / "pred", tmp_path / "ref", tmp_path / "ro")
+    assert called == []
+    with pytest.raises(MedseError, match="prediction folder not found"):  # wrong inputs create no output folder
+        evaluate(tmp_path / "nope", tmp_path / "ref", tmp_path / "never")
+    assert not (tmp_path / "never").exists()

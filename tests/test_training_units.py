@@ -150,11 +150,11 @@ def test_dice_per_class_values():
     ref[:2] = 1  # 32 voxels
     pred[:1] = 1  # 16 voxels, all inside
     ref[3, 3, 3] = 2
-    # class 3 absent from both -> NaN
+    # class 3 absent from both -> 1, the evaluation's rule (medse.evaluation.metrics.DICE_BOTH_EMPTY)
     d = dice_per_class(pred, ref, 4)
     assert d[0] == pytest.approx(2 * 16 / 48)
     assert d[1] == 0.0
-    assert math.isnan(d[2])
+    assert d[2] == 1.0
 
 
 def test_dice_summary_skips_nan():

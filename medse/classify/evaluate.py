@@ -171,7 +171,8 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: l
                                "auc_se": None, "note": ""}
         try:
             r = delong_ci(y == c, p[:, c], alpha)
-            row.update(auc=r.auc, auc_ci=[r.ci_low, r.ci_high], auc_se=r.se, note=r.note)
+            rd = r.to_dict()  # NaN (undefined variance) -> None
+            row.update(auc=rd["auc"], auc_ci=[rd["ci_low"], rd["ci_high"]], auc_se=rd["se"], note=r.note)
         except StatisticsError as e:
             row["note"] = f"class '{name}': {e}"
         if prec is None:
@@ -240,7 +241,8 @@ def metrics_table(m: dict, title: str = "") -> str:
     lines += ["| Class | n | Precision | Recall (sensitivity) | Specificity | F1 | AUC [95% CI, DeLong] |",
               "|---|---:|---:|---:|---:|---:|---|"]
     for name, r in m["per_class"].items():
-        ci = f" [{r['auc_ci'][0]:.3f}, {r['auc_ci'][1]:.3f}]" if r["auc_ci"] else ""
+        ci = "" if not r["auc_ci"] else " [CI n/a]" if r["auc_ci"][0] is None else \
+            f" [{r['auc_ci'][0]:.3f}, {r['auc_ci'][1]:.3f}]"
         lines.append(f"| {name} | {r['n']} | {_fmt(r['precision'])} | {_fmt(r['sensitivity'])} | "
                      f"{_fmt(r['specificity'])} | {_fmt(r['f1'])} | {_fmt(r['auc'])}{ci} |")
     lines.append(f"| **overall** | {m['n']} | | accuracy {_fmt(m['accuracy'])} | | | macro {_fmt(m['macro_auc'])}, "
@@ -284,7 +286,8 @@ def plot_roc(preds: dict[str, dict], path: Path, classes: list[str] | None = Non
                 continue
             fpr, tpr, _ = roc_curve(y, pr["probs"][:, c])
             auc = delong_ci(y, pr["probs"][:, c])
-            ax.plot(fpr, tpr, label=f"{label}: AUC {auc.auc:.3f} [{auc.ci_low:.3f}, {auc.ci_high:.3f}]")
+            ci = "CI n/a" if auc.ci_low != auc.ci_low else f"{auc.ci_low:.3f}, {auc.ci_high:.3f}"
+            ax.plot(fpr, tpr, label=f"{label}: AUC {auc.auc:.3f} [{ci}]")
         ax.plot([0, 1], [0, 1], ":", color="grey", lw=0.8)
         ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=name, xlim=(0, 1), ylim=(0, 1.01))
         ax.legend(loc="lower right", fontsize=8)
@@ -446,13 +449,17 @@ def comparison_table(comp: dict, base_label: str = "baseline", cand_label: str =
     ]
 
     def auc_s(r: dict) -> str:
-        return f"{r['auc']:.3f} [{r['auc_ci'][0]:.3f}, {r['auc_ci'][1]:.3f}]" if r["auc"] is not None else "n/a"
+        if r["auc"] is None:
+            return "n/a"
+        return f"{r['auc']:.3f} [{r['auc_ci'][0]:.3f}, {r['auc_ci'][1]:.3f}]" if r["auc_ci"][0] is not None else \
+            f"{r['auc']:.3f} [n/a]"
 
     for row in comp["per_class"]:
         name = row["class"]
         rb, rc = b["per_class"][name], c["per_class"][name]
         d, mc, z = row["delong"], row["mcnemar"], row["ztest_unpaired"]
-        dl = f"{d['diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]" if d else "n/a"
+        dl = "n/a" if not d else f"{d['diff']:+.3f} [n/a]" if d["ci_low"] is None else \
+            f"{d['diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
         dp = f"{_fmt_p(d['p'])} ({_fmt_p(d['p_holm'])})" if d else "n/a"
         mp = f"{_fmt_p(mc['p'])} ({_fmt_p(mc['p_holm'])})" if mc else "n/a"
         zs = f"{z['z']:.3f}, {_fmt_p(z['p'])} ({_fmt_p(z['p_holm'])})" if z else "n/a"
@@ -460,7 +467,8 @@ def comparison_table(comp: dict, base_label: str = "baseline", cand_label: str =
                      f"{_fmt(rb['f1'])} | {_fmt(rc['f1'])} | {auc_s(rb)} | {auc_s(rc)} | {dl} | {dp} | {mp} | {zs} |")
     o = comp["overall"]
     dm = o.get("delong_macro")
-    dml = f"{dm['diff']:+.3f} [{dm['ci_low']:+.3f}, {dm['ci_high']:+.3f}]" if dm else "n/a"
+    dml = "n/a" if not dm else f"{dm['diff']:+.3f} [n/a]" if dm["ci_low"] is None else \
+        f"{dm['diff']:+.3f} [{dm['ci_low']:+.3f}, {dm['ci_high']:+.3f}]"
     lines.append(
         f"| **overall** | {o['n']} | acc {o['accuracy_baseline']:.3f} | acc {o['accuracy_candidate']:.3f} | | | "
         f"macro {_fmt(b['macro_auc'])} | macro {_fmt(c['macro_auc'])} | {dml} | {_fmt_p(dm['p']) if dm else 'n/a'} | "

@@ -15,8 +15,16 @@
   saw the same images, so it is reported for comparison only; McNemar and DeLong are the paired tests.
 * :func:`holm`: Holm's step-down adjustment (Holm, Scand. J. Statist. 6, 1979) across classes.
 
-Degenerate inputs never yield NaN: a class absent from the test set raises :class:`StatisticsError` with a
-one-line message, and zero variance (perfect separation, identical models) gives a result with ``note`` set.
+Degenerate inputs, each with a one-line ``note`` (or error) and never a made-up p-value:
+
+* a class absent from the test set (all cases one class): :class:`StatisticsError` naming what is missing;
+* a single positive or a single negative case: DeLong's variance (sample variance of one placement value,
+  ``ddof=1``) is undefined, so ``variance``/``se``/CI/``z``/``p`` are NaN and ``note`` says why (pROC gives NA);
+  the AUC itself is still reported;
+* zero variance (perfect separation, constant scores, identical models): a result with ``note`` set
+  (``p = 1`` when the AUCs are equal, ``p = 0`` and ``z = +-inf`` otherwise).
+
+``to_dict()`` writes NaN and infinite values as ``None`` so that results serialise to strict JSON.
 
 Validated in ``tests/test_classify_stats.py`` against pROC's documented aSAH example (Robin et al., BMC
 Bioinformatics 12:77, 2011): AUC(s100b) = 0.7314 (DeLong 95% CI 0.6301-0.8326), AUC(ndka) = 0.6121, paired DeLong
@@ -64,7 +72,8 @@ class _Result:
     """Shared behaviour of the result records: ``to_dict`` for JSON/CSV output."""
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Fields as a dict; NaN and infinite floats become ``None`` (strict JSON)."""
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
 
 
 @dataclass
@@ -186,7 +195,8 @@ def delong_covariance(y_true: Sequence, scores: Sequence | np.ndarray) -> tuple[
         scores: array ``(k, N)`` or ``(N,)``; larger means more likely positive.
 
     Returns:
-        ``(aucs (k,), covariance (k, k))`` with ``S = S10 / m + S01 / n`` (ddof=1).
+        ``(aucs (k,), covariance (k, k))`` with ``S = S10 / m + S01 / n`` (ddof=1); the covariance is NaN when
+        there is a single positive or a single negative case (a sample variance of one value is undefined).
     """
     yb, s = _prepare(y_true, scores)
     pos, neg = s[:, yb], s[:, ~yb]
@@ -198,9 +208,20 @@ def delong_covariance(y_true: Sequence, scores: Sequence | np.ndarray) -> tuple[
     aucs = tz[:, :m].sum(axis=1) / (m * n) - (m + 1.0) / (2.0 * n)
     v10 = (tz[:, :m] - tx) / n
     v01 = 1.0 - (tz[:, m:] - ty) / m
-    s10 = np.atleast_2d(np.cov(v10, ddof=1)) if m > 1 else np.zeros((k, k))
-    s01 = np.atleast_2d(np.cov(v01, ddof=1)) if n > 1 else np.zeros((k, k))
+    if m < 2 or n < 2:
+        return aucs, np.full((k, k), np.nan)
+    s10 = np.atleast_2d(np.cov(v10, ddof=1))
+    s01 = np.atleast_2d(np.cov(v01, ddof=1))
     return aucs, s10 / m + s01 / n
+
+
+def _single_case_note(n_pos: int, n_neg: int) -> str:
+    """The note of a DeLong result whose variance is undefined ('' when it is defined)."""
+    if n_pos >= 2 and n_neg >= 2:
+        return ""
+    which = "positive" if n_pos < 2 else "negative"
+    return (f"DeLong variance undefined with a single {which} case ({n_pos} positive, {n_neg} negative): "
+            "SE, CI and p are NaN (pROC gives NA)")
 
 
 def _influence(yb: np.ndarray, s: np.ndarray) -> tuple[float, np.ndarray]:
@@ -241,7 +262,7 @@ def delong_macro_test(y_true: Sequence, probs_a: np.ndarray, probs_b: np.ndarray
         raise StatisticsError(f"probabilities must both be (N, K) with N = {len(y)}, got {pa.shape} and {pb.shape}")
     if not (np.all(np.isfinite(pa)) and np.all(np.isfinite(pb))):
         raise StatisticsError("probabilities contain NaN or infinite values")
-    used, skipped = [], []
+    used, skipped, single = [], [], []
     infl_a, infl_b = np.zeros(len(y)), np.zeros(len(y))
     aucs_a, aucs_b = [], []
     for c in range(pa.shape[1]):
@@ -249,6 +270,8 @@ def delong_macro_test(y_true: Sequence, probs_a: np.ndarray, probs_b: np.ndarray
         if yb.all() or not yb.any():
             skipped.append(c)
             continue
+        if yb.sum() < 2 or (~yb).sum() < 2:
+            single.append(c)
         a, ia = _influence(yb, pa[:, c])
         b, ib = _influence(yb, pb[:, c])
         aucs_a.append(a)
@@ -267,6 +290,12 @@ def delong_macro_test(y_true: Sequence, probs_a: np.ndarray, probs_b: np.ndarray
     diff = auc_b - auc_a
     q = float(_st.norm.ppf(1 - alpha / 2))
     notes = [f"classes left out (absent from the test set): {skipped}"] if skipped else []
+    if single:
+        notes.append(f"variance undefined: classes {single} have a single positive or a single negative case; "
+                     "SE, CI and p are NaN (pROC gives NA)")
+        nan = math.nan
+        return MacroDeLongResult(auc_a, auc_b, diff, nan, nan, nan, nan, nan, nan, nan, nan, len(y), used,
+                                 "; ".join(notes))
     if var <= 1e-14:
         se = 0.0
         if abs(diff) < 1e-12:
@@ -303,10 +332,14 @@ def delong_ci(y_true: Sequence, scores: Sequence, alpha: float = 0.05) -> AUCRes
     """
     aucs, cov = delong_covariance(y_true, scores)
     yb = np.asarray(y_true).astype(bool)
+    n_pos, n_neg = int(yb.sum()), int((~yb).sum())
+    note = _single_case_note(n_pos, n_neg)
+    if note:
+        nan = math.nan
+        return AUCResult(float(aucs[0]), nan, nan, nan, nan, n_pos, n_neg, note)
     auc, var = float(aucs[0]), max(_clean(float(cov[0, 0])), 0.0)
     se = math.sqrt(var)
     q = float(_st.norm.ppf(1 - alpha / 2))
-    note = ""
     if var == 0.0:
         note = "zero DeLong variance (perfect or constant separation): the CI collapses to the AUC"
     lo, hi = max(0.0, auc - q * se), min(1.0, auc + q * se)
@@ -319,6 +352,8 @@ def delong_test(y_true: Sequence, scores_a: Sequence, scores_b: Sequence, alpha:
     Returns both AUCs, ``diff = auc_b - auc_a`` with its (1 - alpha) normal CI, ``z = diff / se`` and the two-sided
     p-value. When the variance of the difference is 0 (e.g. both models separate the classes perfectly)
     the result has ``z = 0, p = 1`` if the AUCs are equal (``z = +-inf, p = 0`` otherwise) and a ``note``.
+    With a single positive or a single negative case the variance is undefined: ``se``, CI, ``z`` and ``p``
+    are NaN with a ``note`` (pROC's ``roc.test`` gives NA).
     """
     sa = np.asarray(scores_a, dtype=np.float64)
     sb = np.asarray(scores_b, dtype=np.float64)
@@ -326,6 +361,12 @@ def delong_test(y_true: Sequence, scores_a: Sequence, scores_b: Sequence, alpha:
         raise StatisticsError(f"scores_a and scores_b differ in shape: {sa.shape} vs {sb.shape}")
     aucs, cov = delong_covariance(y_true, np.stack([sa, sb]))
     yb = np.asarray(y_true).astype(bool)
+    n_pos, n_neg = int(yb.sum()), int((~yb).sum())
+    single = _single_case_note(n_pos, n_neg)
+    if single:
+        nan = math.nan
+        return DeLongResult(float(aucs[0]), float(aucs[1]), float(aucs[1] - aucs[0]), nan, nan, nan, nan, nan,
+                            nan, nan, nan, n_pos, n_neg, single)
     var_a, var_b, c = _clean(cov[0, 0]), _clean(cov[1, 1]), _clean(cov[0, 1])
     var = _clean(var_a + var_b - 2 * c)
     var = max(var, 0.0)
@@ -399,10 +440,11 @@ def two_proportion_ztest(k_a: int, n_a: int, k_b: int, n_b: int) -> ZTestResult:
 
 
 def holm(pvalues: Sequence[float | None]) -> list[float | None]:
-    """Holm's step-down adjusted p-values; ``None`` entries (undefined tests) are skipped and stay ``None``."""
-    idx = [i for i, p in enumerate(pvalues) if p is not None]
+    """Holm's step-down adjusted p-values; ``None`` and NaN entries (undefined tests) are skipped (they do not
+    count in m) and come back as ``None``."""
+    idx = [i for i, p in enumerate(pvalues) if p is not None and not math.isnan(float(p))]
     ps = np.array([float(pvalues[i]) for i in idx])
-    if np.any(np.isnan(ps)) or np.any(ps < 0) or np.any(ps > 1):
+    if np.any(ps < 0) or np.any(ps > 1):
         raise StatisticsError("p-values must lie in [0, 1]")
     out: list[float | None] = [None] * len(pvalues)
     m = len(ps)

@@ -72,9 +72,18 @@ def register(app: typer.Typer) -> None:
         labels: str = typer.Option(None, "--labels", help="Label values to evaluate, e.g. 1,2,3 (default: all "
                                    "declared or found)."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar over the cases."),
+        allow_missing: bool = typer.Option(False, "--allow-missing", help="Exit 0 although some references have "
+                                           "no prediction (they are scored as failures, Dice 0, either way)."),
+        hd95_mode: str = typer.Option("max", "--hd95-mode", help="max: the larger directed 95th percentile "
+                                      "(MONAI); pooled: the 95th percentile of both directions pooled (medpy)."),
     ) -> None:
-        """Dice, HD95 and ASSD (mm) and volume difference per case and label; metrics.csv + summary.json."""
+        """Dice, HD95 and ASSD (mm) and volume difference per case and label; metrics.csv + summary.json.
+
+        A reference without a prediction is a failure (Dice 0, worst HD95/ASSD), listed, exit code 1 unless
+        --allow-missing; predictions without a reference are listed as warnings.
+        """
         import json
+        import warnings
 
         from medse.evaluation import evaluate
         from medse.utils.errors import MedseError
@@ -85,10 +94,22 @@ def register(app: typer.Typer) -> None:
                 values = [int(v) for v in labels.split(",") if v.strip()]
             except ValueError:
                 raise MedseError(f"--labels '{labels}' must be integers like 1,2,3") from None
-        df = evaluate(pred, ref, output, labels=values, progress=progress)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            df = evaluate(pred, ref, output, labels=values, progress=progress, strict=False, allow_missing=True,
+                          hd95_mode=hd95_mode)
+        for w in caught:
+            typer.echo(f"warning: {w.message}", err=True)
         summary = json.loads((output / "summary.json").read_text())
         dice = summary.get("foreground", {}).get("dice", {})
         mean = dice.get("mean")
-        typer.echo(f"{df.case_id.nunique()} cases, mean foreground Dice "
-                   f"{'n/a' if mean is None else f'{mean:.4f}'}; wrote {output / 'metrics.csv'} and "
-                   f"{output / 'summary.json'}")
+        missing, errors = summary.get("missing_predictions", []), summary.get("errors", [])
+        typer.echo(f"{df.case_id.nunique()} cases ({len(missing)} without prediction, scored Dice 0), mean "
+                   f"foreground Dice {'n/a' if mean is None else f'{mean:.4f}'}; wrote {output / 'metrics.csv'} "
+                   f"and {output / 'summary.json'}")
+        for cid in missing:
+            typer.echo(f"missing prediction: {cid} (no {cid} in {pred})", err=True)
+        for e in errors:
+            typer.echo(f"failed: {e}", err=True)
+        if errors or (missing and not allow_missing):
+            raise SystemExit(1)  # as predict: click would swallow typer.Exit's code under main()

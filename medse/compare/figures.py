@@ -124,7 +124,8 @@ def gain_barchart(
     title: str | None = None,
     dpi: int = 100,
 ) -> Path:
-    """Bar chart of the mean Dice gain over the baseline (points) per architecture x block with bootstrap CIs.
+    """Bar chart of the mean paired gain over the baseline per architecture x block with bootstrap CIs (Dice
+    points, or mm of HD95/ASSD improvement, as the table's ``header["metric"]``; positive is better).
 
     Args:
         table: a :class:`~medse.compare.table.ComparisonTable` or its ``rows`` frame.
@@ -136,7 +137,7 @@ def gain_barchart(
     rows = table if not hasattr(table, "rows") else table.rows
     baseline = getattr(table, "header", {}).get("baseline", "none")
     rows = rows[(rows["structure"] == structure) & (rows["block"] != baseline)]
-    rows = rows[np.isfinite(rows["gain_points"].to_numpy(dtype=float))]
+    rows = rows[np.isfinite(rows["gain"].to_numpy(dtype=float))]
     if rows.empty:
         raise MedseError("no gains to plot (the table has no block paired with its baseline)")
     archs = _ordered(rows["arch"].tolist())
@@ -152,8 +153,8 @@ def gain_barchart(
             if r.empty:
                 continue
             r = r.iloc[0]
-            g = float(r["gain_points"])
-            lo, hi = float(r["ci_low_points"]), float(r["ci_high_points"])
+            g = float(r["gain"])
+            lo, hi = float(r["ci_low"]), float(r["ci_high"])
             pos = ai + (bi - (len(blocks) - 1) / 2) * width
             err = None
             if math.isfinite(lo) and math.isfinite(hi):
@@ -167,7 +168,11 @@ def gain_barchart(
     ax.set_xticks(range(len(archs)))
     ax.set_xticklabels(archs)
     ax.set_xlim(-0.6, len(archs) - 0.4)
-    ax.set_ylabel(f"Dice gain over '{baseline}' (points)")
+    header = getattr(table, "header", {})
+    metric = header.get("metric", "dice")
+    unit = header.get("gain_unit", "points")
+    what = "Dice gain" if metric == "dice" else f"{metric.upper()} reduction"
+    ax.set_ylabel(f"{what} over '{baseline}' ({unit})")
     ax.set_title(title or "Mean paired gain with 95% bootstrap CI (* Holm p < 0.05)", fontsize=10)
     ax.legend(fontsize=8, frameon=False, ncol=min(len(blocks), 5), loc="upper center", bbox_to_anchor=(0.5, -0.1))
     ax.grid(axis="y", alpha=0.3)

@@ -18,7 +18,7 @@ Output folder::
                                       /error.txt     traceback of a failed attempt
     OUT/table.{csv,md,tex,json}, OUT/table_structures.*  (when per-structure rows are requested)
     OUT/figures/dice_boxplot.png, gain.png, overlay.png
-    OUT/report.json                    cells run / skipped / failed in the last invocation
+    OUT/report.json                    cells run / skipped / failed in the last invocation, unmatched cases
 
 The grid design follows the scSE papers (Roy et al., MICCAI 2018, arXiv 1803.02579; IEEE TMI 2019,
 arXiv 1808.08127): each architecture trained without attention and with cSE, sSE and scSE.
@@ -89,7 +89,8 @@ class TableSpec:
         n_boot: bootstrap resamples. Defaults to 10000.
         seed: bootstrap seed. Defaults to 0.
         confidence: CI coverage. Defaults to 0.95.
-        metric: evaluation metric tabulated. Defaults to ``"dice"``.
+        metric: evaluation metric tabulated: ``dice`` (higher is better, gains in points), ``hd95`` or ``assd``
+            (lower is better, gains = reduction in mm). Defaults to ``"dice"``.
     """
 
     baseline: str = "none"
@@ -217,6 +218,7 @@ class CompareReport:
     failed: dict[str, str] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)
     table_markdown: str = ""
+    unmatched: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -368,6 +370,7 @@ def run_cell(cell: Cell, cell_dir: Path, cfg: CompareConfig) -> pd.DataFrame:
     pred_dir = cell_dir / "pred"
     ref_dir = cell_dir / "ref"
     infer_s: dict[str, float] = {}
+    predictor.predict_case(by_id[test_ids[0]].images)  # untimed warm-up (allocator, kernels) so that case 1 is fair
     for cid in test_ids:
         case = by_id[cid]
         t0 = time.perf_counter()
@@ -480,6 +483,7 @@ def run_compare(
         report.ran.append(cell.cell_id)
         say(f"[{k}/{len(mine)}] {cell.cell_id}: done in {time.perf_counter() - t0:.1f} s{_times(cell_dir)}")
     report.outputs, report.table_markdown = rebuild_outputs(cfg, out, log=say)
+    report.unmatched = _unmatched(out)
     atomic_write_text(out / "report.json", json.dumps(report.to_dict(), indent=2) + "\n")
     if report.failed:
         say(f"{len(report.failed)} cell(s) failed: {', '.join(report.failed)} (rerun to retry them)")
@@ -532,21 +536,41 @@ def rebuild_outputs(
     if not paths:
         say("no finished cells yet: no table")
         return {}, ""
+    import warnings
+
     records = load_records(paths)
     t = cfg.table
     common = dict(baseline=t.baseline, metric=t.metric, confidence=t.confidence, n_boot=t.n_boot, seed=t.seed,
                   dataset=cfg.dataset, arch_order=[a.key for a in cfg.architectures], block_order=cfg.blocks)
     outputs: dict[str, str] = {}
-    table = build_table(records, **common)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # unmatched cases: said once below, listed in table.json
+        table = build_table(records, **common)
+        st = build_table(records, structures=True, **common) if t.structures else None
+    for line in table.header.get("unmatched", []):
+        say(f"warning: unmatched, left out of the paired comparison: {line}")
     for kind, p in table.write(out, "table").items():
         outputs[f"table_{kind}"] = str(p)
-    if t.structures:
-        st = build_table(records, structures=True, **common)
+    if st is not None:
+        for line in st.header.get("unmatched", []):
+            if "/" in line.split(":")[0]:
+                say(f"warning: unmatched, left out of the paired comparison: {line}")
         for kind, p in st.write(out, "table_structures").items():
             outputs[f"table_structures_{kind}"] = str(p)
     if cfg.figures:
         outputs.update(_figures(cfg, out, records, table, say))
     return outputs, table.to_markdown()
+
+
+def _unmatched(out: Path) -> list[str]:
+    """The unmatched cases listed in the written table headers (``table.json``, ``table_structures.json``)."""
+    lines: list[str] = []
+    for name in ("table.json", "table_structures.json"):
+        try:
+            lines += [u for u in json.loads((out / name).read_text()).get("unmatched", []) if u not in lines]
+        except (OSError, ValueError):
+            continue
+    return lines
 
 
 def _figures(cfg: CompareConfig, out: Path, records: pd.DataFrame, table: Any,
@@ -579,12 +603,12 @@ def _overlay(cfg: CompareConfig, out: Path, records: pd.DataFrame, table: Any, p
 
     base = cfg.table.baseline
     rows = table.rows[(table.rows["structure"] == "foreground") & (table.rows["block"] != base)]
-    rows = rows[rows["gain_points"].map(lambda v: isinstance(v, float) and math.isfinite(v))]
+    rows = rows[rows["gain"].map(lambda v: isinstance(v, float) and math.isfinite(v))]
     if rows.empty:
         raise MedseError("no block paired with the baseline")
     arch = rows["arch"].iloc[0]
     arow = rows[rows["arch"] == arch]
-    best = str(arow.loc[arow["gain_points"].idxmax(), "block"])
+    best = str(arow.loc[arow["gain"].idxmax(), "block"])  # gains are improvements for every metric
     case_id = pick_example_case(records, arch, base, best, metric=cfg.table.metric)
     for cell in grid_cells(cfg):
         if cell.arch != arch or cell.block != base:

@@ -141,7 +141,9 @@ def case_scores(records: pd.DataFrame, *, metric: str = "dice", structure: str |
             (``label_value > 0``) of each case. Defaults to None.
 
     Returns:
-        frame with columns ``arch, block, case_id, value`` (one row per case), NaN-only cases dropped.
+        frame with columns ``arch, block, case_id, value`` (one row per case). A case with a NaN value for some
+        label (or in some run) has no score: it is dropped rather than averaged over the remaining labels, so that
+        a failure is never averaged away (the table lists it as unmatched).
     """
     import pandas as pd
 
@@ -152,8 +154,11 @@ def case_scores(records: pd.DataFrame, *, metric: str = "dice", structure: str |
         r = r[r["label"] == str(structure)]
     if r.empty:
         return pd.DataFrame(columns=["arch", "block", "case_id", "value"])
-    per_run = r.groupby([*CELL_COLUMNS, "case_id"], sort=False)["value"].mean().reset_index()
-    per_case = per_run.groupby(["arch", "block", "case_id"], sort=False)["value"].mean().reset_index()
+    def mean_keep_nan(v: pd.Series) -> float:
+        return float(v.to_numpy(dtype=float).mean())
+
+    per_run = r.groupby([*CELL_COLUMNS, "case_id"], sort=False)["value"].agg(mean_keep_nan).reset_index()
+    per_case = per_run.groupby(["arch", "block", "case_id"], sort=False)["value"].agg(mean_keep_nan).reset_index()
     return per_case.dropna(subset=["value"]).reset_index(drop=True)
 
 

@@ -1,22 +1,37 @@
-"""Dice-gain comparison tables (CSV, Markdown, LaTeX) computed from per-case records alone.
+"""Comparison tables (CSV, Markdown, LaTeX) computed from per-case records alone.
 
 Reproduces the layout of the scSE papers' central table (Roy et al., MICCAI 2018, arXiv 1803.02579, Table 1;
 IEEE TMI 2019, arXiv 1808.08127): architectures x {none, cSE, sSE, scSE}, mean ± std Dice, and adds what the
 papers leave out: the gain over ``none`` in Dice points and %, a paired Wilcoxon signed-rank p-value over cases
 (Holm-corrected across the blocks of each architecture), a bootstrap 95% CI of the mean paired difference,
-and the measured parameter, training-step and inference-time overheads.
+and the parameter, training-step and inference-time overheads (timings only where they rise above the noise).
 
 NOTE: not in paper — the statistics, CIs and time overheads are medse's additions.
 
-Conventions: per case, "foreground Dice" is the mean Dice over the foreground labels (``label_value > 0``);
-a case evaluated in several runs (seeds) is averaged over them first, so the cases are the paired units.
-``std`` is the standard deviation over cases (ddof=1). Gains and CIs are in Dice points (Dice x 100).
-"""
+Conventions:
 
+* Per case, the score is the mean over the foreground labels (``label_value > 0``); a case evaluated in several
+  runs (seeds) is averaged over them first, so the cases are the paired units. A case whose value is NaN for
+  some label is not averaged over the others: it has no score (and becomes unmatched).
+* **One paired case set per architecture** (and structure): every figure of every row of an architecture (n,
+  mean, std, gain, CI, p) rests on the cases scored for *all* its blocks. Cases scored for only some blocks are
+  *unmatched*: left out, listed in the header (``unmatched``) and warned about.
+* Metrics (:data:`METRIC_INFO`): ``dice`` (higher is better, gains in Dice points = Dice x 100), ``hd95`` and
+  ``assd`` (lower is better, in mm, no scaling). The gain is the improvement: ``block - baseline`` for Dice,
+  ``baseline - block`` for distances, so a positive gain is always better. A structure missed entirely
+  carries the evaluation's worst distance (the image diagonal, :mod:`medse.evaluation.metrics`) and is
+  counted, not averaged away.
+* ``std`` is the standard deviation over cases (ddof=1).
+* Timings (:func:`timing_overhead`): paired relative overheads, block vs baseline on the same case and run
+  (inference) or the same run (training step); the table shows the median with its IQR only with at least
+  :data:`MIN_TIMING_N` measurements from at least :data:`MIN_TIMING_RUNS` paired runs (so that the noise
+  between runs is measured too) and an IQR narrower than the median effect; otherwise "n/a" with the reason.
+"""
 from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,16 +45,71 @@ from medse.utils.errors import MedseError
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-__all__ = ["ComparisonTable", "FOREGROUND", "build_table"]
+__all__ = ["ComparisonTable", "FOREGROUND", "METRIC_INFO", "MIN_TIMING_N", "MIN_TIMING_RUNS", "TimingOverhead",
+           "build_table", "timing_overhead"]
 
 FOREGROUND = "foreground"
 
+#: metric -> (display name, higher is better, scale of gains, unit of gains and CIs)
+METRIC_INFO: dict[str, tuple[str, bool, float, str]] = {
+    "dice": ("Dice", True, 100.0, "points"),
+    "hd95": ("HD95 (mm)", False, 1.0, "mm"),
+    "assd": ("ASSD (mm)", False, 1.0, "mm"),
+}
+#: fewest paired timing measurements for an overhead to be shown
+MIN_TIMING_N = 5
+#: fewest paired runs (fold x seed) the timing measurements must come from
+MIN_TIMING_RUNS = 2
+
 TABLE_COLUMNS = [
-    "arch", "block", "structure", "n_cases", "dice_mean", "dice_std",
-    "gain_points", "gain_pct", "ci_low_points", "ci_high_points", "wilcoxon_stat", "p_value", "p_holm",
-    "params", "param_overhead_pct", "train_step_s", "train_time_overhead_pct", "infer_s",
-    "infer_time_overhead_pct",
+    "arch", "block", "structure", "metric", "n_cases", "n_unmatched", "mean", "std",
+    "gain", "gain_pct", "ci_low", "ci_high", "wilcoxon_stat", "p_value", "p_holm",
+    "params", "param_overhead_pct",
+    "train_step_s", "train_time_overhead_pct", "train_time_iqr_low", "train_time_iqr_high", "train_time_n",
+    "train_time_note",
+    "infer_s", "infer_time_overhead_pct", "infer_time_iqr_low", "infer_time_iqr_high", "infer_time_n",
+    "infer_time_note",
 ]
+
+
+@dataclass(frozen=True)
+class TimingOverhead:
+    """Paired relative timing overhead in % (see :func:`timing_overhead`); ``shown`` False -> ``note`` says why."""
+
+    median: float
+    iqr_low: float
+    iqr_high: float
+    n: int
+    n_runs: int
+    shown: bool
+    note: str
+
+
+def timing_overhead(pairs: Sequence[tuple[float, float]], n_runs: int, *, min_n: int = MIN_TIMING_N,
+                    min_runs: int = MIN_TIMING_RUNS) -> TimingOverhead:
+    """Relative overhead ``100 * (t_block / t_base - 1)`` of paired timing measurements ``(t_base, t_block)``.
+
+    The overhead is the median over the pairs, the spread their interquartile range. It is shown only with at
+    least ``min_n`` pairs from at least ``min_runs`` paired runs, and when the IQR is narrower than the absolute
+    median (otherwise the number would be noise): ``shown`` is False and ``note`` says which condition failed.
+    """
+    import numpy as np
+
+    arr = np.asarray([(a, b) for a, b in pairs if math.isfinite(a) and math.isfinite(b) and a > 0],
+                     dtype=np.float64).reshape(-1, 2)
+    n = int(arr.shape[0])
+    if n == 0:
+        return TimingOverhead(math.nan, math.nan, math.nan, 0, n_runs, False, "n/a (not measured)")
+    r = 100.0 * (arr[:, 1] / arr[:, 0] - 1.0)
+    med = float(np.median(r))
+    lo, hi = (float(v) for v in np.percentile(r, [25, 75]))
+    if n < min_n or n_runs < min_runs:
+        what = f"{n} measurement{'s' if n != 1 else ''} from {n_runs} paired run{'s' if n_runs != 1 else ''}"
+        return TimingOverhead(med, lo, hi, n, n_runs, False,
+                              f"n/a ({what}; needs >= {min_n} from >= {min_runs} runs)")
+    if hi - lo >= abs(med):
+        return TimingOverhead(med, lo, hi, n, n_runs, False, f"n/a (below noise: IQR {hi - lo:.0f}% >= effect)")
+    return TimingOverhead(med, lo, hi, n, n_runs, True, "")
 
 
 def _order(values: Sequence[str], preferred: Sequence[str] | None, first: str | None = None) -> list[str]:
@@ -78,20 +148,33 @@ class ComparisonTable:
         folds = ", ".join(str(f) for f in h.get("folds", [])) or "-"
         seeds = ", ".join(str(s) for s in h.get("seeds", [])) or "-"
         conf = int(round(100 * h.get("confidence", 0.95)))
-        return [
+        metric = h.get("metric", "dice")
+        name, higher, scale, unit = METRIC_INFO.get(metric, (metric, True, 1.0, ""))
+        scaled = " (x100)" if scale == 100 else ""
+        direction = "block - baseline (higher is better)" if higher else "baseline - block (lower is better)"
+        lines = [
             f"Dataset: {h.get('dataset') or 'unnamed'}; test cases: {h.get('n_cases', 0)}; "
             f"folds: {folds}; seeds: {seeds}; runs per cell: {h.get('runs_per_cell', '-')}.",
-            f"{h.get('metric', 'dice').capitalize()}: mean ± std over cases of the per-case foreground mean "
-            f"(each case averaged over the runs it was tested in).",
-            f"Gain over '{h.get('baseline', 'none')}' in points (x100) and %; p: two-sided paired Wilcoxon "
-            f"signed-rank over cases, Holm-corrected across the blocks of each architecture; CI: {conf}% "
+            f"Metric: {name}: mean ± std over cases of the per-case foreground mean (each case averaged over the "
+            f"runs it was tested in); all rows of an architecture on the same paired cases."
+            + ("" if higher else " A structure missed entirely counts as the worst distance (the image diagonal)."),
+            f"Gain over '{h.get('baseline', 'none')}': {direction}, in {unit}{scaled} and %; p: two-sided paired "
+            f"Wilcoxon signed-rank over cases, Holm-corrected across the blocks of each architecture; CI: {conf}% "
             f"percentile bootstrap of the mean paired difference (B={h.get('n_boot')}, seed {h.get('seed')}).",
-            "Overheads: learnable parameters, mean training-step time and mean per-case inference time, "
-            "relative to the baseline; times as measured on the machine that ran each cell.",
+            f"Overheads: learnable parameters (exact); training-step and per-case inference time as the median "
+            f"[IQR] of paired relative differences, shown only with >= {MIN_TIMING_N} measurements from >= "
+            f"{MIN_TIMING_RUNS} paired runs and an IQR narrower than the effect, else n/a.",
         ]
+        unmatched = h.get("unmatched") or []
+        if unmatched:
+            shown = "; ".join(unmatched[:5]) + (f"; ... ({len(unmatched)} in all)" if len(unmatched) > 5 else "")
+            lines.append(f"Unmatched cases, left out of the paired comparison: {shown}.")
+        return lines
 
     def _display_rows(self) -> list[dict[str, str]]:
         per_structure = self.rows["structure"].nunique() > 1
+        metric = self.header.get("metric", "dice")
+        name, _, scale, unit = METRIC_INFO.get(metric, (metric, True, 1.0, ""))
         out = []
         for r in self.rows.to_dict("records"):
             is_base = r["block"] == self.header.get("baseline", "none")
@@ -99,16 +182,16 @@ class ComparisonTable:
             if per_structure:
                 row["Structure"] = r["structure"]
             row["n"] = str(int(r["n_cases"]))
-            row["Dice (mean ± std)"] = _fmt_pm(r["dice_mean"], r["dice_std"])
-            row["Gain (points)"] = "-" if is_base else _fmt_signed(r["gain_points"], 2)
+            row[f"{name} (mean ± std)"] = _fmt_pm(r["mean"], r["std"], 3 if scale == 100 else 2)
+            row[f"Gain ({unit})"] = "-" if is_base else _fmt_signed(r["gain"], 2)
             row["Gain (%)"] = "-" if is_base else _fmt_signed(r["gain_pct"], 1)
             conf = int(round(100 * self.header.get("confidence", 0.95)))
-            row[f"{conf}% CI (points)"] = "-" if is_base else _fmt_ci(r["ci_low_points"], r["ci_high_points"])
+            row[f"{conf}% CI ({unit})"] = "-" if is_base else _fmt_ci(r["ci_low"], r["ci_high"])
             row["p (Holm)"] = "-" if is_base else _fmt_p(r["p_holm"])
             row["Params"] = _fmt_int(r["params"])
             row["Param overhead"] = "-" if is_base else _fmt_pct(r["param_overhead_pct"], 2)
-            row["Train-step overhead"] = "-" if is_base else _fmt_pct(r["train_time_overhead_pct"], 1)
-            row["Inference overhead"] = "-" if is_base else _fmt_pct(r["infer_time_overhead_pct"], 1)
+            row["Train-step overhead"] = "-" if is_base else _fmt_timing(r, "train_time")
+            row["Inference overhead"] = "-" if is_base else _fmt_timing(r, "infer_time")
             out.append(row)
         return out
 
@@ -170,10 +253,20 @@ class ComparisonTable:
         return paths
 
 
-def _fmt_pm(m: float, s: float) -> str:
+def _fmt_pm(m: float, s: float, nd: int = 3) -> str:
     if not math.isfinite(m):
         return "n/a"
-    return f"{m:.3f} ± {s:.3f}" if math.isfinite(s) else f"{m:.3f}"
+    return f"{m:.{nd}f} ± {s:.{nd}f}" if math.isfinite(s) else f"{m:.{nd}f}"
+
+
+def _fmt_timing(r: dict[str, Any], key: str) -> str:
+    note = r.get(f"{key}_note")
+    if isinstance(note, str) and note:
+        return note
+    med, lo, hi = r[f"{key}_overhead_pct"], r[f"{key}_iqr_low"], r[f"{key}_iqr_high"]
+    if not all(isinstance(v, float) and math.isfinite(v) for v in (med, lo, hi)):
+        return "n/a"
+    return f"{med:+.1f}% [{lo:+.1f}, {hi:+.1f}]"
 
 
 def _fmt_signed(v: float, nd: int) -> str:
@@ -224,7 +317,8 @@ def build_table(
     Args:
         records: records frame (columns ``arch, block, fold, seed, case_id, label, label_value, metric, value``).
         baseline: the block every other block is compared with. Defaults to ``"none"``.
-        metric: evaluation metric to tabulate. Defaults to ``"dice"``.
+        metric: evaluation metric to tabulate, one of :data:`METRIC_INFO` (``dice``, ``hd95``, ``assd``).
+            Defaults to ``"dice"``.
         structures: False for the foreground mean only; True to add one row group per foreground structure;
             or a list of label names. Defaults to False.
         confidence: bootstrap CI coverage. Defaults to 0.95.
@@ -234,14 +328,19 @@ def build_table(
         arch_order, block_order: display order. Defaults to first appearance, baseline first.
 
     Returns:
-        :class:`ComparisonTable`.
+        :class:`ComparisonTable`; ``header["unmatched"]`` lists the cases left out of the paired sets (also
+        warned about with :class:`UserWarning`).
 
     Raises:
-        MedseError: when the records hold no rows of ``metric``.
+        MedseError: when the metric is not tabulable or the records hold no rows of ``metric``.
     """
     import numpy as np
     import pandas as pd
 
+    if metric not in METRIC_INFO:
+        raise MedseError(f"table metric '{metric}' is not one of {', '.join(METRIC_INFO)}")
+    _, higher, scale, _ = METRIC_INFO[metric]
+    sign = 1.0 if higher else -1.0
     rec = validate_records(records)
     if dataset is None and "dataset" in rec.columns:
         names = [d for d in rec["dataset"].unique().tolist() if d]
@@ -260,55 +359,66 @@ def build_table(
     params = {(a, b): v for a, b, v in run_level(rec, "params").itertuples(index=False)}
     tstep = {(a, b): v for a, b, v in run_level(rec, "train_step_s").itertuples(index=False)}
     tinf = {(a, b): v for a, b, v in run_level(rec, "infer_s").itertuples(index=False)}
+    timing = {(a, b): _timings(rec, a, b, baseline) for a in archs for b in blocks if b != baseline}
 
     rows: list[dict[str, Any]] = []
     all_cases: set[str] = set()
+    unmatched: list[str] = []
     for structure in struct_list:
         scores = case_scores(rec, metric=metric, structure=structure)
         if structure is None and scores.empty:
             raise MedseError(f"records hold no per-case '{metric}' values of foreground labels")
-        all_cases.update(scores["case_id"].tolist())
         for arch in archs:
             sa = scores[scores["arch"] == arch]
-            base = sa[sa["block"] == baseline].set_index("case_id")["value"]
+            per_block = {b: sa[sa["block"] == b].set_index("case_id")["value"] for b in blocks}
+            scored = [b for b in blocks if not per_block[b].empty]
+            shared = sorted(set.intersection(*(set(per_block[b].index) for b in scored))) if scored else []
+            every = sorted(set().union(*(set(per_block[b].index) for b in scored))) if scored else []
+            all_cases.update(shared)
+            where = arch + (f"/{structure}" if structure else "")
+            for cid in every:
+                if cid not in shared:
+                    lacking = [b for b in scored if cid not in per_block[b].index]
+                    unmatched.append(f"{where}: case {cid} not scored for {', '.join(lacking)}")
+            base = per_block[baseline].reindex(shared) if baseline in scored else None
             arch_rows = []
             for block in blocks:
-                sb = sa[sa["block"] == block].set_index("case_id")["value"]
+                sb = per_block[block]
                 if sb.empty and (arch, block) not in params:
                     continue
-                vals = sb.to_numpy(dtype=float)
+                vals = sb.reindex(shared).to_numpy(dtype=float) if block in scored else np.array([])
                 row: dict[str, Any] = {
-                    "arch": arch, "block": block, "structure": structure or FOREGROUND,
-                    "n_cases": int(vals.size),
-                    "dice_mean": float(vals.mean()) if vals.size else float("nan"),
-                    "dice_std": float(vals.std(ddof=1)) if vals.size > 1 else float("nan"),
+                    "arch": arch, "block": block, "structure": structure or FOREGROUND, "metric": metric,
+                    "n_cases": int(vals.size), "n_unmatched": int(len(sb) - vals.size),
+                    "mean": float(vals.mean()) if vals.size else float("nan"),
+                    "std": float(vals.std(ddof=1)) if vals.size > 1 else float("nan"),
                 }
-                common = sb.index.intersection(base.index)
-                if block != baseline and len(common) > 0:
-                    x = base.loc[common].to_numpy(dtype=float)
-                    y = sb.loc[common].to_numpy(dtype=float)
+                if block != baseline and base is not None and vals.size > 0:
+                    x = base.to_numpy(dtype=float)
+                    y = vals
                     w = wilcoxon_paired(x, y)
-                    lo, hi = bootstrap_ci(y - x, confidence=confidence, n_boot=n_boot, seed=seed)
+                    d = sign * (y - x)  # improvement: positive is better for every metric
+                    lo, hi = bootstrap_ci(d, confidence=confidence, n_boot=n_boot, seed=seed)
                     row.update(
-                        n_cases=int(len(common)),
-                        gain_points=100.0 * float((y - x).mean()),
-                        gain_pct=relative_gain(float(x.mean()), float(y.mean())),
-                        ci_low_points=100.0 * lo, ci_high_points=100.0 * hi,
+                        gain=scale * float(d.mean()),
+                        gain_pct=sign * relative_gain(float(x.mean()), float(y.mean())),
+                        ci_low=scale * lo, ci_high=scale * hi,
                         wilcoxon_stat=w.statistic, p_value=w.pvalue,
                     )
                 elif block == baseline:
-                    row.update(gain_points=0.0, gain_pct=0.0)
+                    row.update(gain=0.0, gain_pct=0.0)
                 p_b = params.get((arch, baseline), float("nan"))
-                t_b = tstep.get((arch, baseline), float("nan"))
-                i_b = tinf.get((arch, baseline), float("nan"))
                 row.update(
                     params=params.get((arch, block), float("nan")),
                     param_overhead_pct=_overhead(params.get((arch, block), float("nan")), p_b),
                     train_step_s=tstep.get((arch, block), float("nan")),
-                    train_time_overhead_pct=_overhead(tstep.get((arch, block), float("nan")), t_b),
                     infer_s=tinf.get((arch, block), float("nan")),
-                    infer_time_overhead_pct=_overhead(tinf.get((arch, block), float("nan")), i_b),
                 )
+                if block != baseline:
+                    for key, t in zip(("train_time", "infer_time"), timing[(arch, block)], strict=True):
+                        row.update({f"{key}_overhead_pct": t.median, f"{key}_iqr_low": t.iqr_low,
+                                    f"{key}_iqr_high": t.iqr_high, f"{key}_n": t.n,
+                                    f"{key}_note": "" if t.shown else t.note})
                 arch_rows.append(row)
             pv = [r.get("p_value", float("nan")) if r["block"] != baseline else float("nan") for r in arch_rows]
             for r, p in zip(arch_rows, holm(pv), strict=True):
@@ -320,6 +430,11 @@ def build_table(
         if c not in df.columns:
             df[c] = np.nan
     df = df[TABLE_COLUMNS]
+    for c in ("train_time_note", "infer_time_note"):
+        df[c] = df[c].fillna("").astype(str)
+    if unmatched:
+        warnings.warn(f"{len(unmatched)} case(s) left out of the paired comparison (not scored for every block): "
+                      f"{'; '.join(unmatched[:3])}{' ...' if len(unmatched) > 3 else ''}", UserWarning, stacklevel=2)
     runs = rec[rec["metric"] == metric].groupby(["arch", "block"])[["fold", "seed"]].apply(
         lambda g: len(g.drop_duplicates()))
     header = {
@@ -329,11 +444,33 @@ def build_table(
         "seeds": sorted(int(s) for s in rec["seed"].unique() if s >= 0),
         "runs_per_cell": int(runs.max()) if len(runs) else 0,
         "metric": metric,
+        "higher_is_better": higher,
+        "gain_unit": METRIC_INFO[metric][3],
         "baseline": baseline,
         "confidence": confidence,
         "n_boot": n_boot,
         "seed": seed,
         "architectures": archs,
         "blocks": blocks,
+        "unmatched": unmatched,
+        "timing_rule": {"min_measurements": MIN_TIMING_N, "min_runs": MIN_TIMING_RUNS,
+                        "shown_when": "IQR of the paired relative differences < |median|"},
     }
     return ComparisonTable(rows=df, header=header)
+
+
+def _timings(rec: pd.DataFrame, arch: str, block: str, baseline: str) -> tuple[TimingOverhead, TimingOverhead]:
+    """Paired training-step (per run) and inference (per case and run) overheads of ``block`` over ``baseline``."""
+    mine = rec[(rec["arch"] == arch) & (rec["block"] == block)]
+    base = rec[(rec["arch"] == arch) & (rec["block"] == baseline)]
+
+    def paired(metric: str, by: list[str]) -> tuple[list[tuple[float, float]], int]:
+        a = base[base["metric"] == metric].groupby(by)["value"].mean()
+        b = mine[mine["metric"] == metric].groupby(by)["value"].mean()
+        common = a.index.intersection(b.index)
+        pairs = [(float(a.loc[i]), float(b.loc[i])) for i in common]
+        return pairs, len({tuple(i)[:2] for i in common})
+
+    train_pairs, train_runs = paired("train_step_s", ["fold", "seed"])
+    infer_pairs, infer_runs = paired("infer_s", ["fold", "seed", "case_id"])
+    return timing_overhead(train_pairs, train_runs), timing_overhead(infer_pairs, infer_runs)

@@ -1,36 +1,85 @@
-"""Per-case, per-label segmentation metrics in millimetres, computed by MONAI.
+"""Per-case, per-label segmentation metrics in millimetres: the one Dice and surface-distance implementation of medse.
 
-* Dice (Dice 1945; Sørensen 1948): ``monai.metrics.compute_dice``.
-* 95th-percentile symmetric Hausdorff distance: ``monai.metrics.compute_hausdorff_distance(percentile=95,
-  spacing=...)`` (MONAI pools the directed distances of both surfaces, then takes the percentile).
-* Average symmetric surface distance: ``monai.metrics.compute_average_surface_distance(symmetric=True,
-  spacing=...)``.
+* Dice (Dice 1945; Sørensen 1948): ``2 |P ∩ G| / (|P| + |G|)`` from voxel counts, :func:`dice_from_counts`.
+  Training validation (``medse.training.validation``) and evaluation both call it, so both follow one rule:
+  a structure absent from both prediction and reference scores **1** (:data:`DICE_BOTH_EMPTY`); absent from
+  exactly one scores 0. Equal to ``monai.metrics.compute_dice`` / ``DiceMetric`` wherever both are defined
+  (tested).
+* HD95, the 95th-percentile symmetric Hausdorff distance. Both directed surface-distance sets are computed once
+  (``monai.metrics.utils.get_edge_surface_distance``: the distance of every surface voxel of one mask to the
+  nearest surface voxel of the other). Two conventions exist, chosen by ``hd95_mode``:
+
+  - ``"max"`` (default, MONAI's ``compute_hausdorff_distance(percentile=95)``): the LARGER of the two
+    directed 95th percentiles, ``max(P95(d(P->G)), P95(d(G->P)))``;
+  - ``"pooled"`` (medpy's ``hd95``): one 95th percentile of the two directed sets pooled together,
+    ``P95(d(P->G) ∪ d(G->P))``. Never larger than ``"max"``; up to 2x smaller when the errors are one-sided
+    (e.g. a prediction that leaks on one side only).
+
+  Percentiles are linear-interpolated (``numpy.quantile``'s default, as MONAI's ``torch.quantile`` and medpy).
+* ASSD, average symmetric surface distance: the mean of the pooled directed distances (MONAI's
+  ``compute_average_surface_distance(symmetric=True)``, medpy 0.5.2's ``assd``).
 * Volumes (voxel count x voxel volume) and their difference, in mm^3 and in % of the reference.
 
 Surfaces are MONAI's: the voxels of a mask that are not in its binary erosion. Distances use the voxel
 spacing (column norms of the affine, so oblique grids are measured correctly).
 
-Empty masks (documented in ``docs/inference.md``), for each case and label:
+Empty masks (:data:`EMPTY_RULE`, documented in ``docs/inference.md``), for each case and label:
 
 * reference and prediction both empty: Dice 1, HD95 0, ASSD 0, volume difference 0 mm^3 and 0 %;
-* exactly one empty: Dice 0, HD95 and ASSD NaN (a surface distance to nothing is undefined), recorded as
-  NaN and counted as ``n_empty`` in ``summary.json`` (never silently averaged); volume difference %
-  is NaN when the reference is empty.
+* exactly one empty (a structure missed entirely, or predicted where there is none): Dice 0, and HD95 and
+  ASSD the **worst value** :func:`worst_distance`: the diagonal of the image grid in mm (the distance
+  between the centres of two opposite corner voxels, ``sqrt(sum(((n_i - 1) s_i)^2))``), larger than any
+  distance two voxels of the image can have. It is counted in means (never averaged away) and the cases
+  are counted as ``n_empty`` in ``summary.json``; volume difference % is NaN when the reference is empty.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["METRICS", "EMPTY_RULE", "binary_metrics", "case_metrics"]
+__all__ = ["DICE_BOTH_EMPTY", "EMPTY_RULE", "HD95_MODES", "METRICS", "binary_metrics", "case_metrics",
+           "dice_from_counts", "dice_scores", "missing_case_rows", "worst_distance"]
 
 METRICS = ("dice", "hd95", "assd", "volume_ref_mm3", "volume_pred_mm3", "volume_diff_mm3", "volume_diff_pct")
-EMPTY_RULE = ("both empty: dice 1, hd95 0, assd 0, volume difference 0; one empty: dice 0, hd95/assd NaN "
-              "(counted as n_empty), volume_diff_pct NaN when the reference is empty")
+HD95_MODES = ("max", "pooled")
+#: Dice of a structure absent from both prediction and reference (training validation and evaluation alike).
+DICE_BOTH_EMPTY = 1.0
+EMPTY_RULE = ("both empty: dice 1, hd95 0, assd 0, volume difference 0; one empty: dice 0, hd95/assd = the worst "
+              "value, the image grid diagonal in mm (sqrt(sum(((n_i - 1) * spacing_i)^2))), counted in the means "
+              "and as n_empty; volume_diff_pct NaN when the reference is empty; a reference without a prediction "
+              "counts as a failure: dice 0 and hd95/assd the worst value for every label")
+
+
+def dice_from_counts(intersection: float, n_pred: float, n_ref: float) -> float:
+    """Dice ``2 |P ∩ G| / (|P| + |G|)`` from voxel counts; :data:`DICE_BOTH_EMPTY` (1) when both are empty."""
+    den = float(n_pred) + float(n_ref)
+    return DICE_BOTH_EMPTY if den == 0 else 2.0 * float(intersection) / den
+
+
+def dice_scores(pred: Any, ref: Any, values: Iterable[int]) -> list[float]:
+    """Dice of each label value between two label maps of the same shape (numpy arrays or torch tensors, any
+    device), with the rule of :func:`dice_from_counts` (1 when a label is absent from both)."""
+    import torch
+
+    p = torch.as_tensor(pred)
+    g = torch.as_tensor(ref).to(p.device)
+    if p.shape != g.shape:
+        raise ValueError(f"prediction and reference shapes differ: {tuple(p.shape)} vs {tuple(g.shape)}")
+    out = []
+    for v in values:
+        pv, gv = p == v, g == v
+        out.append(dice_from_counts(int((pv & gv).sum()), int(pv.sum()), int(gv.sum())))
+    return out
+
+
+def worst_distance(shape: Sequence[int], spacing: Sequence[float]) -> float:
+    """The worst HD95/ASSD of an image grid: its diagonal in mm, ``sqrt(sum(((n_i - 1) * s_i)^2))``."""
+    return float(math.sqrt(sum(((int(n) - 1) * float(s)) ** 2 for n, s in zip(shape, spacing, strict=True))))
 
 
 def _crop_union(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -42,17 +91,33 @@ def _crop_union(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return pred[box], ref[box]
 
 
-def binary_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> dict[str, float]:
+def _directed_distances(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Distances (mm) of every surface voxel of ``pred`` to ``ref``'s surface and of ``ref``'s to ``pred``'s."""
+    import torch
+    from monai.metrics.utils import get_edge_surface_distance
+
+    p, r = _crop_union(pred, ref)
+    tp = torch.from_numpy(np.ascontiguousarray(p))
+    tr = torch.from_numpy(np.ascontiguousarray(r))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, dist, _ = get_edge_surface_distance(tp, tr, spacing=[float(s) for s in spacing], symmetric=True)
+    return dist[0].double().cpu().numpy(), dist[1].double().cpu().numpy()
+
+
+def binary_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
+                   hd95_mode: Literal["max", "pooled"] = "max") -> dict[str, float]:
     """All :data:`METRICS` of one binary prediction against one binary reference.
 
     Args:
         pred: boolean mask.
         ref: boolean mask of the same shape.
         spacing: voxel size per axis in mm.
+        hd95_mode: ``"max"`` (MONAI: the larger directed 95th percentile) or ``"pooled"`` (medpy: the 95th
+            percentile of both directed distance sets pooled). Defaults to ``"max"``.
     """
-    import torch
-    from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance
-
+    if hd95_mode not in HD95_MODES:
+        raise ValueError(f"hd95_mode must be one of {HD95_MODES}, got '{hd95_mode}'")
     pred = np.asarray(pred, dtype=bool)
     ref = np.asarray(ref, dtype=bool)
     if pred.shape != ref.shape:
@@ -64,33 +129,46 @@ def binary_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) 
         "volume_pred_mm3": n_p * voxel,
         "volume_diff_mm3": (n_p - n_r) * voxel,
         "volume_diff_pct": 100.0 * (n_p - n_r) / n_r if n_r else (0.0 if n_p == 0 else math.nan),
+        "dice": dice_from_counts(int(np.count_nonzero(pred & ref)), n_p, n_r),
     }
     if n_p == 0 and n_r == 0:
-        out.update(dice=1.0, hd95=0.0, assd=0.0)
+        out.update(hd95=0.0, assd=0.0)
         return out
     if n_p == 0 or n_r == 0:
-        out.update(dice=0.0, hd95=math.nan, assd=math.nan)
+        worst = worst_distance(pred.shape, spacing)
+        out.update(hd95=worst, assd=worst)
         return out
-    p, r = _crop_union(pred, ref)
-    tp = torch.from_numpy(np.ascontiguousarray(p))[None, None].float()
-    tr = torch.from_numpy(np.ascontiguousarray(r))[None, None].float()
-    sp = [float(s) for s in spacing]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dice = float(compute_dice(tp, tr, include_background=True)[0, 0])
-        hd95 = float(compute_hausdorff_distance(tp, tr, include_background=True, percentile=95, spacing=sp)[0, 0])
-        assd = float(compute_average_surface_distance(tp, tr, include_background=True, symmetric=True,
-                                                      spacing=sp)[0, 0])
-    out.update(dice=dice, hd95=hd95, assd=assd)
+    d_pr, d_rp = _directed_distances(pred, ref, spacing)
+    pooled = np.concatenate([d_pr, d_rp])
+    if hd95_mode == "max":
+        hd95 = max(float(np.quantile(d_pr, 0.95)), float(np.quantile(d_rp, 0.95)))
+    else:
+        hd95 = float(np.quantile(pooled, 0.95))
+    out.update(hd95=hd95, assd=float(pooled.mean()))
     return out
 
 
-def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
-                 labels: dict[str, int]) -> list[tuple[str, int, str, float]]:
+def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], labels: dict[str, int],
+                 hd95_mode: Literal["max", "pooled"] = "max") -> list[tuple[str, int, str, float]]:
     """Long-format rows ``(label name, label value, metric, value)`` for every label of one case."""
     rows: list[tuple[str, int, str, float]] = []
     for name, value in labels.items():
-        m = binary_metrics(pred == value, ref == value, spacing)
+        m = binary_metrics(pred == value, ref == value, spacing, hd95_mode=hd95_mode)
+        for metric in METRICS:
+            rows.append((name, int(value), metric, float(m[metric])))
+    return rows
+
+
+def missing_case_rows(ref: np.ndarray, spacing: Sequence[float],
+                      labels: dict[str, int]) -> list[tuple[str, int, str, float]]:
+    """Rows of a reference without a prediction (a failure): Dice 0 and HD95/ASSD the worst value for every
+    label, whatever the reference holds; the reference volume as measured, prediction volumes NaN."""
+    voxel = float(np.prod(spacing))
+    worst = worst_distance(ref.shape, spacing)
+    rows: list[tuple[str, int, str, float]] = []
+    for name, value in labels.items():
+        m = {"dice": 0.0, "hd95": worst, "assd": worst, "volume_ref_mm3": int(np.count_nonzero(ref == value)) * voxel,
+             "volume_pred_mm3": math.nan, "volume_diff_mm3": math.nan, "volume_diff_pct": math.nan}
         for metric in METRICS:
             rows.append((name, int(value), metric, float(m[metric])))
     return rows

@@ -5,12 +5,18 @@ sidecar JSON, ``failures.csv`` and the ``probabilities/`` folder are ignored). R
 label files with the same case ids, or a dataset root / manifest read with
 ``medse.data.datasets.load_dataset`` (its cases' ``label`` paths).
 
+Every reference is scored. A reference without a prediction is a failure: its rows score Dice 0 and HD95/ASSD
+the worst value (the image diagonal in mm, :func:`medse.evaluation.metrics.worst_distance`) for every label,
+it is listed in ``summary.json`` (``missing_predictions``, per label ``n_missing``) and :func:`evaluate` raises
+after writing the results unless ``allow_missing=True``. Predictions without a reference are listed
+(``extra_predictions``) and warned about. The output folder is checked for writability before any work.
+
 ``summary.json`` holds, per label and metric, ``mean``, ``std`` (sample, ddof=1), ``median`` over the
 cases with a finite value, ``n`` (finite values) and ``n_nan``; per label ``n_empty`` (cases where exactly
-one of reference and prediction is empty, see :data:`medse.evaluation.metrics.EMPTY_RULE`) and
-``n_both_empty``. ``foreground`` gives the same statistics of the per-case mean over the foreground
-labels (NaN values skipped). Prediction and reference grids must match (shape and affine within 1e-3 mm):
-a mismatch is a :class:`~medse.utils.errors.MedseError` naming both files.
+one of reference and prediction is empty, see :data:`medse.evaluation.metrics.EMPTY_RULE`),
+``n_both_empty`` and ``n_missing``. ``foreground`` gives the same statistics of the per-case mean over the
+foreground labels (NaN values skipped). Prediction and reference grids must match (shape and affine within
+1e-3 mm): a mismatch is a :class:`~medse.utils.errors.MedseError` naming both files.
 """
 
 from __future__ import annotations
@@ -19,17 +25,19 @@ import json
 import math
 import os
 import sys
+import tempfile
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from medse.evaluation.metrics import EMPTY_RULE, METRICS, case_metrics
+from medse.evaluation.metrics import EMPTY_RULE, HD95_MODES, METRICS, case_metrics, missing_case_rows
 from medse.utils.atomic import atomic_path, atomic_write_text
 from medse.utils.errors import MedseError
 
-__all__ = ["evaluate", "summarise", "collect_pairs"]
+__all__ = ["evaluate", "summarise", "collect_pairs", "check_writable_folder"]
 
 COLUMNS = ["case_id", "label", "label_value", "metric", "value"]
 
@@ -73,7 +81,17 @@ def _references(ref: Path) -> tuple[dict[str, Path], dict[str, int]]:
 
 def collect_pairs(pred_dir: str | os.PathLike, ref: str | os.PathLike) -> tuple[list[tuple[str, Path, Path]],
                                                                                 list[str], dict[str, int]]:
-    """``([(case_id, pred_path, ref_path)], case ids with a reference but no prediction, declared labels)``."""
+    """``([(case_id, pred_path, ref_path)], case ids with a reference but no prediction, declared labels)``.
+
+    Use :func:`match_cases` for the reference paths of the missing cases and the predictions without reference.
+    """
+    m = match_cases(pred_dir, ref)
+    return m["pairs"], sorted(m["missing"]), m["labels"]
+
+
+def match_cases(pred_dir: str | os.PathLike, ref: str | os.PathLike) -> dict[str, Any]:
+    """``{"pairs": [(case_id, pred, ref)], "missing": {case_id: ref path}, "extra": [case ids], "labels": {...}}``:
+    the predictions matched to references, references without a prediction, predictions without a reference."""
     pdir = Path(pred_dir)
     if not pdir.is_dir():
         raise MedseError("prediction folder not found", pdir)
@@ -82,11 +100,30 @@ def collect_pairs(pred_dir: str | os.PathLike, ref: str | os.PathLike) -> tuple[
         raise MedseError("no prediction files in the folder", pdir)
     refs, labels = _references(Path(ref))
     pairs = [(cid, preds[cid], refs[cid]) for cid in sorted(preds) if cid in refs]
-    missing = sorted(set(refs) - set(preds))
     if not pairs:
         raise MedseError(f"no prediction matches a reference case id (predictions: {', '.join(sorted(preds)[:3])}"
                          f"...; references: {', '.join(sorted(refs)[:3])}...)", pdir)
-    return pairs, missing, labels
+    missing = {cid: refs[cid] for cid in sorted(set(refs) - set(preds))}
+    extra = sorted(set(preds) - set(refs))
+    return {"pairs": pairs, "missing": missing, "extra": extra, "labels": labels}
+
+
+def check_writable_folder(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` if needed and check that a file can be written in it (before any work is done).
+
+    Raises:
+        MedseError: naming the folder, when it is a file, cannot be created or is not writable.
+    """
+    out = Path(folder)
+    if out.exists() and not out.is_dir():
+        raise MedseError("output folder is an existing file, not a folder", out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out, prefix=".medse-write-check-"):
+            pass
+    except OSError as e:
+        raise MedseError(f"output folder cannot be written ({e.strerror or e})", out) from None
+    return out
 
 
 def _read_label(path: Path) -> Any:
@@ -155,22 +192,26 @@ def _stats(values: Sequence[float]) -> dict[str, float | int]:
     }
 
 
-def summarise(df: Any) -> dict[str, Any]:
-    """Summary statistics of a long-format metrics table (see the module docstring)."""
+def summarise(df: Any, missing: Sequence[str] = ()) -> dict[str, Any]:
+    """Summary statistics of a long-format metrics table (see the module docstring); ``missing``: case ids
+    whose rows are failure rows of a missing prediction (counted as ``n_missing``, not as empty masks)."""
     out: dict[str, Any] = {"labels": {}, "foreground": {}}
     if df.empty:
         return out
+    missing_set = {str(c) for c in missing}
     for (name, value), part in df.groupby(["label", "label_value"], sort=False):
         entry: dict[str, Any] = {"label_value": int(value)}
         for metric in METRICS:
             entry[metric] = _stats(part.loc[part.metric == metric, "value"].tolist())
         vols = part[part.metric.isin(["volume_ref_mm3", "volume_pred_mm3"])].pivot(
             index="case_id", columns="metric", values="value")
-        ref_empty = vols["volume_ref_mm3"] == 0
-        pred_empty = vols["volume_pred_mm3"] == 0
+        is_missing = vols.index.isin(list(missing_set))
+        ref_empty = (vols["volume_ref_mm3"] == 0) & ~is_missing
+        pred_empty = (vols["volume_pred_mm3"] == 0) & ~is_missing
         entry["n_cases"] = int(len(vols))
         entry["n_empty"] = int((ref_empty ^ pred_empty).sum())
         entry["n_both_empty"] = int((ref_empty & pred_empty).sum())
+        entry["n_missing"] = int(is_missing.sum())
         out["labels"][str(name)] = entry
     for metric in METRICS:
         per_case = df[df.metric == metric].groupby("case_id")["value"].apply(
@@ -196,62 +237,90 @@ def evaluate(
     labels: Mapping[str, int] | Sequence[int] | None = None,
     *,
     strict: bool = True,
+    allow_missing: bool = False,
+    hd95_mode: str = "max",
     progress: bool = False,
 ) -> Any:
-    """Compare every prediction with its reference; write ``metrics.csv`` and ``summary.json``.
+    """Compare every reference with its prediction; write ``metrics.csv`` and ``summary.json``.
 
     Args:
         pred_dir: folder of predicted label maps (``{case_id}.nii.gz`` ...).
         ref: folder of reference label maps with the same case ids, or a dataset root / manifest.
-        output_dir: where ``metrics.csv`` and ``summary.json`` go; None writes nothing.
+        output_dir: where ``metrics.csv`` and ``summary.json`` go (checked for writability first); None writes
+            nothing.
         labels: ``{name: value}`` or label values to evaluate. Defaults to the reference dataset's
             labels, else the first prediction's sidecar's, else every non-zero value found in any
             prediction or reference.
         strict: after writing the results of the good cases, raise a MedseError when some case failed
             (unreadable file, mismatched grids). Defaults to True.
+        allow_missing: do not raise when references have no prediction (their failure rows, Dice 0 and the
+            worst HD95/ASSD, are in the results either way). Defaults to False.
+        hd95_mode: ``"max"`` (MONAI's convention: the larger directed 95th percentile) or ``"pooled"`` (medpy's:
+            the 95th percentile of both directed distance sets pooled), see :mod:`medse.evaluation.metrics`.
+            Defaults to ``"max"``.
         progress: tqdm bar over the cases. Defaults to False.
 
     Returns:
         pandas DataFrame with columns ``case_id, label, label_value, metric, value`` (one row per case x
-        label x metric; metrics in :data:`medse.evaluation.metrics.METRICS`).
+        label x metric; metrics in :data:`medse.evaluation.metrics.METRICS`), missing predictions included.
 
     Raises:
-        MedseError: no matching cases, mismatched grids (naming both files), unreadable files.
+        MedseError: no matching cases, output folder not writable, mismatched grids (naming both files),
+            unreadable files (with ``strict``), references without a prediction (unless ``allow_missing``).
     """
     import pandas as pd
     from tqdm.auto import tqdm
 
+    if hd95_mode not in HD95_MODES:
+        raise MedseError(f"hd95_mode '{hd95_mode}' must be one of {', '.join(HD95_MODES)}")
     pdir = Path(pred_dir)
-    pairs, missing, declared = collect_pairs(pdir, ref)
+    matched = match_cases(pdir, ref)  # folder listings only: cheap, and nothing is created when inputs are wrong
+    out = check_writable_folder(output_dir) if output_dir is not None else None  # before any image is read
+    pairs, missing, declared = matched["pairs"], matched["missing"], matched["labels"]
+    extra = matched["extra"]
+    if extra:
+        warnings.warn(f"{len(extra)} prediction(s) in {pdir} have no reference and are not evaluated: "
+                      f"{', '.join(extra[:10])}{' ...' if len(extra) > 10 else ''}", UserWarning, stacklevel=2)
     rows: list[tuple[str, str, int, str, float]] = []
     errors: list[str] = []
     resolved = _resolve_labels(labels, declared, pdir, pairs[0][1], lambda: _values_in(pairs))
-    for cid, ppath, rpath in tqdm(pairs, desc="evaluate", unit="case", disable=not progress, file=sys.stderr):
+    jobs = [(cid, p, r) for cid, p, r in pairs] + [(cid, None, r) for cid, r in missing.items()]
+    jobs.sort(key=lambda j: j[0])
+    for cid, ppath, rpath in tqdm(jobs, desc="evaluate", unit="case", disable=not progress, file=sys.stderr):
         try:
-            p = _read_label(ppath)
             r = _read_label(rpath)
-            if p.array.shape != r.array.shape or not np.allclose(p.affine, r.affine, rtol=1e-4, atol=1e-3):
-                what = "shape" if p.array.shape != r.array.shape else "affine"
-                raise MedseError(f"prediction {ppath} and reference {rpath} are on different voxel grids ({what}: "
-                                 f"{p.array.shape if what == 'shape' else 'differs'} vs "
-                                 f"{r.array.shape if what == 'shape' else 'reference'})")
             spacing = [float(s) for s in np.linalg.norm(np.asarray(r.affine)[:3, :3], axis=0)]
-            for name, value, metric, v in case_metrics(p.array, r.array, spacing, resolved):
+            if ppath is None:
+                case_rows = missing_case_rows(r.array, spacing, resolved)
+            else:
+                p = _read_label(ppath)
+                if p.array.shape != r.array.shape or not np.allclose(p.affine, r.affine, rtol=1e-4, atol=1e-3):
+                    what = "shape" if p.array.shape != r.array.shape else "affine"
+                    raise MedseError(f"prediction {ppath} and reference {rpath} are on different voxel grids "
+                                     f"({what}: {p.array.shape if what == 'shape' else 'differs'} vs "
+                                     f"{r.array.shape if what == 'shape' else 'reference'})")
+                case_rows = case_metrics(p.array, r.array, spacing, resolved, hd95_mode=hd95_mode)
+            for name, value, metric, v in case_rows:
                 rows.append((cid, name, value, metric, v))
         except MedseError as e:
             errors.append(f"{cid}: {e}")
     df = pd.DataFrame(rows, columns=COLUMNS)
-    if output_dir is not None:
-        out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
+    missing_ids = sorted(missing)
+    if out is not None:
         with atomic_path(out / "metrics.csv") as tmp:
             df.to_csv(tmp, index=False)
-        summary = summarise(df)
+        summary = summarise(df, missing=missing_ids)
         summary.update({
             "num_cases": int(df.case_id.nunique()) if not df.empty else 0,
-            "missing_predictions": missing,
+            "num_evaluated": int(df[~df.case_id.isin(missing_ids)].case_id.nunique()) if not df.empty else 0,
+            "num_missing": len(missing_ids),
+            "missing_predictions": missing_ids,
+            "missing_rule": "a reference without a prediction scores dice 0 and hd95/assd the worst value "
+                            "(the image diagonal in mm) for every label",
+            "extra_predictions": extra,
             "errors": errors,
             "empty_rule": EMPTY_RULE,
+            "hd95_mode": hd95_mode,
             "pred_dir": str(pdir),
             "ref": str(ref),
         })
@@ -259,4 +328,9 @@ def evaluate(
     if errors and strict:
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise MedseError(f"{len(errors)} case(s) could not be evaluated; {errors[0]}{more}")
+    if missing_ids and not allow_missing:
+        more = " ..." if len(missing_ids) > 5 else ""
+        raise MedseError(f"{len(missing_ids)} reference case(s) have no prediction ({', '.join(missing_ids[:5])}{more})"
+                         f"; they are scored as failures (Dice 0) in the results; pass allow_missing=True "
+                         f"(--allow-missing) to accept that", pdir)
     return df

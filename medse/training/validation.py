@@ -3,7 +3,9 @@
 3D networks run :func:`monai.inferers.sliding_window_inference` over the volume; 2D networks run it over
 every slice along ``slice_axis`` (a batch of slices at a time) and the slices are stacked back.
 Dice per class c: 2|P_c ∩ G_c| / (|P_c| + |G_c|) on the argmax prediction (Dice 1945; Sørensen 1948),
-NaN when the class is absent from both prediction and reference (excluded from the means).
+computed by the evaluation's implementation (:func:`medse.evaluation.metrics.dice_scores`), so validation and
+``medse evaluate`` follow one rule: a class absent from both prediction and reference scores 1
+(:data:`medse.evaluation.metrics.DICE_BOTH_EMPTY`), absent from exactly one scores 0.
 """
 
 from __future__ import annotations
@@ -68,26 +70,17 @@ def predict_logits(
 
 
 def dice_per_class(pred: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor, num_classes: int) -> list[float]:
-    """Dice of classes 1..K-1 between two class-index maps of the same shape; NaN if a class is in neither."""
-    import torch
+    """Dice of classes 1..K-1 between two class-index maps of the same shape, by the evaluation's rule
+    (:func:`medse.evaluation.metrics.dice_scores`: 1 when a class is in neither map)."""
+    from medse.evaluation.metrics import dice_scores
 
-    p = torch.as_tensor(pred).reshape(-1).long()
-    g = torch.as_tensor(ref).reshape(-1).long().to(p.device)
-    if p.shape != g.shape:
+    if tuple(pred.shape) != tuple(ref.shape):
         raise ValueError(f"prediction and reference sizes differ: {tuple(pred.shape)} vs {tuple(ref.shape)}")
-    k = num_classes
-    inter = torch.bincount(g[p == g], minlength=k)[:k].double()
-    ps = torch.bincount(p, minlength=k)[:k].double()
-    gs = torch.bincount(g, minlength=k)[:k].double()
-    out = []
-    for c in range(1, k):
-        den = float(ps[c] + gs[c])
-        out.append(float(2.0 * inter[c] / den) if den > 0 else math.nan)
-    return out
+    return dice_scores(pred, ref, range(1, num_classes))
 
 
 def summarise_dice(per_case: list[list[float]], class_names: Sequence[str]) -> dict[str, float]:
-    """Mean Dice per foreground class over cases (NaNs skipped) and their mean, as ``{"dice_<name>": v,
+    """Mean Dice per foreground class over cases (NaNs, e.g. from older callers, skipped) and their mean, as ``{"dice_<name>": v,
     "dice_mean": v}``."""
     arr = np.asarray(per_case, dtype=np.float64).reshape(len(per_case), len(class_names))
     return reduce_dice_sums(np.nansum(arr, 0), np.sum(~np.isnan(arr), 0), class_names)
