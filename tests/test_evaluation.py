@@ -16,6 +16,7 @@ from scipy.spatial.distance import cdist
 
 from medse.data._testing import make_affine
 from medse.evaluation import METRICS, binary_metrics, evaluate
+from medse.utils import atomic
 from medse.utils.errors import MedseError
 
 
@@ -240,18 +241,18 @@ def test_output_folder_checked_before_any_work(tmp_path: Path, monkeypatch) -> N
     monkeypatch.setattr(runner, "_read_label", lambda *a, **k: called.append(1))  # no image may be read
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(MedseError, match="existing file, not a folder") as ei:
+    with pytest.raises(MedseError, match="exists and is not a folder") as ei:
         evaluate(tmp_path / "pred", tmp_path / "ref", blocker)
     assert str(blocker) in str(ei.value)
-    with pytest.raises(MedseError, match="cannot be written") as ei:
+    with pytest.raises(MedseError, match="cannot (create|write into) the output folder") as ei:
         evaluate(tmp_path / "pred", tmp_path / "ref", blocker / "sub")
     assert str(blocker / "sub") in str(ei.value) and "\n" not in str(ei.value)
 
     def deny(*a, **k):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(runner.tempfile, "TemporaryFile", deny)  # a read-only folder (works as root too)
-    with pytest.raises(MedseError, match="cannot be written \\(Permission denied\\)"):
+    monkeypatch.setattr(atomic, "_create_temp", deny)  # a read-only folder (works as root too)
+    with pytest.raises(MedseError, match="cannot write into the output folder \\(Permission denied\\)"):
         evaluate(tmp_path / "pred", tmp_path / "ref", tmp_path / "ro")
     assert called == []
     with pytest.raises(MedseError, match="prediction folder not found"):  # wrong inputs create no output folder

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from medse.evaluation.metrics import EMPTY_RULE, HD95_MODES, METRICS, case_metrics, missing_case_rows
-from medse.utils.atomic import atomic_path, atomic_write_text
+from medse.utils.atomic import atomic_path, atomic_write_text, ensure_writable_dir
 from medse.utils.errors import MedseError
 
 __all__ = ["evaluate", "summarise", "collect_pairs", "check_writable_folder"]
@@ -114,16 +113,8 @@ def check_writable_folder(folder: str | os.PathLike) -> Path:
     Raises:
         MedseError: naming the folder, when it is a file, cannot be created or is not writable.
     """
-    out = Path(folder)
-    if out.exists() and not out.is_dir():
-        raise MedseError("output folder is an existing file, not a folder", out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out, prefix=".medse-write-check-"):
-            pass
-    except OSError as e:
-        raise MedseError(f"output folder cannot be written ({e.strerror or e})", out) from None
-    return out
+    ensure_writable_dir(folder)
+    return Path(folder)
 
 
 def _read_label(path: Path) -> Any:
