@@ -176,8 +176,8 @@ def blocks_markdown(channels: int = 64, size: int = 32) -> str:
         "class `Block(spatial_dims, in_channels, *, ...)`; output shape = input shape. Compositions such as",
         "`eca+ca` build the blocks in sequence (`nn.Sequential`); `{part: {...}}` keywords target one part.",
         "Blocks with a spatial gate take `record_gate=True` and then keep the detached gate in `last_gate`.",
-        "Blocks with a fast-path hook take `fused` (a hint: the same numbers either way; the fast paths live in",
-        "`medse/attention/_fused.py`, contract in `medse/attention/_base.py`).",
+        "Blocks with a fast path take `fused` (a hint: the same numbers either way; each block calls its family's",
+        "fused kernel in `medse/attention/kernels/` itself, see `docs/performance.md`).",
         "",
         "Counting conventions (`medse.utils.complexity`): `count_params` counts learnable parameters once each",
         "(BatchNorm running statistics and FcaNet's DCT filters are buffers, not counted). `count_macs` counts",
@@ -203,7 +203,7 @@ def blocks_markdown(channels: int = 64, size: int = 32) -> str:
             f"- defaults: {_defaults_text(info.defaults)}",
             f"- learnable parameters: `{info.params_formula}`",
             f"- parameter names ({d_show}D, C={c_show}): {_param_names(name, d_show, c_show)}",
-            f"- spatial gate (`record_gate`): {'yes' if info.spatial_gate else 'no'}; `fused` hook: "
+            f"- spatial gate (`record_gate`): {'yes' if info.spatial_gate else 'no'}; `fused` fast path: "
             f"{'yes' if info.fused else 'no'}",
             f"- medse's extension (NOTE: not in paper): {info.extension or 'none'}",
             f"- departures: {info.departures or 'none'}",
