@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -189,3 +191,16 @@ def test_fast_paths_follow_the_blocks_switch_and_size(monkeypatch) -> None:
         assert block.takes_fast_path(xl) and not block.takes_fast_path(xs), name
         block.fused = False
         assert not block.takes_fast_path(xl), name
+
+
+def test_docs_blocks_page_is_current() -> None:
+    """docs/blocks.md is generated from the registry (``medse blocks --docs --output docs/blocks.md``)."""
+    from medse import plugins
+    from medse.attention.report import blocks_markdown
+
+    if plugins.plugin_entries():
+        pytest.skip("MEDSE_PLUGINS is set: the page would list the plugin blocks too")
+    page = Path(__file__).resolve().parents[1] / "docs" / "blocks.md"
+    assert page.read_text() == blocks_markdown(), (
+        "docs/blocks.md is out of date: run `medse blocks --docs --output docs/blocks.md`"
+    )
