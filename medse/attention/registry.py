@@ -22,7 +22,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from torch import nn
 
@@ -148,6 +148,9 @@ _REGISTRY: dict[str, AttentionInfo] = {
 }
 
 
+_BlockT = TypeVar("_BlockT", bound=type[nn.Module])
+
+
 def _accepted(cls: type[nn.Module]) -> set[str]:
     params = inspect.signature(cls.__init__).parameters
     return {k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
@@ -171,7 +174,7 @@ def register_attention(
     departures: str = "",
     params_fn: Callable[..., int] | None = None,
     channel_rule: Callable[..., tuple[int, int]] | None = None,
-) -> Callable[[type[nn.Module]], type[nn.Module]]:
+) -> Callable[[_BlockT], _BlockT]:
     """Class decorator registering an attention block under ``name`` with its :class:`AttentionInfo`.
 
     The block is then built by :func:`create_attention` (so by every network's ``attention=`` argument and
@@ -215,7 +218,7 @@ def register_attention(
     if isinstance(year, bool) or not isinstance(year, int):
         raise ValueError(f"register_attention('{name}'): year must be an integer, got {year!r}.")
 
-    def decorator(cls: type[nn.Module]) -> type[nn.Module]:
+    def decorator(cls: _BlockT) -> _BlockT:
         if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
             raise ValueError(f"register_attention('{name}'): expected an nn.Module subclass, got {cls!r}.")
         old = _REGISTRY.get(name)
