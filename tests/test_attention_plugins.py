@@ -128,6 +128,8 @@ def test_decorator_metadata_matches_the_builtins() -> None:
 def test_plugin_file_registers_a_block_and_a_model(isolated, monkeypatch) -> None:
     path, log = isolated
     assert "tiny_gate" not in attention_registry._REGISTRY
+    with pytest.raises(ValueError, match="Unknown attention block 'tiny_gate'.*name their module in MEDSE_PLUGINS"):
+        create_attention("tiny_gate", 2, 8)
     monkeypatch.setenv(plugins.ENV_VAR, os.pathsep.join(["", str(path), " "]))
     info = list_attention()["tiny_gate"]
     assert (info.paper, info.year, info.defaults, info.params_formula) == (

@@ -34,7 +34,7 @@ from medse.attention.scse import SCSE, SpatialSE
 from medse.attention.se import ChannelSE, SqueezeExcitation
 from medse.attention.simam import SimAM
 from medse.attention.spse import SPSE
-from medse.plugins import load_plugins
+from medse.plugins import ENV_VAR, load_plugins
 from medse.utils.errors import did_you_mean, unknown_option_error
 
 # Keywords every block accepts through create_attention even where the block has no use for them:
@@ -416,7 +416,8 @@ def _split_names(name: object) -> list[str]:
     parts = [p.strip().lower() for p in name.split("+")]
     for p in parts:
         if p not in _REGISTRY:
-            raise unknown_option_error("attention block", p, _REGISTRY)
+            err = unknown_option_error("attention block", p, _REGISTRY)
+            raise ValueError(f"{err} (Blocks of your own: name their module in {ENV_VAR}.)")
     if len(parts) > 1 and "none" in parts:
         raise ValueError(f"attention '{name}': 'none' cannot be combined with other blocks.")
     return parts
