@@ -4,7 +4,7 @@ For each block, on a 2D (8, 64, 128, 128) and a 3D (2, 32, 64, 64, 64) tensor, t
 recording, as in training) and forward+backward of
 
 (a) ``plain``: the block with ``fused=False``: the textbook transcription of the authors' formula;
-(b) ``fused``: medse's block with its default fast path (``medse/attention/_fused.py``);
+(b) ``fused``: medse's block with its default fast path (``medse/attention/kernels/``);
 (c) ``floor``: ``x * 1.0`` on a tensor that requires grad (forward reads and writes the tensor once, backward
     once more): the least any block can cost;
 (d) ``conv``: a 3x3(x3) convolution of the same width (C -> C, padding 1, bias).
@@ -154,14 +154,14 @@ def fused_backend(name: str | None):
     if name is None:
         yield
         return
-    from medse.attention import _fused
+    from medse.attention import kernels
 
-    old = _fused.get_backend()
-    _fused.set_backend(name)
+    old = kernels.get_backend()
+    kernels.set_backend(name)
     try:
         yield
     finally:
-        _fused.set_backend(old)
+        kernels.set_backend(old)
 
 
 def bench_shape(
@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         "peak = extra memory allocated during one forward+backward; saved = bytes saved for backward "
         "(the input included). Variants: plain = `fused=False` (textbook formula); fused = medse's default fast "
         "path (hand-derived backward, eager kernels); compile = the same fast path with "
-        "`medse.attention._fused.set_backend('compile')` (first call = compilation, or loading PyTorch's disk "
+        "`medse.attention.kernels.set_backend('compile')` (first call = compilation, or loading PyTorch's disk "
         "cache).",
     ]
     if device.type == "cpu":

@@ -1,8 +1,8 @@
 """Each block against an independent, plain transcription of its paper's formula (random inputs and weights).
 
 The transcriptions below read weights from the blocks by their documented names but recompute everything else
-by hand (loops, einsum, explicit BatchNorm / h_swish / DCT formulas), in float64. Blocks with a fast-path hook are
-checked with fused=False (plain code) and fused=True (medse/attention/_fused.py when present).
+by hand (loops, einsum, explicit BatchNorm / h_swish / DCT formulas), in float64. Blocks with a fast path are
+checked with fused=False (plain code) and fused=True (their kernel in medse/attention/kernels/).
 """
 
 from __future__ import annotations

@@ -1,16 +1,16 @@
-"""Registry behaviour: names, metadata, composition, keyword routing, bad arguments, min_channels, fast-path hook."""
+"""Registry behaviour: names, metadata, composition, keyword routing, bad arguments, min_channels, fast paths."""
 
 from __future__ import annotations
 
-import sys
-import types
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from medse.attention import AttentionInfo, create_attention, list_attention, min_channels
-from medse.attention import _base as attention_base
+from medse.attention.kernels import core as kernels_core
+from medse.attention.se import ChannelSE
 
 REQUIRED = {"none", "se", "cse", "sse", "scse", "scse_smp", "eca", "fca", "ca", "simam", "spse", "pe"}
 GATED = {"sse", "scse", "scse_smp", "ca", "simam", "pe"}
@@ -151,45 +151,56 @@ def test_min_channels(name: str, kwargs: dict, expected: int) -> None:
             create_attention(name, d, c - 1, **kwargs)
 
 
-def test_fused_hook_is_used_when_present(monkeypatch) -> None:
-    """A future medse/attention/_fused.py plugs in by defining functions named after the blocks."""
-    calls: list[str] = []
+class _TanhSE(ChannelSE):
+    """cSE with tanh in the hidden layer: a block that changes its gate network by overriding ``excite``."""
 
-    def fake_sse(module, x):
-        calls.append("sse")
-        return NotImplemented if x.shape[0] == 1 else torch.zeros_like(x)
+    def excite(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.fc2(torch.tanh(self.fc1(z))))
 
-    fake = types.ModuleType("medse.attention._fused")
-    fake.sse = fake_sse
-    monkeypatch.setitem(sys.modules, "medse.attention._fused", fake)
-    attention_base._fused_module.cache_clear()
-    try:
-        block = create_attention("sse", 2, 4)
-        x = torch.randn(2, 4, 5, 5)
-        assert torch.equal(block(x), torch.zeros_like(x))  # fast path taken
-        assert torch.allclose(block(x[:1]), x[:1] * torch.sigmoid(block.conv(x[:1])))  # NotImplemented: plain
+
+def test_fast_path_runs_the_blocks_own_gate_network(monkeypatch) -> None:
+    """Each block calls its family's kernel with its own layers: a subclass (or a replaced branch) changes the
+    fused and the plain result alike, and the fused path is the one taken."""
+    monkeypatch.setattr(kernels_core, "MIN_ELEMENTS", 0)
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 5, 6, requires_grad=True)
+    block = _TanhSE(2, 8)
+    expected = x * torch.sigmoid(block.fc2(torch.tanh(block.fc1(x.mean((2, 3)))))).view(2, 8, 1, 1)
+    for fused in (True, False):
+        block.fused = fused
+        assert block.takes_fast_path(x) is fused
+        y = block(x)
+        assert (type(y.grad_fn).__name__ == "_ChannelFnBackward") is fused
+        torch.testing.assert_close(y, expected)
+    scse = create_attention("scse", 2, 8, aggregation="add")
+    scse.cse = _TanhSE(2, 8)
+    c = torch.sigmoid(scse.cse.fc2(torch.tanh(scse.cse.fc1(x.mean((2, 3)))))).view(2, 8, 1, 1)
+    expected = x * c + x * torch.sigmoid(scse.sse.conv(x))
+    for fused in (True, False):
+        scse.fused = fused
+        y = scse(x)
+        assert (type(y.grad_fn).__name__ == "_SCSEFnBackward") is fused
+        torch.testing.assert_close(y, expected)
+
+
+def test_fast_paths_follow_the_blocks_switch_and_size(monkeypatch) -> None:
+    monkeypatch.setattr(kernels_core, "MIN_ELEMENTS", 100)
+    xs, xl = torch.randn(1, 16, 2, 3), torch.randn(1, 16, 2, 4)  # 96 and 128 elements
+    for name in sorted(FUSED):
+        block = create_attention(name, 2, 16)
+        assert block.takes_fast_path(xl) and not block.takes_fast_path(xs), name
         block.fused = False
-        assert torch.allclose(block(x), x * torch.sigmoid(block.conv(x)))  # switched off: plain, hook not called
-        assert calls == ["sse", "sse"]
-        eca = create_attention("eca", 2, 4)  # no fast path defined for eca: plain code
-        assert torch.allclose(eca(x), x * eca.channel_gate(x))
-    finally:
-        monkeypatch.delitem(sys.modules, "medse.attention._fused")
-        attention_base._fused_module.cache_clear()
+        assert not block.takes_fast_path(xl), name
 
 
-def test_broken_fast_path_module_falls_back_with_a_warning(monkeypatch) -> None:
-    def broken(name: str):
-        raise IndentationError("unexpected indent (_fused.py, line 1)")
+def test_docs_blocks_page_is_current() -> None:
+    """docs/blocks.md is generated from the registry (``medse blocks --docs --output docs/blocks.md``)."""
+    from medse import plugins
+    from medse.attention.report import blocks_markdown
 
-    monkeypatch.setattr(attention_base, "importlib", types.SimpleNamespace(import_module=broken))
-    attention_base._fused_module.cache_clear()
-    try:
-        block = create_attention("sse", 2, 4)
-        x = torch.randn(2, 4, 5, 5)
-        with pytest.warns(UserWarning, match="_fused cannot be imported"):
-            y = block(x)
-        torch.testing.assert_close(y, x * torch.sigmoid(block.conv(x)))
-    finally:
-        monkeypatch.undo()
-        attention_base._fused_module.cache_clear()
+    if plugins.plugin_entries():
+        pytest.skip("MEDSE_PLUGINS is set: the page would list the plugin blocks too")
+    page = Path(__file__).resolve().parents[1] / "docs" / "blocks.md"
+    assert page.read_text() == blocks_markdown(), (
+        "docs/blocks.md is out of date: run `medse blocks --docs --output docs/blocks.md`"
+    )

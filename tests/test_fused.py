@@ -1,4 +1,4 @@
-"""Fused fast paths (medse/attention/_fused.py): same outputs and gradients as the plain blocks.
+"""Fused fast paths (medse/attention/kernels/): same outputs and gradients as the plain blocks.
 
 Every fast block is compared with its ``fused=False`` twin (values, input and parameter gradients, 1e-5 relative)
 with the cache blocking forced to many chunks and with the default, checked with ``torch.autograd.gradcheck`` in
@@ -15,8 +15,11 @@ import pytest
 import torch
 from torch.func import functional_call
 
-import medse.attention._fused as F
+import medse.attention.kernels as K
 from medse.attention import create_attention
+from medse.attention.kernels import coord as kernels_coord
+from medse.attention.kernels import core as F
+from medse.attention.kernels import simam as kernels_simam
 
 # (registry name, kwargs, spatial dims to test)
 CASES = [
@@ -78,7 +81,7 @@ def test_small_inputs_use_the_plain_code(monkeypatch):
     monkeypatch.setattr(F, "MIN_ELEMENTS", 1000)
     fused, plain = _pair("scse", 2, 8)
     small, large = _input((1, 8, 5, 5)), _input((1, 8, 12, 12))
-    assert F.scse(fused, small) is NotImplemented
+    assert not fused.takes_fast_path(small) and fused.takes_fast_path(large)
     y = fused(small.requires_grad_(True))
     assert type(y.grad_fn).__name__ != "_SCSEFnBackward"
     _close(y.detach(), plain(small).detach())
@@ -192,7 +195,7 @@ def test_record_gate_falls_back_to_plain(name):
 def test_half_precision_simam_uses_plain_code():
     fused, plain = _pair("simam", 2, 4)
     x = _input((1, 4, 6, 6)).to(torch.bfloat16)
-    assert F.simam(fused, x) is NotImplemented
+    assert not fused.takes_fast_path(x)
     torch.testing.assert_close(fused(x), plain(x))
 
 
@@ -233,22 +236,22 @@ def test_saves_no_more_than_plain(name, kw):
 def test_functional_api_errors_and_shapes():
     x = torch.randn(2, 4, 3, 3)
     with pytest.raises(ValueError, match="aggregation"):
-        F.scse_attention(x, lambda z: torch.sigmoid(z), (), torch.ones(4), None, aggregation="avg")
+        K.scse_attention(x, lambda z: torch.sigmoid(z), (), torch.ones(4), None, aggregation="avg")
     with pytest.raises(ValueError, match="coord_attention"):
-        F.coord_attention(torch.randn(2, 4, 5), lambda *s: list(s), ())
-    y, q = F.spatial_attention(x, torch.zeros(1, 4, 1, 1), torch.zeros(1))
+        K.coord_attention(torch.randn(2, 4, 5), lambda *s: list(s), ())
+    y, q = K.spatial_attention(x, torch.zeros(1, 4, 1, 1), torch.zeros(1))
     torch.testing.assert_close(y, x * 0.5)
     assert q.shape == (2, 1, 9)
-    assert F.cse(create_attention("cse", 2, 4), torch.zeros(2, 4, 3, 3, dtype=torch.int64)) is NotImplemented
+    assert not create_attention("cse", 2, 4).takes_fast_path(torch.zeros(2, 4, 3, 3, dtype=torch.int64))
 
 
 def test_spans_cover_axis(monkeypatch):
     monkeypatch.setattr(F, "CHUNK_ELEMENTS", 10)
-    spans = F._spans(23, 3, torch.device("cpu"))
+    spans = F.chunk_spans(23, 3, torch.device("cpu"))
     assert spans[0] == (0, 3) and spans[-1] == (21, 23)
     assert sum(b - a for a, b in spans) == 23
     monkeypatch.setattr(F, "CHUNK_ELEMENTS", 0)
-    assert F._spans(23, 3, torch.device("cpu")) == [(0, 23)]
+    assert F.chunk_spans(23, 3, torch.device("cpu")) == [(0, 23)]
 
 
 def test_bench_blocks_smoke(tmp_path):
@@ -267,9 +270,9 @@ def test_bench_blocks_smoke(tmp_path):
 
 
 def test_backend_switch_validates_and_falls_back(monkeypatch):
-    assert F.get_backend() in ("eager", "compile")
+    assert K.get_backend() in ("eager", "compile")
     with pytest.raises(ValueError, match="backend must be one of"):
-        F.set_backend("triton")
+        K.set_backend("triton")
 
     def broken_compile(fn, **kw):
         def run(*a):
@@ -289,17 +292,18 @@ def test_backend_switch_validates_and_falls_back(monkeypatch):
     yp, gxp, _, _ = _run(plain, x, torch.ones_like(x))
     _close(yf, yp)
     _close(gxf, gxp)
-    assert F._compile_failed and F._kernel(F._ck_simam_fwd) is None
+    assert F._compile_failed and F.compiled_kernel(kernels_simam._ck_simam_fwd) is None
 
 
 def test_compile_backend_skips_small_tensors(monkeypatch):
     calls = []
     monkeypatch.setattr(F, "_backend", "compile")
     monkeypatch.setattr(F, "COMPILE_MIN_ELEMENTS", 1000)
-    monkeypatch.setattr(F, "_kernel", lambda fn: calls.append(fn.__name__) or fn)
-    assert F._call(F._ck_ca_apply, torch.ones(2, 4, 5, 5), torch.ones(2, 4, 5, 1), torch.ones(2, 4, 1, 5)) is None
+    monkeypatch.setattr(F, "compiled_kernel", lambda fn: calls.append(fn.__name__) or fn)
+    apply = kernels_coord._ck_ca_apply
+    assert F.compiled_call(apply, torch.ones(2, 4, 5, 5), torch.ones(2, 4, 5, 1), torch.ones(2, 4, 1, 5)) is None
     assert calls == []
-    out = F._call(F._ck_ca_apply, torch.ones(2, 4, 25, 25), torch.ones(2, 4, 25, 1), torch.ones(2, 4, 1, 25))
+    out = F.compiled_call(apply, torch.ones(2, 4, 25, 25), torch.ones(2, 4, 25, 1), torch.ones(2, 4, 1, 25))
     assert calls == ["_ck_ca_apply"] and out.shape == (2, 4, 25, 25)
 
 
@@ -345,5 +349,5 @@ def test_bench_networks_smoke(tmp_path):
 def test_whole_model_compile_traces_the_plain_formula(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     fused, _ = _pair("scse", 2, 8)
-    assert F.scse(fused, torch.randn(1, 8, 4, 4)) is NotImplemented
-    assert F.simam(create_attention("simam", 2, 8), torch.randn(1, 8, 4, 4)) is NotImplemented
+    assert not fused.takes_fast_path(torch.randn(1, 8, 4, 4))
+    assert not create_attention("simam", 2, 8).takes_fast_path(torch.randn(1, 8, 4, 4))

@@ -1,26 +1,24 @@
-"""Shared helpers of the attention blocks: argument checks, spatial reductions, the fast-path hook.
+"""Shared helpers of the attention blocks: argument checks, spatial reductions, the channel-gate base class.
 
 Fast paths
 ----------
-Blocks that may get a fused implementation (``se``/``cse``, ``sse``, ``scse``, ``eca``, ``ca``, ``simam``) take
-``fused: bool = True`` and store it as ``self.fused``. Their ``forward`` first asks :func:`fused_impl` for a
-function named after the block (``"cse"``, ``"sse"``, ``"scse"``, ``"eca"``, ``"ca"``, ``"simam"``) in the
-optional module ``medse/attention/_fused.py``. The contract for that module: ``fn(module, x) -> Tensor`` computes
-exactly what the plain ``forward`` computes with the module's own parameters (including ``last_gate`` when
-``module.record_gate`` is set), or returns ``NotImplemented`` to fall back to the plain code (for example on a
-device or dtype it does not handle). While ``_fused.py`` does not exist, both ``fused`` values run the plain code.
+Blocks with a fused implementation (``se``/``cse``, ``eca``, ``sse``, ``scse``, ``ca``, ``simam``) take
+``fused: bool = True`` and store it as ``self.fused``. Each block owns its fast path: ``takes_fast_path(x)``
+says whether ``forward`` will use it (``self.fused`` and :func:`medse.attention.kernels.fast_path_applies`, plus
+the block's own conditions), and ``forward`` then calls its family's kernel in :mod:`medse.attention.kernels`
+directly, passing its own layers (for example its ``excite`` method as the gate network). The kernel computes
+what the plain code computes, ``last_gate`` included where the block records it.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib
 import math
 import numbers
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
+
+from medse.attention.kernels import channel_attention, fast_path_applies
 
 
 def spatial_axes(x: torch.Tensor) -> tuple[int, ...]:
@@ -66,55 +64,31 @@ def reduced_channels(block: str, in_channels: int, reduction: object) -> int:
     return hidden
 
 
-@functools.cache
-def _fused_module():
-    """The optional fast-path module, or None when it is absent or fails to import (then with a warning:
-    a broken optional fast path must not take the plain blocks down with it)."""
-    try:
-        return importlib.import_module("medse.attention._fused")
-    except ModuleNotFoundError as e:
-        if e.name == "medse.attention._fused":
-            return None
-        warnings.warn(f"medse.attention._fused cannot be imported ({e}); using the plain blocks.", stacklevel=3)
-        return None
-    except Exception as e:  # noqa: BLE001 - any import failure of an optional module
-        warnings.warn(f"medse.attention._fused cannot be imported ({e!r}); using the plain blocks.", stacklevel=3)
-        return None
-
-
-def fused_impl(name: str) -> Callable | None:
-    """The fast path ``medse.attention._fused.<name>`` if that module defines it, else ``None``."""
-    mod = _fused_module()
-    return None if mod is None else getattr(mod, name, None)
-
-
-def run_fused(module: torch.nn.Module, name: str, x: torch.Tensor) -> torch.Tensor | None:
-    """Run the fast path for ``module`` if it is enabled and available; ``None`` means: use the plain code."""
-    if not getattr(module, "fused", False):
-        return None
-    fn = fused_impl(name)
-    if fn is None:
-        return None
-    out = fn(module, x)
-    return None if out is NotImplemented else out
-
-
 class ChannelGateBlock(torch.nn.Module):
-    """Base of the blocks that rescale each channel by a gate computed from the input (SE, cSE, ECA).
+    """Base of the blocks that rescale each channel by a gate computed from the spatial mean (SE, cSE, ECA).
 
-    Subclasses define ``channel_gate(x) -> (B, C, 1, ..., 1)`` and ``block_name`` (the fast-path name);
-    ``forward`` takes the fast path when enabled and available, else computes ``x * channel_gate(x)``.
+    Subclasses define ``excite(z) -> s``, mapping the (B, C) spatial mean to the (B, C) gate (after the sigmoid),
+    and set ``self.fused``. ``forward`` computes ``x * s``: with the fused kernel
+    (:func:`medse.attention.kernels.channel_attention`, given ``excite`` and the block's parameters) when
+    :meth:`takes_fast_path`, else with the plain formula ``x * channel_gate(x)``.
     """
 
-    block_name: str
+    fused: bool
 
-    def channel_gate(self, x: torch.Tensor) -> torch.Tensor:
+    def excite(self, z: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def channel_gate(self, x: torch.Tensor) -> torch.Tensor:
+        """The gate s as a (B, C, 1, ..., 1) tensor (plain code)."""
+        return channel_view(self.excite(x.mean(dim=spatial_axes(x))), x.ndim - 2)
+
+    def takes_fast_path(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x)`` runs the fused kernel."""
+        return self.fused and fast_path_applies(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = run_fused(self, self.block_name, x)
-        if out is not None:
-            return out
+        if self.takes_fast_path(x):
+            return channel_attention(x, self.excite, tuple(self.parameters()))
         return x * self.channel_gate(x)
 
     def extra_macs(self, input_shape: tuple[int, ...]) -> int:

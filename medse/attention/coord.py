@@ -19,7 +19,8 @@ import torch
 from monai.networks.layers.factories import Conv, Norm
 from torch import nn
 
-from medse.attention._base import check_channels, check_spatial_dims, run_fused
+from medse.attention._base import check_channels, check_spatial_dims
+from medse.attention.kernels import coord_attention, fast_path_applies
 
 
 class CoordAttention(nn.Module):
@@ -39,10 +40,9 @@ class CoordAttention(nn.Module):
         min_mip: lower bound of the hidden width. Defaults to 8 (authors' code).
         record_gate: store the product of the directional gates (broadcastable to x), detached, in
             ``self.last_gate``. Defaults to False.
-        fused: use a fast path from ``medse.attention._fused`` when one exists (same numbers). Defaults to True.
+        fused: use the fused kernel (:func:`medse.attention.kernels.coord_attention`; same numbers) when
+            ``record_gate`` is off. Defaults to True.
     """
-
-    block_name = "ca"
 
     def __init__(
         self,
@@ -74,29 +74,40 @@ class CoordAttention(nn.Module):
         self.fused = bool(fused)
         self.last_gate: torch.Tensor | None = None
 
+    def strip_gates(self, *strips: torch.Tensor) -> list[torch.Tensor]:
+        """The gate network: one (B, C, L_i) strip mean per spatial axis i -> one (B, C, L_i) gate per axis.
+
+        The strips are concatenated along the length axis, passed through ``conv1``, ``bn`` and ``act`` (one
+        BatchNorm over all strips, as the authors'), split back and mapped by ``conv_gates[i]`` and a sigmoid.
+        """
+        nd = self.spatial_dims
+        b, c = strips[0].shape[:2]
+        ones = [1] * (nd - 1)
+        cat = torch.cat([s.reshape(b, c, s.shape[2], *ones) for s in strips], dim=2)  # (B, C, sum L_i, 1, ...)
+        y = self.act(self.bn(self.conv1(cat)))
+        parts = torch.split(y, [s.shape[2] for s in strips], dim=2)
+        return [torch.sigmoid(conv(p)).reshape(b, c, -1) for p, conv in zip(parts, self.conv_gates, strict=True)]
+
     def gates(self, x: torch.Tensor) -> list[torch.Tensor]:
         """One gate per spatial axis i, shaped (B, C, 1, .., L_i, .., 1) so that it broadcasts against x."""
         nd = self.spatial_dims
         b, c = x.shape[:2]
         sizes = x.shape[2:]
-        ones = [1] * (nd - 1)
-        strips = []
-        for i in range(nd):
-            others = tuple(2 + j for j in range(nd) if j != i)
-            strips.append(x.mean(dim=others).reshape(b, c, sizes[i], *ones))  # (B, C, L_i, 1, ...)
-        y = self.act(self.bn(self.conv1(torch.cat(strips, dim=2))))
-        parts = torch.split(y, list(sizes), dim=2)
+        strips = [x.mean(dim=tuple(2 + j for j in range(nd) if j != i)) for i in range(nd)]  # (B, C, L_i)
         out = []
-        for i, (part, conv) in enumerate(zip(parts, self.conv_gates, strict=True)):
+        for i, g in enumerate(self.strip_gates(*strips)):
             shape = [b, c] + [1] * nd
             shape[2 + i] = sizes[i]
-            out.append(torch.sigmoid(conv(part)).reshape(shape))
+            out.append(g.reshape(shape))
         return out
 
+    def takes_fast_path(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x)`` runs the fused kernel."""
+        return self.fused and not self.record_gate and x.ndim == self.spatial_dims + 2 and fast_path_applies(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = run_fused(self, self.block_name, x)
-        if out is not None:
-            return out
+        if self.takes_fast_path(x):
+            return coord_attention(x, self.strip_gates, tuple(self.parameters()))
         gates = self.gates(x)
         y = x
         for g in gates:

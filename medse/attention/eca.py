@@ -13,13 +13,7 @@ import math
 import torch
 from torch import nn
 
-from medse.attention._base import (
-    ChannelGateBlock,
-    channel_view,
-    check_channels,
-    check_spatial_dims,
-    spatial_axes,
-)
+from medse.attention._base import ChannelGateBlock, check_channels, check_spatial_dims
 
 
 def eca_kernel_size(channels: int, gamma: float = 2, b: float = 1) -> int:
@@ -45,10 +39,8 @@ class ECA(ChannelGateBlock):
             k = [3, 5, 5, 7] per stage explicitly rather than computing it.
         gamma: gamma of the adaptive rule. Defaults to 2.
         b: b of the adaptive rule. Defaults to 1.
-        fused: use a fast path from ``medse.attention._fused`` when one exists (same numbers). Defaults to True.
+        fused: use the fused kernel (:mod:`medse.attention.kernels.channel`; same numbers). Defaults to True.
     """
-
-    block_name = "eca"
 
     def __init__(
         self,
@@ -75,11 +67,9 @@ class ECA(ChannelGateBlock):
         self.conv = nn.Conv1d(1, 1, kernel_size=kernel_size, padding=(kernel_size - 1) // 2, bias=False)
         self.fused = bool(fused)
 
-    def channel_gate(self, x: torch.Tensor) -> torch.Tensor:
-        """The gate s as a (B, C, 1, ..., 1) tensor."""
-        z = x.mean(dim=spatial_axes(x))  # (B, C)
-        s = torch.sigmoid(self.conv(z.unsqueeze(1))).squeeze(1)  # (B, 1, C) -> (B, C)
-        return channel_view(s, x.ndim - 2)
+    def excite(self, z: torch.Tensor) -> torch.Tensor:
+        """The gate s of the (B, C) spatial mean z: the channel axis read as a sequence, (B, 1, C) -> (B, C)."""
+        return torch.sigmoid(self.conv(z.unsqueeze(1))).squeeze(1)
 
     def extra_repr(self) -> str:
         return f"spatial_dims={self.spatial_dims}, in_channels={self.in_channels}, kernel_size={self.kernel_size}"

@@ -19,11 +19,11 @@ import torch
 from monai.networks.layers.factories import Conv
 from torch import nn
 
-from medse.attention._base import check_channels, check_spatial_dims, run_fused
+from medse.attention._base import check_channels, check_spatial_dims
+from medse.attention.kernels import fast_path_applies, scse_attention, spatial_attention
+from medse.attention.kernels.spatial import AGGREGATIONS
 from medse.attention.se import ChannelSE
 from medse.utils.errors import unknown_option_error
-
-AGGREGATIONS = ("max", "add", "mul")
 
 
 class SpatialSE(nn.Module):
@@ -38,10 +38,9 @@ class SpatialSE(nn.Module):
         in_channels: number of input channels C.
         record_gate: store the gate (B, 1, *spatial), detached, in ``self.last_gate`` at every forward.
             Defaults to False.
-        fused: use a fast path from ``medse.attention._fused`` when one exists (same numbers). Defaults to True.
+        fused: use the fused kernel (:func:`medse.attention.kernels.spatial_attention`; same numbers).
+            Defaults to True.
     """
-
-    block_name = "sse"
 
     def __init__(self, spatial_dims: int, in_channels: int, *, record_gate: bool = False, fused: bool = True) -> None:
         super().__init__()
@@ -56,10 +55,16 @@ class SpatialSE(nn.Module):
         """The gate q as a (B, 1, *spatial) tensor."""
         return torch.sigmoid(self.conv(x))
 
+    def takes_fast_path(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x)`` runs the fused kernel."""
+        return self.fused and fast_path_applies(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = run_fused(self, self.block_name, x)
-        if out is not None:
-            return out
+        if self.takes_fast_path(x):
+            y, q = spatial_attention(x, self.conv.weight, self.conv.bias)
+            if self.record_gate:
+                self.last_gate = q.detach().reshape(x.shape[0], 1, *x.shape[2:])
+            return y
         q = self.spatial_gate(x)
         if self.record_gate:
             self.last_gate = q.detach()
@@ -89,10 +94,9 @@ class SCSE(nn.Module):
         reduction: reduction ratio r of the channel branch. Defaults to 2.
         aggregation: ``"max"``, ``"add"`` or ``"mul"``. Defaults to ``"max"`` (authors' code).
         record_gate: store the spatial gate (B, 1, *spatial), detached, in ``self.last_gate``. Defaults to False.
-        fused: use a fast path from ``medse.attention._fused`` when one exists (same numbers). Defaults to True.
+        fused: use the fused kernel (:func:`medse.attention.kernels.scse_attention`; same numbers).
+            Defaults to True.
     """
-
-    block_name = "scse"
 
     def __init__(
         self,
@@ -117,10 +121,19 @@ class SCSE(nn.Module):
         self.fused = bool(fused)
         self.last_gate: torch.Tensor | None = None
 
+    def takes_fast_path(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x)`` runs the fused kernel."""
+        return self.fused and fast_path_applies(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = run_fused(self, self.block_name, x)
-        if out is not None:
-            return out
+        if self.takes_fast_path(x):
+            y, q = scse_attention(
+                x, self.cse.excite, tuple(self.cse.parameters()), self.sse.conv.weight, self.sse.conv.bias,
+                self.aggregation,
+            )
+            if self.record_gate:
+                self.last_gate = q.detach().reshape(x.shape[0], 1, *x.shape[2:])
+            return y
         c = self.cse.channel_gate(x)
         q = self.sse.spatial_gate(x)
         if self.record_gate:

@@ -15,14 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from medse.attention._base import (
-    ChannelGateBlock,
-    channel_view,
-    check_channels,
-    check_spatial_dims,
-    reduced_channels,
-    spatial_axes,
-)
+from medse.attention._base import ChannelGateBlock, check_channels, check_spatial_dims, reduced_channels
 
 
 class SqueezeExcitation(ChannelGateBlock):
@@ -38,12 +31,10 @@ class SqueezeExcitation(ChannelGateBlock):
         spatial_dims: number of spatial dimensions, 1, 2 or 3.
         in_channels: number of input channels C.
         reduction: reduction ratio r of the hidden layer (C // r units). Defaults to 16 (the paper's choice).
-        fused: use a fast path from ``medse.attention._fused`` when one exists (same numbers). Defaults to True.
+        fused: use the fused kernel (:mod:`medse.attention.kernels.channel`; same numbers). Defaults to True.
 
     Shapes: input (B, C, *spatial) -> output of the same shape and dtype.
     """
-
-    block_name = "cse"  # name of the fast path in medse.attention._fused
 
     def __init__(self, spatial_dims: int, in_channels: int, *, reduction: float = 16, fused: bool = True) -> None:
         super().__init__()
@@ -58,11 +49,9 @@ class SqueezeExcitation(ChannelGateBlock):
         self.fc2 = nn.Linear(hidden, self.in_channels, bias=True)
         self.fused = bool(fused)
 
-    def channel_gate(self, x: torch.Tensor) -> torch.Tensor:
-        """The excitation s as a (B, C, 1, ..., 1) tensor."""
-        z = x.mean(dim=spatial_axes(x))
-        s = torch.sigmoid(self.fc2(self.act(self.fc1(z))))
-        return channel_view(s, x.ndim - 2)
+    def excite(self, z: torch.Tensor) -> torch.Tensor:
+        """The excitation s = sigmoid(fc2(act(fc1(z)))) of the (B, C) spatial mean z, (B, C)."""
+        return torch.sigmoid(self.fc2(self.act(self.fc1(z))))
 
     def extra_repr(self) -> str:
         return f"spatial_dims={self.spatial_dims}, in_channels={self.in_channels}, reduction={self.reduction}"
@@ -79,7 +68,7 @@ class ChannelSE(SqueezeExcitation):
         spatial_dims: number of spatial dimensions, 1, 2 or 3.
         in_channels: number of input channels C.
         reduction: reduction ratio r. Defaults to 2 (the authors' segmentation networks).
-        fused: use a fast path from ``medse.attention._fused`` when one exists (same numbers). Defaults to True.
+        fused: use the fused kernel (:mod:`medse.attention.kernels.channel`; same numbers). Defaults to True.
     """
 
     def __init__(self, spatial_dims: int, in_channels: int, *, reduction: float = 2, fused: bool = True) -> None:

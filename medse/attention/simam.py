@@ -14,7 +14,8 @@ import math
 import torch
 from torch import nn
 
-from medse.attention._base import check_channels, check_spatial_dims, run_fused, spatial_axes
+from medse.attention._base import check_channels, check_spatial_dims, spatial_axes
+from medse.attention.kernels import fast_path_applies, simam_attention
 
 
 class SimAM(nn.Module):
@@ -33,10 +34,10 @@ class SimAM(nn.Module):
         e_lambda: the regulariser lambda. Defaults to 1e-4 (the module default; the authors' ImageNet and COCO
             runs use 0.1).
         record_gate: store the gate sigmoid(e) (B, C, *spatial), detached, in ``self.last_gate``. Defaults to False.
-        fused: use a fast path from ``medse.attention._fused`` when one exists (same numbers). Defaults to True.
+        fused: use the fused kernel (:func:`medse.attention.kernels.simam_attention`; same numbers) for float32
+            and float64 inputs without ``record_gate`` (half types: the plain code, energy in float32). Defaults
+            to True.
     """
-
-    block_name = "simam"
 
     def __init__(
         self,
@@ -66,10 +67,18 @@ class SimAM(nn.Module):
         e = d / (4 * (d.sum(dim=axes, keepdim=True) / n + self.e_lambda)) + 0.5
         return torch.sigmoid(e)
 
+    def takes_fast_path(self, x: torch.Tensor) -> bool:
+        """Whether ``forward(x)`` runs the fused kernel."""
+        return (
+            self.fused
+            and not self.record_gate
+            and x.dtype in (torch.float32, torch.float64)
+            and fast_path_applies(x)
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = run_fused(self, self.block_name, x)
-        if out is not None:
-            return out
+        if self.takes_fast_path(x):
+            return simam_attention(x, self.e_lambda)
         g = self.gate(x)
         if self.record_gate:
             self.last_gate = g.detach()

@@ -33,17 +33,11 @@ from medse.utils.errors import MedseError
 
 __all__ = ["ExplainResult", "explain", "gate_layers"]
 
-SPATIAL_GATE_BLOCKS = ("sse", "scse", "scse_smp", "ca", "simam", "pe")
-
-
 def spatial_gate_blocks() -> list[str]:
     """Names of the registered blocks with a spatial gate (``AttentionInfo.spatial_gate``)."""
-    try:
-        from medse.attention import list_attention
+    from medse.attention import list_attention
 
-        return [n for n, info in list_attention().items() if getattr(info, "spatial_gate", False)]
-    except ImportError:  # pragma: no cover - the blocks area is part of every release
-        return list(SPATIAL_GATE_BLOCKS)
+    return [n for n, info in list_attention().items() if info.spatial_gate]
 
 
 @dataclass

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medse.attention import create_attention
 from medse.utils.errors import unknown_option_error
 
 #: The named places where a segmentation network can insert attention modules.
@@ -115,10 +116,6 @@ def make_attention(
     """
     if attention is None or attention == "none":
         return None
-    try:
-        from medse.attention import create_attention
-    except ImportError as e:  # the blocks area is not importable
-        raise ValueError(f"attention='{attention}' needs medse.attention, which cannot be imported ({e}).") from e
     try:
         module = create_attention(attention, spatial_dims, channels, **(kwargs or {}))
     except ValueError as e:

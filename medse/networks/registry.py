@@ -21,6 +21,7 @@ from typing import Any
 from torch import nn
 
 from medse.networks._common import POSITIONS, ByDims, resolve_default
+from medse.plugins import load_plugins
 from medse.utils.errors import did_you_mean, unknown_option_error
 
 __all__ = [
@@ -154,6 +155,7 @@ def _signature_defaults(builder: Callable[..., Any]) -> dict[str, Any]:
 
 def _ensure_loaded() -> None:
     global _loaded
+    load_plugins()  # MEDSE_PLUGINS modules may register models (each is imported once)
     if _loaded:
         return
     for mod in _MODEL_MODULES:

@@ -35,6 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medse.attention import create_attention
+from medse.networks.registry import register_model
+
 __all__ = [
     "KERAS_BN_EPS",
     "PreActBottleneck",
@@ -60,10 +63,6 @@ def _bn(spatial_dims: int) -> type[nn.Module]:
 def _make_attention(name: str, spatial_dims: int, channels: int, kwargs: dict[str, Any]) -> nn.Module:
     if name in ("none", "", None):
         return nn.Identity()
-    try:
-        from medse.attention import create_attention
-    except ImportError as e:  # the blocks area is not installed
-        raise ValueError(f"attention='{name}' needs medse.attention, which cannot be imported ({e})") from e
     module = create_attention(name, spatial_dims, channels, **kwargs)
     if not isinstance(module, nn.Identity):
         module._medse_attention = True
@@ -276,25 +275,14 @@ def keras_param_count(model: nn.Module) -> dict[str, int]:
     return {"trainable": trainable, "non_trainable": frozen + running, "total": trainable + frozen + running}
 
 
-def _register(fn: Any) -> Any:
-    try:
-        from medse.networks.registry import register_model
-    except ImportError:  # the networks area's registry is not there: the class is still usable directly
-        return fn
-    try:
-        return register_model(
-            "resnet50v2",
-            task="classification",
-            spatial_dims=(2, 3),
-            description="Keras-layout ResNet50V2 (pre-activation ResNet-50), attention before the residual add",
-            defaults={"width": 1.0, "dropout": 0.0, "bn_eps": KERAS_BN_EPS, "bn_momentum": 0.1, "init": "torch"},
-            paper="He et al., Identity Mappings in Deep Residual Networks, ECCV 2016 (Keras ResNet50V2 layout)",
-        )(fn)
-    except TypeError:  # a registry whose decorator takes fewer keywords
-        return register_model("resnet50v2", task="classification")(fn)
-
-
-@_register
+@register_model(
+    "resnet50v2",
+    task="classification",
+    spatial_dims=(2, 3),
+    description="Keras-layout ResNet50V2 (pre-activation ResNet-50), attention before the residual add",
+    defaults={"width": 1.0, "dropout": 0.0, "bn_eps": KERAS_BN_EPS, "bn_momentum": 0.1, "init": "torch"},
+    paper="He et al., Identity Mappings in Deep Residual Networks, ECCV 2016 (Keras ResNet50V2 layout)",
+)
 def resnet50v2(
     spatial_dims: int = 2,
     in_channels: int = 3,

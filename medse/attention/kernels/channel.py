@@ -1,0 +1,82 @@
+"""Fused channel gate of SE (Hu et al., CVPR 2018), cSE (Roy et al., MICCAI 2018) and ECA (Wang et al., CVPR
+2020): ``y = x * c``, ``c = gate_fn(mean(x))`` per (B, C).
+
+Used by :class:`~medse.attention._base.ChannelGateBlock` (``se``, ``cse``, ``eca``) and by the channel branch of
+:class:`~medse.attention.scse.SCSE` through :func:`~medse.attention.kernels.spatial.scse_attention`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from medse.attention.kernels.core import (
+    acc_dtype,
+    chunk_spans,
+    dot_spatial,
+    gate_backward,
+    needs_grad,
+    run_gate,
+    unflat,
+)
+
+__all__ = ["channel_attention"]
+
+
+class _ChannelFn(torch.autograd.Function):
+    """y = x * c, c = gate_fn(mean_n x) per (B, C).
+
+    Backward: ``gc = sum_n dy * x``; the gate network maps gc to ``gz`` (and its parameter gradients);
+    ``gx = dy * c + gz / N`` in one pass (the mean's gradient is folded into the same write).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, gate_fn: Callable[[Tensor], Tensor], *params: Tensor) -> Tensor:  # type: ignore[override]
+        x3 = x.flatten(2)
+        (zl,), c = run_gate(gate_fn, x3.mean(-1))
+        y3 = x3 * c.detach().to(x.dtype).unsqueeze(-1)
+        ctx.save_for_backward(x)
+        ctx.gate = (zl, c)
+        ctx.params = params
+        return unflat(y3, x.shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        zl, c = ctx.gate
+        x3, dy3 = x.flatten(2), dy.flatten(2)
+        b, ch, n = x3.shape
+        single = len(chunk_spans(n, b * ch, x.device)) == 1
+        if single:  # the gradient's buffer doubles as the scratch of dy * x: one full-size allocation
+            gx3 = torch.mul(dy3, x3)
+            gc = gx3.sum(-1, dtype=acc_dtype(x.dtype))
+        else:
+            gc = dot_spatial(dy3, x3)
+        (gz,), gp = gate_backward([c], [gc], [zl], ctx.params)
+        gz = torch.zeros_like(zl) if gz is None else gz
+        gzn, c3 = (gz / n).to(x.dtype).unsqueeze(-1), c.detach().to(x.dtype).unsqueeze(-1)
+        gx3 = torch.addcmul(gzn, dy3, c3, out=gx3) if single else torch.addcmul(gzn, dy3, c3)
+        return (unflat(gx3, x.shape), None, *gp)
+
+
+def channel_attention(x: Tensor, gate_fn: Callable[[Tensor], Tensor], params: Sequence[Tensor]) -> Tensor:
+    """``x * gate_fn(mean(x))`` with the fused backward (SE, Hu et al. CVPR 2018; cSE, Roy et al. MICCAI 2018).
+
+    Args:
+        x: input (B, C, *spatial).
+        gate_fn: maps the (B, C) spatial mean to the (B, C) gate (after the sigmoid).
+        params: every tensor requiring grad that ``gate_fn`` uses (its parameters); their gradients are
+            computed by autograd through ``gate_fn``.
+
+    Returns:
+        The recalibrated tensor, shape of x.
+    """
+    if not needs_grad(x, *params):
+        x3 = x.flatten(2)
+        c = gate_fn(x3.mean(-1))
+        return unflat(x3 * c.to(x.dtype).unsqueeze(-1), x.shape)
+    return _ChannelFn.apply(x, gate_fn, *params)

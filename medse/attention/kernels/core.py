@@ -1,0 +1,161 @@
+"""What every fused kernel shares: size thresholds, the backend switch, cache blocking and the gate-graph helpers.
+
+The family modules (:mod:`~medse.attention.kernels.channel`, :mod:`~medse.attention.kernels.spatial`,
+:mod:`~medse.attention.kernels.simam`, :mod:`~medse.attention.kernels.coord`) read the settings below at call
+time (``core.CHUNK_ELEMENTS``, ...), so changing them here (or with the environment variables) applies everywhere.
+A block asks :func:`fast_path_applies` before calling its family's kernel.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+#: Smallest input (elements) for which the blocks take the fast path; smaller inputs run the plain code. Below
+#: this size a block's cost is per-operator overhead, not memory traffic, and the custom Function's own overhead
+#: made the fast path slower (single thread, 32k elements: scSE 14.7 vs 11.7 ms, SimAM 3.8 vs 1.4 ms; at 131k
+#: elements the fast path was ahead). Defaults to 65536 (``MEDSE_FUSED_MIN``); the functional forms
+#: (:func:`~medse.attention.kernels.scse_attention` etc.) do not check it.
+MIN_ELEMENTS: int = int(os.environ.get("MEDSE_FUSED_MIN", str(1 << 16)))
+
+#: Elements per cache block on CPU (summed over batch and channels); 0 or negative: no blocking (whole tensors).
+#: Blocking keeps temporaries in cache but runs many small parallel operators, each of which waits for every
+#: OpenMP thread: on a loaded machine (more runnable jobs than cores) that wait dominates (scSE-max 3D with 256k
+#: element blocks: 30x the floor, whole tensors 5.8x, same load). Defaults to 0, overridable with
+#: the environment variable ``MEDSE_FUSED_CHUNK`` (e.g. 262144 = 1 MiB of float32 per chunk tensor).
+CHUNK_ELEMENTS: int = int(os.environ.get("MEDSE_FUSED_CHUNK", "0"))
+
+#: Smallest input (elements) that the compile backend compiles for; smaller ones run the eager kernels. Small
+#: tensors gain little from fusion, pay the compiled function's guard checks, and their many distinct shapes
+#: (one per network level) trigger recompilations for size-dependent kernel choices (dynamo stops at its
+#: recompile limit of 8 per function). Defaults to 1048576 (``MEDSE_FUSED_COMPILE_MIN``).
+COMPILE_MIN_ELEMENTS: int = int(os.environ.get("MEDSE_FUSED_COMPILE_MIN", str(1 << 20)))
+
+BACKENDS = ("eager", "compile")
+_backend: str = os.environ.get("MEDSE_FUSED_BACKEND", "eager")
+_compiled: dict[str, Callable] = {}
+_compile_failed: bool = False
+
+
+def fast_path_applies(x: Tensor) -> bool:
+    """Whether a block should run its fused kernel on ``x``: a floating-point (B, C, *spatial) tensor of at least
+    :data:`MIN_ELEMENTS` elements, outside ``torch.compile`` (under a compiled model the plain formula is traced
+    and fused by the compiler itself)."""
+    if torch.compiler.is_compiling():
+        return False
+    return x.is_floating_point() and x.ndim >= 3 and x.numel() >= max(MIN_ELEMENTS, 1)
+
+
+def set_backend(name: str) -> None:
+    """Choose how the element-wise kernels of scSE, SimAM and CA run: ``"eager"`` (PyTorch operators, no
+    compilation) or ``"compile"`` (``torch.compile(dynamic=True)``: one fused loop per pass, compiled once per
+    kernel, dtype and device, cached on disk by PyTorch; no recompilation for new shapes). Defaults to
+    ``"eager"``, or the environment variable ``MEDSE_FUSED_BACKEND``. If compilation fails (no C++ compiler),
+    medse warns once and stays on ``"eager"``.
+    """
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"set_backend: backend must be one of {BACKENDS}, got {name!r}.")
+    _backend = name
+
+
+def get_backend() -> str:
+    """The backend in use, ``"eager"`` or ``"compile"``; see :func:`set_backend`."""
+    return _backend
+
+
+def compiled_kernel(fn: Callable) -> Callable | None:
+    """The compiled twin of ``fn`` when the compile backend is on (and works), else None."""
+    if _backend != "compile" or _compile_failed:
+        return None
+    k = _compiled.get(fn.__name__)
+    if k is None:
+        k = _compiled[fn.__name__] = torch.compile(fn, dynamic=True)
+    return k
+
+
+def compiled_call(fn: Callable, *args):
+    """``fn(*args)`` compiled when the compile backend is on and ``args[0]`` is large enough; None means: run the
+    eager kernel. A compiler failure warns once and switches the compile backend off for the process."""
+    global _compile_failed
+    if args[0].numel() < COMPILE_MIN_ELEMENTS:
+        return None
+    k = compiled_kernel(fn)
+    if k is not None:
+        try:
+            return k(*args)
+        except Exception as e:  # noqa: BLE001 - any compiler failure: warn once, run eagerly
+            _compile_failed = True
+            warnings.warn(f"medse fused attention: torch.compile failed ({type(e).__name__}: {e}); using eager "
+                          "kernels.", RuntimeWarning, stacklevel=3)
+    return None
+
+
+def chunk_spans(n: int, rows: int, device: torch.device) -> list[tuple[int, int]]:
+    """Chunks ``[j0, j1)`` of an axis of length ``n`` whose slices hold about CHUNK_ELEMENTS elements."""
+    if device.type != "cpu" or CHUNK_ELEMENTS <= 0:
+        return [(0, n)]
+    k = max(1, min(n, CHUNK_ELEMENTS // max(rows, 1)))
+    return [(j, min(n, j + k)) for j in range(0, n, k)]
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the reductions: float32 for half types, else the dtype itself."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def unflat(t3: Tensor, shape: torch.Size) -> Tensor:
+    """A flattened (B, C, N) tensor back to ``shape`` (a view when the strides allow it)."""
+    try:
+        return t3.view(shape)
+    except RuntimeError:
+        return t3.reshape(shape)
+
+
+def needs_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd records an operation on these tensors (else the kernels run without a Function)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def run_gate(gate_fn: Callable[..., Tensor], *inputs: Tensor) -> tuple[list[Tensor], Tensor | list[Tensor]]:
+    """Run a small gate network on detached leaves with autograd on, so its backward can be run later.
+
+    The gate networks are tiny (they act on (B, C) or (B, C, L) descriptors); keeping their graph instead of
+    recomputing it in backward also keeps BatchNorm running statistics updated exactly once.
+    """
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(True) for t in inputs]
+        out = gate_fn(*leaves)
+    return leaves, out
+
+
+def gate_backward(
+    outputs: Sequence[Tensor], grads: Sequence[Tensor], leaves: Sequence[Tensor], params: Sequence[Tensor]
+) -> tuple[list[Tensor | None], list[Tensor | None]]:
+    """Gradients of the gate network wrt its descriptor inputs (``leaves``) and its parameters."""
+    live = [p for p in params if p.requires_grad]
+    got = torch.autograd.grad(
+        list(outputs),
+        list(leaves) + live,
+        [g.to(o.dtype) for g, o in zip(grads, outputs, strict=True)],
+        allow_unused=True,
+        retain_graph=True,  # the outer graph may be run again (retain_graph=True, gradcheck)
+    )
+    g_leaves = list(got[: len(leaves)])
+    it = iter(got[len(leaves) :])
+    g_params = [next(it) if p.requires_grad else None for p in params]
+    return g_leaves, g_params
+
+
+def dot_spatial(a3: Tensor, b3: Tensor) -> Tensor:
+    """``sum_n a*b`` over the last axis of two (B, C, N) tensors, cache-blocked; accumulates in float32+."""
+    b, c, n = a3.shape
+    acc = acc_dtype(a3.dtype)
+    out = torch.zeros(b, c, dtype=acc, device=a3.device)
+    for j0, j1 in chunk_spans(n, b * c, a3.device):
+        out += torch.mul(a3[..., j0:j1], b3[..., j0:j1]).sum(-1, dtype=acc)
+    return out

@@ -1,0 +1,283 @@
+"""Fused spatial gate of sSE and the concurrent scSE (Roy et al., MICCAI 2018 / IEEE TMI 2019).
+
+sSE: ``y = x * q``, ``q = sigmoid(w . x + b)`` per (B, position). scSE: ``max(x*c, x*q)``, ``x*c + x*q`` or
+``x*c*q`` with the channel gate ``c`` of :mod:`~medse.attention.kernels.channel`. Used by
+:class:`~medse.attention.scse.SpatialSE` and :class:`~medse.attention.scse.SCSE`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from medse.attention.kernels.core import (
+    acc_dtype,
+    chunk_spans,
+    compiled_call,
+    gate_backward,
+    needs_grad,
+    run_gate,
+    unflat,
+)
+
+__all__ = ["AGGREGATIONS", "scse_attention", "spatial_attention"]
+
+AGGREGATIONS = ("max", "add", "mul")
+
+
+# kernels for the compile backend: pure functions on whole (B, C, N) tensors, fused by torch.compile
+
+
+def _ck_scse_fwd(x: Tensor, c3: Tensor, w: Tensor, bias: Tensor, mode: str) -> tuple[Tensor, Tensor]:
+    q = torch.sigmoid((x * w.view(1, -1, 1)).sum(1, keepdim=True) + bias)
+    if mode == "max":
+        y = torch.maximum(x * c3, x * q)
+    elif mode == "add":
+        y = x * c3 + x * q
+    else:
+        y = x * c3 * q
+    return y, q
+
+
+def _scse_grad_split(x: Tensor, dy: Tensor, c3: Tensor, q: Tensor, mode: str) -> tuple[Tensor, Tensor]:
+    """Gradients wrt the two products a = x*c and b = x*q (mul: wrt c*x and q*x)."""
+    if mode == "max":
+        a, b = x * c3, x * q
+        h = torch.where(a > b, 1.0, torch.where(a == b, 0.5, 0.0)).to(x.dtype)
+        ga = dy * h
+        return ga, dy - ga
+    if mode == "add":
+        return dy, dy
+    return dy * q, dy * c3
+
+
+def _ck_scse_bwd1(x: Tensor, dy: Tensor, c3: Tensor, q: Tensor, mode: str):
+    ga, gb = _scse_grad_split(x, dy, c3, q, mode)
+    gc = (ga * x).sum(-1, dtype=acc_dtype(x.dtype))
+    gq = (gb * x).sum(1, keepdim=True)
+    gs = gq * q * (1 - q)
+    gw = (x * gs).sum((0, 2), dtype=acc_dtype(x.dtype))
+    return gc, gs, gw, gs.sum(dtype=acc_dtype(x.dtype))
+
+
+def _ck_scse_bwd2(x: Tensor, dy: Tensor, c3: Tensor, q: Tensor, w: Tensor, gs: Tensor, gzn: Tensor, mode: str):
+    ga, gb = _scse_grad_split(x, dy, c3, q, mode)
+    if mode == "mul":
+        return ga * c3 + w.view(1, -1, 1) * gs + gzn
+    return ga * c3 + gb * q + w.view(1, -1, 1) * gs + gzn
+
+
+def _spatial_logits(x3: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+    """``w . x + b`` over channels: (B, C, N) -> (B, 1, N), one read of x (a batched matrix product)."""
+    s = torch.matmul(w.to(x3.dtype).view(1, 1, -1), x3)
+    if bias is not None:
+        s = s.add_(bias.to(x3.dtype).view(1, 1, 1))
+    return s
+
+
+class _SpatialFn(torch.autograd.Function):
+    """y = x * q, q = sigmoid(w . x + b).
+
+    Backward, one blocked pass over (dy, x): ``gq = sum_c dy * x``, ``gs = gq * q * (1 - q)``,
+    ``gx = dy * q + w * gs``, ``gw = sum_{b,n} x * gs``, ``gb = sum gs``. Saves x and q (as the plain code).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        x3 = x.flatten(2)
+        q = _spatial_logits(x3, weight, bias).sigmoid_()
+        y3 = x3 * q
+        ctx.save_for_backward(x, weight, q)
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(q)
+        return unflat(y3, x.shape), q
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: Tensor, _dq: Tensor | None):  # type: ignore[override]
+        x, weight, q = ctx.saved_tensors
+        x3, dy3 = x.flatten(2), dy.flatten(2)
+        b, c, n = x3.shape
+        acc = acc_dtype(x.dtype)
+        w3 = weight.to(x.dtype).view(1, c, 1)
+        gx3 = torch.empty_like(x3)
+        gw = torch.zeros(c, dtype=acc, device=x.device)
+        gb = torch.zeros((), dtype=acc, device=x.device)
+        for j0, j1 in chunk_spans(n, b * c, x.device):
+            xc, dyc, qc = x3[..., j0:j1], dy3[..., j0:j1], q[..., j0:j1]
+            gxc = gx3[..., j0:j1]
+            gs = torch.mul(dyc, xc, out=gxc).sum(1, keepdim=True)  # gq (B, 1, k); gx's buffer as scratch
+            gs.mul_(qc).mul_(1 - qc)
+            torch.mul(dyc, qc, out=gxc)
+            gxc.addcmul_(w3, gs)
+            gw += torch.matmul(xc, gs.transpose(1, 2)).sum(0, dtype=acc).view(c)
+            gb += gs.sum(dtype=acc)
+        g_bias = gb.to(weight.dtype).view(1) if ctx.has_bias else None
+        return unflat(gx3, x.shape), gw.to(weight.dtype).view(weight.shape), g_bias
+
+
+def spatial_attention(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """sSE (Roy et al., MICCAI 2018): ``x * sigmoid(w . x + b)`` with the fused backward.
+
+    Args:
+        x: input (B, C, *spatial).
+        weight: the C -> 1 pointwise convolution's weights, C elements (any shape, e.g. (1, C, 1, 1)).
+        bias: its bias (one element) or None.
+
+    Returns:
+        ``(y, q)``: the output (shape of x) and the gate q as (B, 1, N) (detached, N = number of positions).
+    """
+    w = weight.reshape(-1)
+    b = None if bias is None else bias.reshape(-1)
+    if not needs_grad(x, weight, bias):
+        x3 = x.flatten(2)
+        q = _spatial_logits(x3, w, b).sigmoid_()
+        return unflat(x3 * q, x.shape), q
+    return _SpatialFn.apply(x, w, b)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# scSE: max(x*c, x*q) | x*c + x*q | x*c*q
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _scse_forward(x3: Tensor, c3: Tensor, w: Tensor, bias: Tensor | None, mode: str) -> tuple[Tensor, Tensor]:
+    """Blocked forward of scSE on (B, C, N): computes q chunk by chunk and writes y once."""
+    b, c, n = x3.shape
+    bias_t = torch.zeros(1, dtype=x3.dtype, device=x3.device) if bias is None else bias.to(x3.dtype)
+    out = compiled_call(_ck_scse_fwd, x3, c3, w.to(x3.dtype), bias_t.view(1, 1, 1), mode)
+    if out is not None:
+        return out
+    y3 = torch.empty_like(x3)
+    q = torch.empty(b, 1, n, dtype=x3.dtype, device=x3.device)
+    spans = chunk_spans(n, b * c, x3.device)
+    for j0, j1 in spans:
+        xc = x3[..., j0:j1]
+        qc = _spatial_logits(xc, w, bias).sigmoid_()
+        if len(spans) > 1:
+            q[..., j0:j1] = qc
+        else:
+            q = qc
+        yc = y3[..., j0:j1]
+        torch.mul(xc, c3, out=yc)
+        if mode == "max":  # max(a, b) = b + relu(a - b): no temporary
+            yc.addcmul_(xc, qc, value=-1).relu_().addcmul_(xc, qc)
+        elif mode == "add":
+            yc.addcmul_(xc, qc)
+        else:
+            yc.mul_(qc)
+    return y3, q
+
+
+class _SCSEFn(torch.autograd.Function):
+    """scSE with max / add / mul aggregation of the channel gate c (B, C) and the spatial gate q (B, N).
+
+    Backward (max): with ``h = 1`` where ``x*c > x*q``, ``0`` where smaller, ``1/2`` on ties (torch.maximum's
+    rule), ``gA = dy*h``, ``gB = dy - gA``: ``gc = sum_n gA*x``, ``gq = sum_c gB*x``,
+    ``gx = gA*c + gB*q + w*gs + gz/N`` with ``gs = gq*q*(1-q)`` and ``gz`` the gate network's gradient.
+    One blocked pass over (dy, x) writes gx without the ``gz/N`` term, a second in-place pass adds it.
+    """
+
+    @staticmethod
+    def forward(ctx, x, mode, gate_fn, weight, bias, *params):  # type: ignore[override]
+        x3 = x.flatten(2)
+        (zl,), c = run_gate(gate_fn, x3.mean(-1))
+        c3 = c.detach().to(x.dtype).unsqueeze(-1)
+        y3, q = _scse_forward(x3, c3, weight, bias, mode)
+        ctx.save_for_backward(x, weight, q)
+        ctx.gate = (zl, c)
+        ctx.params = params
+        ctx.mode = mode
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(q)
+        return unflat(y3, x.shape), q
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, _dq):  # type: ignore[override]
+        x, weight, q = ctx.saved_tensors
+        zl, c = ctx.gate
+        mode = ctx.mode
+        x3, dy3 = x.flatten(2), dy.flatten(2)
+        b, ch, n = x3.shape
+        acc = acc_dtype(x.dtype)
+        c3 = c.detach().to(x.dtype).unsqueeze(-1)
+        w3 = weight.to(x.dtype).view(1, ch, 1)
+        out = compiled_call(_ck_scse_bwd1, x3, dy3, c3, q, mode)
+        if out is not None:
+            gc, gs, gw, gb = out
+            (gz,), gp = gate_backward([c], [gc], [zl], ctx.params)
+            gzn = (torch.zeros_like(c3) if gz is None else (gz / n).to(x.dtype).unsqueeze(-1))
+            args = (x3, dy3, c3, q, weight.to(x.dtype), gs, gzn, mode)
+            gx3 = compiled_call(_ck_scse_bwd2, *args)
+            gx3 = _ck_scse_bwd2(*args) if gx3 is None else gx3
+            g_bias = gb.to(weight.dtype).view(1) if ctx.has_bias else None
+            return (unflat(gx3, x.shape), None, None, gw.to(weight.dtype).view(weight.shape), g_bias, *gp)
+        gx3 = torch.empty_like(x3)
+        gc = torch.zeros(b, ch, dtype=acc, device=x.device)
+        gw = torch.zeros(ch, dtype=acc, device=x.device)
+        gb = torch.zeros((), dtype=acc, device=x.device)
+        for j0, j1 in chunk_spans(n, b * ch, x.device):
+            xc, dyc, qc = x3[..., j0:j1], dy3[..., j0:j1], q[..., j0:j1]
+            gxc = gx3[..., j0:j1]
+            if mode == "max":
+                # h = (1 + sign(x c - x q)) / 2; ga = dy h; gb = dy - ga. Buffers: ga and gx only.
+                ga = torch.mul(xc, c3).addcmul_(xc, qc, value=-1).sign_().add_(1).mul_(0.5).mul_(dyc)
+                gc += torch.mul(ga, xc, out=gxc).sum(-1, dtype=acc)
+                gs = gxc.neg_().addcmul_(dyc, xc).sum(1, keepdim=True)  # sum_c (dy - ga) x
+                torch.mul(ga, c3, out=gxc).addcmul_(dyc, qc).addcmul_(ga, qc, value=-1)
+            elif mode == "add":
+                t = torch.mul(dyc, xc, out=gxc)
+                gc += t.sum(-1, dtype=acc)
+                gs = t.sum(1, keepdim=True)
+                torch.mul(dyc, c3, out=gxc).addcmul_(dyc, qc)
+            else:
+                t = torch.mul(dyc, xc)
+                gc += torch.mul(t, qc).sum(-1, dtype=acc)
+                gs = t.mul_(c3).sum(1, keepdim=True)
+                torch.mul(dyc, c3 * qc, out=gxc)
+            gs.mul_(qc).mul_(1 - qc)
+            gxc.addcmul_(w3, gs)
+            gw += torch.matmul(xc, gs.transpose(1, 2)).sum(0, dtype=acc).view(ch)
+            gb += gs.sum(dtype=acc)
+        (gz,), gp = gate_backward([c], [gc], [zl], ctx.params)
+        if gz is not None:
+            gx3.add_((gz / n).to(x.dtype).unsqueeze(-1))
+        g_bias = gb.to(weight.dtype).view(1) if ctx.has_bias else None
+        return (unflat(gx3, x.shape), None, None, gw.to(weight.dtype).view(weight.shape), g_bias, *gp)
+
+
+def scse_attention(
+    x: Tensor,
+    gate_fn: Callable[[Tensor], Tensor],
+    params: Sequence[Tensor],
+    weight: Tensor,
+    bias: Tensor | None,
+    aggregation: str = "max",
+) -> tuple[Tensor, Tensor]:
+    """scSE (Roy et al., MICCAI 2018 / IEEE TMI 2019) with the fused forward and backward.
+
+    Args:
+        x: input (B, C, *spatial).
+        gate_fn: the channel branch: (B, C) spatial mean -> (B, C) gate c (after the sigmoid).
+        params: the tensors requiring grad that ``gate_fn`` uses.
+        weight: the spatial branch's C -> 1 pointwise convolution weights (C elements).
+        bias: its bias (one element) or None.
+        aggregation: ``"max"`` (authors' code), ``"add"`` (MICCAI paper) or ``"mul"``. Defaults to ``"max"``.
+
+    Returns:
+        ``(y, q)``: the output (shape of x) and the spatial gate as (B, 1, N), detached.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"scse_attention: aggregation must be one of {AGGREGATIONS}, got {aggregation!r}.")
+    w = weight.reshape(-1)
+    b = None if bias is None else bias.reshape(-1)
+    if not needs_grad(x, weight, bias, *params):
+        x3 = x.flatten(2)
+        c3 = gate_fn(x3.mean(-1)).to(x.dtype).unsqueeze(-1)
+        y3, q = _scse_forward(x3, c3, w, b, aggregation)
+        return unflat(y3, x.shape), q
+    return _SCSEFn.apply(x, aggregation, gate_fn, w, b, *params)
