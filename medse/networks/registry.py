@@ -430,7 +430,7 @@ def complexity_table(
         from medse.attention import list_attention
 
         attention = [b for b in list_attention() if b != "none"]
-    blocks = ["none", *[b for b in attention if b != "none"]]
+    blocks = ["none", *dict.fromkeys(format_assignment(b) for b in attention if b != "none")]
     arch_kwargs = arch_kwargs or {}
     for n in arch_kwargs:
         if n not in models:
