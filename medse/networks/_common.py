@@ -660,14 +660,16 @@ def attach_attention(module: nn.Module, attention: nn.Module | None) -> nn.Modul
     added, the MONAI keys stay, so MONAI weights load with ``strict=False``) and a forward hook on ``module``
     returns ``attention(output)``. The hook is a module-level function that looks the submodule up on the module
     it is called for, so ``copy.deepcopy`` and pickling give working copies. ``None`` leaves ``module`` alone.
-    Works for blocks with any call signature (MONAI's up-blocks take ``(x, skip)``).
+    Works for blocks with any call signature (MONAI's up-blocks take ``(x, skip)``). An ``nn.Sequential`` runs
+    every child in order, so there the submodule is appended and no hook is needed (it would run it twice).
     """
     if attention is None:
         return module
     if hasattr(module, ATTACHED):
         raise ValueError(f"{type(module).__name__} already has attention attached.")
     module.add_module(ATTACHED, attention)
-    module.register_forward_hook(_run_attached)
+    if not isinstance(module, nn.Sequential):
+        module.register_forward_hook(_run_attached)
     return module
 
 
