@@ -199,3 +199,26 @@ def test_trainer_passes_patch_size_and_spacing_to_the_networks_that_take_them() 
                                  "kwargs": {"img_size": [64, 64], "hidden_size": 32, "mlp_dim": 32, "num_heads": 2}},
                        "train": {"patch_size": [32, 32]}})
     assert build_model(cfg, 1, 2).img_size == (64, 64)  # model.kwargs wins
+
+
+@pytest.mark.parametrize("config", ["dynunet_3d", "segresnet_3d", "unetr_3d", "swinunetr_3d", "unet_3d_per_position"])
+def test_shipped_configs_build(config: str) -> None:
+    """The example configs load and build (on the meta device where the network allows: no memory, no compute)."""
+    from pathlib import Path
+
+    from medse.training import build_model
+    from medse.training.config import load_config
+
+    cfg = load_config(Path(__file__).parent.parent / "configs" / f"{config}.yaml")
+    try:
+        with torch.device("meta"):
+            m = build_model(cfg, 1, 4)
+    except RuntimeError:  # SwinUNETR calls .item() while building
+        m = build_model(cfg, 1, 4)
+    used = {k: v for k, v in m.attention_sites.items() if v != "none"}
+    assert used and set(used.values()) <= {"cse", "scse", "simam"}
+    if config == "unet_3d_per_position":
+        assert m.attention_sites["encoder.0"] == "none" and used["encoder.1"] == "cse"
+        assert used["bottleneck"] == "simam" and used["decoder.0"] == "scse"
+    if config == "swinunetr_3d":
+        assert used["tokens.1"] == "cse" and "tokens.2" not in used

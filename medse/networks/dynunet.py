@@ -243,6 +243,7 @@ dynunet = register_model(
         "spacing": "data.preprocess.target_spacing (isotropic when null)",
         "pad_mode": "constant",
     },
+    run_context=("patch_size", "spacing"),
     paper="Isensee et al., Nature Methods 2021 (nnU-Net; MONAI DynUNet); attention placement: Roy et al., "
     "IEEE TMI 2019",
 )(class_builder(DynUNetWithAttention, "dynunet"))

@@ -47,6 +47,7 @@ __all__ = [
     "parse_assignment",
     "register_model",
     "run_context_kwargs",
+    "RUN_CONTEXT_ARGS",
 ]
 
 TASKS: tuple[str, ...] = ("segmentation", "classification")
@@ -83,6 +84,8 @@ class ModelInfo:
             ``attention_positions``).
         paper: the paper the architecture follows.
         builder: the registered callable.
+        run_context: architecture arguments a training run fills in from its config (:data:`RUN_CONTEXT_ARGS`,
+            e.g. DynUNet's ``patch_size`` and ``spacing``, UNETR's ``img_size``); empty for most models.
     """
 
     name: str
@@ -93,6 +96,7 @@ class ModelInfo:
     positions: tuple[str, ...] = ()
     paper: str = ""
     builder: Callable[..., nn.Module] | None = dataclasses.field(default=None, repr=False, compare=False)
+    run_context: tuple[str, ...] = ()
 
     def defaults_for(self, spatial_dims: int) -> dict[str, Any]:
         """``defaults`` with every dimension-dependent value resolved for ``spatial_dims``."""
@@ -108,6 +112,7 @@ def register_model(
     defaults: dict[str, Any] | None = None,
     positions: Sequence[str] | None = None,
     paper: str = "",
+    run_context: Sequence[str] = (),
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator registering a model builder (a function or an ``nn.Module`` class) under ``name``.
 
@@ -121,6 +126,8 @@ def register_model(
         positions: attention positions the model understands. Defaults to ``("encoder", "bottleneck",
             "decoder")`` for segmentation models and ``()`` (positions ignored) otherwise.
         paper: reference. Defaults to "".
+        run_context: arguments the trainer fills in from the run config, names from :data:`RUN_CONTEXT_ARGS`
+            (``patch_size``, ``img_size``: ``train.patch_size``; ``spacing``: the target spacing). Defaults to ().
     """
     if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
         raise ValueError(f"register_model: name must be lower case letters, digits and '_', got {name!r}.")
@@ -129,6 +136,9 @@ def register_model(
     dims = tuple(int(d) for d in spatial_dims)
     if positions is None:
         positions = POSITIONS if task == "segmentation" else ()
+    for arg in run_context:
+        if arg not in RUN_CONTEXT_ARGS:
+            raise unknown_option_error("run_context argument", str(arg), RUN_CONTEXT_ARGS)
 
     def decorator(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         old = _REGISTRY.get(name)
@@ -144,6 +154,7 @@ def register_model(
             positions=tuple(positions),
             paper=paper,
             builder=builder,
+            run_context=tuple(run_context),
         )
         return builder
 
@@ -198,15 +209,14 @@ def run_context_kwargs(
     """Architecture arguments of model ``name`` that depend on the training patch and voxel spacing.
 
     DynUNet derives its kernels and strides from ``patch_size`` and ``spacing``; UNETR's ``img_size`` is the
-    patch size. Returns those the model's builder takes (``None`` values left out); the trainer passes them
-    unless the config's ``model.kwargs`` sets them, and ``medse models`` passes the tabulated size.
+    patch size. Returns the model's ``ModelInfo.run_context`` arguments (``None`` values left out); the trainer
+    passes them unless the config's ``model.kwargs`` sets them, and ``medse models`` passes the tabulated size.
     """
     info = list_models().get(name.strip().lower().replace("-", "_"))
     if info is None:
         return {}
-    names, _ = _accepted_kwargs(info.builder)
     values = {"patch_size": patch_size, "img_size": patch_size, "spacing": spacing}
-    return {k: tuple(v) for k, v in values.items() if k in names and v is not None}
+    return {k: tuple(values[k]) for k in info.run_context if values[k] is not None}
 
 
 def list_models(task: str | None = None) -> dict[str, ModelInfo]:

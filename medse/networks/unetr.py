@@ -185,6 +185,7 @@ unetr = register_model(
         "pad_mode": "constant",
     },
     positions=ALL_POSITIONS,
+    run_context=("img_size",),
     paper="Hatamizadeh et al., WACV 2022 (arXiv 2103.10504; MONAI UNETR); tokens gate: medse's, after SQET "
     "(BIBM 2022)",
 )(class_builder(UNETRWithAttention, "unetr"))
