@@ -397,9 +397,14 @@ def _count(name: str, spatial_dims: int, in_channels: int, out_channels: int, at
         with torch.device("meta"):
             model = create_model(name, spatial_dims, in_channels, out_channels, attention=attention, **arch_kwargs)
         return count_params(model), count_ops(model, shape)
-    except (NotImplementedError, RuntimeError):
+    except (NotImplementedError, RuntimeError):  # e.g. SwinUNETR calls .item() while building
         model = create_model(name, spatial_dims, in_channels, out_channels, attention=attention, **arch_kwargs)
-        return count_params(model), count_ops(model, shape)
+        params = count_params(model)
+        try:  # count on the meta device all the same: no arithmetic
+            return params, count_ops(model.to("meta"), shape)
+        except (NotImplementedError, RuntimeError):
+            model = create_model(name, spatial_dims, in_channels, out_channels, attention=attention, **arch_kwargs)
+            return params, count_ops(model, shape)
 
 
 def complexity_table(
