@@ -117,7 +117,7 @@ def test_format_and_parse_assignment() -> None:
          "encoder.0, encoder.1, bottleneck, decoder, decoder.0."),
         ("unet", {"tokens": "cse"}, "unknown attention position 'tokens'; unet has positions encoder, bottleneck, "
          "decoder, encoder.N, decoder.N"),
-        ("sdnet", "encodr=cse", "unknown attention position 'encodr'"),
+        ("sdnet", "encodr=cse", "unknown attention position 'encodr'; Did you mean 'encoder'"),
         ("dynunet", {"bottleneck.0": "cse"}, "unknown attention position 'bottleneck.0'"),
         ("unetr", {"tokens.12": "cse"}, "this unetr has positions .*tokens.0, tokens.1, .*tokens.11"),
         ("segresnet", {"encoder": "cse", "decoder": "scsee"}, "Did you mean 'scse'"),

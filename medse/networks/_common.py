@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medse.utils.errors import unknown_option_error
+from medse.utils.errors import did_you_mean, unknown_option_error
 
 #: The named places where a segmentation network can insert attention modules (the default set).
 POSITIONS: tuple[str, ...] = ("encoder", "bottleneck", "decoder")
@@ -614,7 +614,8 @@ def _check_position_key(owner: str, key: str, allowed: Sequence[str]) -> None:
     if key in allowed or (_is_stage_key(key) and base in allowed and base != "bottleneck"):
         return
     stages = [f"{p}.N" for p in allowed if p != "bottleneck"]
-    raise ValueError(f"{owner}: unknown attention position '{key}'; {owner} has positions "
+    hint = did_you_mean(base, allowed) if base not in allowed else ""
+    raise ValueError(f"{owner}: unknown attention position '{key}';{hint} {owner} has positions "
                      f"{', '.join([*allowed, *stages])} (N = stage index from 0).")
 
 
