@@ -226,6 +226,18 @@ class CompareReport:
         return d
 
 
+def _block_name(block: Any) -> Any:
+    """A grid block: a name as is; a mapping position -> block (or its ``a=b,c=d`` form) in canonical form."""
+    if isinstance(block, dict) or (isinstance(block, str) and "=" in block):
+        from medse.networks import format_assignment
+
+        try:
+            return format_assignment(block)
+        except ValueError as e:
+            raise MedseError(f"blocks: {e}") from None
+    return block
+
+
 def _normalise(data: dict[str, Any]) -> dict[str, Any]:
     data = dict(data)
     archs = data.get("architectures")
@@ -233,8 +245,12 @@ def _normalise(data: dict[str, Any]) -> dict[str, Any]:
         data["architectures"] = [{"name": a} if isinstance(a, str) else a for a in archs]
     elif isinstance(archs, str):
         data["architectures"] = [{"name": archs}]
-    if isinstance(data.get("blocks"), str):
+    if isinstance(data.get("blocks"), (str, dict)):
         data["blocks"] = [data["blocks"]]
+    if isinstance(data.get("blocks"), list):  # a per-position assignment is named "encoder=cse,decoder=scse"
+        data["blocks"] = [_block_name(b) for b in data["blocks"]]
+    if isinstance(data.get("block_overrides"), dict):
+        data["block_overrides"] = {_block_name(k): v for k, v in data["block_overrides"].items()}
     for k in ("seeds", "folds"):
         if isinstance(data.get(k), int) and not isinstance(data.get(k), bool):
             data[k] = [data[k]]

@@ -31,17 +31,18 @@ class ModelConfig:
     Args:
         name: registered model name (``medse models`` lists them). Defaults to ``"unet"``.
         spatial_dims: 2 (slice-wise network trained on slices of the 3D volumes) or 3. Defaults to 3.
-        attention: attention block name (``medse blocks``), ``"none"`` or a ``"a+b"`` composition.
-            Defaults to ``"none"``.
-        attention_positions: where the network inserts blocks. Defaults to encoder, bottleneck, decoder
-            (Roy et al. 2018 place scSE after every encoder and decoder block).
+        attention: attention block name (``medse blocks``), ``"none"``, a ``"a+b"`` composition, or a mapping
+            position -> block (``{encoder: cse, decoder.0: scse}``, also written ``encoder=cse,decoder.0=scse``;
+            docs/networks.md). Defaults to ``"none"``.
+        attention_positions: where the network inserts a single block (ignored for a mapping). Defaults to
+            encoder, bottleneck, decoder (Roy et al. 2018 place scSE after every encoder and decoder block).
         attention_kwargs: extra block arguments (e.g. ``{"reduction": 2}``). Defaults to ``{}``.
         kwargs: extra architecture arguments passed to the model constructor. Defaults to ``{}``.
     """
 
     name: str = "unet"
     spatial_dims: int = 3
-    attention: str = "none"
+    attention: str | dict[str, str] = "none"
     attention_positions: list[str] = field(default_factory=lambda: ["encoder", "bottleneck", "decoder"])
     attention_kwargs: dict[str, Any] = field(default_factory=dict)
     kwargs: dict[str, Any] = field(default_factory=dict)

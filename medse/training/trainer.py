@@ -163,10 +163,15 @@ def _create_run_dir(output: Path, cfg: Config, prep: _data.PreparedData) -> None
 
 
 def build_model(cfg: Config, in_channels: int, out_channels: int) -> Any:
-    """The network named by ``cfg.model`` (``medse.networks.create_model``)."""
+    """The network named by ``cfg.model`` (``medse.networks.create_model``).
+
+    Architecture arguments that depend on the run (DynUNet's ``patch_size`` and ``spacing``, UNETR's
+    ``img_size``; ``medse.networks.run_context_kwargs``) come from ``train.patch_size`` and
+    ``data.preprocess.target_spacing`` unless ``model.kwargs`` sets them.
+    """
     m = cfg.model
     try:
-        from medse.networks import create_model
+        from medse.networks import create_model, run_context_kwargs
     except ImportError:  # networks area not there yet: a plain MONAI U-Net without attention
         if m.attention != "none":
             raise MedseError("config key 'model.attention': medse.networks is not available") from None
@@ -174,6 +179,10 @@ def build_model(cfg: Config, in_channels: int, out_channels: int) -> Any:
 
         return UNet(m.spatial_dims, in_channels, out_channels, channels=(8, 16, 32, 64), strides=(2, 2, 2))
 
+    spacing = getattr(getattr(cfg.data, "preprocess", None), "target_spacing", None)
+    if spacing is not None and m.spatial_dims == 2:  # slices along train.slice_axis: the in-plane spacing
+        spacing = [v for i, v in enumerate(spacing) if i != cfg.train.slice_axis]
+    context = run_context_kwargs(m.name, cfg.train.patch_size, spacing)
     return create_model(
         m.name,
         spatial_dims=m.spatial_dims,
@@ -182,8 +191,23 @@ def build_model(cfg: Config, in_channels: int, out_channels: int) -> Any:
         attention=m.attention,
         attention_positions=tuple(m.attention_positions),
         attention_kwargs=dict(m.attention_kwargs) or None,
-        **dict(m.kwargs),
+        **{**context, **dict(m.kwargs)},
     )
+
+
+def supervised_loss(loss_fn: Any, output: Any, label: Any, spatial_dims: int) -> Any:
+    """``loss_fn`` of the logits, or the weighted sum over deep-supervision heads.
+
+    ``output`` is ``(B, C, *spatial)`` logits, or a deep-supervision stack ``(B, heads, C, *spatial)`` (MONAI
+    DynUNet in training mode; head 0 the full-resolution output): ``loss_fn`` must then be a
+    ``monai.losses.DeepSupervisionLoss``, which weights the heads 1, 1/2, 1/4, ... (its ``"exp"`` mode, as
+    MONAI's DynUNet tutorial and nnU-Net) and sums.
+    """
+    import torch
+
+    if output.ndim == spatial_dims + 3:
+        return loss_fn(list(torch.unbind(output.float(), dim=1)), label)
+    return loss_fn(output.float(), label)
 
 
 class _Trainer:
@@ -200,7 +224,7 @@ class _Trainer:
     # ------------------------------------------------------------------ setup
     def _setup(self, checkpoint: dict[str, Any] | None) -> None:
         import torch
-        from monai.losses import DiceCELoss
+        from monai.losses import DeepSupervisionLoss, DiceCELoss
 
         from medse.training.optim import build_optimizer, build_scheduler
         from medse.utils.seed import derive_seed, seed_everything
@@ -216,8 +240,9 @@ class _Trainer:
         self.optimizer = build_optimizer(self.model.parameters(), t)
         self.scheduler = build_scheduler(self.optimizer, t)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
-        self.loss_fn = DiceCELoss(
-            to_onehot_y=True, softmax=True, lambda_dice=t.lambda_dice, lambda_ce=t.lambda_ce
+        self.loss_fn = DeepSupervisionLoss(  # one output: DiceCELoss itself; a DynUNet stack: weighted sum
+            DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=t.lambda_dice, lambda_ce=t.lambda_ce),
+            weight_mode="exp",
         )
         self.start_epoch = 0
         self.global_step = 0
@@ -393,7 +418,7 @@ class _Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, enabled=self.use_amp):
             logits = self.ddp_model(image)
-            loss = self.loss_fn(logits.float(), label)
+            loss = supervised_loss(self.loss_fn, logits, label, self.cfg.model.spatial_dims)
         self.scaler.scale(loss).backward()
         if t.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
@@ -458,10 +483,19 @@ class _Trainer:
                 "batch_size": t.batch_size,
                 "patch_size": list(t.patch_size),
                 "model": self.cfg.model.name,
-                "attention": self.cfg.model.attention,
+                "attention": _attention_label(self.cfg.model.attention),
                 "spatial_dims": self.cfg.model.spatial_dims,
                 "epochs_done": epoch,
                 "best_epoch": self.best_epoch,
                 "best_val_dice_mean": None if self.best_epoch < 0 else self.best_metric,
             },
         )
+
+
+def _attention_label(attention: Any) -> str:
+    """``model.attention`` as one readable string (a mapping as ``encoder=cse,decoder=scse``)."""
+    try:
+        from medse.networks import format_assignment
+    except ImportError:  # pragma: no cover
+        return str(attention)
+    return format_assignment(attention)
