@@ -24,6 +24,7 @@ import importlib
 import os
 import sys
 import traceback
+import warnings
 
 import typer
 
@@ -84,6 +85,22 @@ def _exit_code(code: object) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI on ``argv`` (default ``sys.argv[1:]``) and return the exit code (see the module docstring)."""
     _state["debug"] = _env_debug()
+    old_format = warnings.formatwarning
+    if not _state["debug"]:
+        warnings.formatwarning = _one_line_warning
+    try:
+        return _run(argv)
+    finally:
+        warnings.formatwarning = old_format
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      line: str | None = None) -> str:
+    """Warnings on the command line: ``warning: <message>`` (``--debug`` keeps Python's format with the source)."""
+    return f"warning: {str(message).strip()}\n"
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         # standalone mode: Typer prints usage errors itself and ends every run with SystemExit(code)
         app(args=argv, prog_name="medse", standalone_mode=True)

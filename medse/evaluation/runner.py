@@ -219,14 +219,15 @@ def evaluate(
         MedseError: no matching cases, mismatched grids (naming both files), unreadable files.
     """
     import pandas as pd
-    from tqdm.auto import tqdm
+
+    from medse.utils.progress import progress as progress_bar  # a tqdm bar on a terminal, plain lines otherwise
 
     pdir = Path(pred_dir)
     pairs, missing, declared = collect_pairs(pdir, ref)
     rows: list[tuple[str, str, int, str, float]] = []
     errors: list[str] = []
     resolved = _resolve_labels(labels, declared, pdir, pairs[0][1], lambda: _values_in(pairs))
-    for cid, ppath, rpath in tqdm(pairs, desc="evaluate", unit="case", disable=not progress, file=sys.stderr):
+    for cid, ppath, rpath in progress_bar(pairs, desc="evaluate", unit="case", disable=not progress, file=sys.stderr):
         try:
             p = _read_label(ppath)
             r = _read_label(rpath)
