@@ -43,7 +43,7 @@ app = typer.Typer(
 )
 
 _AREAS = ("blocks", "models", "data", "train", "predict", "compare", "classify")
-_state = {"debug": False}
+_state: dict = {"debug": False}
 
 
 @app.callback()
@@ -51,7 +51,9 @@ def _root(
     debug: bool = typer.Option(False, "--debug", help=f"Print the full traceback of an error (or set {DEBUG_ENV}=1)."),
 ) -> None:
     """medse: SE-family attention blocks, networks, training, inference, evaluation and comparison."""
-    _state["debug"] = _state["debug"] or debug
+    if debug and not _state["debug"]:
+        _state["debug"] = True
+        warnings.formatwarning = _state.get("python_formatwarning", warnings.formatwarning)
 
 
 for _area in _AREAS:
@@ -85,7 +87,7 @@ def _exit_code(code: object) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI on ``argv`` (default ``sys.argv[1:]``) and return the exit code (see the module docstring)."""
     _state["debug"] = _env_debug()
-    old_format = warnings.formatwarning
+    old_format = _state["python_formatwarning"] = warnings.formatwarning
     if not _state["debug"]:
         warnings.formatwarning = _one_line_warning
     try:
