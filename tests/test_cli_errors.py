@@ -169,26 +169,34 @@ def test_train_output_is_a_file(cfg_path, tmp_path):
     assert f.read_text() == "x"
 
 
-@pytest.mark.parametrize(("override", "needle"), [
-    ("model.attention=scsee", "Did you mean 'scse'"),
-    ("model.name=unett", "unett"),
-    ("model.kwargs={channels: [2, 4, 8]}", "reduction"),
-    ("train.device=cuda", "CUDA is not available"),
-    ("infer.roi_size=[0,0,0]", ">= 1"),
-    ("train.patch_size=[16,-16,16]", ">= 1"),
+def test_train_unknown_block_one_line_and_no_folder(cfg_path, tmp_path):
+    out = tmp_path / "r"
+    assert_one_line_error(run_cli("train", "-c", cfg_path, "-o", out, "model.attention=scsee"),
+                          "config key 'model'", "Did you mean 'scse'")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    (["model.name=unett"], "unett"),
+    (["model.attention=se", "model.kwargs={channels: [2, 4, 8]}"], "reduction"),
+    (["train.device=cuda"], "CUDA is not available"),
+    (["train.device=cuda:7"], "CUDA"),
+    (["infer.roi_size=[0,0,0]"], ">= 1"),
+    (["infer.roi_size=[16,-5,16]"], ">= 1"),
+    (["train.patch_size=[16,-16,16]"], ">= 1"),
 ])
-def test_train_config_errors_one_line_and_no_folder(cfg_path, tmp_path, override, needle):
+def test_train_config_errors_one_line_and_no_folder(cfg_path, tmp_path, capsys, overrides, needle):
+    """The same errors in-process (medse.cli.main, the console script's code) to keep the test fast."""
     import torch
 
-    if "cuda" in override and torch.cuda.is_available():
+    from medse.cli import main
+
+    if "cuda" in overrides[0] and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
-    if "channels" in override:
-        override = "model.attention=se"
-        extra = ["model.kwargs={channels: [2, 4, 8]}"]
-    else:
-        extra = []
     out = tmp_path / "r"
-    assert_one_line_error(run_cli("train", "-c", cfg_path, "-o", out, override, *extra), needle)
+    assert main(["train", "-c", str(cfg_path), "-o", str(out), *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and needle in err, err
     assert list(tmp_path.iterdir()) == []
 
 
