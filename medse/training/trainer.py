@@ -203,6 +203,8 @@ def resume(run_dir: str | Path, *, stop_after_iterations: int | None = None) -> 
             )
         last = run_dir / "checkpoints" / "last.pt"
         ckpt = load_checkpoint(last) if last.is_file() else None
+        if ckpt is None and dist.is_main:
+            print(f"no checkpoint in {last.parent} yet: starting at epoch 0 of {cfg.train.epochs}", file=sys.stderr)
         return _Trainer(run_dir, cfg, prep, dist, stop_after_iterations).run(checkpoint=ckpt)
     finally:
         cleanup(dist)
