@@ -177,27 +177,34 @@ def test_train_unknown_block_one_line_and_no_folder(cfg_path, tmp_path):
 
 
 @pytest.mark.parametrize(("overrides", "needle"), [
-    (["model.name=unett"], "unett"),
-    (["model.attention=se", "model.kwargs={channels: [2, 4, 8]}"], "reduction"),
-    (["train.device=cuda"], "CUDA is not available"),
-    (["train.device=cuda:7"], "CUDA"),
+    (["model.name=unett"], "config key 'model' (name 'unett'"),
+    (["model.attention=se", "model.kwargs={channels: [2, 4, 8]}"], "reduction=16"),
+    (["model.name=fc_densenet", "model.spatial_dims=2", "train.patch_size=[16,16]", "train.batch_size=1",
+      "infer.roi_size=[16,16]", "model.kwargs={}"], "config key 'train.patch_size' [16, 16] (batch 1"),
+    (["train.device=cuda"], "config key 'train.device': 'cuda' requested but CUDA is not available"),
+    (["train.device=cuda:7"], "config key 'train.device'"),
     (["infer.roi_size=[0,0,0]"], ">= 1"),
     (["infer.roi_size=[16,-5,16]"], ">= 1"),
     (["train.patch_size=[16,-16,16]"], ">= 1"),
 ])
-def test_train_config_errors_one_line_and_no_folder(cfg_path, tmp_path, capsys, overrides, needle):
-    """The same errors in-process (medse.cli.main, the console script's code) to keep the test fast."""
+def test_train_config_errors_one_line_and_no_folder(cfg_path, tmp_path, capsys, monkeypatch, overrides, needle):
+    """The same errors in-process (medse.cli.main, the console script's code) to keep the test fast; each is
+    found before the run folder is ever created (not created and then removed)."""
     import torch
 
     from medse.cli import main
+    from medse.training import trainer
 
     if "cuda" in overrides[0] and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
+    created: list[Path] = []
+    create = trainer._create_run_dir
+    monkeypatch.setattr(trainer, "_create_run_dir", lambda out, *a: (created.append(out), create(out, *a)))
     out = tmp_path / "r"
     assert main(["train", "-c", str(cfg_path), "-o", str(out), *overrides]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and needle in err, err
-    assert list(tmp_path.iterdir()) == []
+    assert created == [] and list(tmp_path.iterdir()) == []
 
 
 def test_predict_device_cuda_without_cuda(run_dir, data, tmp_path):
