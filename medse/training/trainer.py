@@ -71,7 +71,7 @@ def train(
     """
     cfg = load_config(config, overrides)
     output = Path(output).expanduser().resolve()
-    _check_output(output)  # item: an unwritable or occupied output fails before any work
+    _check_output(output)  # an occupied or unwritable output fails before any work
     check_device(cfg.train.device)
     dist = init_distributed(_device_type(cfg.train.device))
     try:
