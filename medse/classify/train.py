@@ -263,13 +263,14 @@ def _lr_factor(cfg: TrainSection, epoch: int) -> float:
 def _run_epoch(model: Any, loader: Any, device: Any, criterion: Any, optimizer: Any | None, cfg: TrainSection,
                desc: str) -> dict[str, Any]:
     import torch
-    from tqdm.auto import tqdm
+
+    from medse.utils.progress import progress as progress_bar  # a tqdm bar on a terminal, plain lines otherwise
 
     train = optimizer is not None
     model.train(train)
     total_loss, correct, n = 0.0, 0, 0
     probs, labels = [], []
-    it = tqdm(loader, desc=desc, leave=False, disable=not cfg.progress, dynamic_ncols=True)
+    it = progress_bar(loader, desc=desc, leave=False, disable=not cfg.progress, dynamic_ncols=True)
     with torch.set_grad_enabled(train):
         for b, (x, y, _) in enumerate(it):
             if train and cfg.max_batches_per_epoch and b >= cfg.max_batches_per_epoch:

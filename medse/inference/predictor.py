@@ -880,7 +880,9 @@ def predict_folder(
         pass
     seen: set[str] = set()
     input_files = {Path(p).resolve() for c in all_cases for p in c.images}
-    bar = tqdm(cases, desc="predict", unit="case", disable=not progress or rank != 0, file=sys.stderr)
+    from medse.utils.progress import progress as progress_bar  # a tqdm bar on a terminal, plain lines otherwise
+
+    bar = progress_bar(cases, desc="predict", unit="case", disable=not progress or rank != 0, file=sys.stderr)
     for case in bar:
         cid = case.case_id
         try:

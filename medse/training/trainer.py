@@ -50,9 +50,14 @@ def train(
 ) -> Path:
     """Train a segmentation network and return the run folder.
 
-    The config is validated, then the dataset is loaded and validated, and only then is the run folder
-    created (under a temporary name, renamed into place once config.yaml, run_info.json, dataset.json
-    and splits.json are written), so a bad config or dataset leaves no half-created run folder.
+    Everything that can be checked is checked before the run folder exists: the config, the output folder
+    (not a file, not holding a run, writable), ``train.device``, the dataset, and the network (built on the
+    meta device and run forward once on a batch of training patches: unknown model or block, too few
+    channels, sizes). The folder is then created under a temporary name and renamed into place once
+    config.yaml, run_info.json, dataset.json and splits.json are written. A run that fails with an error
+    before its first checkpoint removes the folder again (or empties it, when it existed before as an empty
+    folder), so a retry with a fixed config can use the same output; an interrupted run (Ctrl-C, kill) keeps
+    it for ``resume``.
 
     Args:
         config: YAML path, mapping or :class:`Config`.
@@ -66,13 +71,14 @@ def train(
     """
     cfg = load_config(config, overrides)
     output = Path(output).expanduser().resolve()
+    _check_output(output)  # an occupied or unwritable output fails before any work
+    check_device(cfg.train.device)
     dist = init_distributed(_device_type(cfg.train.device))
     try:
-        if output.exists() and (not output.is_dir() or any(output.iterdir())):
-            hint = " (use `medse train --resume` to continue it)" if (output / "config.yaml").is_file() else ""
-            raise MedseError(f"output folder already exists and is not empty{hint}", output)
         barrier(dist)  # every rank has looked before rank 0 creates the folder
         prep = _data.prepare_data(cfg)
+        check_model(cfg, len(prep.channel_names), prep.num_classes, dist.world_size)
+        existed = output.exists()
         err = None
         if dist.is_main:
             try:
@@ -85,9 +91,91 @@ def train(
         if err_msg is not None:
             raise MedseError(f"rank 0 could not create the run folder: {err_msg}", output)
         barrier(dist)
-        return _Trainer(output, cfg, prep, dist, stop_after_iterations).run(checkpoint=None)
+        try:
+            return _Trainer(output, cfg, prep, dist, stop_after_iterations).run(checkpoint=None)
+        except TrainingInterrupted:
+            raise  # a simulated kill: the folder stays, `medse train --resume` continues it
+        except Exception:
+            if dist.is_main:
+                _remove_if_no_checkpoint(output, existed)
+            raise
     finally:
         cleanup(dist)
+
+
+def _check_output(output: Path) -> None:
+    """The run folder must not hold a run (or a file) and its place must be writable; checked before any work."""
+    from medse.utils.atomic import ensure_writable_dir
+
+    if output.exists() and not output.is_dir():
+        raise MedseError("output folder is a file, not a folder", output)
+    if output.is_dir() and any(output.iterdir()):
+        hint = " (use `medse train --resume` to continue it)" if (output / "config.yaml").is_file() else ""
+        raise MedseError(f"output folder already exists and is not empty{hint}", output)
+    ensure_writable_dir(output, "output folder", create=False)
+
+
+def _remove_if_no_checkpoint(output: Path, existed: bool) -> None:
+    """A run that failed before its first checkpoint leaves nothing: the folder it made is removed (an empty
+    folder the user made beforehand is emptied, not removed), so a retry with a fixed config can use it."""
+    if (output / "checkpoints" / "last.pt").is_file() or not output.is_dir():
+        return
+    if existed:
+        for child in output.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(output, ignore_errors=True)
+    print(f"medse: the run failed before its first checkpoint; removed what it wrote in {output}", file=sys.stderr)
+
+
+def check_device(device: str) -> None:
+    """``train.device`` names a device this machine has (checked before anything is written)."""
+    import torch
+
+    if _device_type(device) != "cuda" or device == "auto":
+        return
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else "no GPU visible"
+        raise MedseError(f"config key 'train.device': {device!r} requested but CUDA is not available "
+                         f"(torch {torch.__version__}, {build}); use train.device=cpu or auto")
+    if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
+        raise MedseError(f"config key 'train.device': {device!r} but only {torch.cuda.device_count()} CUDA "
+                         "device(s) are visible")
+
+
+def check_model(cfg: Config, in_channels: int, out_channels: int, world_size: int = 1) -> None:
+    """Build the network on the meta device (no memory, no compute) and run one training-mode forward pass
+    of a batch of training patches, so that an unknown model or block, too few channels for a block or a
+    patch the network cannot take fails now, with the config key, instead of after the run folder exists.
+
+    Raises:
+        MedseError: naming ``model`` or ``train.patch_size`` and the network's own message.
+    """
+    import torch
+
+    m, t = cfg.model, cfg.train
+    try:
+        with torch.device("meta"):
+            model = build_model(cfg, in_channels, out_channels)
+    except (ValueError, TypeError, MedseError) as e:
+        raise MedseError(f"config key 'model' (name {m.name!r}, attention {m.attention!r}): {e}") from None
+    batch = max(1, t.batch_size // max(1, world_size))
+    x = torch.empty((batch, in_channels, *t.patch_size), device="meta")
+    try:
+        with torch.no_grad():
+            model.train()(x)
+    except NotImplementedError:
+        return  # an operation without a meta kernel: this check cannot run, the real run will tell
+    except (ValueError, RuntimeError) as e:
+        if "meta" in str(e).lower():
+            return  # a meta-device limitation, not a problem of the config
+        raise MedseError(
+            f"config key 'train.patch_size' {list(t.patch_size)} (batch {batch} per process): model "
+            f"{m.name!r} with attention {m.attention!r} cannot train on it: {e}"
+        ) from None
 
 
 def resume(run_dir: str | Path, *, stop_after_iterations: int | None = None) -> Path:
@@ -103,6 +191,7 @@ def resume(run_dir: str | Path, *, stop_after_iterations: int | None = None) -> 
     if not cfg_path.is_file():
         raise MedseError("not a run folder (no config.yaml)", run_dir)
     cfg = load_config(cfg_path)
+    check_device(cfg.train.device)
     dist = init_distributed(_device_type(cfg.train.device))
     try:
         prep = _data.prepare_data(cfg)
@@ -114,6 +203,8 @@ def resume(run_dir: str | Path, *, stop_after_iterations: int | None = None) -> 
             )
         last = run_dir / "checkpoints" / "last.pt"
         ckpt = load_checkpoint(last) if last.is_file() else None
+        if ckpt is None and dist.is_main:
+            print(f"no checkpoint in {last.parent} yet: starting at epoch 0 of {cfg.train.epochs}", file=sys.stderr)
         return _Trainer(run_dir, cfg, prep, dist, stop_after_iterations).run(checkpoint=ckpt)
     finally:
         cleanup(dist)
@@ -208,6 +299,35 @@ def supervised_loss(loss_fn: Any, output: Any, label: Any, spatial_dims: int) ->
     if output.ndim == spatial_dims + 3:
         return loss_fn(list(torch.unbind(output.float(), dim=1)), label)
     return loss_fn(output.float(), label)
+
+
+def _warn_if_patch_exceeds_data(store: Any, case_ids: list[str], cfg: Config) -> None:
+    """Warn once when the training patch is larger than every training case along some axis (after
+    preprocessing): the sampler pads such cases (image with its per-channel minimum, label 0), which trains,
+    but on a patch that is partly padding. The cases are read through the store's cache, which training
+    fills anyway."""
+    import warnings
+
+    t = cfg.train
+    if cfg.model.spatial_dims == 3:
+        axes = [0, 1, 2]
+    else:
+        axes = [a for a in (0, 1, 2) if a != t.slice_axis]
+    largest = [0] * len(axes)
+    for cid in case_ids:
+        image = store.get(cid)[0]
+        spatial = image.shape[-3:]
+        largest = [max(m, int(spatial[a])) for m, a in zip(largest, axes, strict=True)]
+    too_big = [i for i, (p, m) in enumerate(zip(t.patch_size, largest, strict=True)) if p > m]
+    if too_big:
+        fit = [min(p, m) for p, m in zip(t.patch_size, largest, strict=True)]
+        warnings.warn(
+            f"config key 'train.patch_size' {list(t.patch_size)} is larger than every training case along "
+            f"axis {', '.join(str(axes[i]) for i in too_big)} (largest preprocessed case: {largest}); the patches are "
+            f"padded (image with its minimum, label 0). train.patch_size={fit} avoids the padding.",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 class _Trainer:
@@ -310,13 +430,20 @@ class _Trainer:
 
         t = self.cfg.train
         self._setup(checkpoint)
+        self.epochs_run: list[int] = []  # epochs this call trained (1-based), for the log and the tests
         splits = _data._split_lists(json.loads((self.run_dir / "splits.json").read_text()))
         self.val_ids = splits["val"][: t.val_max_cases] if t.val_max_cases else splits["val"]
+        if checkpoint is not None and self.dist.is_main:
+            what = "already finished" if self.start_epoch >= t.epochs else f"continuing with epoch {self.start_epoch + 1}"
+            print(f"resumed at epoch {self.start_epoch} of {t.epochs} ({what}; global step {self.global_step})",
+                  file=sys.stderr)
         if self.start_epoch >= t.epochs:
             return self.run_dir
         store = _data.make_store(self.prep, self.cfg)
         if t.num_workers > 0:  # workers are re-forked every epoch: fill the cache first so they inherit it
             store.preload(splits["train"])
+        if self.dist.is_main and self.start_epoch == 0:
+            _warn_if_patch_exceeds_data(store, splits["train"], self.cfg)
         self.train_ds = _data.make_train_dataset(store, splits["train"], self.cfg)
         self.val_ds = _data.make_val_dataset(store, self.val_ids)
         self.tb = TensorBoardLogger(
@@ -325,6 +452,7 @@ class _Trainer:
         try:
             for epoch in range(self.start_epoch, t.epochs):
                 self._epoch(epoch)
+                self.epochs_run.append(epoch + 1)
         finally:
             self.tb.close()
         return self.run_dir
@@ -350,8 +478,8 @@ class _Trainer:
 
     def _epoch(self, epoch: int) -> None:
         import torch
-        from tqdm.auto import tqdm
 
+        from medse.utils.progress import progress, progress_write
         from medse.utils.seed import derive_seed
 
         t = self.cfg.train
@@ -359,8 +487,8 @@ class _Trainer:
         self.ddp_model.train()
         t_epoch = time.perf_counter()
         losses: list[float] = []
-        bar = tqdm(
-            self._loader(epoch), total=t.iterations_per_epoch, desc=f"epoch {epoch + 1}/{t.epochs}",
+        bar = progress(
+            self._loader(epoch), total=t.iterations_per_epoch, desc=f"epoch {epoch + 1}/{t.epochs}", unit="it",
             disable=not (t.progress and self.dist.is_main), leave=False, dynamic_ncols=True,
         )
         for batch in bar:
@@ -404,7 +532,7 @@ class _Trainer:
                 msg = f"epoch {epoch + 1}/{t.epochs}  loss {row['train_loss']:.4f}  {row['epoch_time_s']:.1f} s"
                 if val is not None:
                     msg += f"  val Dice {val:.4f} (best {self.best_metric:.4f} @ {self.best_epoch})"
-                tqdm.write(msg, file=sys.stderr)
+                progress_write(msg, file=sys.stderr)
         barrier(self.dist)
 
     def _step(self, image: Any, label: Any) -> float:
