@@ -59,7 +59,8 @@ def test_no_measured_number_in_a_table_outside_generated_blocks(page):
     for line in text.splitlines(keepends=True):
         inside = any(a <= pos < b for a, b in spans)
         if line.startswith("|") and not inside:
-            assert not re.search(r"\d\.\d|\d%|\d,\d{3}", line), f"{page}: hand-typed number in {line.strip()!r}"
+            measured = re.search(r"\d\.\d|\d,\d{3}", line) or re.search(r"\d%", line.replace("95% CI", ""))
+            assert not measured, f"{page}: hand-typed number in {line.strip()!r}"
         pos += len(line)
 
 
@@ -90,6 +91,20 @@ def test_check_names_the_stale_block_and_sync_rewrites_it(tmp_path, capsys):
     # a changed results file makes the page stale again
     (repo / "docs" / "results" / "t.md").write_text(HEADER + TABLE.replace("2.00", "2.50"))
     assert docsync.main(["--repo", str(repo), "--check"]) == 1
+
+
+def test_table_option_and_blank_line_before_tables(tmp_path):
+    body = "text\n| a |\n|---|\n| 1.5 |\n\nmore\n\n| b |\n|---|\n| 2.5 |\n"
+    page = ('<!-- medse:include docs/results/t.md table="2" -->\n<!-- medse:end -->\n'
+            "<!-- medse:include docs/results/t.md -->\n<!-- medse:end -->\n")
+    repo = _repo(tmp_path, body, page)
+    assert docsync.sync(repo) == []
+    assert (repo / "README.md").read_text() == (
+        '<!-- medse:include docs/results/t.md table="2" -->\n| b |\n|---|\n| 2.5 |\n<!-- medse:end -->\n'
+        "<!-- medse:include docs/results/t.md -->\ntext\n\n| a |\n|---|\n| 1.5 |\n\nmore\n\n| b |\n|---|\n"
+        "| 2.5 |\n<!-- medse:end -->\n")
+    (repo / "README.md").write_text('<!-- medse:include docs/results/t.md table="3" -->\n<!-- medse:end -->\n')
+    assert "has 2 table(s)" in docsync.sync(repo, check=True)[0]
 
 
 def test_section_and_rows_options(tmp_path):

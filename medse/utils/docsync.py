@@ -17,8 +17,9 @@ Markdown pages copy (parts of) them between markers::
     <!-- medse:end -->
 
 Options in the opening marker: ``section="Heading text"`` (only that heading's part, up to the next heading of
-the same or a higher level, the heading itself left out) and ``rows="regex"`` (table rows kept only if they
-match; header and separator rows, and non-table lines, are kept).
+the same or a higher level, the heading itself left out), ``table="N"`` (only the N-th table of that) and
+``rows="regex"`` (table rows kept only if they match; header and separator rows, and non-table lines, are kept),
+applied in that order. A table that directly follows a text line gets a blank line before it.
 
 Commands::
 
@@ -140,9 +141,9 @@ def find_blocks(page: Path, text: str) -> list[Block]:
         if stop < 0 or (nxt is not None and nxt.start() < stop):
             raise MedseError(f"line {line}: medse:include block has no '{END}' before the next include", page)
         opts = dict(OPT_RE.findall(m.group("opts")))
-        unknown = set(opts) - {"section", "rows"}
+        unknown = set(opts) - {"section", "table", "rows"}
         if unknown:
-            raise MedseError(f"line {line}: unknown include option(s) {sorted(unknown)} (allowed: section, rows)",
+            raise MedseError(f"line {line}: unknown include option(s) {sorted(unknown)} (allowed: section, table, rows)",
                              page)
         blocks.append(Block(page, line, m.group("path"), opts, start, stop + 1))
         pos = stop
@@ -176,14 +177,41 @@ def _rows(body: str, pattern: str) -> str:
     return "\n".join(out)
 
 
+def _table(body: str, number: str, src: Path) -> str:
+    tables: list[list[str]] = []
+    prev = False
+    for ln in body.splitlines():
+        row = ln.startswith("|")
+        if row and not prev:
+            tables.append([])
+        if row:
+            tables[-1].append(ln)
+        prev = row
+    if not number.isdigit() or not 1 <= int(number) <= len(tables):
+        raise MedseError(f"table=\"{number}\": the selection has {len(tables)} table(s)", src)
+    return "\n".join(tables[int(number) - 1])
+
+
+def _separate_tables(body: str) -> str:
+    """A blank line before every table that directly follows a text line (Markdown would not start a table)."""
+    out: list[str] = []
+    for ln in body.splitlines():
+        if ln.startswith("|") and out and out[-1].strip() and not out[-1].startswith("|"):
+            out.append("")
+        out.append(ln)
+    return "\n".join(out)
+
+
 def render(block: Block, repo: Path) -> str:
     src = repo / block.source
     _, body = parse_result(src)
     if "section" in block.options:
         body = _section(body, block.options["section"], src)
+    if "table" in block.options:
+        body = _table(body, block.options["table"], src)
     if "rows" in block.options:
         body = _rows(body, block.options["rows"])
-    body = body.strip("\n")
+    body = _separate_tables(body).strip("\n")
     if not body:
         raise MedseError(f"{block.page.name} line {block.line}: the include selects nothing", src)
     return body + "\n"
@@ -215,7 +243,7 @@ def sync(repo: Path = REPO, check: bool = False) -> list[str]:
             try:
                 content = render(b, repo)
             except MedseError as e:
-                problems.append(f"{rel}:{b.line}: {e}")
+                problems.append(f"{rel}:{b.line}: " + str(e).replace(f"{repo}{os.sep}", ""))
                 content = text[b.start : b.stop]
             if check and content != text[b.start : b.stop]:
                 problems.append(f"{rel}:{b.line}: block from {b.source} is stale "
@@ -267,6 +295,33 @@ def _demo_configs_table(work: Path) -> str:
                              "cases (`val_dice_mean` in each run's `metrics.csv`).\n"
 
 
+def resnet50v2_counts_table() -> str:
+    """Parameter counts of the full-size ResNet50V2 (Keras's convention) with and without SE, built on the meta
+    device (no weights are initialised)."""
+    import torch
+
+    from medse.networks.resnet import ResNet50V2, keras_param_count
+
+    def build(**kw):
+        with torch.device("meta"):
+            return ResNet50V2(spatial_dims=2, in_channels=3, **kw)
+
+    full = build(out_channels=1000)
+    counts = keras_param_count(full)
+    learnable = sum(p.numel() for p in full.parameters())
+    headless = keras_param_count(build(out_channels=0))["total"]
+    se = sum(p.numel() for p in build(out_channels=1000, attention="se").parameters()) - learnable
+    rows = [("learnable parameters (`sum(p.numel())`)", learnable),
+            ("BatchNorm moving mean + variance (Keras's \"non-trainable params\"; PyTorch buffers)",
+             counts["non_trainable"]),
+            ("Keras total (`keras_param_count(model)[\"total\"]`)", counts["total"]),
+            ("Keras total without the head", headless),
+            ("SE (r = 16, both FC layers with bias) added", se)]
+    lines = ["| count (1000-class head, 3 input channels) | value |", "|---|---:|"]
+    lines += [f"| {name} | {value:,} |" for name, value in rows]
+    return "\n".join(lines) + "\n"
+
+
 def _classifier(seed: int) -> Source:
     data = "{work}/data"
     seed_set = f" train.seed={seed}"
@@ -297,6 +352,8 @@ SOURCES: dict[str, Source] = {
         "docs/results/models_demo_unet.md",
         ["{medse} models --size 64 --dims 3 --networks unet --attention cse,sse,scse,scse_smp "
          "--arch 'unet.channels=[16,32,64,128]' --out-channels 7 --markdown"]),
+    "resnet50v2_counts": Source(
+        "docs/results/resnet50v2_counts.md", ["{py} -m medse.utils.docsync table resnet50v2_counts"]),
     "blocks_table": Source(
         "docs/results/blocks_table.md", ["{medse} blocks --channels 64 --size 32 --markdown"]),
     "blocks_cpu_run2": Source(
@@ -310,6 +367,9 @@ SOURCES: dict[str, Source] = {
         "benchmarks/results/inference_cpu.md",
         ["{py} benchmarks/bench_inference.py --monai-large --output {work}/out.md"], output="{work}/out.md"),
 }
+
+
+TABLES: dict[str, Callable[[], str]] = {"resnet50v2_counts": resnet50v2_counts_table}
 
 
 def _expand(s: str, work: Path) -> str:
@@ -411,12 +471,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--work", type=Path, help="work folder (default runs/docsync/NAME)")
     g.add_argument("--no-run", action="store_true", help="record the existing output in --work")
     sub.add_parser("list", help="list the results files and their commands")
+    t = sub.add_parser("table", help="print one of the tables computed here (no files written)")
+    t.add_argument("table", choices=sorted(TABLES))
     args = ap.parse_args(argv)
     repo = args.repo.resolve()
     try:
         if args.cmd == "list":
             for n, s in SOURCES.items():
                 print(f"{n}: {s.dest}\n    " + "\n    ".join(_display(c, Path('runs/docsync') / n) for c in s.commands))
+            return 0
+        if args.cmd == "table":
+            print(TABLES[args.table](), end="")
             return 0
         if args.cmd == "generate":
             if args.work and len(args.names) > 1:
