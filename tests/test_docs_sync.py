@@ -162,6 +162,19 @@ def test_generate_runs_the_commands_and_records_provenance(tmp_path, monkeypatch
     assert "| n | 3 |" in (tmp_path / "README.md").read_text()  # generate also syncs the pages
 
 
+def test_generate_refuses_a_foreign_work_folder(tmp_path, monkeypatch):
+    monkeypatch.setitem(docsync.SOURCES, "x", docsync.Source("docs/results/x.md", ["{py} -c 'print(1)'"]))
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "precious.txt").write_text("keep")
+    with pytest.raises(MedseError, match="not made by docsync"):
+        docsync.generate("x", tmp_path, tmp_path / "w", log=lambda s: None)
+    assert (tmp_path / "w" / "precious.txt").read_text() == "keep"
+    docsync.generate("x", tmp_path, tmp_path / "w2", log=lambda s: None)
+    (tmp_path / "w2" / "old.txt").write_text("from the last run")
+    docsync.generate("x", tmp_path, tmp_path / "w2", log=lambda s: None)  # its own folder: cleared and rerun
+    assert not (tmp_path / "w2" / "old.txt").exists()
+
+
 def test_generate_failing_command_writes_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(docsync.SOURCES, "bad", docsync.Source("docs/results/bad.md", ["{py} -c 'raise SystemExit(3)'"]))
     assert docsync.main(["--repo", str(tmp_path), "generate", "bad", "--work", str(tmp_path / "w")]) == 2
@@ -175,12 +188,19 @@ def test_generate_no_run_records_existing_output_with_its_commit(tmp_path):
     (work / "table.md").write_text("| a |\n|---|\n| 0.723 |\n")
     (work / "cells" / "a" / "run_info.json").write_text('{"git_commit": "feedbeef"}')
     for f in docsync.SOURCES["demo_table"].copies:
-        Path(f.replace("{work}", str(work))).write_bytes(b"png")
+        f = Path(f.replace("{work}", str(work)).replace("*", "case_003"))
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"png " + f.name.encode())
     docsync.generate("demo_table", tmp_path, work, run=False, log=lambda s: None)
     fields, body = docsync.parse_result(tmp_path / "docs" / "results" / "demo_table.md")
     assert fields["commit"] == "feedbeef" and "commands not rerun" in fields["recorded"]
     assert fields["command"] == f"medse demo --output {work}" and body == "| a |\n|---|\n| 0.723 |\n"
-    assert (tmp_path / "docs" / "images" / "demo_gain.png").read_bytes() == b"png"
+    assert (tmp_path / "docs" / "images" / "demo_gain.png").read_bytes() == b"png gain.png"
+    assert (tmp_path / "docs" / "images" / "demo_gates.png").read_bytes() == b"png case_003_gates.png"
+
+    (work / "figures" / "gates" / "case_004_gates.png").write_bytes(b"two montages")  # ambiguous: refused
+    with pytest.raises(MedseError, match="exactly one"):
+        docsync.generate("demo_table", tmp_path, work, run=False, log=lambda s: None)
 
 
 def test_unknown_name_suggests(tmp_path):

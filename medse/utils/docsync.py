@@ -60,6 +60,7 @@ END = "<!-- medse:end -->"
 # pages whose generated blocks are kept in sync (results files themselves are sources, never targets)
 PAGE_GLOBS = ("README.md", "docs/**/*.md", "benchmarks/README.md")
 SOURCE_DIRS = ("docs/results", "benchmarks/results")
+MARKER = ".medse-docsync"  # in a work folder: made by generate, so a rerun may clear it
 
 
 # ----------------------------------------------------------------------------- provenance header
@@ -263,7 +264,7 @@ class Source:
     """How one results file is made: ``commands`` run in the repo root (``{work}`` = its work folder, ``{py}`` =
     this Python, ``{medse}`` = the medse CLI of this Python); the body is the last command's stdout, or the
     file ``output`` (relative to the repo root, ``{work}`` allowed), or what ``formatter(work)`` returns.
-    ``copies`` maps produced files to repo paths (figures)."""
+    ``copies`` maps produced files (a ``*`` in the name must match exactly one) to repo paths (figures)."""
 
     dest: str
     commands: list[str]
@@ -336,8 +337,10 @@ def _classifier(seed: int) -> Source:
 SOURCES: dict[str, Source] = {
     "demo_table": Source(
         "docs/results/demo_table.md", ["{medse} demo --output {work}"], output="{work}/table.md",
-        copies={f"{{work}}/{f}": f"docs/images/{f}" for f in
-                ("demo_dice_boxplot.png", "demo_gain.png", "demo_overlay.png", "demo_gates.png")}),
+        copies={"{work}/figures/dice_boxplot.png": "docs/images/demo_dice_boxplot.png",
+                "{work}/figures/gain.png": "docs/images/demo_gain.png",
+                "{work}/figures/overlay.png": "docs/images/demo_overlay.png",
+                "{work}/figures/gates/*_gates.png": "docs/images/demo_gates.png"}),
     "demo_configs": Source(
         "docs/results/demo_configs.md",
         ["{medse} synth --out {work}/data",
@@ -409,9 +412,12 @@ def generate(name: str, repo: Path = REPO, work: Path | None = None, run: bool =
     walls = []
     stdout = ""
     if run:
-        if work.exists():
-            shutil.rmtree(work)
-        work.mkdir(parents=True)
+        if work.exists() and any(work.iterdir()):
+            if not (work / MARKER).is_file():
+                raise MedseError("work folder exists and was not made by docsync: give an empty or new folder", work)
+            shutil.rmtree(work)  # a previous docsync run of the same results: start clean
+        work.mkdir(parents=True, exist_ok=True)
+        (work / MARKER).write_text(f"{name}\n")
         for cmd in src.commands:
             line = _expand(cmd, work)
             log(f"$ {_display(cmd, work)}")
@@ -450,11 +456,15 @@ def generate(name: str, repo: Path = REPO, work: Path | None = None, run: bool =
         fields["recorded"] = f"from the existing output in {work} (commands not rerun)"
     if src.note:
         fields["note"] = src.note
-    for a, b in src.copies.items():
-        s = Path(_expand(a, work))
-        if not s.is_file():
-            raise MedseError(f"the commands did not write {s.name}", s)
-        atomic_write_bytes(repo / b, s.read_bytes())
+    found = {}
+    for a, b in src.copies.items():  # check every copy before writing any
+        pattern = Path(_expand(a, work))
+        matches = sorted(pattern.parent.glob(pattern.name)) if "*" in pattern.name else [pattern]
+        if len(matches) != 1 or not matches[0].is_file():
+            raise MedseError(f"the commands did not write exactly one {pattern.name}", pattern.parent)
+        found[matches[0]] = repo / b
+    for s, b in found.items():
+        atomic_write_bytes(b, s.read_bytes())
     dest = repo / src.dest
     atomic_write_text(dest, format_header(fields) + "\n" + body.strip("\n") + "\n")
     log(f"wrote {src.dest}")
