@@ -187,6 +187,7 @@ def test_generate_no_run_records_existing_output_with_its_commit(tmp_path):
     (work / "cells" / "a").mkdir(parents=True)
     (work / "table.md").write_text("| a |\n|---|\n| 0.723 |\n")
     (work / "cells" / "a" / "run_info.json").write_text('{"git_commit": "feedbeef"}')
+    (work / "demo_summary.json").write_text('{"wall_s": 2712.4}')
     for f in docsync.SOURCES["demo_table"].copies:
         f = Path(f.replace("{work}", str(work)).replace("*", "case_003"))
         f.parent.mkdir(parents=True, exist_ok=True)
@@ -194,6 +195,7 @@ def test_generate_no_run_records_existing_output_with_its_commit(tmp_path):
     docsync.generate("demo_table", tmp_path, work, run=False, log=lambda s: None)
     fields, body = docsync.parse_result(tmp_path / "docs" / "results" / "demo_table.md")
     assert fields["commit"] == "feedbeef" and "commands not rerun" in fields["recorded"]
+    assert fields["wall"] == "2712 s (from demo_summary.json)"
     assert fields["command"] == f"medse demo --output {work}" and body == "| a |\n|---|\n| 0.723 |\n"
     assert (tmp_path / "docs" / "images" / "demo_gain.png").read_bytes() == b"png gain.png"
     assert (tmp_path / "docs" / "images" / "demo_gates.png").read_bytes() == b"png case_003_gates.png"
