@@ -44,7 +44,8 @@ def test_every_results_file_records_command_commit_machine_and_date():
 def test_readme_includes_the_generated_results():
     text = (REPO / "README.md").read_text()
     included = {b.source for b in docsync.find_blocks(Path("README.md"), text)}
-    for name in ("docs/results/demo_table.md", "docs/results/models_2d.md", "docs/results/models_demo_unet.md",
+    for name in ("docs/results/demo_table.md", "docs/results/demo_configs.md", "docs/results/classifier_seed0.md",
+                 "docs/results/classifier_seed1.md", "docs/results/models_2d.md", "docs/results/models_demo_unet.md",
                  "benchmarks/results/blocks_cpu_run2.md", "benchmarks/results/networks_cpu_1thread.md",
                  "benchmarks/results/inference_cpu.md"):
         assert name in included, name
