@@ -8,7 +8,7 @@ STAMP := $(VENV)/.medse-installed
 DEMO_OUT ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-all lint bench clean
+.PHONY: setup demo test test-all lint bench docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ lint: setup
 bench: setup
 	$(BIN)/python benchmarks/bench_blocks.py
 	$(BIN)/python benchmarks/bench_networks.py
+
+# README and docs/ tables are copied from results files (docs/results/, benchmarks/results/) by medse.utils.docsync;
+# `python -m medse.utils.docsync generate NAME` reruns a results file's commands (`... list` shows them).
+docs: setup
+	$(BIN)/python -m medse.utils.docsync
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

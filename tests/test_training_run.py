@@ -64,6 +64,25 @@ def _no_leftovers(parent: Path) -> list[str]:
     return [p.name for p in parent.iterdir() if p.name.startswith(".") and "creating" in p.name]
 
 
+def _assert_tensorboard_matches(log_dir: Path, rows: list[dict[str, str]]) -> None:
+    """The event file holds one scalar per metrics.csv column and epoch, at step = epoch, with the same value."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = list(log_dir.glob("events.out.tfevents.*"))
+    assert len(files) == 1, files
+    acc = EventAccumulator(str(files[0]))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    expected = {f"{'val' if k.startswith('val_') else 'train'}/{k}" for k in rows[0] if k != "epoch"}
+    assert {"train/train_loss", "train/lr", "val/val_dice_mean", "val/val_dice_deep_left"} <= tags
+    assert tags == expected
+    for tag in tags:
+        key = tag.split("/", 1)[1]
+        events = acc.Scalars(tag)
+        assert [e.step for e in events] == [int(r["epoch"]) for r in rows], tag
+        assert [e.value for e in events] == pytest.approx([float(r[key]) for r in rows], rel=1e-5, abs=1e-7), tag
+
+
 # ----------------------------------------------------------------------------- end to end
 def test_train_writes_complete_run_folder(synth, tmp_path):
     out = tmp_path / "run"
@@ -72,7 +91,6 @@ def test_train_writes_complete_run_folder(synth, tmp_path):
     for name in ("config.yaml", "run_info.json", "dataset.json", "splits.json", "metrics.csv", "curves.png",
                  "timing.json", "checkpoints/last.pt", "checkpoints/best.pt"):
         assert (out / name).is_file(), name
-    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert not list(out.rglob(".tmp-*")) and not _no_leftovers(tmp_path)
 
     ds = json.loads((out / "dataset.json").read_text())
@@ -92,6 +110,7 @@ def test_train_writes_complete_run_folder(synth, tmp_path):
         assert float(r["train_loss"]) > 0 and 0.0 <= float(r["val_dice_mean"]) <= 1.0
         assert "val_dice_deep_left" in r and "val_dice_background" not in r
     assert float(rows[1]["lr"]) == pytest.approx(0.0, abs=1e-12)  # poly schedule ran to its end
+    _assert_tensorboard_matches(out / "tensorboard", rows)
 
     timing = json.loads((out / "timing.json").read_text())
     assert timing["train_steps_measured"] == 2 * 3 - 3 and timing["train_step_time_mean_s"] > 0
