@@ -24,7 +24,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-_AREAS = ("blocks", "models", "data", "train", "predict", "compare", "classify")
+_AREAS = ("blocks", "models", "data", "train", "predict", "compare", "classify", "nnunet")
 
 
 @app.callback()
