@@ -32,7 +32,7 @@ BIN = Path(sys.executable).parent
 def _env(root: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"), nnUNet_results=str(root / "res"),
-               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1",
+               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1",
                nnUNet_compile="f")
     env.update(extra)
     return env
@@ -59,7 +59,7 @@ def nnunet_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     env = _env(root)
     log = root / "plan.log"
     _run([str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "1",
-          "-npfp", "1", "--verify_dataset_integrity"], env, log)
+          "-npfp", "1"], env, log)
     _run([str(BIN / "nnUNetv2_plan_experiment"), "-d", str(DATASET_ID), "-pl", "nnUNetPlannerResEncM"], env, log)
     return root
 
@@ -292,8 +292,8 @@ def test_end_to_end_cpu(nnunet_root: Path, capsys: pytest.CaptureFixture[str]) -
 
     t0 = time.perf_counter()
     root = nnunet_root
-    env = _env(root, nnUNet_extTrainer=trainer_folder(), MEDSE_NNUNET_EPOCHS="1", MEDSE_NNUNET_ITERS="2",
-               MEDSE_NNUNET_VAL_ITERS="1")
+    env = _env(root, nnUNet_extTrainer=trainer_folder(), nnUNet_n_proc_DA="0", MEDSE_NNUNET_EPOCHS="1",
+               MEDSE_NNUNET_ITERS="2", MEDSE_NNUNET_VAL_ITERS="1")
     log = root / "e2e.log"
     rc, out, err = _cli(["nnunet", "plans", str(DATASET_ID), "-a", "scse", "--preprocessed", str(root / "pre")],
                         capsys)
