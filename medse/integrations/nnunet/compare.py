@@ -302,9 +302,10 @@ def compare_nnunet(
     step_bits = []
     for p in plans:
         t = times[p]
-        if t:
-            sd = float(np.std(t, ddof=1)) if len(t) > 1 else float("nan")
-            step_bits.append(f"{blocks[p]} {np.mean(t):.3f} ± {sd:.3f} s (n={len(t)} epochs)")
+        if len(t) > 1:
+            step_bits.append(f"{blocks[p]} {np.mean(t):.3f} ± {np.std(t, ddof=1):.3f} s (n={len(t)} epochs)")
+        elif t:
+            step_bits.append(f"{blocks[p]} {t[0]:.3f} s (n=1 epoch, no spread)")
         else:
             step_bits.append(f"{blocks[p]} n/a")
     notes.append("Training step (epoch time / training iterations, validation iterations included; mean ± std "
