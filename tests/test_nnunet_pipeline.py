@@ -133,6 +133,23 @@ def test_plans_positions_and_reduction(nnunet_root: Path, capsys: pytest.Capture
     kw = json.loads((pre / DATASET / "nnUNetPlans_medse_cse.json").read_text())[
         "configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
     assert kw["attention_positions"] == ["decoder"] and kw["attention_kwargs"] == {"reduction": 4}
+    # a block per position
+    rc, out, err = _cli(["nnunet", "plans", DATASET, "-a", "encoder=eca/decoder=scse", "--preprocessed", str(pre)],
+                        capsys)
+    assert rc == 0, err
+    path = pre / DATASET / "nnUNetPlans_medse_enc-eca_dec-scse.json"
+    kw = json.loads(path.read_text())["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    assert kw["attention"] == {"encoder": "eca", "decoder": "scse"}
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    cm = PlansManager(str(path)).get_configuration("3d_fullres")
+    net = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
+                                 cm.network_arch_init_kwargs_req_import, 1, 7, deep_supervision=False)
+    assert type(net.encoder_attention[0]).__name__ == "ECA" and type(net.decoder_attention[0]).__name__ == "SCSE"
+    assert type(net.bottleneck_attention).__name__ == "Identity"
+    rc, _, err = _cli(["nnunet", "plans", DATASET, "-a", "encoder=eca/decoder", "--preprocessed", str(pre)], capsys)
+    assert rc == 2 and "position=block" in err
 
 
 @pytest.mark.parametrize("args,message", [
