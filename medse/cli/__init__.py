@@ -42,7 +42,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-_AREAS = ("blocks", "models", "data", "train", "predict", "compare", "classify")
+_AREAS = ("blocks", "models", "data", "train", "predict", "compare", "classify", "nnunet")
 _state: dict = {"debug": False}
 
 
