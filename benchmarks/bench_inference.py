@@ -57,7 +57,7 @@ def _current_rss_mib() -> float:
 def make_run(run: Path, roi: int, num_classes: int = 3) -> None:
     import torch
 
-    from medse.training.config import config_to_dict, load_config
+    from medse.config import config_to_dict, load_config
     from medse.training.trainer import build_model
     from medse.utils.checkpoint import save_checkpoint
     from medse.utils.config import dump_yaml

@@ -31,7 +31,7 @@ train:
 @pytest.mark.slow
 def test_per_position_dynunet_trains_predicts_and_is_named_in_the_table(tmp_path: Path) -> None:
     from medse.compare.pipeline import run_compare
-    from medse.training.config import load_config
+    from medse.config import load_config
 
     (tmp_path / "train.yaml").write_text(TRAIN)
     pipe = tmp_path / "p.yaml"

@@ -150,8 +150,8 @@ def test_attention_kwargs_go_to_the_blocks_that_take_them() -> None:
 def test_config_models_table_and_compare_grid_name_the_assignment(tmp_path, capsys) -> None:
     from medse.cli import main
     from medse.compare.pipeline import cell_overrides, grid_cells, load_pipeline
+    from medse.config import load_config
     from medse.networks.registry import complexity_table, format_complexity_table
-    from medse.training.config import load_config
 
     cfg = load_config({"model": {"name": "unet", "attention": {"encoder": "cse", "decoder": "scse"}},
                        "train": {"patch_size": [16, 16, 16]}})
@@ -183,9 +183,9 @@ def test_config_models_table_and_compare_grid_name_the_assignment(tmp_path, caps
 
 
 def test_trainer_passes_patch_size_and_spacing_to_the_networks_that_take_them() -> None:
+    from medse.config import load_config
     from medse.networks.dynunet import get_kernels_strides
     from medse.training import build_model
-    from medse.training.config import load_config
 
     cfg = load_config({"model": {"name": "dynunet", "kwargs": {"filters": [8, 16, 32, 32]}},
                        "data": {"preprocess": {"target_spacing": [1.0, 1.0, 3.0]}},
@@ -206,8 +206,8 @@ def test_shipped_configs_build(config: str) -> None:
     """The example configs load and build (on the meta device where the network allows: no memory, no compute)."""
     from pathlib import Path
 
+    from medse.config import load_config
     from medse.training import build_model
-    from medse.training.config import load_config
 
     cfg = load_config(Path(__file__).parent.parent / "configs" / f"{config}.yaml")
     try:

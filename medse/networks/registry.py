@@ -62,9 +62,8 @@ _MODEL_MODULES: tuple[str, ...] = (
     "medse.networks.segresnet",
     "medse.networks.unetr",
     "medse.networks.swinunetr",
+    "medse.networks.resnet",
 )
-#: Modules of other areas that register models when they exist (a missing module is skipped).
-_OPTIONAL_MODEL_MODULES: tuple[str, ...] = ("medse.networks.resnet",)
 
 _REGISTRY: dict[str, ModelInfo] = {}
 _loaded = False
@@ -188,12 +187,6 @@ def _ensure_loaded() -> None:
         return
     for mod in _MODEL_MODULES:
         importlib.import_module(mod)
-    for mod in _OPTIONAL_MODEL_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:  # the module exists but one of its imports is missing: a real error
-                raise
     _loaded = True
 
 
@@ -232,10 +225,8 @@ def list_models(task: str | None = None) -> dict[str, ModelInfo]:
 def _check_block(model: str, attention: str, spatial_dims: int) -> str:
     if attention == "none":
         return attention
-    try:
-        from medse.attention import list_attention
-    except ImportError as e:
-        raise ValueError(f"attention='{attention}' needs medse.attention, which cannot be imported ({e}).") from e
+    from medse.attention import list_attention
+
     blocks = list_attention()
     for part in attention.split("+"):
         part = part.strip()

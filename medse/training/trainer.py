@@ -15,7 +15,6 @@ metric rows), ``step_losses``, ``best_metric``, ``best_epoch``, ``timing``, ``nu
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -24,11 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from medse.config import Config, config_to_dict, load_config
+from medse.runs import Run, build_model
 from medse.training import _data
-from medse.training.config import Config, config_to_dict, load_config
 from medse.training.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, cleanup, init_distributed
-from medse.utils.atomic import atomic_write_text
-from medse.utils.config import dump_yaml
 from medse.utils.errors import MedseError
 
 #: environment variable: stop (raise :class:`TrainingInterrupted`) after this many global iterations.
@@ -47,8 +45,8 @@ def train(
     overrides: list[str] | tuple[str, ...] = (),
     *,
     stop_after_iterations: int | None = None,
-) -> Path:
-    """Train a segmentation network and return the run folder.
+) -> Run:
+    """Train a segmentation network and return its :class:`~medse.runs.Run`.
 
     Everything that can be checked is checked before the run folder exists: the config, the output folder
     (not a file, not holding a run, writable), ``train.device``, the dataset, and the network (built on the
@@ -67,7 +65,7 @@ def train(
             (also read from the ``MEDSE_STOP_AFTER_ITERATIONS`` environment variable). Defaults to None.
 
     Returns:
-        The run folder.
+        The run (its folder is ``run.path``; a :class:`~medse.runs.Run` joins like a path: ``run / "x"``).
     """
     cfg = load_config(config, overrides)
     output = Path(output).expanduser().resolve()
@@ -92,7 +90,7 @@ def train(
             raise MedseError(f"rank 0 could not create the run folder: {err_msg}", output)
         barrier(dist)
         try:
-            return _Trainer(output, cfg, prep, dist, stop_after_iterations).run(checkpoint=None)
+            return _Trainer(Run(output), cfg, prep, dist, stop_after_iterations).fit(checkpoint=None)
         except TrainingInterrupted:
             raise  # a simulated kill: the folder stays, `medse train --resume` continues it
         except Exception:
@@ -110,7 +108,7 @@ def _check_output(output: Path) -> None:
     if output.exists() and not output.is_dir():
         raise MedseError("output folder is a file, not a folder", output)
     if output.is_dir() and any(output.iterdir()):
-        hint = " (use `medse train --resume` to continue it)" if (output / "config.yaml").is_file() else ""
+        hint = " (use `medse train --resume` to continue it)" if (output / Run.CONFIG).is_file() else ""
         raise MedseError(f"output folder already exists and is not empty{hint}", output)
     ensure_writable_dir(output, "output folder", create=False)
 
@@ -118,7 +116,7 @@ def _check_output(output: Path) -> None:
 def _remove_if_no_checkpoint(output: Path, existed: bool) -> None:
     """A run that failed before its first checkpoint leaves nothing: the folder it made is removed (an empty
     folder the user made beforehand is emptied, not removed), so a retry with a fixed config can use it."""
-    if (output / "checkpoints" / "last.pt").is_file() or not output.is_dir():
+    if Run(output).has_checkpoint("last") or not output.is_dir():
         return
     if existed:
         for child in output.iterdir():
@@ -178,34 +176,27 @@ def check_model(cfg: Config, in_channels: int, out_channels: int, world_size: in
         ) from None
 
 
-def resume(run_dir: str | Path, *, stop_after_iterations: int | None = None) -> Path:
+def resume(run_dir: str | Path | Run, *, stop_after_iterations: int | None = None) -> Run:
     """Continue the run in ``run_dir`` from ``checkpoints/last.pt`` (schedule, RNG and history included).
 
     A run killed before its first checkpoint restarts from epoch 0 in the same folder; a finished run
     returns at once. The config, classes and split are those stored in the run folder.
     """
-    from medse.utils.checkpoint import load_checkpoint
-
-    run_dir = Path(run_dir).expanduser().resolve()
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise MedseError("not a run folder (no config.yaml)", run_dir)
-    cfg = load_config(cfg_path)
+    run = Run.open(Path(run_dir).expanduser().resolve())
+    cfg = run.config
     check_device(cfg.train.device)
     dist = init_distributed(_device_type(cfg.train.device))
     try:
         prep = _data.prepare_data(cfg)
-        stored = json.loads((run_dir / "dataset.json").read_text())
-        if [int(v) for v in stored.get("class_values", [])] != prep.class_values:
-            raise MedseError(
-                f"the dataset's labels {prep.class_values} differ from the run's {stored.get('class_values')}",
-                run_dir / "dataset.json",
-            )
-        last = run_dir / "checkpoints" / "last.pt"
-        ckpt = load_checkpoint(last) if last.is_file() else None
+        stored = run.dataset.class_values
+        if stored != prep.class_values:
+            raise MedseError(f"the dataset's labels {prep.class_values} differ from the run's {stored}",
+                             run / Run.DATASET)
+        ckpt = run.checkpoint("last") if run.has_checkpoint("last") else None
         if ckpt is None and dist.is_main:
-            print(f"no checkpoint in {last.parent} yet: starting at epoch 0 of {cfg.train.epochs}", file=sys.stderr)
-        return _Trainer(run_dir, cfg, prep, dist, stop_after_iterations).run(checkpoint=ckpt)
+            print(f"no checkpoint in {run.checkpoint_dir} yet: starting at epoch 0 of {cfg.train.epochs}",
+                  file=sys.stderr)
+        return _Trainer(run, cfg, prep, dist, stop_after_iterations).fit(checkpoint=ckpt)
     finally:
         cleanup(dist)
 
@@ -231,58 +222,14 @@ def _resolve_device(device: str, dist: DistInfo) -> Any:
     return torch.device("cpu")
 
 
-def _create_run_dir(output: Path, cfg: Config, prep: _data.PreparedData) -> None:
-    """Write config.yaml, run_info.json, dataset.json and splits.json under a temporary name, then rename."""
-    from medse.utils.runinfo import write_run_info
-
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.creating-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        atomic_write_text(tmp / "config.yaml", dump_yaml(config_to_dict(cfg)))
-        write_run_info(tmp, extra={"task": "segmentation-training"})
-        atomic_write_text(tmp / "dataset.json", json.dumps(prep.dataset_json(), indent=2) + "\n")
-        _data.make_splits(tmp, prep, cfg)
-        if output.exists():  # an empty folder the user made beforehand
-            output.rmdir()
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def build_model(cfg: Config, in_channels: int, out_channels: int) -> Any:
-    """The network named by ``cfg.model`` (``medse.networks.create_model``).
-
-    Architecture arguments that depend on the run (DynUNet's ``patch_size`` and ``spacing``, UNETR's
-    ``img_size``; ``medse.networks.run_context_kwargs``) come from ``train.patch_size`` and
-    ``data.preprocess.target_spacing`` unless ``model.kwargs`` sets them.
-    """
-    m = cfg.model
-    try:
-        from medse.networks import create_model, run_context_kwargs
-    except ImportError:  # networks area not there yet: a plain MONAI U-Net without attention
-        if m.attention != "none":
-            raise MedseError("config key 'model.attention': medse.networks is not available") from None
-        from monai.networks.nets import UNet
-
-        return UNet(m.spatial_dims, in_channels, out_channels, channels=(8, 16, 32, 64), strides=(2, 2, 2))
-
-    spacing = getattr(getattr(cfg.data, "preprocess", None), "target_spacing", None)
-    if spacing is not None and m.spatial_dims == 2:  # slices along train.slice_axis: the in-plane spacing
-        spacing = [v for i, v in enumerate(spacing) if i != cfg.train.slice_axis]
-    context = run_context_kwargs(m.name, cfg.train.patch_size, spacing)
-    return create_model(
-        m.name,
-        spatial_dims=m.spatial_dims,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        attention=m.attention,
-        attention_positions=tuple(m.attention_positions),
-        attention_kwargs=dict(m.attention_kwargs) or None,
-        **{**context, **dict(m.kwargs)},
+def _create_run_dir(output: Path, cfg: Config, prep: _data.PreparedData) -> Run:
+    """config.yaml, run_info.json, dataset.json and splits.json, written under a temporary name, then renamed."""
+    return Run.create(
+        output,
+        config=config_to_dict(cfg),
+        dataset=prep.dataset_info(),
+        split=lambda folder: _data.make_splits(folder, prep, cfg),
+        run_info={"task": "segmentation-training"},
     )
 
 
@@ -332,9 +279,9 @@ def _warn_if_patch_exceeds_data(store: Any, case_ids: list[str], cfg: Config) ->
 
 class _Trainer:
     def __init__(
-        self, run_dir: Path, cfg: Config, prep: _data.PreparedData, dist: DistInfo, stop_after: int | None
+        self, run: Run, cfg: Config, prep: _data.PreparedData, dist: DistInfo, stop_after: int | None
     ) -> None:
-        self.run_dir = run_dir
+        self.run = run
         self.cfg = cfg
         self.prep = prep
         self.dist = dist
@@ -385,7 +332,7 @@ class _Trainer:
         from medse.utils.seed import set_rng_states
 
         if int(ck.get("num_classes", self.prep.num_classes)) != self.prep.num_classes:
-            raise MedseError("checkpoint has a different number of classes than the dataset", self.run_dir)
+            raise MedseError("checkpoint has a different number of classes than the dataset", self.run)
         self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
@@ -425,20 +372,20 @@ class _Trainer:
         }
 
     # ------------------------------------------------------------------ loop
-    def run(self, checkpoint: dict[str, Any] | None) -> Path:
+    def fit(self, checkpoint: dict[str, Any] | None) -> Run:
         from medse.training.recording import TensorBoardLogger
 
         t = self.cfg.train
         self._setup(checkpoint)
         self.epochs_run: list[int] = []  # epochs this call trained (1-based), for the log and the tests
-        splits = _data._split_lists(json.loads((self.run_dir / "splits.json").read_text()))
+        splits = _data._split_lists(self.run.split.to_dict())
         self.val_ids = splits["val"][: t.val_max_cases] if t.val_max_cases else splits["val"]
         if checkpoint is not None and self.dist.is_main:
             what = "already finished" if self.start_epoch >= t.epochs else f"continuing with epoch {self.start_epoch + 1}"
             print(f"resumed at epoch {self.start_epoch} of {t.epochs} ({what}; global step {self.global_step})",
                   file=sys.stderr)
         if self.start_epoch >= t.epochs:
-            return self.run_dir
+            return self.run
         store = _data.make_store(self.prep, self.cfg)
         if t.num_workers > 0:  # workers are re-forked every epoch: fill the cache first so they inherit it
             store.preload(splits["train"])
@@ -447,7 +394,7 @@ class _Trainer:
         self.train_ds = _data.make_train_dataset(store, splits["train"], self.cfg)
         self.val_ds = _data.make_val_dataset(store, self.val_ids)
         self.tb = TensorBoardLogger(
-            self.run_dir / "tensorboard", enabled=t.tensorboard and self.dist.is_main, purge_step=self.start_epoch + 1
+            self.run / Run.TENSORBOARD, enabled=t.tensorboard and self.dist.is_main, purge_step=self.start_epoch + 1
         )
         try:
             for epoch in range(self.start_epoch, t.epochs):
@@ -455,7 +402,7 @@ class _Trainer:
                 self.epochs_run.append(epoch + 1)
         finally:
             self.tb.close()
-        return self.run_dir
+        return self.run
 
     def _loader(self, epoch: int) -> Any:
         import torch
@@ -592,19 +539,17 @@ class _Trainer:
 
     def _write(self, epoch: int, row: dict[str, Any]) -> None:
         from medse.training.recording import plot_curves, write_metrics_csv, write_timing
-        from medse.utils.checkpoint import save_checkpoint
 
-        ckdir = self.run_dir / "checkpoints"
         state = self._state(epoch)
-        save_checkpoint(ckdir / "last.pt", state)
+        self.run.save_checkpoint("last", state)
         if self.best_epoch == epoch:
-            save_checkpoint(ckdir / "best.pt", state)
-        write_metrics_csv(self.history, self.run_dir / "metrics.csv")
-        plot_curves(self.history, self.run_dir / "curves.png")
+            self.run.save_checkpoint("best", state)
+        write_metrics_csv(self.history, self.run / Run.METRICS)
+        plot_curves(self.history, self.run / Run.CURVES)
         self.tb.log(row, epoch)
         t = self.cfg.train
         write_timing(
-            self.run_dir / "timing.json", self.timing["sum"], int(self.timing["count"]),
+            self.run / Run.TIMING, self.timing["sum"], int(self.timing["count"]),
             extra={
                 "device": str(self.device),
                 "world_size": self.dist.world_size,
@@ -622,8 +567,6 @@ class _Trainer:
 
 def _attention_label(attention: Any) -> str:
     """``model.attention`` as one readable string (a mapping as ``encoder=cse,decoder=scse``)."""
-    try:
-        from medse.networks import format_assignment
-    except ImportError:  # pragma: no cover
-        return str(attention)
+    from medse.networks import format_assignment
+
     return format_assignment(attention)
