@@ -79,7 +79,7 @@ def test_resume_equals_uninterrupted(runs, synth, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
     assert [r["epoch"] for r in csv.DictReader(open(part / "metrics.csv"))] == ["1", "2"]
     assert (part / "run_info.json").is_file() and (part / "run_info_resume_epoch1.json").is_file()
-    with pytest.raises(MedseError, match="already holds a run"):
+    with pytest.raises(MedseError, match="already exists and is not empty"):
         train(_cfg(synth / "manifest.csv"), part)
 
 
@@ -133,7 +133,7 @@ def test_cli_synth_and_errors(tmp_path, capsys):
     assert main(["classify", "train", "--output", str(tmp_path / "r")]) == 2
     assert "needs --config" in capsys.readouterr().err
     assert main(["classify", "evaluate", "--run", str(tmp_path / "missing")]) == 2
-    assert "not a classifier run folder" in capsys.readouterr().err
+    assert "missing: run folder not found" in capsys.readouterr().err
 
 
 def test_3d_volumes_train_and_evaluate(tmp_path):

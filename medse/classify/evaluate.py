@@ -59,27 +59,20 @@ def predict_run(run_dir: str | Path, data: str | Path | None = None, checkpoint:
     import torch
 
     from medse.classify.data import ClassificationDataset
-    from medse.classify.train import _device, build_model, load_config, load_run_data, torch_threads
-    from medse.utils.checkpoint import load_checkpoint
-    from medse.utils.config import load_yaml
+    from medse.classify.train import _device, load_run_data, torch_threads
+    from medse.runs import Run
     from medse.utils.progress import progress as progress_bar  # a tqdm bar on a terminal, plain lines otherwise
 
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file() or not (run_dir / "dataset.json").is_file():
-        raise MedseError("not a classifier run folder (config.yaml / dataset.json missing)", run_dir)
-    cfg = load_config(load_yaml(run_dir / "config.yaml"))
-    ds_info = json.loads((run_dir / "dataset.json").read_text())
-    names = list(ds_info["class_names"])
-    ck_path = run_dir / "checkpoints" / (checkpoint if checkpoint.endswith(".pt") else f"{checkpoint}.pt")
-    state = load_checkpoint(ck_path)
-    model = build_model(cfg, len(names))
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise MedseError(f"checkpoint does not match the run's model config: {str(e).splitlines()[0]}", ck_path) from e
+    run = Run.open(run_dir)
+    if run.task != "classification":
+        raise MedseError("not a classifier run folder (dataset.json says task 'segmentation')", run.path)
+    cfg = run.config
+    names = run.dataset.class_names
+    ck_path = run.checkpoint_path(checkpoint.removesuffix(".pt") if checkpoint in ("best.pt", "last.pt") else checkpoint)
+    model = run.load_model(ck_path)
     dev = _device(device)
     model.to(dev).eval()
-    items = load_run_data(run_dir, split, data)
+    items = load_run_data(run, split, data)
     ds = ClassificationDataset(items, in_channels=cfg.model.in_channels, image_size=cfg.data.image_size,
                                spatial_dims=cfg.model.spatial_dims, normalize=cfg.data.normalize, augment=None,
                                cache=True)
@@ -88,7 +81,7 @@ def predict_run(run_dir: str | Path, data: str | Path | None = None, checkpoint:
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
     probs = []
     with torch.no_grad(), torch_threads(cfg.train.num_threads):
-        for x, _, _ in progress_bar(loader, desc=f"predict {run_dir.name}", leave=False, disable=not progress):
+        for x, _, _ in progress_bar(loader, desc=f"predict {run.path.name}", leave=False, disable=not progress):
             probs.append(torch.softmax(model(x.to(dev)).float(), 1).cpu().numpy())
     return {
         "class_names": names,
@@ -97,7 +90,7 @@ def predict_run(run_dir: str | Path, data: str | Path | None = None, checkpoint:
         "y_true": ds.labels,
         "probs": np.concatenate(probs).astype(np.float64),
         "skipped": ds.skipped,
-        "run": str(run_dir),
+        "run": str(run.path),
         "checkpoint": str(ck_path),
     }
 

@@ -440,16 +440,13 @@ def two_proportion_ztest(k_a: int, n_a: int, k_b: int, n_b: int) -> ZTestResult:
 
 
 def holm(pvalues: Sequence[float | None]) -> list[float | None]:
-    """Holm's step-down adjusted p-values; ``None`` and NaN entries (undefined tests) are skipped (they do not
-    count in m) and come back as ``None``."""
-    idx = [i for i, p in enumerate(pvalues) if p is not None and not math.isnan(float(p))]
-    ps = np.array([float(pvalues[i]) for i in idx])
-    if np.any(ps < 0) or np.any(ps > 1):
-        raise StatisticsError("p-values must lie in [0, 1]")
-    out: list[float | None] = [None] * len(pvalues)
-    m = len(ps)
-    running = 0.0
-    for rank, j in enumerate(np.argsort(ps, kind="mergesort")):
-        running = max(running, min(1.0, (m - rank) * ps[j]))
-        out[idx[j]] = float(running)
-    return out
+    """Holm's step-down adjusted p-values (:func:`medse.compare.stats.holm`); ``None`` and NaN entries
+    (undefined tests) are skipped (they do not count in m) and come back as ``None``."""
+    from medse.compare.stats import holm as holm_array
+
+    raw = [float("nan") if p is None else float(p) for p in pvalues]
+    try:
+        adj = holm_array(raw)
+    except ValueError as e:
+        raise StatisticsError(str(e)) from None
+    return [None if math.isnan(v) else float(v) for v in adj]

@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
-import io
-import json
 import math
 import time
 from collections.abc import Iterator
@@ -35,8 +32,9 @@ from medse.classify.data import (
     load_classification_data,
     make_splits,
 )
-from medse.utils.atomic import atomic_path, atomic_write_text
-from medse.utils.config import apply_overrides, dump_yaml, from_dict, load_yaml, to_dict
+from medse.runs import DatasetInfo, Run, Split
+from medse.utils.atomic import atomic_path
+from medse.utils.config import apply_overrides, from_dict, load_yaml, to_dict
 from medse.utils.errors import MedseError
 
 __all__ = [
@@ -204,21 +202,16 @@ def _prepare_data(cfg: ClassifierConfig) -> tuple[ClassificationData, Classifica
     return data, test_data, splits
 
 
-def load_run_data(run_dir: str | Path, split: str = "test", data: str | Path | None = None) -> ClassificationData:
-    """The images of ``split`` in a run (from ``splits.json``), or every image of ``data`` when given."""
-    run_dir = Path(run_dir)
-    cfg = load_config(load_yaml(run_dir / "config.yaml"))
-    ds = json.loads((run_dir / "dataset.json").read_text())
-    names = ds["class_names"]
+def load_run_data(run_dir: str | Path | Run, split: str = "test", data: str | Path | None = None) -> ClassificationData:
+    """The images of ``split`` in a run (from its split), or every image of ``data`` when given."""
+    run = Run.open(run_dir)
+    cfg = run.config
+    names = run.dataset.class_names
     if data is not None:
         return load_classification_data(data, names)
-    splits = json.loads((run_dir / "splits.json").read_text())
-    if split not in ("train", "val", "test"):
-        raise MedseError(f"unknown split '{split}', expected train, val or test")
-    ids = splits[split]
+    ids = run.split.ids(split)  # type: ignore[arg-type]
     if not ids:
-        raise MedseError(f"split '{split}' of the run is empty; pass a data folder or manifest",
-                         run_dir / "splits.json")
+        raise MedseError(f"split '{split}' of the run is empty; pass a data folder or manifest", run / Run.SPLITS)
     source = cfg.data.test_root if (split == "test" and cfg.data.test_root) else cfg.data.root
     return load_classification_data(source, names).subset(ids)
 
@@ -294,18 +287,6 @@ def _macro_auc(y: np.ndarray, p: np.ndarray) -> float | None:
     return float(np.mean(aucs)) if aucs else None
 
 
-_METRIC_FIELDS = ["epoch", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_auc", "seconds"]
-
-
-def _write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=_METRIC_FIELDS)
-    w.writeheader()
-    for row in history:
-        w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in _METRIC_FIELDS})
-    atomic_write_text(run_dir / "metrics.csv", buf.getvalue())
-
-
 def plot_curves(history: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     """Loss and accuracy (and validation macro AUC) per epoch, written to ``path`` (PNG)."""
     import matplotlib
@@ -346,58 +327,46 @@ def _monitor_value(cfg: TrainSection, row: dict[str, Any]) -> float | None:
     return -float(v) if key == "val_loss" else float(v)  # larger is better
 
 
-def train(config: dict | str | Path, output: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Path:
-    """Train a classifier; returns the run folder ``output`` (created; must be empty or absent)."""
+def train(config: dict | str | Path, output: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Run:
+    """Train a classifier; returns its :class:`~medse.runs.Run` (``output`` is created; absent or empty)."""
     cfg = load_config(config, overrides)
-    run_dir = Path(output)
-    if (run_dir / "checkpoints" / "last.pt").exists():
-        raise MedseError("run folder already holds a run; use 'medse classify train --resume' or another --output",
-                         run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    out = Path(output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        hint = " (use 'medse classify train --resume')" if (out / Run.CONFIG).is_file() else ""
+        raise MedseError(f"output folder already exists and is not empty{hint}", out)
     data, test_data, splits = _prepare_data(cfg)
     num_classes = len(data.class_names)
     if num_classes < 2:
         raise MedseError(f"need at least 2 classes, found {num_classes} ({data.class_names})", cfg.data.root)
-    atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
-    atomic_write_text(run_dir / "dataset.json", json.dumps({
-        "labels": {n: i for i, n in enumerate(data.class_names)},
-        "class_names": data.class_names,
-        "num_classes": num_classes,
-        "channel_names": ["image"] * cfg.model.in_channels,
-        "source": str(data.source),
-        "test_source": None if test_data is None else str(test_data.source),
-        "counts": data.counts(),
-        "task": "classification",
-    }, indent=2) + "\n")
-    atomic_write_text(run_dir / "splits.json", json.dumps(
-        {"seed": cfg.train.seed, "kind": "holdout", "fold": 0, **splits}, indent=1) + "\n")
+    dataset = DatasetInfo(
+        labels={n: i for i, n in enumerate(data.class_names)}, class_values=list(range(num_classes)),
+        channel_names=["image"] * cfg.model.in_channels, task="classification", source=str(data.source),
+        extra={"test_source": None if test_data is None else str(test_data.source), "counts": data.counts()},
+    )
+    split = Split(train=splits["train"], val=splits["val"], test=splits["test"], seed=cfg.train.seed, fold=0)
+    run = Run.create(out, config=config_dict(cfg), dataset=dataset, split=split,
+                     run_info={"task": "classification"})
     with torch_threads(cfg.train.num_threads):
-        return _fit(cfg, run_dir, data, splits, state=None)
+        return _fit(cfg, run, data, split.to_dict(), state=None)
 
 
-def resume(run_dir: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Path:
+def resume(run_dir: str | Path | Run, overrides: tuple[str, ...] | list[str] = ()) -> Run:
     """Continue a run from ``checkpoints/last.pt``; overrides such as ``train.epochs=40`` extend it."""
-    from medse.utils.checkpoint import load_checkpoint
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise MedseError("not a classifier run folder (no config.yaml)", run_dir)
-    raw = load_yaml(run_dir / "config.yaml")
-    cfg = load_config(raw, overrides)
+    run = Run.open(run_dir)
+    cfg = load_config(run.raw_config, overrides)
     if overrides:
-        atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
-    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    data = load_classification_data(cfg.data.root, json.loads((run_dir / "dataset.json").read_text())["class_names"])
-    splits = json.loads((run_dir / "splits.json").read_text())
+        run.write_config(config_dict(cfg))
+    state = run.checkpoint("last")
+    data = load_classification_data(cfg.data.root, run.dataset.class_names)
     with torch_threads(cfg.train.num_threads):
-        return _fit(cfg, run_dir, data, splits, state=state)
+        return _fit(cfg, run, data, run.split.to_dict(), state=state)
 
 
-def _fit(cfg: ClassifierConfig, run_dir: Path, data: ClassificationData, splits: dict, state: dict | None) -> Path:
+def _fit(cfg: ClassifierConfig, run: Run, data: ClassificationData, splits: dict, state: dict | None) -> Run:
     import torch
     from torch.utils.data import DataLoader, RandomSampler
 
-    from medse.utils.checkpoint import load_checkpoint, save_checkpoint
+    from medse.training.recording import TensorBoardLogger, write_metrics_csv
     from medse.utils.runinfo import write_run_info
     from medse.utils.seed import derive_seed, get_rng_states, seed_everything, set_rng_states
 
@@ -415,7 +384,7 @@ def _fit(cfg: ClassifierConfig, run_dir: Path, data: ClassificationData, splits:
     if len(train_ds) == 0:
         raise MedseError("no readable training images", cfg.data.root)
     resumed_at = int(state["epoch"]) + 1 if state is not None else None
-    write_run_info(run_dir, {"task": "classification", "n_train": len(train_ds), "n_val": len(val_ds) if val_ds else 0,
+    write_run_info(run.path, {"task": "classification", "n_train": len(train_ds), "n_val": len(val_ds) if val_ds else 0,
                              "skipped": [s[0] for s in skipped], "resumed_at_epoch": resumed_at},
                    name="run_info.json" if state is None else f"run_info_resume_epoch{resumed_at}.json")
 
@@ -435,15 +404,10 @@ def _fit(cfg: ClassifierConfig, run_dir: Path, data: ClassificationData, splits:
         set_rng_states(state["rng"])
         if start >= t.epochs:
             print(f"run already finished {start} of {t.epochs} epochs; pass train.epochs=N to continue")
-    writer = None
-    if t.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(run_dir / "tensorboard"))
+    tb = TensorBoardLogger(run / Run.TENSORBOARD, enabled=t.tensorboard, purge_step=start + 1)
     val_loader = None
     if val_ds is not None:
         val_loader = DataLoader(val_ds, batch_size=t.batch_size, shuffle=False, num_workers=t.num_workers)
-    ckpt = run_dir / "checkpoints"
     for epoch in range(start, t.epochs):
         t0 = time.time()
         lr = t.lr * _lr_factor(t, epoch)
@@ -471,29 +435,25 @@ def _fit(cfg: ClassifierConfig, run_dir: Path, data: ClassificationData, splits:
         payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                    "best": best, "stale": stale, "history": history, "rng": get_rng_states(),
                    "num_classes": num_classes, "class_names": list(data.class_names)}
-        save_checkpoint(ckpt / "last.pt", payload)
+        run.save_checkpoint("last", payload)
         if improved:
-            save_checkpoint(ckpt / "best.pt", {"model": payload["model"], "epoch": epoch,
+            run.save_checkpoint("best", {"model": payload["model"], "epoch": epoch,
                                                "num_classes": num_classes, "class_names": list(data.class_names),
                                                "monitor": t.monitor, "value": row.get(t.monitor)})
-        _write_metrics(run_dir, history)
-        plot_curves(history, run_dir / "curves.png", title=cfg.name or run_dir.name)
-        if writer is not None:
-            for k, v in row.items():
-                if k != "epoch" and v is not None:
-                    writer.add_scalar(k, v, epoch + 1)
+        write_metrics_csv(history, run / Run.METRICS)
+        plot_curves(history, run / Run.CURVES, title=cfg.name or run.path.name)
+        tb.log(row, epoch + 1)
         msg = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if v is not None)
         print(msg, flush=True)
         if t.early_stopping_patience and stale >= t.early_stopping_patience:
             print(f"early stopping: no improvement of {t.monitor} for {stale} epochs")
             break
-    if writer is not None:
-        writer.close()
-    if not (ckpt / "best.pt").exists() and (ckpt / "last.pt").exists():
-        last = load_checkpoint(ckpt / "last.pt")
-        save_checkpoint(ckpt / "best.pt", {"model": last["model"], "epoch": last["epoch"],
+    tb.close()
+    if not run.has_checkpoint("best") and run.has_checkpoint("last"):
+        last = run.checkpoint("last")
+        run.save_checkpoint("best", {"model": last["model"], "epoch": last["epoch"],
                                            "num_classes": num_classes, "class_names": list(data.class_names)})
-    return run_dir
+    return run
 
 
 def config_dict(cfg: ClassifierConfig) -> dict[str, Any]:

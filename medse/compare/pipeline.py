@@ -326,10 +326,11 @@ def cell_overrides(cfg: CompareConfig, cell: Cell) -> list[str]:
 CellRunner = Callable[[Cell, Path, CompareConfig], "pd.DataFrame"]
 
 
-def _dataset_of_run(run: Run) -> Any:
+def _dataset_of_run(run: Run | Path) -> Any:
     """The DatasetSpec the run was trained on (from its resolved config)."""
     from medse.data.datasets import load_dataset
 
+    run = Run.open(run)
     data = run.config.data
     source = data.manifest or data.root
     if not source:
@@ -337,8 +338,8 @@ def _dataset_of_run(run: Run) -> Any:
     return load_dataset(source, layout=data.layout or "auto")
 
 
-def _dataset_name(run: Run) -> str:
-    data = run.config.data
+def _dataset_name(run: Run | Path) -> str:
+    data = Run.open(run).config.data
     src = Path(str(data.manifest or data.root or "dataset"))
     return src.stem if src.suffix else src.name
 
