@@ -4,7 +4,7 @@ A YAML file (with optional ``_base_`` inheritance) plus dotted ``key=value`` ove
 against :class:`Config` by :func:`load_config`; unknown keys, wrong types and inconsistent values raise
 :class:`~medse.utils.errors.MedseError` naming the dotted key. The resolved config (all defaults filled
 in) is written to ``RUN_DIR/config.yaml`` and read back by :func:`load_config` on resume and by the
-inference area (which reads the ``infer`` section).
+inference (which reads the ``infer`` section).
 
 Defaults follow MONAI/nnU-Net practice where a paper gives none: Dice + cross-entropy loss
 (``monai.losses.DiceCELoss``), Adam at 1e-3 or SGD (momentum 0.99, Nesterov, nnU-Net v2), poly decay

@@ -1,6 +1,6 @@
 """The ``medse`` command line: a thin Typer app over the Python API.
 
-Each area registers its commands from its own module (``medse/cli/_<area>.py``, a ``register(app)``
+Each command group registers its commands from its own module (``medse/cli/_<group>.py``, a ``register(app)``
 function). torch and the heavy libraries are imported inside the commands, so ``medse --help`` is fast.
 
 How failures look (:func:`main`):
@@ -42,7 +42,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-_AREAS = ("blocks", "models", "data", "train", "predict", "compare", "classify", "nnunet")
+_COMMAND_MODULES = ("blocks", "models", "data", "train", "predict", "compare", "classify", "nnunet")
 _state: dict = {"debug": False}
 
 
@@ -56,8 +56,8 @@ def _root(
         warnings.formatwarning = _state.get("python_formatwarning", warnings.formatwarning)
 
 
-for _area in _AREAS:
-    importlib.import_module(f"medse.cli._{_area}").register(app)
+for _name in _COMMAND_MODULES:
+    importlib.import_module(f"medse.cli._{_name}").register(app)
 
 
 def _env_debug() -> bool:

@@ -1,4 +1,4 @@
-"""CLI commands of the 'blocks' area: ``medse blocks`` (efficiency table / documentation page of the blocks)."""
+"""The blocks commands: ``medse blocks`` (efficiency table / documentation page of the blocks)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def _parse_dims(values: list[str] | None, extra: list[str]) -> list[int]:
 
 
 def register(app: typer.Typer) -> None:
-    """Add this area's commands to the medse app."""
+    """Add these commands to the medse app."""
 
     @app.command(
         "blocks",

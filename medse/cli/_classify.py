@@ -1,4 +1,4 @@
-"""CLI commands of the 'classify' area: ``medse synth-cls`` and ``medse classify train|evaluate|compare``."""
+"""The classify commands: ``medse synth-cls`` and ``medse classify train|evaluate|compare``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    """Add this area's commands to the medse app."""
+    """Add these commands to the medse app."""
 
     @app.command("synth-cls")
     def synth_cls(

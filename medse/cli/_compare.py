@@ -1,4 +1,4 @@
-"""CLI commands of the 'compare' area: ``medse compare``, ``medse explain``, ``medse demo``."""
+"""The compare commands: ``medse compare``, ``medse explain``, ``medse demo``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    """Add this area's commands to the medse app."""
+    """Add these commands to the medse app."""
 
     @app.command("compare")
     def compare_cmd(

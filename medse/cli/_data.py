@@ -1,4 +1,4 @@
-"""CLI commands of the 'data' area: ``medse synth``, ``medse manifest``, ``medse validate``.
+"""The data commands: ``medse synth``, ``medse manifest``, ``medse validate``.
 
 * ``medse synth --out DIR [--cases 20 --size 64 --seed 0 --layout folder|nnunet --overwrite]`` writes the
   synthetic brain-phantom dataset (:func:`medse.data.synth.generate_dataset`).
@@ -19,7 +19,7 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    """Add this area's commands to the medse app."""
+    """Add these commands to the medse app."""
 
     @app.command("synth")
     def synth(

@@ -1,4 +1,4 @@
-"""CLI commands of the 'models' area: ``medse models``.
+"""The models commands: ``medse models``.
 
 ``medse models --size 64 [--dims 2 3] [--markdown]`` prints, from the registries, every segmentation network x
 attention block with parameters, parameter overhead over ``none`` and multiply-adds at the given input size.
@@ -57,7 +57,7 @@ def _parse_arch(values: list[str] | None) -> dict[str, dict[str, object]]:
 
 
 def register(app: typer.Typer) -> None:
-    """Add this area's commands to the medse app."""
+    """Add these commands to the medse app."""
 
     @app.command("models", context_settings={"allow_extra_args": True})
     def models_cmd(

@@ -1,4 +1,4 @@
-"""CLI commands of the 'nnunet' area: ``medse nnunet plans`` and ``medse nnunet compare``.
+"""The nnunet commands: ``medse nnunet plans`` and ``medse nnunet compare``.
 
 Both work on nnU-Net v2's folders (``$nnUNet_preprocessed``, ``$nnUNet_results``); ``plans`` needs no nnU-Net
 installation, ``compare`` counts parameters only where nnunetv2 is importable.

@@ -1,4 +1,4 @@
-"""CLI commands of the 'predict' area: ``medse predict`` and ``medse evaluate``."""
+"""The predict commands: ``medse predict`` and ``medse evaluate``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from medse.cli._options import check_device, check_overlap, parse_roi_size
 
 
 def register(app: typer.Typer) -> None:
-    """Add this area's commands to the medse app."""
+    """Add these commands to the medse app."""
 
     @app.command("predict")
     def predict_cmd(

@@ -1,4 +1,4 @@
-"""CLI commands of the 'train' area: ``medse train``."""
+"""The train commands: ``medse train``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    """Add this area's commands to the medse app."""
+    """Add these commands to the medse app."""
 
     @app.command("train", context_settings={"allow_extra_args": False})
     def train_cmd(

@@ -3,7 +3,7 @@
 ``create_model(name, spatial_dims, in_channels, out_channels, attention="none",
 attention_positions=("encoder", "bottleneck", "decoder"), attention_kwargs=None, **arch_kwargs)``
 builds a registered network (``attention`` may be one block or a mapping position -> block); ``list_models()`` describes them. Networks: ``unet`` (MONAI's U-Net),
-``fc_densenet`` (Tiramisu), ``sdnet``, ``quicknat``, and MONAI's ``dynunet``, ``segresnet``, ``unetr``, ``swinunetr``; ``resnet50v2`` (classification) when the classifier area
+``fc_densenet`` (Tiramisu), ``sdnet``, ``quicknat``, and MONAI's ``dynunet``, ``segresnet``, ``unetr``, ``swinunetr``; ``resnet50v2`` (classification) when the classifier module
 is installed. See ``docs/networks.md``.
 """
 

@@ -1,8 +1,7 @@
 """The model registry: ``create_model``, ``list_models``, ``register_model``, ``attention_modules``.
 
 Networks register a builder with ``@register_model(name, task=..., ...)`` in their own module; this module
-imports those modules on first use (``medse.networks.resnet``, written by the classifier area, only when it
-exists). A builder is called as ``builder(spatial_dims=..., in_channels=..., out_channels=..., attention=...,
+imports those modules (and the ``MEDSE_PLUGINS`` modules) on first use. A builder is called as ``builder(spatial_dims=..., in_channels=..., out_channels=..., attention=...,
 attention_positions=..., attention_kwargs=..., **arch_kwargs)`` and returns an ``nn.Module``.
 
 Design after segmentation_models_pytorch's ``create_model(arch, ...)`` and timm's ``create_attn``: models are

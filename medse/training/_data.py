@@ -1,6 +1,6 @@
 """The training engine's view of :mod:`medse.data`: load + validate the dataset, labels, splits, datasets.
 
-Kept in one place so the trainer reads as a loop, and so a change in the data area's API is a change here.
+Kept in one place so the trainer reads as a loop, and so a change in medse.data's API is a change here.
 """
 
 from __future__ import annotations

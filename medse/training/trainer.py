@@ -3,7 +3,7 @@
 One code path for a single process and for DistributedDataParallel under ``torchrun``. Loss: Dice +
 cross-entropy (``monai.losses.DiceCELoss``; Milletari et al. 2016, arXiv 1606.04797, plus CE as in
 nnU-Net, Isensee et al. 2021). Reproducibility: every epoch's data order and augmentation derive from
-``(seed, epoch, index)`` (the data area's ``PatchDataset``) and the torch RNG is re-seeded from
+``(seed, epoch, index)`` (``medse.data``'s ``PatchDataset``) and the torch RNG is re-seeded from
 ``(seed, epoch)`` at the start of each epoch, so on CPU a run killed at any point and resumed from its
 last checkpoint ends with the same weights as an uninterrupted run.
 

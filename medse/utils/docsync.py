@@ -368,6 +368,14 @@ SOURCES: dict[str, Source] = {
         "benchmarks/results/networks_cpu_1thread.md",
         ["{py} benchmarks/bench_networks.py --networks unet --threads 1 --repeats 9 --blocks 'scse (max)' ca simam "
          "--output {work}/out.md"], output="{work}/out.md"),
+    "nnunet_smoke": Source(
+        "docs/results/nnunet_smoke.md",
+        ["OMP_NUM_THREADS=1 nnUNet_n_proc_DA=1 nnUNet_def_n_proc=1 .venv-nnunet/bin/python -m pytest -q -p "
+         "no:cacheprovider -m 'nnunet and slow' tests/test_nnunet_pipeline.py 2>&1 | tail -n 1"],
+        note="The slow end-to-end nnU-Net test (`make test-nnunet-slow`): tiny synthetic dataset in nnU-Net's raw "
+             "layout -> plan and preprocess -> derived scse plans -> the short trainer for baseline and scse on "
+             "fold 0 -> nnUNetv2_predict -> medse nnunet compare. Its wall time is in the header; the line below "
+             "is pytest's summary."),
     "inference_cpu": Source(
         "benchmarks/results/inference_cpu.md",
         ["{py} benchmarks/bench_inference.py --monai-large --output {work}/out.md"], output="{work}/out.md"),
