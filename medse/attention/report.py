@@ -258,3 +258,23 @@ def blocks_markdown(channels: int = 64, size: int = 32) -> str:
         "",
     ]
     return "\n".join(out)
+
+
+def registry_table(markdown: bool = True) -> str:
+    """One row per registered block, straight from :func:`list_attention` (so it is never stale): name, paper,
+    supported dimensions, learnable-parameter formula, defaults, and what is medse's own."""
+    from medse.attention.registry import list_attention
+
+    head = ["name", "paper", "dims", "params", "defaults", "medse's own"]
+    rows = []
+    for name, info in list_attention().items():
+        if name == "none":
+            continue
+        dims = "/".join(f"{d}D" for d in info.spatial_dims)
+        defaults = ", ".join(f"{k}={v}" for k, v in info.defaults.items()) or "-"
+        rows.append([f"`{name}`", info.paper, dims, info.params_formula or "-", defaults, info.extension or "-"])
+    if not markdown:
+        return "\n".join("  ".join(r) for r in [head, *rows]) + "\n"
+    esc = [[c.replace("|", "\\|") for c in r] for r in rows]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in esc]
+    return "\n".join(lines) + "\n"

@@ -39,17 +39,21 @@ def register(app: typer.Typer) -> None:
         ),
         markdown: bool = typer.Option(False, "--markdown", help="Print the table as Markdown."),
         docs: bool = typer.Option(False, "--docs", help="Print the per-block documentation page (docs/blocks.md)."),
+        list_: bool = typer.Option(False, "--list", help="List the registered blocks (paper, dimensions, parameter "
+                                   "formula, medse's own extension) from the registry; Markdown with --markdown."),
         output: Path | None = typer.Option(None, "--output", help="Write to this file (atomically) instead of stdout."),
     ) -> None:
         """Efficiency table of every registered attention block: params, MACs, overhead (2D and 3D)."""
-        from medse.attention.report import blocks_markdown, efficiency_rows, format_table
+        from medse.attention.report import blocks_markdown, efficiency_rows, format_table, registry_table
         from medse.utils.atomic import atomic_write_text
 
         extra = list(ctx.args)
         if extra and not dims:
             raise ValueError(f"unexpected arguments: {' '.join(extra)}")
         dim_list = _parse_dims(dims, extra)
-        if docs:
+        if list_:
+            text = registry_table(markdown)
+        elif docs:
             text = blocks_markdown(channels, size)
         else:
             text = format_table(efficiency_rows(channels, size, dim_list), markdown, channels, size)

@@ -359,6 +359,9 @@ SOURCES: dict[str, Source] = {
          "--arch 'unet.channels=[16,32,64,128]' --out-channels 7 --markdown"]),
     "resnet50v2_counts": Source(
         "docs/results/resnet50v2_counts.md", ["{py} -m medse.utils.docsync table resnet50v2_counts"]),
+    "blocks_list": Source(
+        "docs/results/blocks_list.md", ["{medse} blocks --list --markdown"],
+        note="Every registered attention block, from the registry (medse.attention.list_attention)."),
     "blocks_table": Source(
         "docs/results/blocks_table.md", ["{medse} blocks --channels 64 --size 32 --markdown"]),
     "blocks_cpu_run2": Source(
