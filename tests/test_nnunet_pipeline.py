@@ -234,8 +234,8 @@ def test_compare_pairs_cases_and_lists_what_is_missing(nnunet_root: Path, tmp_pa
     rows = __import__("pandas").read_csv(out / "table.csv")
     assert list(rows["block"]) == ["none", "scse"]
     assert list(rows["n_cases"]) == [3, 3]  # case_000, case_001, case_002 only
-    assert rows.loc[1, "gain_points"] > 0  # exact labels beat the shifted ones
-    assert rows.loc[0, "dice_mean"] < 1.0 and abs(rows.loc[1, "dice_mean"] - 1.0) < 1e-9
+    assert rows.loc[1, "gain"] > 0  # exact labels beat the shifted ones
+    assert rows.loc[0, "mean"] < 1.0 and abs(rows.loc[1, "mean"] - 1.0) < 1e-9
     # parameters from the networks nnU-Net builds from each plans.json: scSE adds some
     assert rows.loc[1, "params"] > rows.loc[0, "params"] > 0
     # training step: epochs 1 and 2 of the log (first left out) / 10 iterations

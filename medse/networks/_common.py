@@ -593,6 +593,13 @@ class AttentionPlan:
         self.sites = dict(sorted(self.sites.items(), key=lambda kv: _key_order(kv[0])))
         return self.sites
 
+    def install(self, network: nn.Module, attention: object) -> None:
+        """:meth:`finish`, then record the choice on ``network``: ``attention`` (parsed), ``attention_positions``
+        (the positions of a single block; empty for a mapping) and ``attention_sites`` (site -> block)."""
+        network.attention = parse_assignment("none" if attention is None else attention)
+        network.attention_positions = tuple(self.assignment) if isinstance(network.attention, str) else ()
+        network.attention_sites = self.finish()
+
     def positions(self) -> list[str]:
         """The position names this network accepts: its positions, each followed by its stages."""
         out: list[str] = []

@@ -42,7 +42,6 @@ from medse.networks._common import (
     class_builder,
     divisor_of,
     lcm,
-    parse_assignment,
 )
 from medse.networks.registry import register_model
 
@@ -212,9 +211,7 @@ class DynUNetWithAttention(PadCropMixin, DynUNet):
         attach_attention(self.bottleneck, plan.make("bottleneck", f[-1], "bottleneck"))
         for i, block in enumerate(self.upsamples):  # MONAI lists them deepest first, the order they run
             attach_attention(block, plan.make("decoder", f[-2 - i], f"decoder stage {i}"))
-        self.attention = parse_assignment(attention)
-        self.attention_positions = tuple(plan.assignment) if isinstance(self.attention, str) else ()
-        self.attention_sites = plan.finish()
+        plan.install(self, attention)
 
     def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
         return DynUNet.forward(self, x)

@@ -33,7 +33,6 @@ from medse.networks._common import (
     check_pad_mode,
     check_spatial_dims,
     class_builder,
-    parse_assignment,
 )
 from medse.networks.registry import register_model
 
@@ -111,9 +110,7 @@ class SegResNetWithAttention(PadCropMixin, SegResNet):
                 attach_attention(layer, plan.make("bottleneck", f * 2**i, "bottleneck"))
         for i, layer in enumerate(self.up_layers):
             attach_attention(layer, plan.make("decoder", f * 2 ** (n - 2 - i), f"decoder stage {i}"))
-        self.attention = parse_assignment(attention)
-        self.attention_positions = tuple(plan.assignment) if isinstance(self.attention, str) else ()
-        self.attention_sites = plan.finish()
+        plan.install(self, attention)
 
     def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
         return SegResNet.forward(self, x)

@@ -47,7 +47,6 @@ from medse.networks._common import (
     check_pad_mode,
     check_spatial_dims,
     class_builder,
-    parse_assignment,
 )
 from medse.networks.registry import register_model
 
@@ -145,9 +144,7 @@ class SwinUNETRWithAttention(PadCropMixin, SwinUNETR):
         for i, (block, c) in enumerate(zip((self.decoder5, self.decoder4, self.decoder3, self.decoder2,
                                             self.decoder1), (8 * f, 4 * f, 2 * f, f, f), strict=True)):
             attach_attention(block, plan.make("decoder", c, f"decoder stage {i}"))
-        self.attention = parse_assignment(attention)
-        self.attention_positions = tuple(plan.assignment) if isinstance(self.attention, str) else ()
-        self.attention_sites = plan.finish()
+        plan.install(self, attention)
 
     def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
         return SwinUNETR.forward(self, x)

@@ -56,7 +56,6 @@ from medse.networks._common import (
     check_pad_mode,
     check_spatial_dims,
     class_builder,
-    parse_assignment,
 )
 from medse.networks.registry import register_model
 
@@ -149,9 +148,7 @@ class UNETRWithAttention(PadCropMixin, UNETR):
         for i, (block, c) in enumerate(zip((self.decoder5, self.decoder4, self.decoder3, self.decoder2),
                                            (8 * f, 4 * f, 2 * f, f), strict=True)):
             attach_attention(block, plan.make("decoder", c, f"decoder stage {i}"))
-        self.attention = parse_assignment(attention)
-        self.attention_positions = tuple(plan.assignment) if isinstance(self.attention, str) else ()
-        self.attention_sites = plan.finish()
+        plan.install(self, attention)
 
     def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
         return UNETR.forward(self, x)

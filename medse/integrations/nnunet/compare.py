@@ -260,7 +260,10 @@ def compare_nnunet(
                 missing["cases"].setdefault(p, {})[str(f)] = sorted(expected - got)
             found[p][f] = got
             ev_dir = out / "evaluations" / p / f"fold_{f}"
-            df = evaluate(val, refs, ev_dir, labels=labels, strict=False)
+            # the references hold every case of the dataset, the fold's folder only its validation cases: score
+            # those (a fold's own missing cases are listed above, never scored as zeros here)
+            df = evaluate(val, refs, ev_dir, labels=labels, strict=False, allow_missing=True, progress=False)
+            df = df[df["case_id"].isin(got)]
             ep = epoch_times(model_dir / f"fold_{f}")
             if len(ep) > 1:
                 ep = ep[1:]
