@@ -153,6 +153,9 @@ class FakeRunner:
         self.calls.append((cfg.evaluate_on, cell.block, budget))
         (cell_dir / "run").mkdir(parents=True, exist_ok=True)
         (cell_dir / "run" / "splits.json").write_text(json.dumps(self.split))
+        origin = cell_dir / "run" / "origin.txt"  # which stage "trained" the run
+        if not origin.is_file():
+            origin.write_text(cfg.name)
         cases = self.split[cfg.evaluate_on]
         base = SCORE[budget][cell.block] if cfg.evaluate_on == "val" else SCORE[2][cell.block]
         ev = pd.DataFrame([{"case_id": c, "label": "fg", "label_value": 1, "metric": "dice",
@@ -185,6 +188,12 @@ def test_search_halves_scores_on_test_and_reports(tmp_path: Path) -> None:
     assert js["test_cases"] == SPLIT["test"]
     assert not set(js["test_cases"]) & set(js["selection_cases"])
     assert set(js["selection_cases"]) == set(SPLIT["train"]) | set(SPLIT["val"])
+    # the winner's final run is its last-rung run (same budget and seed), copied rather than retrained
+    assert js["reused"] == ["unet-encoder=cse,decoder=cse-holdout-seed0"]
+    final_cells = out / "final" / "cells"
+    assert (final_cells / js["reused"][0] / "run" / "origin.txt").read_text() == "s-rung1"
+    assert (final_cells / "unet-none-holdout-seed0" / "run" / "origin.txt").read_text() == "s-final"
+    assert "runs of the last rung reused" in (out / "report.md").read_text()
     table = pd.read_csv(out / "final" / "table.csv")
     assert list(table["block"]) == ["none", "encoder=cse,decoder=cse"]
     win = table.set_index("block").loc["encoder=cse,decoder=cse"]
@@ -323,6 +332,11 @@ def test_tiny_search_on_phantoms(tmp_path: Path) -> None:
     assert len(seen) == 5 and len(seen | scored) == 8
     md = (out / "report.md").read_text()
     assert "optimistic" in md and "| unet |" in md and np.isfinite(js["candidates"][0]["val_mean"])
+    # the winner's test-set model is its last-rung run (same checkpoint), the baseline's too when it was there
+    assert js["reused"] and all(f"-{rep.winner}-" in c or "-none-" in c for c in js["reused"])
+    for cid in js["reused"]:
+        a = (out / "rung1" / "cells" / cid / "run" / "checkpoints" / "best.pt").read_bytes()
+        assert (out / "final" / "cells" / cid / "run" / "checkpoints" / "best.pt").read_bytes() == a
     # rerun with --resume trains nothing
     lines: list[str] = []
     run_search(p, out, resume=True, log=lines.append)

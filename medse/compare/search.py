@@ -13,7 +13,8 @@ arXiv 1502.07943; the inner loop of Hyperband, Li et al., JMLR 2018, arXiv 1603.
 Each rung is a :mod:`medse.compare.pipeline` grid (``OUT/rung<k>/``, ``evaluate_on: val``), so training,
 prediction, evaluation, records, resuming, failures and shards are compare's. The rung's decision is frozen in
 ``OUT/rung<k>/decision.json`` once every candidate has records. Then the winner and the baseline are trained with
-the last rung's budget (or ``final_budget``) and scored on the split's **test** cases, which no selection step
+the last rung's budget (or ``final_budget``; a run of the last rung with that budget is copied, not retrained)
+and scored on the split's **test** cases, which no selection step
 trained or validated on (checked: :func:`check_disjoint`), in ``OUT/final/`` with compare's paired table.
 
 NOTE: not in paper — the restart-per-rung budgets, the per-position space and the test-set step are medse's
@@ -387,6 +388,7 @@ class SearchReport:
     selection_cases: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     test_table_markdown: str = ""
+    reused: list[str] = field(default_factory=list)
     outputs: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -448,6 +450,35 @@ def _split_cases(stage_dir: Path, ccfg: CompareConfig, keys: Sequence[str]) -> d
         s = json.loads(p.read_text())
         out[cell.cell_id] = sorted({str(c) for k in keys for c in s.get(k) or []})
     return out
+
+
+def _reuse_runs(src_stage: Path, final_dir: Path, fcfg: CompareConfig, trained: Sequence[str],
+                say: Callable[[str], None]) -> list[str]:
+    """Copy the finished last-rung runs of final-stage blocks (same budget, seeds, folds: the same training) into the
+    final stage, so that they are only predicted on the test cases there, not trained again. Returns the cell ids."""
+    import os
+    import shutil
+
+    reused: list[str] = []
+    for cell in grid_cells(fcfg):
+        src = src_stage / "cells" / cell.cell_id
+        dst = final_dir / "cells" / cell.cell_id / "run"
+        if cell.block not in trained or not (src / "records.csv").is_file() or not (src / "run" / "splits.json").is_file():
+            continue
+        if dst.exists():
+            reused += [cell.cell_id] if (dst / ".medse_reused").is_file() else []
+            continue
+        tmp = dst.with_name(f".run.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src / "run", tmp, symlinks=True)
+        (tmp / ".medse_reused").write_text(f"{src / 'run'}\n")
+        try:
+            os.rename(tmp, dst)  # atomic; another shard may have done it first
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        reused.append(cell.cell_id)
+        say(f"{cell.cell_id}: the trained run of {src_stage.name} is reused (same budget and seed), not retrained")
+    return reused
 
 
 def _records_of(stage_dir: Path, ccfg: CompareConfig) -> Any:
@@ -581,6 +612,7 @@ def run_search(
         alive = [c for c in candidates if c in decision["survivors"]]
         say(f"rung {rung.index}: kept {', '.join(decision['survivors'])}")
 
+    alive_last = list(decision["candidates"]) if schedule else []
     winner = alive[0]
     report.winner = winner
     rows[winner]["status"] = "winner"
@@ -589,6 +621,9 @@ def run_search(
     final_dir = out / "final"
     fcfg = _stage_config(cfg, f"{cfg.name}-final", final_blocks, cfg.final_budget_value(), "test", final=True)
     say(f"test set: {' vs '.join(final_blocks)}, {cfg.budget_key}={cfg.final_budget_value()}")
+    if schedule and cfg.final_budget_value() == schedule[-1].budget:
+        last = schedule[-1].index
+        report.reused = _reuse_runs(out / f"rung{last}", final_dir, fcfg, alive_last, say)
     rep = run_compare(fcfg, final_dir, shard=sh, runner=runner, log=say)
     report.failed.update({f"final/{k}": v for k, v in rep.failed.items()})
     done, failed, pending = _stage_state(fcfg, final_dir)
@@ -663,7 +698,9 @@ def _write_report(cfg: SearchConfig, out: Path, report: SearchReport, say: Calla
     lines += ["", "Scores at every rung are in `report.json` (`candidates[].scores`).", "", OPTIMISM_NOTE, ""]
     lines += ["## Test set", ""]
     if report.status == "done":
-        lines += [f"Winner `{report.winner}` and baseline `{report.baseline}`, trained anew with `{cfg.budget_key}` "
+        how = ("trained with" if not report.reused else
+               f"trained with (runs of the last rung reused, not retrained: {', '.join(report.reused)})")
+        lines += [f"Winner `{report.winner}` and baseline `{report.baseline}`, {how} `{cfg.budget_key}` "
                   f"= {report.final_budget}, scored on {len(report.test_cases)} test case(s) "
                   f"({', '.join(report.test_cases)}), none of which any selection step trained or validated on "
                   f"(checked against the {len(report.selection_cases)} cases the rung runs used). Paired statistics "
