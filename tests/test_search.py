@@ -98,6 +98,13 @@ def test_load_search_defaults(tmp_path: Path) -> None:
     assert load_search(p).arch.name == "unet"
 
 
+def test_shipped_search_demo_loads() -> None:
+    cfg = load_search(REPO / "pipelines" / "search_demo.yaml")
+    assert len(cfg.candidates()) == 9 and cfg.arch.name == "unet"
+    assert [(r.n_candidates, r.budget, r.n_survivors) for r in cfg.schedule()] == [(9, 4, 3), (3, 12, 1)]
+    assert cfg.final_budget_value() == 12
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("space", "{positions: [encoder, decodr], blocks: [none, cse]}", "unknown attention position 'decodr'"),
     ("space", "{positions: [tokens], blocks: [none, cse]}", "unknown attention position 'tokens'"),
