@@ -149,9 +149,10 @@ SCORE = {1: {"none": 0.50, "decoder=cse": 0.55, "encoder=cse": 0.60, "encoder=cs
 class FakeRunner:
     """Stands in for train + predict + evaluate: writes the run's split, returns records of the evaluated cases."""
 
-    def __init__(self, split: dict[str, list[str]] | None = None) -> None:
+    def __init__(self, split: dict[str, list[str]] | None = None, score: dict | None = None) -> None:
         self.calls: list[tuple[str, str, int]] = []
         self.split = split or SPLIT
+        self.score = score or SCORE
 
     def __call__(self, cell: Cell, cell_dir: Path, cfg: CompareConfig) -> pd.DataFrame:
         ov = cell_overrides(cfg, cell)
@@ -164,7 +165,7 @@ class FakeRunner:
         if not origin.is_file():
             origin.write_text(cfg.name)
         cases = self.split[cfg.evaluate_on]
-        base = SCORE[budget][cell.block] if cfg.evaluate_on == "val" else SCORE[2][cell.block]
+        base = self.score[budget][cell.block] if cfg.evaluate_on == "val" else self.score[2][cell.block]
         ev = pd.DataFrame([{"case_id": c, "label": "fg", "label_value": 1, "metric": "dice",
                             "value": base + 0.01 * (i - 1)} for i, c in enumerate(cases)])
         return cell_rows(ev, arch=cell.arch, block=cell.block, fold=cell.fold, seed=cell.seed, params=100,
@@ -221,6 +222,19 @@ def test_search_halves_scores_on_test_and_reports(tmp_path: Path) -> None:
     # a changed search is refused rather than mixed with the stored decisions
     with pytest.raises(MedseError, match=r"differs from this config in \['eta'\]"):
         run_search(p, out, runner=again, resume=True, overrides=["eta=3"], log=None)
+
+
+def test_when_the_baseline_wins_the_runner_up_is_scored_for_reference(tmp_path: Path) -> None:
+    p = write_search(tmp_path, table="{n_boot: 100}", figures="false")
+    score = {1: {"none": 0.60, "decoder=cse": 0.55, "encoder=cse": 0.58, "encoder=cse,decoder=cse": 0.50},
+             2: {"none": 0.70, "encoder=cse": 0.65, "decoder=cse": 0.5, "encoder=cse,decoder=cse": 0.5}}
+    rep = run_search(p, tmp_path / "out", runner=FakeRunner(score=score), log=None)
+    assert rep.status == "done" and rep.winner == "none" and rep.runner_up == "encoder=cse"
+    table = pd.read_csv(tmp_path / "out" / "final" / "table.csv")
+    assert list(table["block"]) == ["none", "encoder=cse"]
+    assert table.set_index("block").loc["encoder=cse", "gain"] == pytest.approx(-5.0)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "The search chose the baseline itself" in md and "`encoder=cse` (not the search's choice)" in md
 
 
 def test_resume_continues_a_killed_rung(tmp_path: Path) -> None:

@@ -382,6 +382,7 @@ class SearchReport:
     schedule: list[dict[str, Any]] = field(default_factory=list)
     candidates: list[dict[str, Any]] = field(default_factory=list)
     winner: str | None = None
+    runner_up: str | None = None
     baseline: str = "none"
     final_budget: int | None = None
     test_cases: list[str] = field(default_factory=list)
@@ -618,6 +619,12 @@ def run_search(
     rows[winner]["status"] = "winner"
     report.selection_cases = sorted({c for v in selection_cases.values() for c in v})
     final_blocks = [cfg.baseline] if winner == cfg.baseline else [cfg.baseline, winner]
+    if winner == cfg.baseline and schedule:  # nothing to compare: also score the best other candidate, for reference
+        others = sorted((c for c in decision["candidates"] if c != cfg.baseline),
+                        key=lambda c: _sort_value(rows[c]["val_mean"], metric))
+        if others:
+            report.runner_up = others[0]
+            final_blocks.append(others[0])
     final_dir = out / "final"
     fcfg = _stage_config(cfg, f"{cfg.name}-final", final_blocks, cfg.final_budget_value(), "test", final=True)
     say(f"test set: {' vs '.join(final_blocks)}, {cfg.budget_key}={cfg.final_budget_value()}")
@@ -706,7 +713,10 @@ def _write_report(cfg: SearchConfig, out: Path, report: SearchReport, say: Calla
                   f"(checked against the {len(report.selection_cases)} cases the rung runs used). Paired statistics "
                   "as in `medse compare` (docs/compare.md):", "", report.test_table_markdown.strip(), ""]
         if report.winner == report.baseline:
-            lines += ["The search chose the baseline itself: there is no block to compare with.", ""]
+            lines += ["The search chose the baseline itself. "
+                      + (f"For reference, the table also scores the best other candidate of the last rung, "
+                         f"`{report.runner_up}` (not the search's choice)." if report.runner_up
+                         else "There is no other candidate to compare with."), ""]
     else:
         lines += ["(not yet: the search is not finished)", ""]
     if report.failed:
