@@ -707,7 +707,10 @@ def _write_report(cfg: SearchConfig, out: Path, report: SearchReport, say: Calla
     if report.status == "done":
         how = ("trained with" if not report.reused else
                f"trained with (runs of the last rung reused, not retrained: {', '.join(report.reused)})")
-        lines += [f"Winner `{report.winner}` and baseline `{report.baseline}`, {how} `{cfg.budget_key}` "
+        who = (f"Winner `{report.winner}` and baseline `{report.baseline}`" if report.winner != report.baseline else
+               f"The winner is the baseline `{report.baseline}`" + (f"; with it `{report.runner_up}`" if report.runner_up
+                                                                    else ""))
+        lines += [f"{who}, {how} `{cfg.budget_key}` "
                   f"= {report.final_budget}, scored on {len(report.test_cases)} test case(s) "
                   f"({', '.join(report.test_cases)}), none of which any selection step trained or validated on "
                   f"(checked against the {len(report.selection_cases)} cases the rung runs used). Paired statistics "
