@@ -201,7 +201,7 @@ def test_search_halves_scores_on_test_and_reports(tmp_path: Path) -> None:
     final_cells = out / "final" / "cells"
     assert (final_cells / js["reused"][0] / "run" / "origin.txt").read_text() == "s-rung1"
     assert (final_cells / "unet-none-holdout-seed0" / "run" / "origin.txt").read_text() == "s-final"
-    assert "runs of the last rung reused" in (out / "report.md").read_text()
+    assert "the last rung's runs, reused rather than retrained" in (out / "report.md").read_text()
     table = pd.read_csv(out / "final" / "table.csv")
     assert list(table["block"]) == ["none", "encoder=cse,decoder=cse"]
     win = table.set_index("block").loc["encoder=cse,decoder=cse"]
@@ -210,7 +210,8 @@ def test_search_halves_scores_on_test_and_reports(tmp_path: Path) -> None:
     assert OPTIMISM_NOTE in md and "optimistic" in md
     for c in SCORE[1]:
         assert f"| {c} |" in md
-    assert "| encoder=cse,decoder=cse | 1 | 2 | 0.6600 |" in md
+    assert "| encoder=cse,decoder=cse | 1 | 2 | 0.5800 | 0.6600 | 0.0100 | 3 | winner |" in md
+    assert "| none | 0 | 1 | 0.5000 | - | 0.0100 | 3 | eliminated |" in md
     assert "Paired statistics" in md and "| unet | encoder=cse,decoder=cse |" in md
 
     # a rerun needs --resume, then skips everything
@@ -354,7 +355,9 @@ def test_tiny_search_on_phantoms(tmp_path: Path) -> None:
     md = (out / "report.md").read_text()
     assert "optimistic" in md and "| unet |" in md and np.isfinite(js["candidates"][0]["val_mean"])
     # the winner's test-set model is its last-rung run (same checkpoint), the baseline's too when it was there
-    assert js["reused"] and all(f"-{rep.winner}-" in c or "-none-" in c for c in js["reused"])
+    final_blocks = {"none", rep.winner, rep.runner_up} - {None}  # the runner-up is scored when none wins
+    assert js["reused"] and all(c.split("-")[1] in final_blocks for c in js["reused"])
+    assert rep.winner != "none" or rep.runner_up in candidate_names(["encoder", "decoder"], ["none", "cse"])
     for cid in js["reused"]:
         a = (out / "rung1" / "cells" / cid / "run" / "checkpoints" / "best.pt").read_bytes()
         assert (out / "final" / "cells" / cid / "run" / "checkpoints" / "best.pt").read_bytes() == a

@@ -406,7 +406,8 @@ def _stage_config(cfg: SearchConfig, name: str, blocks: list[str], budget: int, 
     return CompareConfig(
         name=name, train_config=str(cfg.train_config_path()), architectures=[cfg.arch], blocks=list(blocks),
         folds=cfg.folds, seeds=list(cfg.seeds), dataset=cfg.dataset,
-        overrides=[*cfg.overrides, f"{cfg.budget_key}={int(budget)}"], evaluate_on=evaluate_on,  # type: ignore[arg-type]
+        overrides=[*cfg.overrides, f"{cfg.budget_key}={int(budget)}"],
+        evaluate_on=evaluate_on,  # type: ignore[arg-type]
         fold_key=cfg.fold_key, seed_key=cfg.seed_key, quiet=cfg.quiet, figures=cfg.figures and final,
         table=dataclasses.replace(table, baseline=baseline), synthetic=None)
 
@@ -464,7 +465,8 @@ def _reuse_runs(src_stage: Path, final_dir: Path, fcfg: CompareConfig, trained: 
     for cell in grid_cells(fcfg):
         src = src_stage / "cells" / cell.cell_id
         dst = final_dir / "cells" / cell.cell_id / "run"
-        if cell.block not in trained or not (src / "records.csv").is_file() or not (src / "run" / "splits.json").is_file():
+        finished = (src / "records.csv").is_file() and (src / "run" / "splits.json").is_file()
+        if cell.block not in trained or not finished:
             continue
         if dst.exists():
             reused += [cell.cell_id] if (dst / ".medse_reused").is_file() else []
@@ -694,24 +696,30 @@ def _write_report(cfg: SearchConfig, out: Path, report: SearchReport, say: Calla
         "",
         "## Candidates (validation)",
         "",
-        f"| candidate | last rung | budget | val {metric} mean | std | n cases | status |",
-        "|---|---|---|---|---|---|---|",
+        "| candidate | last rung | budget | " + "".join(f"val {metric} rung {r['index']} | " for r in report.schedule)
+        + "std (last rung) | n cases | status |",
+        "|---|---|---|" + "---|" * len(report.schedule) + "---|---|---|",
     ]
     order = sorted(report.candidates, key=lambda r: (-(r["rung"] or 0), r["status"] != "winner",
                                                      _sort_value(r["val_mean"], metric)))
     for r in order:
-        lines.append(f"| {r['candidate']} | {r['rung']} | {r['budget']} | {_fmt(r['val_mean'])} | "
+        at = {s["rung"]: s["mean"] for s in r["scores"]}
+        per_rung = "".join(f"{_fmt(at.get(k['index']))} | " for k in report.schedule)
+        lines.append(f"| {r['candidate']} | {r['rung']} | {r['budget']} | {per_rung}"
                      f"{_fmt(r['val_std'])} | {r['val_n']} | {r['status']} |")
-    lines += ["", "Scores at every rung are in `report.json` (`candidates[].scores`).", "", OPTIMISM_NOTE, ""]
+    lines += ["", f"Budget: `{cfg.budget_key}` of the candidate's last rung; the rung columns are the validation "
+              "scores at each rung (also in `report.json`, `candidates[].scores`).", "", OPTIMISM_NOTE, ""]
     lines += ["## Test set", ""]
     if report.status == "done":
-        how = ("trained with" if not report.reused else
-               f"trained with (runs of the last rung reused, not retrained: {', '.join(report.reused)})")
-        who = (f"Winner `{report.winner}` and baseline `{report.baseline}`" if report.winner != report.baseline else
-               f"The winner is the baseline `{report.baseline}`" + (f"; with it `{report.runner_up}`" if report.runner_up
-                                                                    else ""))
-        lines += [f"{who}, {how} `{cfg.budget_key}` "
-                  f"= {report.final_budget}, scored on {len(report.test_cases)} test case(s) "
+        how = ("" if not report.reused else
+               f" (the last rung's runs, reused rather than retrained: {', '.join(report.reused)})")
+        if report.winner != report.baseline:
+            who = f"Winner `{report.winner}` and baseline `{report.baseline}`"
+        else:
+            who = f"The winner is the baseline `{report.baseline}`"
+            who += f"; with it `{report.runner_up}`" if report.runner_up else ""
+        lines += [f"{who}, trained with `{cfg.budget_key}` = {report.final_budget}{how}, scored on "
+                  f"{len(report.test_cases)} test case(s) "
                   f"({', '.join(report.test_cases)}), none of which any selection step trained or validated on "
                   f"(checked against the {len(report.selection_cases)} cases the rung runs used). Paired statistics "
                   "as in `medse compare` (docs/compare.md):", "", report.test_table_markdown.strip(), ""]
