@@ -1,4 +1,4 @@
-"""The compare commands: ``medse compare``, ``medse explain``, ``medse demo``."""
+"""The compare commands: ``medse compare``, ``medse search``, ``medse explain``, ``medse demo``."""
 
 from __future__ import annotations
 
@@ -50,6 +50,37 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"  {k:22s} {v}")
         if report.failed:
             raise typer.Exit(code=1)
+
+    @app.command("search")
+    def search_cmd(
+        overrides: list[str] = typer.Argument(
+            None, metavar="[KEY=VALUE]...", help="Search overrides, e.g. eta=2 min_budget=3."),
+        config: Path = typer.Option(..., "--config", "-c", help="Search YAML (see pipelines/search_demo.yaml)."),
+        output: Path = typer.Option(None, "--output", "-o", help="Output folder. Defaults to runs/search/<name>."),
+        shard: str = typer.Option(None, "--shard", help="Run only shard i of n (0-based 'i/n') of every stage."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the search already in the output folder."),
+        train_set: list[str] = typer.Option(None, "--train-set", "-t",
+                                            help="Training override for every run, e.g. -t train.num_threads=1."),
+    ) -> None:
+        """Choose a per-position attention assignment by successive halving on validation cases, then score the
+        winner and the baseline on test cases no selection step saw (paired statistics as in compare).
+
+        Finished candidates are skipped with --resume; a shard that finds a stage unfinished by the others stops
+        (exit code 3) and continues when rerun; a failed cell stops the search (exit code 1).
+        """
+        from medse.compare.search import run_search
+
+        report = run_search(config, output, shard=shard, resume=resume, overrides=list(overrides or ()),
+                            train_overrides=list(train_set or ()), log=typer.echo)
+        typer.echo("")
+        typer.echo(f"{report.status}: {report.message}")
+        if report.test_table_markdown:
+            typer.echo(report.test_table_markdown)
+        typer.echo(f"  report: {report.output / 'report.md'}")
+        if report.status == "failed":
+            raise typer.Exit(code=1)
+        if report.status == "waiting":
+            raise typer.Exit(code=3)
 
     @app.command("explain")
     def explain_cmd(

@@ -8,6 +8,7 @@ Public API (imported lazily so that ``import medse.compare`` stays light):
 * :mod:`medse.compare.table`: ``build_table`` -> ``ComparisonTable`` (CSV, Markdown, LaTeX);
 * :mod:`medse.compare.figures`: ``dice_boxplot``, ``gain_barchart``, ``overlay_figure``;
 * :mod:`medse.compare.pipeline`: ``run_compare``, ``load_pipeline``, ``CompareConfig``;
+* :mod:`medse.compare.search`: ``run_search``, ``load_search`` (per-position attention by successive halving);
 * :mod:`medse.compare.explain`: ``explain`` (gate maps of spatial-gate blocks as PNG + NIfTI);
 * :mod:`medse.compare.demo`: ``run_demo``.
 """
@@ -25,6 +26,7 @@ _EXPORTS = {
     "dice_boxplot": "figures", "gain_barchart": "figures", "overlay_figure": "figures",
     "run_compare": "pipeline", "load_pipeline": "pipeline", "CompareConfig": "pipeline",
     "explain": "explain",
+    "run_search": "search", "load_search": "search",
     "run_demo": "demo",
 }
 
