@@ -371,6 +371,9 @@ SOURCES: dict[str, Source] = {
         "benchmarks/results/networks_cpu_1thread.md",
         ["{py} benchmarks/bench_networks.py --networks unet --threads 1 --repeats 9 --blocks 'scse (max)' ca simam "
          "--output {work}/out.md"], output="{work}/out.md"),
+    "search_demo": Source(
+        "docs/results/search_demo.md",
+        ["{medse} search --config pipelines/search_demo.yaml --output {work}"], output="{work}/report.md"),
     "nnunet_smoke": Source(
         "docs/results/nnunet_smoke.md",
         ["OMP_NUM_THREADS=1 nnUNet_n_proc_DA=1 nnUNet_def_n_proc=1 .venv-nnunet/bin/python -m pytest -q -p "
