@@ -110,7 +110,8 @@ class Candidate:
         return time.perf_counter() - t0
 
 
-def paired_rounds(base: Candidate, cands: list[Candidate], rounds: int, log: Callable[[str], None]) -> list[list[float]]:
+def paired_rounds(base: Candidate, cands: list[Candidate], rounds: int,
+                  log: Callable[[str], None]) -> list[list[float]]:
     """Ratios block / mean(baseline before, baseline after), one list per candidate, ``rounds`` each."""
     ratios: list[list[float]] = [[] for _ in cands]
     base_times: list[float] = []
@@ -127,6 +128,28 @@ def paired_rounds(base: Candidate, cands: list[Candidate], rounds: int, log: Cal
                                                       for i, c in enumerate(cands)))
     base.base_times = base_times  # type: ignore[attr-defined]
     return ratios
+
+
+def cpu_peak_bytes(fn) -> int:
+    """Most bytes the CPU allocator held at once during ``fn()`` above the level before it: the running total
+    ("Total Allocated") on the torch profiler's ``[memory]`` events (summing per-operator memory would count
+    nested operators twice)."""
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as d:
+        trace = Path(d) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    mem = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
+    if not mem:
+        return 0
+    before = mem[0]["args"]["Total Allocated"] - mem[0]["args"]["Bytes"]
+    return max(e["args"]["Total Allocated"] for e in mem) - before
 
 
 def quartiles(v: list[float]) -> tuple[float, float]:
@@ -166,7 +189,8 @@ def bench_network(name: str, spec: dict, blocks: list[tuple[str, str, dict]], ro
                      "ms": base_ms, "over": None, "lo": None, "hi": None, "rounds": rounds})
         for c, rs in zip(cs, ratios, strict=True):
             lo, hi = quartiles(rs)
-            rows.append({"block": c.label, "variant": c.variant, "n_att": c.n_att, "ms": base_ms * statistics.median(rs),
+            rows.append({"block": c.label, "variant": c.variant, "n_att": c.n_att,
+                         "ms": base_ms * statistics.median(rs),
                          "over": 100 * (statistics.median(rs) - 1), "lo": 100 * (lo - 1), "hi": 100 * (hi - 1),
                          "rounds": len(rs)})
     return rows
@@ -176,13 +200,15 @@ def to_markdown(spec: dict, rows: list[dict]) -> str:
     lines = [
         f"### {spec['label']}: `unet` {spec['kwargs']}, input {tuple(spec['input'])}, {NUM_CLASSES} classes, SGD",
         "",
-        "| block | variant | blocks in net | step ms | overhead vs none (median of paired ratios) | 25-75% range | rounds |",
+        "| block | variant | blocks in net | step ms | overhead vs none (median of paired ratios) | 25-75% range "
+        "| rounds |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         over = "" if r["over"] is None else f"{r['over']:+.1f}%"
         rng = "" if r["lo"] is None else f"{r['lo']:+.1f}% .. {r['hi']:+.1f}%"
-        lines.append(f"| {r['block']} | {r['variant']} | {r['n_att']} | {r['ms']:.0f} | {over} | {rng} | {r['rounds']} |")
+        lines.append(f"| {r['block']} | {r['variant']} | {r['n_att']} | {r['ms']:.0f} | {over} | {rng} "
+                     f"| {r['rounds']} |")
     return "\n".join(lines)
 
 
@@ -208,7 +234,7 @@ def header(title: str, script: str, argv: list[str], device: torch.device) -> li
     return [
         f"# {title}",
         "",
-        f"Command: `python benchmarks/{script} {' '.join(argv)}`".replace(" `", "`"),
+        "Command: `" + " ".join(["python", f"benchmarks/{script}", *argv]) + "`",
         f"Commit: {commit()}; date: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; "
         f"machine: {machine(device)}; torch {torch.__version__}, Python {platform.python_version()}; "
         f"load average at start: {os.getloadavg()[0]:.1f}",
