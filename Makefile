@@ -8,7 +8,16 @@ STAMP := $(VENV)/.medse-installed
 DEMO_OUT ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-all lint bench clean
+# nnU-Net v2 integration (medse.integrations.nnunet): a second environment, because nnunetv2 pulls timm and
+# torchvision, and the registry's torchvision wheels (CUDA builds) do not load next to the CPU torch above.
+# torch 2.14.1 + torchvision 0.29.1 (CUDA builds, about 6 GB installed) work on CPU too; nnunetv2 2.8.1 tested.
+NNUNET_VENV ?= .venv-nnunet
+NNUNET_BIN := $(NNUNET_VENV)/bin
+NNUNET_STAMP := $(NNUNET_VENV)/.medse-installed
+NNUNET_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+NNUNET_SPEC ?= nnunetv2==2.8.1
+
+.PHONY: setup demo test test-all lint bench docs clean setup-nnunet test-nnunet test-nnunet-slow
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +31,7 @@ demo: setup
 	$(BIN)/medse demo --output $(DEMO_OUT)
 
 test: setup
-	$(BIN)/python -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "not slow and not gpu and not nnunet" $(PYTEST_ARGS)
 
 test-all: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -34,5 +43,30 @@ bench: setup
 	$(BIN)/python benchmarks/bench_blocks.py
 	$(BIN)/python benchmarks/bench_networks.py
 
+# README and docs/ tables are copied from results files (docs/results/, benchmarks/results/) by medse.utils.docsync;
+# `python -m medse.utils.docsync generate NAME` reruns a results file's commands (`... list` shows them).
+docs: setup
+	$(BIN)/python -m medse.utils.docsync
+
+$(NNUNET_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(NNUNET_VENV)
+	$(NNUNET_BIN)/python -m pip install $(NNUNET_TORCH_SPEC)
+	$(NNUNET_BIN)/python -m pip install "$(NNUNET_SPEC)"
+	$(NNUNET_BIN)/python -m pip install -e ".[dev]"
+	touch $(NNUNET_STAMP)
+
+setup-nnunet: $(NNUNET_STAMP)
+
+# fast nnU-Net tests (networks, plans derivation on plans made by nnUNetv2_plan_and_preprocess; no training)
+test-nnunet: setup-nnunet
+	OMP_NUM_THREADS=1 nnUNet_n_proc_DA=1 nnUNet_def_n_proc=1 \
+		$(NNUNET_BIN)/python -m pytest -q -m "nnunet and not slow" tests/test_nnunet_networks.py \
+		tests/test_nnunet_pipeline.py $(PYTEST_ARGS)
+
+# the end-to-end CPU run: plan/preprocess -> short training of baseline and scse -> predict -> compare
+test-nnunet-slow: setup-nnunet
+	OMP_NUM_THREADS=1 nnUNet_n_proc_DA=1 nnUNet_def_n_proc=1 \
+		$(NNUNET_BIN)/python -m pytest -q -m "nnunet and slow" tests/test_nnunet_pipeline.py $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(NNUNET_VENV) runs .pytest_cache

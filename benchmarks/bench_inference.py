@@ -17,7 +17,8 @@ Part 2 (memory of the sliding-window aggregation alone): a pointwise 14-class ne
 the network costs nothing) on a 256x256x200 and a 512x512x300 volume with 128^3 windows: MONAI's
 ``SlidingWindowInferer`` (full float32 ``(K, X, Y, Z)`` output + count map) against medse's streamed
 :func:`medse.inference.sliding.iter_window_slabs` + argmax. MONAI's 512x512x300 peak is given
-analytically when ``--skip-monai-large`` (default) is set, as it needs > 5 GB.
+analytically unless ``--monai-large`` is given, as it needs > 5 GiB. Memory is in MiB (2^20 bytes) and GiB
+(2^30 bytes) throughout.
 """
 
 from __future__ import annotations
@@ -36,12 +37,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _rss_mb() -> float:
+def _rss_mib() -> float:
     """Peak resident set size of this process in MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _current_rss_mb() -> float:
+def _current_rss_mib() -> float:
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -56,7 +57,7 @@ def _current_rss_mb() -> float:
 def make_run(run: Path, roi: int, num_classes: int = 3) -> None:
     import torch
 
-    from medse.training.config import config_to_dict, load_config
+    from medse.config import config_to_dict, load_config
     from medse.training.trainer import build_model
     from medse.utils.checkpoint import save_checkpoint
     from medse.utils.config import dump_yaml
@@ -99,14 +100,14 @@ def worker_predict(args: argparse.Namespace) -> dict:
     t_setup = time.perf_counter()
     predictor = Predictor.from_run(args.run, device=args.device)  # imports, network, checkpoint: once per batch
     setup = time.perf_counter() - t_setup
-    base = _current_rss_mb()
+    base = _current_rss_mib()
     t0 = time.perf_counter()
     rep = predict_folder(predictor, args.input, args.output, overwrite=True, progress=False)
     wall = time.perf_counter() - t0
     if rep.failed:
         raise SystemExit(f"benchmark cases failed: {rep.failed}")
     return {"wall_s": wall, "setup_s": setup, "cases": len(rep.written), "timings": rep.timings,
-            "peak_rss_mb": _rss_mb(), "baseline_rss_mb": base}
+            "peak_rss_mib": _rss_mib(), "baseline_rss_mib": base}
 
 
 def worker_inferer(args: argparse.Namespace) -> dict:
@@ -121,7 +122,7 @@ def worker_inferer(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     net = torch.nn.Conv3d(1, k, 1).eval()
     x = torch.randn(1, *size)
-    base = _current_rss_mb()
+    base = _current_rss_mib()
     t0 = time.perf_counter()
     with torch.inference_mode():
         if args.engine == "monai":
@@ -133,7 +134,7 @@ def worker_inferer(args: argparse.Namespace) -> dict:
             labels, _ = sliding_window_labels(
                 iter_window_slabs(x, net, (args.roi,) * 3, overlap=0.5, mode="gaussian", sw_batch_size=2), size)
     wall = time.perf_counter() - t0
-    return {"wall_s": wall, "peak_rss_mb": _rss_mb(), "baseline_rss_mb": base, "labels_shape": list(labels.shape)}
+    return {"wall_s": wall, "peak_rss_mib": _rss_mib(), "baseline_rss_mib": base, "labels_shape": list(labels.shape)}
 
 
 def _run_worker(argv: list[str]) -> dict:
@@ -151,7 +152,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
     ap.add_argument("--roi", type=int, default=96)
     ap.add_argument("--output", type=Path, default=None)
-    ap.add_argument("--monai-large", action="store_true", help="also run MONAI's inferer at 512x512x300 (> 5 GB)")
+    ap.add_argument("--monai-large", action="store_true", help="also run MONAI's inferer at 512x512x300 (> 5 GiB)")
     ap.add_argument("--_worker", choices=["predict", "inferer"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--run", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--input", default=None, help=argparse.SUPPRESS)
@@ -191,7 +192,7 @@ def main() -> None:
                                str(tmp_p / f"out_{name.replace('^', '')}"), "--device", args.device])
             res["name"], res["shape"] = name, shape
             rows.append(res)
-            print(f"{name}: {res['cases']} cases in {res['wall_s']:.1f} s, peak RSS {res['peak_rss_mb']:.0f} MiB",
+            print(f"{name}: {res['cases']} cases in {res['wall_s']:.1f} s, peak RSS {res['peak_rss_mib']:.0f} MiB",
                   flush=True)
         mem_rows = []
         for size in mem_sizes:
@@ -203,13 +204,13 @@ def main() -> None:
                                    "--roi", str(roi_mem)])
                 res.update(size=size, engine=engine)
                 mem_rows.append(res)
-                print(f"inferer {engine} {size}: {res['wall_s']:.1f} s, peak RSS {res['peak_rss_mb']:.0f} MiB "
-                      f"(baseline {res['baseline_rss_mb']:.0f})", flush=True)
+                print(f"inferer {engine} {size}: {res['wall_s']:.1f} s, peak RSS {res['peak_rss_mib']:.0f} MiB "
+                      f"(baseline {res['baseline_rss_mib']:.0f})", flush=True)
     write_report(out_md, args, rows, mem_rows, roi_mem, torch.__version__)
     print(f"wrote {out_md}")
 
 
-def _analytic_mb(size: tuple[int, ...], k: int, roi: int) -> dict[str, float]:
+def _analytic_mib(size: tuple[int, ...], k: int, roi: int) -> dict[str, float]:
     from medse.inference.sliding import choose_stream_axis, stream_buffer_bytes
 
     n = 1
@@ -254,7 +255,7 @@ def write_report(path: Path, args: argparse.Namespace, rows: list[dict], mem_row
             f"{fwd:.1f} | "
             f"{100.0 * (1 - fwd / wall):.1f}% | {100.0 * t.get('preprocess', 0) / wall:.1f}% | "
             f"{100.0 * t.get('postprocess', 0) / wall:.1f}% | {100.0 * t.get('write', 0) / wall:.1f}% | "
-            f"{r['peak_rss_mb']:.0f} |")
+            f"{r['peak_rss_mib']:.0f} |")
     lines += [
         "",
         "\"setup\" (imports, building the network, loading the checkpoint: once per batch) is not in the wall "
@@ -269,14 +270,14 @@ def write_report(path: Path, args: argparse.Namespace, rows: list[dict], mem_row
     ]
     for r in mem_rows:
         lines.append(f"| {r['size']} | {'medse streamed' if r['engine'] == 'stream' else 'MONAI SlidingWindowInferer'}"
-                     f" | {r['wall_s']:.1f} | {r['peak_rss_mb']:.0f} | {r['baseline_rss_mb']:.0f} | "
-                     f"{r['peak_rss_mb'] - r['baseline_rss_mb']:.0f} |")
+                     f" | {r['wall_s']:.1f} | {r['peak_rss_mib']:.0f} | {r['baseline_rss_mib']:.0f} | "
+                     f"{r['peak_rss_mib'] - r['baseline_rss_mib']:.0f} |")
     lines += ["", "Analytic sizes (MiB) of the large arrays:", "",
               "| volume | input float32 | MONAI output + count map (float32) | medse stream buffer (axis) | "
               "labels uint8 |", "|---|---|---|---|---|"]
     for size in sorted({r["size"] for r in mem_rows} | {"512x512x300"}):
         shp = tuple(int(s) for s in size.split("x"))
-        a = _analytic_mb(shp, 14, roi_mem)
+        a = _analytic_mib(shp, 14, roi_mem)
         lines.append(f"| {size} | {a['input']:.0f} | {a['monai_output_count']:.0f} | "
                      f"{a['stream_buffer']:.0f} (axis {a['axis']}) | {a['labels']:.0f} |")
     by = {(r["size"], r["engine"]): r for r in mem_rows}
@@ -284,10 +285,10 @@ def write_report(path: Path, args: argparse.Namespace, rows: list[dict], mem_row
     for size in sorted({r["size"] for r in mem_rows}):
         a, b = by.get((size, "stream")), by.get((size, "monai"))
         if a and b:
-            lines.append(f"{size}: streamed peak {a['peak_rss_mb'] / 1024:.2f} GiB vs MONAI "
-                         f"{b['peak_rss_mb'] / 1024:.2f} GiB ({b['peak_rss_mb'] / a['peak_rss_mb']:.1f}x); above "
-                         f"the loaded input and libraries {(a['peak_rss_mb'] - a['baseline_rss_mb']) / 1024:.2f} vs "
-                         f"{(b['peak_rss_mb'] - b['baseline_rss_mb']) / 1024:.2f} GiB.")
+            lines.append(f"{size}: streamed peak {a['peak_rss_mib'] / 1024:.2f} GiB vs MONAI "
+                         f"{b['peak_rss_mib'] / 1024:.2f} GiB ({b['peak_rss_mib'] / a['peak_rss_mib']:.1f}x); above "
+                         f"the loaded input and libraries {(a['peak_rss_mib'] - a['baseline_rss_mib']) / 1024:.2f} vs "
+                         f"{(b['peak_rss_mib'] - b['baseline_rss_mib']) / 1024:.2f} GiB.")
             lines.append("")
     lines += ["Wall times come from a machine shared with other jobs: compare them within one table only.", ""]
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ def make_run(tmp_path: Path, attention: str = "scse", spatial_dims: int = 3, nam
     """A run folder as training writes it, with randomly initialised (seeded) weights."""
     import yaml
 
-    from medse.training.config import config_to_dict, load_config
+    from medse.config import config_to_dict, load_config
     from medse.training.trainer import build_model
     from medse.utils.checkpoint import save_checkpoint
 

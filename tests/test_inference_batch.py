@@ -35,7 +35,7 @@ def _nifti(path: Path, data: np.ndarray, kind: str = "oblique", seed: int = 0) -
 @pytest.fixture()
 def run_dir(tmp_path: Path) -> Path:
     """A run folder made by hand: resolved config, dataset.json and a randomly initialised tiny U-Net."""
-    from medse.training.config import config_to_dict, load_config
+    from medse.config import config_to_dict, load_config
     from medse.training.trainer import build_model
     from medse.utils.checkpoint import save_checkpoint
     from medse.utils.config import dump_yaml

@@ -27,7 +27,7 @@ def _nifti(path: Path, data: np.ndarray, kind: str = "oblique", seed: int = 0) -
 @pytest.fixture()
 def run_dir(tmp_path: Path) -> Path:
     """A run folder made by hand: config, dataset.json, best.pt and a last.pt with other weights."""
-    from medse.training.config import config_to_dict, load_config
+    from medse.config import config_to_dict, load_config
     from medse.training.trainer import build_model
     from medse.utils.checkpoint import save_checkpoint
     from medse.utils.config import dump_yaml
@@ -227,16 +227,20 @@ def test_bad_settings_in_the_run_config_name_the_file(run_dir: Path, scans: Path
     cfg = (run_dir / "config.yaml").read_text()
     assert "roi_size: null" in cfg
     (run_dir / "config.yaml").write_text(cfg.replace("roi_size: null", "roi_size: [0, 0, 0]"))
-    with pytest.raises(MedseError, match=r"roi_size \[0, 0, 0\] must be 3 integers >= 1 .*config\.yaml"):
+    with pytest.raises(MedseError, match=r"config\.yaml: config section 'infer': infer\.roi_size must be null or 2 or 3 "
+                                         r"sizes >= 1 \(voxels\), got \[0, 0, 0\]"):
         predict_folder(run_dir, scans, tmp_path / "m", device="cpu", progress=False)
-    # an explicit override wins over the run's bad value
-    rep = predict_folder(run_dir, scans, tmp_path / "m", device="cpu", progress=False, roi_size=[8, 8, 8])
-    assert len(rep.written) == 2
+    assert not (tmp_path / "m").exists()
+    (run_dir / "config.yaml").write_text(cfg)
     rc = main(["predict", "--run", str(run_dir), "--input", str(scans), "--output", str(tmp_path / "m2"),
                "--roi-size", "-5,8,8", "--no-progress"])
     assert rc == 2 and not (tmp_path / "m2").exists()
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: roi_size [-5, 8, 8] must be 3 integers >= 1 (got -5)"]
+    err = capsys.readouterr().err
+    assert "Invalid value for '--roi-size'" in err and "Traceback" not in err
+    # the API refuses the same value before anything is loaded
+    with pytest.raises(MedseError, match=r"roi_size \[-5, 8, 8\] must be 3 integers >= 1 \(got -5\)"):
+        predict_folder(run_dir, scans, tmp_path / "m3", device="cpu", progress=False, roi_size=[-5, 8, 8])
+    assert not (tmp_path / "m3").exists()
 
 
 def test_unwritable_output_folder_fails_before_the_model_or_any_case(run_dir: Path, scans: Path, tmp_path: Path,

@@ -48,13 +48,17 @@ def expected_counts(name: str, kw: dict) -> dict[str, int]:
     return {"encoder": kw["depth"], "bottleneck": 1, "decoder": kw["depth"]}
 
 
-SEGMENTATION = sorted(list_models(task="segmentation"))
+#: The networks of the scSE papers, tested here; MONAI's DynUNet, SegResNet, UNETR and SwinUNETR are tested in
+#: tests/test_networks_monai.py.
+MONAI_NETWORKS = {"dynunet", "segresnet", "unetr", "swinunetr"}
+SEGMENTATION = sorted(set(list_models(task="segmentation")) - MONAI_NETWORKS)
 BLOCKS = sorted(list_attention())  # includes "none"
 ODD_SIZE = {2: (15, 17), 3: (9, 10, 11)}  # none a multiple of 4: the networks pad and crop back
 
 
 def test_every_segmentation_network_has_a_tiny_config():
     assert set(SEGMENTATION) == set(TINY), "add a tiny configuration for every registered segmentation network"
+    assert MONAI_NETWORKS <= set(list_models(task="segmentation"))
     assert {"unet", "fc_densenet", "sdnet", "quicknat"} <= set(SEGMENTATION)
 
 

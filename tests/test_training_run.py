@@ -10,6 +10,7 @@ import copy
 import csv
 import gzip
 import json
+import math
 import os
 import subprocess
 import sys
@@ -63,6 +64,25 @@ def _no_leftovers(parent: Path) -> list[str]:
     return [p.name for p in parent.iterdir() if p.name.startswith(".") and "creating" in p.name]
 
 
+def _assert_tensorboard_matches(log_dir: Path, rows: list[dict[str, str]]) -> None:
+    """The event file holds one scalar per metrics.csv column and epoch, at step = epoch, with the same value."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = list(log_dir.glob("events.out.tfevents.*"))
+    assert len(files) == 1, files
+    acc = EventAccumulator(str(files[0]))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    expected = {f"{'val' if k.startswith('val_') else 'train'}/{k}" for k in rows[0] if k != "epoch"}
+    assert {"train/train_loss", "train/lr", "val/val_dice_mean", "val/val_dice_deep_left"} <= tags
+    assert tags == expected
+    for tag in tags:
+        key = tag.split("/", 1)[1]
+        events = acc.Scalars(tag)
+        assert [e.step for e in events] == [int(r["epoch"]) for r in rows], tag
+        assert [e.value for e in events] == pytest.approx([float(r[key]) for r in rows], rel=1e-5, abs=1e-7), tag
+
+
 # ----------------------------------------------------------------------------- end to end
 def test_train_writes_complete_run_folder(synth, tmp_path):
     out = tmp_path / "run"
@@ -71,7 +91,6 @@ def test_train_writes_complete_run_folder(synth, tmp_path):
     for name in ("config.yaml", "run_info.json", "dataset.json", "splits.json", "metrics.csv", "curves.png",
                  "timing.json", "checkpoints/last.pt", "checkpoints/best.pt"):
         assert (out / name).is_file(), name
-    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert not list(out.rglob(".tmp-*")) and not _no_leftovers(tmp_path)
 
     ds = json.loads((out / "dataset.json").read_text())
@@ -91,6 +110,7 @@ def test_train_writes_complete_run_folder(synth, tmp_path):
         assert float(r["train_loss"]) > 0 and 0.0 <= float(r["val_dice_mean"]) <= 1.0
         assert "val_dice_deep_left" in r and "val_dice_background" not in r
     assert float(rows[1]["lr"]) == pytest.approx(0.0, abs=1e-12)  # poly schedule ran to its end
+    _assert_tensorboard_matches(out / "tensorboard", rows)
 
     timing = json.loads((out / "timing.json").read_text())
     assert timing["train_steps_measured"] == 2 * 3 - 3 and timing["train_step_time_mean_s"] > 0
@@ -176,7 +196,6 @@ def _bad_dataset(tmp: Path, problem: str) -> Path:
         ("not_gzip", "c1"),
         ("shape_mismatch", "c1"),
         ("affine_mismatch", "c1"),
-        ("nan_voxels", "c1"),
         ("four_d", "c1"),
         ("label_out_of_set", "9"),
         ("missing_label", "c1"),
@@ -214,8 +233,48 @@ def test_config_errors_leave_no_run_folder(synth, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- kill and resume
+class _Spy:
+    """Records what a (resumed) run does: the epochs and steps it trains and the optimizer state it starts from."""
+
+    def __init__(self, monkeypatch) -> None:
+        from medse.training import trainer as tr
+
+        self.epochs: list[int] = []
+        self.steps = 0
+        self.optimizer: dict | None = None
+        self.start_epoch: int | None = None
+        setup, epoch, step = tr._Trainer._setup, tr._Trainer._epoch, tr._Trainer._step
+
+        def _setup(trainer, checkpoint):
+            setup(trainer, checkpoint)
+            self.optimizer = copy.deepcopy(trainer.optimizer.state_dict())
+            self.start_epoch = trainer.start_epoch
+
+        def _epoch(trainer, e):
+            self.epochs.append(e + 1)
+            return epoch(trainer, e)
+
+        def _step(trainer, *args):
+            self.steps += 1
+            return step(trainer, *args)
+
+        monkeypatch.setattr(tr._Trainer, "_setup", _setup)
+        monkeypatch.setattr(tr._Trainer, "_epoch", _epoch)
+        monkeypatch.setattr(tr._Trainer, "_step", _step)
+
+
+def _same_state(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same_state(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
 @pytest.mark.parametrize("kill_after", [pytest.param(2, marks=pytest.mark.slow), 5])
-def test_kill_and_resume_gives_identical_weights(synth, tmp_path, kill_after):
+def test_kill_and_resume_gives_identical_weights(synth, tmp_path, kill_after, monkeypatch, capsys):
     cfg = tiny_config(synth, val_every=2)
     ref = train(copy.deepcopy(cfg), tmp_path / "ref")
     with pytest.raises(TrainingInterrupted):
@@ -223,9 +282,23 @@ def test_kill_and_resume_gives_identical_weights(synth, tmp_path, kill_after):
     last = tmp_path / "killed" / "checkpoints" / "last.pt"
     # iteration 2 falls in epoch 1 (no checkpoint yet); iteration 5 in epoch 2 (epoch-1 checkpoint exists)
     assert last.is_file() == (kill_after > 3)
+    saved = load_checkpoint(last) if last.is_file() else None
     from medse.cli import main
 
+    spy = _Spy(monkeypatch)
+    capsys.readouterr()
     assert main(["train", "--resume", str(tmp_path / "killed")]) == 0  # the CLI path of resume(run_dir)
+    err = capsys.readouterr().err
+    if saved is not None:
+        # training is a pure function of (seed, epoch): equal weights alone would not show that the checkpoint
+        # was used. The resumed run must train only the remaining epoch and start from the saved optimizer.
+        assert saved["epoch"] == 1 and spy.start_epoch == 1
+        assert spy.epochs == [2] and spy.steps == 3
+        assert saved["optimizer"]["state"] and _same_state(spy.optimizer, saved["optimizer"])
+        assert "resumed at epoch 1 of 2" in err, err
+    else:
+        assert spy.start_epoch == 0 and spy.epochs == [1, 2] and spy.steps == 6
+        assert "starting at epoch 0 of 2" in err, err
     resumed = tmp_path / "killed"
     assert _max_diff(_weights(ref), _weights(resumed)) <= 1e-6
     a, b = load_checkpoint(ref / "checkpoints" / "last.pt"), load_checkpoint(last)
@@ -234,6 +307,79 @@ def test_kill_and_resume_gives_identical_weights(synth, tmp_path, kill_after):
     assert [r["epoch"] for r in b["history"]] == [1, 2]
     rows = list(csv.DictReader(open(tmp_path / "killed" / "metrics.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2"]
+    # a finished run: nothing trained, says so
+    spy.epochs.clear()
+    assert main(["train", "--resume", str(resumed)]) == 0
+    assert spy.epochs == [] and "resumed at epoch 2 of 2 (already finished" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- failures before the first checkpoint
+@pytest.mark.parametrize("premade", [False, True], ids=["new-folder", "empty-folder-made-by-user"])
+def test_run_failing_before_first_checkpoint_leaves_nothing_and_retry_works(synth, tmp_path, monkeypatch, premade):
+    from medse.training import trainer as tr
+
+    out = tmp_path / "run"
+    if premade:
+        out.mkdir()
+    step = tr._Trainer._step
+
+    def oom(trainer, *args):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(tr._Trainer, "_step", oom)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train(tiny_config(synth, epochs=1), out)
+    if premade:
+        assert out.is_dir() and list(out.iterdir()) == []  # the user's folder stays, emptied
+    else:
+        assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["run"] if premade else [])
+    monkeypatch.setattr(tr._Trainer, "_step", step)
+    assert (train(tiny_config(synth, epochs=1), out) / "checkpoints" / "last.pt").is_file()  # the retry works
+
+
+def test_run_failing_after_a_checkpoint_keeps_the_folder(synth, tmp_path, monkeypatch):
+    from medse.training import trainer as tr
+
+    step = tr._Trainer._step
+
+    def fail_in_epoch_2(trainer, *args):
+        if trainer.global_step >= 3:
+            raise RuntimeError("disk quota exceeded (simulated)")
+        return step(trainer, *args)
+
+    monkeypatch.setattr(tr._Trainer, "_step", fail_in_epoch_2)
+    with pytest.raises(RuntimeError, match="quota"):
+        train(tiny_config(synth), tmp_path / "run")
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 1  # kept for --resume
+
+
+# ----------------------------------------------------------------------------- sizes
+def test_patch_larger_than_every_case_is_padded_with_one_warning(synth, tmp_path):
+    import warnings
+
+    cfg = tiny_config(synth, epochs=1, iterations_per_epoch=2, patch_size=[32, 16, 40])  # the cases are 24^3
+    with pytest.warns(UserWarning, match=r"train.patch_size' \[32, 16, 40\] is larger than every training case") as rec:
+        run = train(cfg, tmp_path / "padded")
+    msgs = [str(w.message) for w in rec if "patch_size" in str(w.message)]
+    assert len(msgs) == 1 and "axis 0, 2" in msgs[0] and "[24, 16, 24]" in msgs[0], msgs
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert len(rows) == 1 and math.isfinite(float(rows[0]["train_loss"]))  # it trained, on padded patches
+    with warnings.catch_warnings(record=True) as fits:
+        warnings.simplefilter("always")
+        train(tiny_config(synth, epochs=1, iterations_per_epoch=1), tmp_path / "fits")  # 16^3 fits: no warning
+    assert not [w for w in fits if "patch_size" in str(w.message)]
+
+
+def test_config_rejects_bad_roi_sizes():
+    for roi in ([0, 0, 0], [16, -5, 16]):
+        with pytest.raises(MedseError, match=r"infer.roi_size must be null or 2 or 3 sizes >= 1"):
+            load_config({"infer": {"roi_size": roi}})
+    with pytest.raises(MedseError, match=r"infer.overlap must be in \[0, 1\)"):
+        load_config({"infer": {"overlap": 1.5}})
+    with pytest.raises(MedseError, match="infer.sw_batch_size must be >= 1"):
+        load_config({"infer": {"sw_batch_size": 0}})
+    assert load_config({"infer": {"roi_size": [8, 8, 8]}}).roi_size == [8, 8, 8]
 
 
 # ----------------------------------------------------------------------------- DDP

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from medse.training.config import Config, config_to_dict, load_config
+from medse.config import Config, config_to_dict, load_config
 from medse.training.distributed import DistInfo, shard_indices
 from medse.training.optim import build_optimizer, build_scheduler, lr_multiplier
 from medse.training.recording import plot_curves, write_metrics_csv, write_timing

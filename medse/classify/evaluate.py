@@ -57,12 +57,12 @@ def predict_run(run_dir: str | Path, data: str | Path | None = None, checkpoint:
     Unreadable images are skipped and reported, not fatal.
     """
     import torch
-    from tqdm.auto import tqdm
 
     from medse.classify.data import ClassificationDataset
     from medse.classify.train import _device, build_model, load_config, load_run_data, torch_threads
     from medse.utils.checkpoint import load_checkpoint
     from medse.utils.config import load_yaml
+    from medse.utils.progress import progress as progress_bar  # a tqdm bar on a terminal, plain lines otherwise
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "dataset.json").is_file():
@@ -88,7 +88,7 @@ def predict_run(run_dir: str | Path, data: str | Path | None = None, checkpoint:
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False)
     probs = []
     with torch.no_grad(), torch_threads(cfg.train.num_threads):
-        for x, _, _ in tqdm(loader, desc=f"predict {run_dir.name}", leave=False, disable=not progress):
+        for x, _, _ in progress_bar(loader, desc=f"predict {run_dir.name}", leave=False, disable=not progress):
             probs.append(torch.softmax(model(x.to(dev)).float(), 1).cpu().numpy())
     return {
         "class_names": names,

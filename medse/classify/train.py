@@ -149,30 +149,15 @@ def load_config(config: dict | str | Path, overrides: tuple[str, ...] | list[str
 
 
 def build_model(cfg: ClassifierConfig, num_classes: int) -> Any:
-    """The model of ``cfg.model`` through ``medse.networks.create_model`` (direct build if the registry is absent)."""
+    """The model of ``cfg.model`` through ``medse.networks.create_model``."""
+    from medse.networks.registry import create_model
+
     m = cfg.model
     try:
-        from medse.networks.registry import create_model
-    except ModuleNotFoundError:
-        create_model = None
-    if create_model is not None:
-        try:
-            return create_model(
-                m.name, m.spatial_dims, m.in_channels, num_classes, attention=m.attention,
-                attention_kwargs=dict(m.attention_kwargs), **dict(m.arch),
-            )
-        except ModuleNotFoundError:  # another area's network module is not there yet
-            if m.name != "resnet50v2":
-                raise
-        except ValueError as e:
-            raise MedseError(f"config section 'model': {e}") from e
-    if m.name != "resnet50v2":
-        raise MedseError(f"config key 'model.name': '{m.name}' needs medse.networks.registry")
-    from medse.networks.resnet import ResNet50V2
-
-    try:
-        return ResNet50V2(m.spatial_dims, m.in_channels, num_classes, attention=m.attention,
-                          attention_kwargs=dict(m.attention_kwargs), **dict(m.arch))
+        return create_model(
+            m.name, m.spatial_dims, m.in_channels, num_classes, attention=m.attention,
+            attention_kwargs=dict(m.attention_kwargs), **dict(m.arch),
+        )
     except (TypeError, ValueError) as e:
         raise MedseError(f"config section 'model': {e}") from e
 
@@ -263,13 +248,14 @@ def _lr_factor(cfg: TrainSection, epoch: int) -> float:
 def _run_epoch(model: Any, loader: Any, device: Any, criterion: Any, optimizer: Any | None, cfg: TrainSection,
                desc: str) -> dict[str, Any]:
     import torch
-    from tqdm.auto import tqdm
+
+    from medse.utils.progress import progress as progress_bar  # a tqdm bar on a terminal, plain lines otherwise
 
     train = optimizer is not None
     model.train(train)
     total_loss, correct, n = 0.0, 0, 0
     probs, labels = [], []
-    it = tqdm(loader, desc=desc, leave=False, disable=not cfg.progress, dynamic_ncols=True)
+    it = progress_bar(loader, desc=desc, leave=False, disable=not cfg.progress, dynamic_ncols=True)
     with torch.set_grad_enabled(train):
         for b, (x, y, _) in enumerate(it):
             if train and cfg.max_batches_per_epoch and b >= cfg.max_batches_per_epoch:

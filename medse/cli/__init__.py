@@ -2,18 +2,36 @@
 
 Each area registers its commands from its own module (``medse/cli/_<area>.py``, a ``register(app)``
 function). torch and the heavy libraries are imported inside the commands, so ``medse --help`` is fast.
-User errors (:class:`~medse.utils.errors.MedseError`, ``ValueError``) print one line without a
-traceback and exit with code 2.
+
+How failures look (:func:`main`):
+
+* usage errors (unknown command or option, bad option value) are Typer's own message: usage line,
+  "No such option", a suggestion, exit code 2;
+* user errors (:class:`~medse.utils.errors.MedseError`, ``ValueError``) and file-system errors
+  (``PermissionError``, ``FileExistsError``, ``IsADirectoryError``, other ``OSError``) print one line
+  ``error: <what>, <which path>`` without a traceback and exit with code 2;
+* anything else prints ``error: unexpected <Type>: <message> (run with --debug or MEDSE_DEBUG=1 for the
+  traceback)`` and exits with code 1; ``medse --debug ...`` or ``MEDSE_DEBUG=1`` prints the traceback too.
+
+Typer runs in its standalone mode, so this module needs none of click's exception classes: recent Typer
+(0.29) vendors click as ``typer._click`` and installs no ``click`` package, older Typer depends on click;
+both work the same here (``tests/test_cli_errors.py`` runs the CLI with ``click`` made unimportable).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+import traceback
+import warnings
 
 import typer
 
 from medse.utils.errors import MedseError
+
+#: environment variable that turns on tracebacks (same as ``medse --debug``).
+DEBUG_ENV = "MEDSE_DEBUG"
 
 app = typer.Typer(
     name="medse",
@@ -24,43 +42,95 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-_AREAS = ("blocks", "models", "data", "train", "predict", "compare", "classify")
+_AREAS = ("blocks", "models", "data", "train", "predict", "compare", "classify", "nnunet")
+_state: dict = {"debug": False}
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    debug: bool = typer.Option(False, "--debug", help=f"Print the full traceback of an error (or set {DEBUG_ENV}=1)."),
+) -> None:
     """medse: SE-family attention blocks, networks, training, inference, evaluation and comparison."""
+    if debug and not _state["debug"]:
+        _state["debug"] = True
+        warnings.formatwarning = _state.get("python_formatwarning", warnings.formatwarning)
 
 
 for _area in _AREAS:
     importlib.import_module(f"medse.cli._{_area}").register(app)
 
 
+def _env_debug() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def os_error_message(e: OSError) -> str:
+    """``<what>, <which path>`` for an ``OSError`` (both paths of a failed rename or copy)."""
+    what = e.strerror or str(e) or type(e).__name__
+    paths = [str(p) for p in (e.filename, getattr(e, "filename2", None)) if p is not None]
+    if not paths:
+        return what
+    return f"{what}, {' -> '.join(paths)}"
+
+
+def _exit_code(code: object) -> int:
+    if code is None:
+        return 0
+    if isinstance(code, bool):
+        return int(code)
+    if isinstance(code, int):
+        return code
+    typer.echo(str(code), err=True)  # sys.exit("message") prints the message, exit code 1
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI on ``argv`` (default ``sys.argv[1:]``) and return the exit code (see the module docstring)."""
+    _state["debug"] = _env_debug()
+    old_format = _state["python_formatwarning"] = warnings.formatwarning
+    if not _state["debug"]:
+        warnings.formatwarning = _one_line_warning
     try:
-        # with standalone_mode=False, click returns the exit code of typer.Exit / ctx.exit instead of raising
-        rv = app(args=argv, standalone_mode=False)
-    except (MedseError, ValueError, FileNotFoundError) as e:
-        typer.echo(f"error: {e}", err=True)
-        return 2
+        return _run(argv)
+    finally:
+        warnings.formatwarning = old_format
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      line: str | None = None) -> str:
+    """Warnings on the command line: ``warning: <message>`` (``--debug`` keeps Python's format with the source)."""
+    return f"warning: {str(message).strip()}\n"
+
+
+def _run(argv: list[str] | None) -> int:
+    try:
+        # standalone mode: Typer prints usage errors itself and ends every run with SystemExit(code)
+        app(args=argv, prog_name="medse", standalone_mode=True)
+    except SystemExit as e:
+        return _exit_code(e.code)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         return 130
-    except SystemExit as e:  # commands may call typer.Exit / sys.exit with a code
-        return int(e.code or 0) if not isinstance(e.code, str) else 1
+    except (MedseError, ValueError) as e:
+        _traceback_if_debug()
+        typer.echo(f"error: {e}", err=True)
+        return 2
+    except OSError as e:
+        _traceback_if_debug()
+        typer.echo(f"error: {os_error_message(e)}", err=True)
+        return 2
     except Exception as e:
-        import click
+        _traceback_if_debug()
+        msg = str(e).replace("\n", " ").strip()
+        hint = "" if _state["debug"] else f" (run with --debug or {DEBUG_ENV}=1 for the traceback)"
+        typer.echo(f"error: unexpected {type(e).__name__}: {msg}{hint}", err=True)
+        return 1
+    return 0
 
-        if isinstance(e, click.exceptions.Exit):
-            return e.exit_code
-        if isinstance(e, click.ClickException):
-            e.show()
-            return e.exit_code
-        if isinstance(e, click.exceptions.Abort):
-            typer.echo("aborted", err=True)
-            return 1
-        raise
-    return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
+
+def _traceback_if_debug() -> None:
+    if _state["debug"]:
+        traceback.print_exc(file=sys.stderr)
 
 
 def _entry() -> None:

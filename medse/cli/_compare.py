@@ -64,8 +64,10 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N."),
     ) -> None:
         """Save the spatial-gate maps (sSE, scSE, CA, SimAM, PE) of a trained run over a scan: NIfTI + PNG."""
+        from medse.cli._options import check_device
         from medse.compare.explain import explain
 
+        device = check_device(device)
         flat: list[str] = []
         for item in layers or []:
             flat += [p for p in item.split(",") if p.strip()]

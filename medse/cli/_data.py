@@ -57,7 +57,7 @@ def register(app: typer.Typer) -> None:
                 typer.echo(line)
             if report.errors:
                 typer.echo(f"{len(report.errors)} error(s): manifest not written", err=True)
-                raise SystemExit(1)  # (typer.Exit codes are dropped by medse.cli.main with standalone_mode=False)
+                raise typer.Exit(1)
             if not spec.labels and report.label_values:
                 spec.labels = resolve_labels(spec, report)
         write_manifest(spec, out, description=description or None)
@@ -82,4 +82,4 @@ def register(app: typer.Typer) -> None:
                    f"{sorted(labels.values()) if labels else 'none'}: {len(report.errors)} error(s), "
                    f"{len(report.warnings)} warning(s)")
         if report.errors:
-            raise SystemExit(1)  # (typer.Exit codes are dropped by medse.cli.main with standalone_mode=False)
+            raise typer.Exit(1)

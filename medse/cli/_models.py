@@ -18,6 +18,15 @@ def _split(values: list[str] | None) -> list[str]:
     return out
 
 
+def _split_attention(values: list[str] | None) -> list[str]:
+    """``--attention`` values: comma-separated block names, or one per-position assignment per value
+    (``--attention encoder=cse,decoder=scse``, which contains '=')."""
+    out: list[str] = []
+    for v in values or ():
+        out += [str(v).strip()] if "=" in str(v) else _split([v])
+    return out
+
+
 def _parse_dims(values: list[str]) -> list[int]:
     dims: list[int] = []
     for v in values:
@@ -61,7 +70,8 @@ def register(app: typer.Typer) -> None:
             None, "--networks", help="Networks (comma-separated). Default: every segmentation network."
         ),
         attention: list[str] = typer.Option(
-            None, "--attention", help="Attention blocks (comma-separated; 'none' is always shown). Default: all."
+            None, "--attention", help="Attention blocks (comma-separated; 'none' is always shown), or a per-position "
+            "assignment such as --attention encoder=cse,decoder=scse (one per option). Default: all."
         ),
         arch: list[str] = typer.Option(
             None, "--arch", help="Architecture argument for one network, e.g. --arch unet.num_res_units=1 "
@@ -99,7 +109,7 @@ def register(app: typer.Typer) -> None:
             size=size,
             dims=dim_list,
             networks=_split(networks) or None,
-            attention=_split(attention) or None,
+            attention=_split_attention(attention) or None,
             in_channels=in_channels,
             out_channels=out_channels,
             arch_kwargs=_parse_arch(arch),

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from medse.cli._options import check_device, check_overlap, parse_roi_size
+
 
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the medse app."""
@@ -21,10 +23,12 @@ def register(app: typer.Typer) -> None:
         checkpoint: str = typer.Option("best", "--checkpoint", help="best, last, or a path to a .pt file."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Redo cases whose mask already exists."),
-        roi_size: str = typer.Option(None, "--roi-size", help="Window size, e.g. 96,96,96 (default: the run's)."),
-        overlap: float = typer.Option(None, "--overlap", help="Window overlap in [0, 1) (default: the run's)."),
+        roi_size: str = typer.Option(None, "--roi-size", callback=parse_roi_size,
+                                     help="Window size, e.g. 96,96,96, each >= 1 (default: the run's)."),
+        overlap: float = typer.Option(None, "--overlap", callback=check_overlap,
+                                      help="Window overlap in [0, 1) (default: the run's)."),
         blend: str = typer.Option(None, "--blend", help="gaussian or constant (default: the run's)."),
-        sw_batch_size: int = typer.Option(None, "--sw-batch-size", help="Windows per forward pass."),
+        sw_batch_size: int = typer.Option(None, "--sw-batch-size", min=1, help="Windows per forward pass (>= 1)."),
         tta: bool = typer.Option(None, "--tta/--no-tta", help="Flip test-time augmentation (default: the run's)."),
         largest_component: bool = typer.Option(None, "--largest-component/--no-largest-component",
                                                 help="Keep each label's largest connected component."),
@@ -43,26 +47,18 @@ def register(app: typer.Typer) -> None:
         import os
 
         from medse.inference import predict_folder
-        from medse.utils.errors import MedseError
 
-        roi = None
-        if roi_size:
-            try:
-                roi = [int(v) for v in roi_size.replace("x", ",").split(",") if v.strip()]
-            except ValueError:
-                raise MedseError(f"--roi-size '{roi_size}' must be integers like 96,96,96") from None
+        device = check_device(device)  # before the model is loaded: one line, not a CUDA traceback
         report = predict_folder(
             run, input, output, overwrite=overwrite, checkpoint=checkpoint, device=device,
-            save_probabilities=save_probabilities, progress=progress, roi_size=roi, overlap=overlap, blend=blend,
+            save_probabilities=save_probabilities, progress=progress, roi_size=roi_size, overlap=overlap, blend=blend,
             sw_batch_size=sw_batch_size, tta_flips=tta, largest_component=largest_component,
             strict_nonfinite=strict_nonfinite,
         )
         if int(os.environ.get("RANK", "0")) == 0:
             typer.echo(report.summary() + (f"; failures in {report.failures_csv}" if report.failures_csv else ""))
         if report.failed:
-            # SystemExit, not typer.Exit: medse.cli.main runs click with standalone_mode=False, where
-            # click turns typer.Exit into a return value that main() does not pass on.
-            raise SystemExit(1)
+            raise typer.Exit(1)
 
     @app.command("evaluate")
     def evaluate_cmd(

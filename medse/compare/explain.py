@@ -196,9 +196,9 @@ def explain(
     model = pred.model
     all_layers = gate_layers(model)
     if not all_layers:
-        from medse.training.config import load_config
+        from medse.runs import Run
 
-        att = load_config(Path(run_dir) / "config.yaml").model.attention
+        att = Run.open(run_dir).config.model.attention
         raise MedseError(f"the run's network (attention '{att}') has no spatial-gate block; maps exist for "
                          f"{', '.join(spatial_gate_blocks())}", run_dir)
     chosen = _select(all_layers, layers)

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from medse.compare.records import load_records
+from medse.runs import Run
 from medse.utils.atomic import atomic_write_text
 from medse.utils.config import apply_overrides, dump_yaml, from_dict, load_yaml
 from medse.utils.errors import MedseError
@@ -226,6 +227,18 @@ class CompareReport:
         return d
 
 
+def _block_name(block: Any) -> Any:
+    """A grid block: a name as is; a mapping position -> block (or its ``a=b,c=d`` form) in canonical form."""
+    if isinstance(block, dict) or (isinstance(block, str) and "=" in block):
+        from medse.networks import format_assignment
+
+        try:
+            return format_assignment(block)
+        except ValueError as e:
+            raise MedseError(f"blocks: {e}") from None
+    return block
+
+
 def _normalise(data: dict[str, Any]) -> dict[str, Any]:
     data = dict(data)
     archs = data.get("architectures")
@@ -233,8 +246,12 @@ def _normalise(data: dict[str, Any]) -> dict[str, Any]:
         data["architectures"] = [{"name": a} if isinstance(a, str) else a for a in archs]
     elif isinstance(archs, str):
         data["architectures"] = [{"name": archs}]
-    if isinstance(data.get("blocks"), str):
+    if isinstance(data.get("blocks"), (str, dict)):
         data["blocks"] = [data["blocks"]]
+    if isinstance(data.get("blocks"), list):  # a per-position assignment is named "encoder=cse,decoder=scse"
+        data["blocks"] = [_block_name(b) for b in data["blocks"]]
+    if isinstance(data.get("block_overrides"), dict):
+        data["block_overrides"] = {_block_name(k): v for k, v in data["block_overrides"].items()}
     for k in ("seeds", "folds"):
         if isinstance(data.get(k), int) and not isinstance(data.get(k), bool):
             data[k] = [data[k]]
@@ -309,75 +326,66 @@ def cell_overrides(cfg: CompareConfig, cell: Cell) -> list[str]:
 CellRunner = Callable[[Cell, Path, CompareConfig], "pd.DataFrame"]
 
 
-def _dataset_of_run(run_dir: Path) -> Any:
-    """The DatasetSpec the run was trained on (from its resolved config.yaml)."""
+def _dataset_of_run(run: Run) -> Any:
+    """The DatasetSpec the run was trained on (from its resolved config)."""
     from medse.data.datasets import load_dataset
-    from medse.training.config import load_config
 
-    rc = load_config(run_dir / "config.yaml")
-    data = rc.data
-    get = data.get if isinstance(data, dict) else (lambda k, d=None: getattr(data, k, d))
-    source = get("manifest") or get("root")
+    data = run.config.data
+    source = data.manifest or data.root
     if not source:
-        raise MedseError("the run's config has no data.root / data.manifest", run_dir / "config.yaml")
-    layout = get("layout", "auto") or "auto"
-    return load_dataset(source, layout=layout)
+        raise MedseError("the run's config has no data.root / data.manifest", run.config_path)
+    return load_dataset(source, layout=data.layout or "auto")
 
 
-def _dataset_name(run_dir: Path) -> str:
-    from medse.training.config import load_config
-
-    data = load_config(run_dir / "config.yaml").data
-    get = data.get if isinstance(data, dict) else (lambda k, d=None: getattr(data, k, d))
-    src = Path(str(get("manifest") or get("root") or "dataset"))
+def _dataset_name(run: Run) -> str:
+    data = run.config.data
+    src = Path(str(data.manifest or data.root or "dataset"))
     return src.stem if src.suffix else src.name
 
 
 def run_cell(cell: Cell, cell_dir: Path, cfg: CompareConfig) -> pd.DataFrame:
-    """Default cell runner: train (or resume) -> predict the test cases (timed) -> evaluate -> records.
+    """Default cell runner: train (or resume) -> :func:`~medse.inference.predict_folder` on the run's test
+    cases (timed per case, after an untimed warm-up) -> :func:`~medse.evaluation.evaluate` -> records.
 
     Returns:
         the cell's records (:func:`medse.compare.records.cell_rows`).
     """
     from medse.compare.records import cell_rows
     from medse.evaluation import evaluate
-    from medse.inference import Predictor
-    from medse.inference.writer import output_suffix, write_label_like
+    from medse.inference import predict_folder
+    from medse.inference.predictor import InputCase, Predictor
     from medse.training import resume, train
     from medse.utils.complexity import count_params
 
     run_dir = cell_dir / "run"
     t_start, c_start = time.perf_counter(), time.process_time()
-    if (run_dir / "config.yaml").is_file():
-        resume(run_dir)  # a killed cell continues from its last checkpoint; a finished run returns at once
+    if (run_dir / Run.CONFIG).is_file():
+        run = resume(run_dir)  # a killed cell continues from its last checkpoint; a finished run returns at once
     else:
         if run_dir.exists() and not any(run_dir.iterdir()):
             run_dir.rmdir()
-        train(cfg.train_config_path(), run_dir, overrides=cell_overrides(cfg, cell))
-    splits = json.loads((run_dir / "splits.json").read_text())
-    test_ids = [str(c) for c in splits.get(cfg.evaluate_on) or []]
+        run = train(cfg.train_config_path(), run_dir, overrides=cell_overrides(cfg, cell))
+    test_ids = run.split.ids(cfg.evaluate_on)
     if not test_ids:
         hint = "set data.split.test_fraction" if cfg.evaluate_on == "test" else "use a kfold split"
-        raise MedseError(f"the split has no '{cfg.evaluate_on}' cases to evaluate ({hint})", run_dir / "splits.json")
-    spec = _dataset_of_run(run_dir)
+        raise MedseError(f"the split has no '{cfg.evaluate_on}' cases to evaluate ({hint})", run / Run.SPLITS)
+    spec = _dataset_of_run(run)
     by_id = {c.case_id: c for c in spec.cases}
     missing = [c for c in test_ids if c not in by_id or by_id[c].label is None]
     if missing:
-        raise MedseError(f"test cases {missing[:5]} have no image/label in the dataset", run_dir / "splits.json")
+        raise MedseError(f"test cases {missing[:5]} have no image/label in the dataset", run / Run.SPLITS)
 
     t_trained, c_trained = time.perf_counter(), time.process_time()
-    predictor = Predictor.from_run(run_dir, checkpoint="best")
+    predictor = Predictor.from_run(run, checkpoint="best")
     pred_dir = cell_dir / "pred"
     ref_dir = cell_dir / "ref"
-    infer_s: dict[str, float] = {}
-    predictor.predict_case(by_id[test_ids[0]].images)  # untimed warm-up (allocator, kernels) so that case 1 is fair
+    cases = [InputCase(cid, [Path(p) for p in by_id[cid].images]) for cid in test_ids]
+    report = predict_folder(predictor, cases, pred_dir, overwrite=True, progress=False, warmup=True)
+    if report.failed:
+        cid, msg = report.failed[0]
+        raise MedseError(f"{len(report.failed)} test case(s) failed to predict, first {cid}: {msg}", pred_dir)
     for cid in test_ids:
-        case = by_id[cid]
-        t0 = time.perf_counter()
-        mask = predictor.predict_case(case.images)
-        infer_s[cid] = time.perf_counter() - t0
-        write_label_like(mask, case.images[0], pred_dir / f"{cid}{output_suffix(case.images[0])}", sidecar=False)
-        _link_reference(case.label, ref_dir / f"{cid}{_suffix(case.label)}")
+        _link_reference(by_id[cid].label, ref_dir / f"{cid}{_suffix(by_id[cid].label)}")
     t_predicted, c_predicted = time.perf_counter(), time.process_time()
     labels = {k: int(v) for k, v in (spec.labels or {}).items() if int(v) != 0} or None
     ev = evaluate(pred_dir, ref_dir, cell_dir / "eval", labels=labels)
@@ -387,13 +395,10 @@ def run_cell(cell: Cell, cell_dir: Path, cfg: CompareConfig) -> pd.DataFrame:
         "evaluate_s": round(t_done - t_predicted, 2), "train_cpu_s": round(c_trained - c_start, 2),
         "predict_cpu_s": round(c_predicted - c_trained, 2), "evaluate_cpu_s": round(c_done - c_predicted, 2),
         "n_cases": len(test_ids)}, indent=2) + "\n")
-    timing_path = run_dir / "timing.json"
-    step = None
-    if timing_path.is_file():
-        step = json.loads(timing_path.read_text()).get("train_step_time_mean_s")
+    step = (run.timing or {}).get("train_step_time_mean_s")
     params = count_params(predictor.model)
     return cell_rows(ev, arch=cell.arch, block=cell.block, fold=cell.fold, seed=cell.seed, params=params,
-                     train_step_s=step, infer_s=infer_s, dataset=cfg.dataset or _dataset_name(run_dir))
+                     train_step_s=step, infer_s=dict(report.case_seconds), dataset=cfg.dataset or _dataset_name(run))
 
 
 def _suffix(path: Path) -> str:

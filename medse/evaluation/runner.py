@@ -260,7 +260,8 @@ def evaluate(
             unreadable files (with ``strict``), references without a prediction (unless ``allow_missing``).
     """
     import pandas as pd
-    from tqdm.auto import tqdm
+
+    from medse.utils.progress import progress as progress_bar  # a tqdm bar on a terminal, plain lines otherwise
 
     if hd95_mode not in HD95_MODES:
         raise MedseError(f"hd95_mode '{hd95_mode}' must be one of {', '.join(HD95_MODES)}")
@@ -277,7 +278,7 @@ def evaluate(
     resolved = _resolve_labels(labels, declared, pdir, pairs[0][1], lambda: _values_in(pairs))
     jobs = [(cid, p, r) for cid, p, r in pairs] + [(cid, None, r) for cid, r in missing.items()]
     jobs.sort(key=lambda j: j[0])
-    for cid, ppath, rpath in tqdm(jobs, desc="evaluate", unit="case", disable=not progress, file=sys.stderr):
+    for cid, ppath, rpath in progress_bar(jobs, desc="evaluate", unit="case", disable=not progress, file=sys.stderr):
         try:
             r = _read_label(rpath)
             spacing = [float(s) for s in np.linalg.norm(np.asarray(r.affine)[:3, :3], axis=0)]

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from medse.runs import Run, build_model
 from medse.utils.atomic import atomic_write_text
 from medse.utils.errors import MedseError
 
@@ -58,16 +59,9 @@ class InputCase:
 
 
 def _split_suffix(path: Path) -> tuple[str, str]:
-    try:
-        from medse.data.io import split_suffix
+    from medse.data.io import split_suffix
 
-        return split_suffix(path)
-    except ImportError:  # pragma: no cover - data area always present in a release
-        name = path.name
-        for suf in (".nii.gz", ".nii"):
-            if name.lower().endswith(suf):
-                return name[: -len(suf)], name[-len(suf):]
-        return path.stem, path.suffix
+    return split_suffix(path)
 
 
 def _is_image(path: Path) -> bool:
@@ -82,11 +76,14 @@ def collect_cases(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> li
     ``inputs`` may be a folder of images (``case.nii.gz`` single-channel, or nnU-Net channel files
     ``case_0000.nii.gz``, ``case_0001.nii.gz`` grouped into one case), a dataset root or manifest
     (``medse.data.datasets.load_dataset``: JSON/CSV manifest, nnU-Net, MSD or folder layout), a single
-    image file, or a list of image files (one single-channel case each).
+    image file, a list of image files (one single-channel case each), or a list of :class:`InputCase`
+    (case id and its channel files, e.g. the test cases of a run's split).
 
     Raises:
         MedseError: the path does not exist, or no image was found.
     """
+    if isinstance(inputs, (list, tuple)) and all(isinstance(c, InputCase) for c in inputs):
+        return sorted(inputs, key=lambda c: c.case_id)  # type: ignore[arg-type]
     if isinstance(inputs, (list, tuple)):
         cases = [InputCase(_split_suffix(Path(p))[0], [Path(p)]) for p in inputs]
         return sorted(cases, key=lambda c: c.case_id)
@@ -235,32 +232,18 @@ _OVERRIDES = ("roi_size", "overlap", "blend", "sw_batch_size", "tta_flips", "lar
 
 def _read_run(run_dir: str | os.PathLike, checkpoint: str, overrides: Mapping[str, Any]) -> _RunSpec:
     """Config, dataset.json and the inference settings (run's ``infer`` section + ``overrides``, checked)."""
-    from medse.training.config import load_config
-
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise MedseError("run folder not found", run)
     unknown = set(overrides) - set(_OVERRIDES)
     if unknown:
         from medse.utils.errors import unknown_option_error
 
         raise unknown_option_error("Predictor override", sorted(unknown)[0], _OVERRIDES)
-    cfg = load_config(run / "config.yaml")
-    ds_path = run / "dataset.json"
-    if not ds_path.is_file():
-        raise MedseError("dataset.json not found in the run folder", ds_path)
-    try:
-        ds = json.loads(ds_path.read_text())
-    except json.JSONDecodeError as e:
-        raise MedseError(f"invalid JSON ({e})", ds_path) from e
-    labels = {str(k): int(v) for k, v in (ds.get("labels") or {}).items()}
-    class_values = ds.get("class_values") or sorted(set(labels.values()) | {0})
-    num_classes = int(ds.get("num_classes") or len(class_values))
-    if len(class_values) != num_classes:
-        raise MedseError(f"class_values has {len(class_values)} entries but num_classes is {num_classes}",
-                         ds_path)
-    channels = ds.get("channel_names") or []
-    in_channels = int(ds.get("num_channels") or len(channels) or 1)
+    run = Run.open(run_dir)
+    cfg = run.config
+    ds = run.dataset
+    labels = dict(ds.labels)
+    class_values = list(ds.class_values)
+    num_classes = ds.num_classes
+    in_channels = ds.num_channels
     inf = cfg.infer
     roi = inf.roi_size or cfg.train.patch_size
     run_kwargs: dict[str, Any] = dict(
@@ -274,16 +257,14 @@ def _read_run(run_dir: str | os.PathLike, checkpoint: str, overrides: Mapping[st
     check_inference_settings(dims, **{k: run_kwargs[k] for k in ("overlap", "blend", "sw_batch_size")
                                       if k not in given},
                              **({"roi_size": run_kwargs["roi_size"]} if "roi_size" not in given else {}),
-                             source=f"infer.* / train.patch_size of {run / 'config.yaml'}")
+                             source=f"infer.* / train.patch_size of {run.config_path}")
     check_inference_settings(dims, **{k: given[k] for k in ("roi_size", "overlap", "blend", "sw_batch_size")
                                       if k in given})
     run_kwargs.update(given)
-    ck = Path(checkpoint)
-    if checkpoint in ("best", "last"):
-        ck = run / "checkpoints" / f"{checkpoint}.pt"
+    ck = run.checkpoint_path(checkpoint)
     if not ck.is_file():
         raise MedseError("checkpoint not found", ck)
-    return _RunSpec(run, cfg, labels, [int(v) for v in class_values], num_classes, in_channels, run_kwargs, ck)
+    return _RunSpec(run.path, cfg, labels, [int(v) for v in class_values], num_classes, in_channels, run_kwargs, ck)
 
 
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
@@ -437,7 +418,7 @@ class Predictor:
         state = load_checkpoint(ck)
         if "model" not in state:
             raise MedseError("checkpoint has no 'model' entry", ck)
-        model = _build_model(spec.cfg, spec.in_channels, spec.num_classes)
+        model = build_model(spec.cfg, spec.in_channels, spec.num_classes)
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as e:
@@ -628,20 +609,6 @@ class Predictor:
         return labels
 
 
-def _build_model(cfg: Any, in_channels: int, out_channels: int) -> Any:
-    try:
-        from medse.training.trainer import build_model
-    except ImportError:  # pragma: no cover - the trainer is part of every release
-        from medse.networks import create_model
-
-        m = cfg.model
-        return create_model(m.name, spatial_dims=m.spatial_dims, in_channels=in_channels,
-                            out_channels=out_channels, attention=m.attention,
-                            attention_positions=tuple(m.attention_positions),
-                            attention_kwargs=dict(m.attention_kwargs) or None, **dict(m.kwargs))
-    return build_model(cfg, in_channels, out_channels)
-
-
 # --------------------------------------------------------------------------------------- batches
 @dataclass
 class PredictReport:
@@ -659,6 +626,8 @@ class PredictReport:
     failures_csv: Path | None = None
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
+    #: wall seconds of each predicted case (preprocess + network + postprocess; writing excluded)
+    case_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -697,12 +666,9 @@ def _gather_failures(failed: list[tuple[str, str]], world: int) -> list[tuple[st
 
 
 def _dist_initialized() -> bool:
-    try:
-        import torch.distributed as dist
+    import torch.distributed as dist
 
-        return bool(dist.is_available() and dist.is_initialized())
-    except ImportError:  # pragma: no cover
-        return False
+    return bool(dist.is_available() and dist.is_initialized())
 
 
 def write_failures_csv(path: Path, failed: Sequence[tuple[str, str]], inputs: Mapping[str, list[Path]]) -> Path:
@@ -794,6 +760,7 @@ def predict_folder(
     save_probabilities: bool = False,
     progress: bool = True,
     echo: Any = None,
+    warmup: bool = False,
     **overrides: Any,
 ) -> PredictReport:
     """Predict every case of ``inputs`` into ``output_dir``; failures don't stop the batch.
@@ -816,6 +783,8 @@ def predict_folder(
         save_probabilities: also write float32 class probabilities ``(x, y, z, K)``. Defaults to False.
         progress: tqdm bar over the cases. Defaults to True.
         echo: callable taking a line for per-case failures and warnings. Defaults to ``tqdm.write`` to stderr.
+        warmup: predict the first case once, untimed and unwritten, before the batch (allocator and kernel
+            warm-up), so that ``report.case_seconds`` of the first case is comparable. Defaults to False.
         overrides: inference settings passed to :meth:`Predictor.from_run` (``strict_nonfinite=True``
             refuses NaN/Inf voxels instead of replacing them).
 
@@ -880,7 +849,12 @@ def predict_folder(
         pass
     seen: set[str] = set()
     input_files = {Path(p).resolve() for c in all_cases for p in c.images}
-    bar = tqdm(cases, desc="predict", unit="case", disable=not progress or rank != 0, file=sys.stderr)
+    from medse.utils.progress import progress as progress_bar  # a tqdm bar on a terminal, plain lines otherwise
+
+    if warmup and cases and cases[0].images and not cases[0].error:
+        with contextlib.suppress(Exception):  # a bad first case is reported by the loop below
+            predictor.predict_case(cases[0].images, warn_nonfinite=False)
+    bar = progress_bar(cases, desc="predict", unit="case", disable=not progress or rank != 0, file=sys.stderr)
     for case in bar:
         cid = case.case_id
         try:
@@ -902,7 +876,9 @@ def predict_folder(
                     raise MedseError(reason, target)
                 report.redone.append((cid, reason))
                 echo(f"redo: {cid}: {reason}")
+            t_case = time.perf_counter()
             res = predictor.predict_case(case.images, return_probabilities=save_probabilities, warn_nonfinite=False)
+            report.case_seconds[cid] = time.perf_counter() - t_case
             labels, probs = res if save_probabilities else (res, None)
             props = predictor.last_props or {}
             n_bad = int(props.get("nonfinite_voxels") or 0)

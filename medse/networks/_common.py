@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -17,11 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medse.attention import create_attention
-from medse.utils.errors import unknown_option_error
+from medse.attention import create_attention, list_attention
+from medse.utils.errors import did_you_mean, unknown_option_error
 
-#: The named places where a segmentation network can insert attention modules.
+#: The named places where a segmentation network can insert attention modules (the default set).
 POSITIONS: tuple[str, ...] = ("encoder", "bottleneck", "decoder")
+#: The transformer networks' extra position: their token features (``unetr``, ``swinunetr``).
+TOKENS = "tokens"
+#: Every position name a network may offer, in the order assignments are written.
+ALL_POSITIONS: tuple[str, ...] = (*POSITIONS, TOKENS)
 #: Padding modes accepted by the networks' ``pad_mode`` argument (``torch.nn.functional.pad`` modes).
 PAD_MODES: tuple[str, ...] = ("constant", "replicate", "reflect", "circular")
 
@@ -200,10 +204,15 @@ def pad_to_multiple(
 
 
 def crop_to(y: torch.Tensor, before: Sequence[int], spatial: Sequence[int]) -> torch.Tensor:
-    """Undo :func:`pad_to_multiple`: cut ``y``'s spatial axes to ``spatial`` starting at ``before``."""
+    """Undo :func:`pad_to_multiple`: cut ``y``'s last ``len(spatial)`` axes to ``spatial`` starting at ``before``.
+
+    Leading axes are kept whatever their number (``(B, C, *S)``, or DynUNet's deep-supervision stack
+    ``(B, heads, C, *S)``).
+    """
     if not before:
         return y
-    index = [slice(None), slice(None)] + [slice(b, b + int(n)) for b, n in zip(before, spatial, strict=True)]
+    lead = [slice(None)] * (y.ndim - len(spatial))
+    index = lead + [slice(b, b + int(n)) for b, n in zip(before, spatial, strict=True)]
     return y[tuple(index)]
 
 
@@ -261,18 +270,24 @@ class PadCropMixin:
         attention_kwargs: dict[str, Any] | None,
         pad_mode: object,
         pools: int,
-    ) -> AttentionFactory:
-        """Check positions and ``pad_mode``, set the attention and padding attributes, return the factory.
+    ) -> AttentionPlan:
+        """Check positions and ``pad_mode``, set the attention and padding attributes, return the plan.
 
         Sets ``pad_mode``, ``attention``, ``attention_positions`` and, for a network with ``pools`` 2x
-        poolings along every axis, ``_divisors`` and ``size_divisor = 2 ** pools``.
+        poolings along every axis, ``_divisors`` and ``size_divisor = 2 ** pools``. The network calls the plan
+        (``plan(position, channels, where)``) for every site and :meth:`_finish_attention` at the end.
         """
-        positions = normalize_positions(owner, attention_positions)
+        plan = AttentionPlan(owner, attention, attention_positions, attention_kwargs, self.spatial_dims)
         self.pad_mode = check_pad_mode(owner, pad_mode)
-        self.attention, self.attention_positions = attention, positions
+        self.attention = parse_assignment("none" if attention is None else attention)
+        self.attention_positions = tuple(plan.assignment) if isinstance(self.attention, str) else ()
         self._divisors = (2**pools,) * self.spatial_dims
         self.size_divisor = 2**pools
-        return attention_factory(owner, attention, self.spatial_dims, positions, attention_kwargs)
+        return plan
+
+    def _finish_attention(self, plan: AttentionPlan) -> None:
+        """Reject stage keys that matched no stage; set ``attention_sites`` (site -> block)."""
+        self.attention_sites = plan.finish()
 
     def forward_padded(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -317,7 +332,7 @@ class UnpoolingEncoderDecoder(PadCropMixin, nn.Module):
         return f, k, depth
 
     def _build_encoder_decoder(
-        self, block: Callable[[int], nn.Module], in_channels: int, att: AttentionFactory
+        self, block: Callable[[int], nn.Module], in_channels: int, att: AttentionPlan
     ) -> None:
         """Build the blocks (``block(in_channels)`` gives one with ``num_filters`` outputs), pools and attention."""
         d, f, depth = self.spatial_dims, self.num_filters, self.depth
@@ -329,6 +344,7 @@ class UnpoolingEncoderDecoder(PadCropMixin, nn.Module):
         self.unpool = max_unpool(d)(2, stride=2)
         self.decoders = nn.ModuleList(block(2 * f) for _ in range(depth))
         self.decoder_attention = nn.ModuleList(att("decoder", f, f"decoder block {i}") for i in range(depth))
+        self._finish_attention(att)
 
     def _after_block(self, x: torch.Tensor) -> torch.Tensor:
         """Applied after every encoder and decoder block's attention (QuickNAT: channel dropout)."""
@@ -388,3 +404,291 @@ def class_builder(cls: type[M], name: str) -> Callable[..., M]:
     builder.__module__ = cls.__module__
     builder.__doc__ = f"Build :class:`{cls.__name__}` (registered as ``{name}``)."
     return builder
+
+
+# ------------------------------------------------------------------------------ per-position attention
+def _is_stage_key(key: str) -> bool:
+    base, dot, stage = key.partition(".")
+    return bool(dot) and base in ALL_POSITIONS and stage.isdigit()
+
+
+def parse_assignment(attention: object) -> str | dict[str, str]:
+    """``attention`` as one block name (``str``) or a position -> block mapping (``dict``).
+
+    Accepts a block name (``"scse"``, ``"eca+ca"``, ``"none"``), a mapping ``{"encoder": "cse", "decoder.0":
+    "scse"}``, or the mapping written as ``"encoder=cse,decoder.0=scse"`` (the form tables and folder names use,
+    see :func:`format_assignment`). Names are stripped and lower-cased; a mapping is returned as a new dict.
+
+    Raises:
+        ValueError: not a string or mapping of strings, or a malformed ``key=value`` list.
+    """
+    if isinstance(attention, Mapping):
+        out: dict[str, str] = {}
+        for k, v in attention.items():
+            if not isinstance(k, str) or not isinstance(v, str) or not k.strip() or not v.strip():
+                raise ValueError(f"attention mapping must map position names to block names, got {k!r}: {v!r}.")
+            out[k.strip().lower()] = v.strip().lower()
+        if not out:
+            raise ValueError("attention mapping is empty; use 'none' for no attention.")
+        return out
+    if not isinstance(attention, str) or not attention.strip():
+        raise ValueError(f"attention must be a block name such as 'scse' or 'none', or a mapping position -> block, "
+                         f"got {attention!r}.")
+    text = attention.strip().lower()
+    if "=" not in text:
+        return text
+    out = {}
+    for item in text.split(","):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not key or not value:
+            raise ValueError(f"attention '{attention}': expected position=block pairs separated by commas "
+                             f"(e.g. 'encoder=cse,decoder=scse'), got '{item.strip()}'.")
+        if key in out:
+            raise ValueError(f"attention '{attention}': position '{key}' is given twice.")
+        out[key] = value
+    return out
+
+
+def _key_order(key: str) -> tuple[int, int]:
+    base, _, stage = key.partition(".")
+    rank = ALL_POSITIONS.index(base) if base in ALL_POSITIONS else len(ALL_POSITIONS)
+    return rank, (int(stage) + 1 if stage.isdigit() else 0)
+
+
+def format_assignment(attention: object) -> str:
+    """The readable, canonical name of an attention choice, e.g. ``"encoder=cse,decoder=scse"``.
+
+    A single block name is returned as is (``"scse"``); a mapping is written ``position=block`` in network order
+    (encoder, bottleneck, decoder, tokens; a position before its stages), comma-separated. The result is accepted
+    by :func:`parse_assignment` (and so by ``create_model``, configs and the command line).
+    """
+    parsed = parse_assignment(attention)
+    if isinstance(parsed, str):
+        return parsed
+    return ",".join(f"{k}={parsed[k]}" for k in sorted(parsed, key=lambda k: (_key_order(k), k)))
+
+
+def assignment_blocks(attention: object) -> list[str]:
+    """The distinct block names an attention choice uses (``"none"`` included when given), in first-use order."""
+    parsed = parse_assignment(attention)
+    values = [parsed] if isinstance(parsed, str) else list(parsed.values())
+    return list(dict.fromkeys(values))
+
+
+def _accepted_block_kwargs(block: str) -> set[str] | None:
+    """Keyword arguments any part of ``block`` accepts (``None`` when the block library cannot say)."""
+    infos = list_attention()
+    out: set[str] = set()
+    for part in block.split("+"):
+        info = infos.get(part.strip())
+        if info is None or info.cls is None:
+            continue
+        params = inspect.signature(info.cls.__init__).parameters.values()
+        out |= {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    return out | {"fused"}
+
+
+class AttentionPlan:
+    """Which block goes where in one network: resolves position/stage sites against an attention choice.
+
+    The choice is one block name applied at ``positions`` (the historic ``attention`` + ``attention_positions``
+    pair), or a mapping from positions to blocks. Keys are a position (``"encoder"``: every encoder stage) or a
+    stage (``"encoder.1"``: the second encoder stage in the order the data passes the stages); a stage key wins
+    over its position's key; a site no key names gets no attention. Stages are counted from 0 in data-flow order
+    (``encoder.0`` is the first, highest-resolution encoder stage, ``decoder.0`` the first, deepest decoder stage).
+
+    A network calls :meth:`make` (or the plan itself, the :data:`AttentionFactory` form) once per place where it
+    can insert attention, then :meth:`finish`, which rejects stage keys that matched no stage, listing the
+    network's sites. ``sites`` maps every site (``"encoder.0"``, ..., ``"bottleneck"``) to its block.
+
+    Attention keyword arguments: with one block (or one block everywhere) ``kwargs`` go to it unchanged; with
+    several different blocks each gets the keywords it accepts (``{"eca": {...}}`` targets one block), and a
+    keyword no chosen block accepts is an error.
+    """
+
+    def __init__(
+        self,
+        owner: str,
+        attention: object,
+        positions: object,
+        kwargs: dict[str, Any] | None,
+        spatial_dims: int,
+        allowed: Sequence[str] = POSITIONS,
+    ) -> None:
+        self.owner, self.spatial_dims, self.allowed = owner, spatial_dims, tuple(allowed)
+        parsed = parse_assignment("none" if attention is None else attention)
+        self.kwargs = dict(kwargs or {})
+        if isinstance(parsed, str):
+            self.assignment = {p: parsed for p in normalize_stage_positions(owner, positions, self.allowed)}
+        else:
+            for key in parsed:
+                _check_position_key(owner, key, self.allowed)
+            self.assignment = parsed
+        self.sites: dict[str, str] = {}
+        self._counts: dict[str, int] = {}
+        blocks = {b for b in self.assignment.values() if b != "none"}
+        self._split_kwargs = len(blocks) > 1
+        if self._split_kwargs:
+            accepted = {b: _accepted_block_kwargs(b) for b in blocks}
+            if all(a is not None for a in accepted.values()):
+                names = {part.strip() for b in blocks for part in b.split("+")}
+                for key, value in self.kwargs.items():
+                    if key in names and isinstance(value, dict):
+                        continue
+                    if not any(key in a for a in accepted.values()):  # type: ignore[operator]
+                        raise ValueError(f"{owner}: attention argument '{key}' is accepted by none of the chosen "
+                                         f"blocks ({', '.join(sorted(blocks))}).")
+            self._accepted = accepted
+
+    @property
+    def is_none(self) -> bool:
+        """True when no site can get a block."""
+        return all(b == "none" for b in self.assignment.values())
+
+    def block_for(self, position: str, stage: int | None) -> str:
+        """The block of a site (``"none"`` when no key names it)."""
+        if stage is not None and f"{position}.{stage}" in self.assignment:
+            return self.assignment[f"{position}.{stage}"]
+        return self.assignment.get(position, "none")
+
+    def _kwargs_for(self, block: str) -> dict[str, Any]:
+        if not self._split_kwargs:
+            return self.kwargs
+        accepted = self._accepted.get(block)
+        if accepted is None:
+            return self.kwargs
+        parts = {part.strip() for part in block.split("+")}
+        return {k: v for k, v in self.kwargs.items()
+                if k in accepted or (k in parts and isinstance(v, dict))}
+
+    def make(self, position: str, channels: int, where: str, stage: int | None = None) -> nn.Module | None:
+        """The attention module of one site, tagged ``_medse_attention``; ``None`` when it gets none.
+
+        ``stage`` defaults to the number of earlier sites of ``position`` (``None`` for the bottleneck, which has
+        one site).
+        """
+        if position not in self.allowed:
+            raise ValueError(f"{self.owner}: internal error: position '{position}' not in {self.allowed}.")
+        if stage is None and position != "bottleneck":
+            stage = self._counts.get(position, 0)
+        self._counts[position] = self._counts.get(position, 0) + 1
+        site = position if stage is None else f"{position}.{stage}"
+        block = self.block_for(position, stage)
+        self.sites[site] = block
+        return make_attention(block, self.spatial_dims, channels, self._kwargs_for(block),
+                              f"{self.owner} {where}")
+
+    def __call__(self, position: str, channels: int, where: str, stage: int | None = None) -> nn.Module:
+        m = self.make(position, channels, where, stage)
+        return nn.Identity() if m is None else m
+
+    def finish(self) -> dict[str, str]:
+        """Check that every stage key named a stage of the network; returns ``sites`` in network order."""
+        unused = [k for k in self.assignment if "." in k and k not in self.sites]
+        if unused:
+            raise ValueError(
+                f"{self.owner}: unknown attention position '{unused[0]}'; this {self.owner} has positions "
+                f"{', '.join(self.positions())}."
+            )
+        self.sites = dict(sorted(self.sites.items(), key=lambda kv: _key_order(kv[0])))
+        return self.sites
+
+    def positions(self) -> list[str]:
+        """The position names this network accepts: its positions, each followed by its stages."""
+        out: list[str] = []
+        for p in self.allowed:
+            out.append(p)
+            out += sorted((s for s in self.sites if s.startswith(p + ".")), key=_key_order)
+        return out
+
+
+def _check_position_key(owner: str, key: str, allowed: Sequence[str]) -> None:
+    base = key.partition(".")[0]
+    if key in allowed or (_is_stage_key(key) and base in allowed and base != "bottleneck"):
+        return
+    stages = [f"{p}.N" for p in allowed if p != "bottleneck"]
+    hint = did_you_mean(base, allowed) if base not in allowed else ""
+    raise ValueError(f"{owner}: unknown attention position '{key}';{hint} {owner} has positions "
+                     f"{', '.join([*allowed, *stages])} (N = stage index from 0).")
+
+
+def normalize_stage_positions(owner: str, positions: object, allowed: Sequence[str] = POSITIONS) -> tuple[str, ...]:
+    """``attention_positions`` as a tuple of position or stage names (``"encoder"``, ``"decoder.1"``).
+
+    ``None`` means every position in ``allowed``; a single string is one position.
+    """
+    if positions is None:
+        return tuple(allowed)
+    if isinstance(positions, str):
+        positions = (positions,)
+    if not isinstance(positions, (list, tuple, set, frozenset)):
+        raise ValueError(f"{owner}: attention_positions must be a sequence of names from {tuple(allowed)}, "
+                         f"got {positions!r}.")
+    out: list[str] = []
+    for p in positions:
+        if not isinstance(p, str):
+            raise unknown_option_error(f"attention position for {owner}", str(p), allowed)
+        p = p.strip().lower()
+        if p not in allowed and not _is_stage_key(p):
+            raise unknown_option_error(f"attention position for {owner}", p, allowed)
+        _check_position_key(owner, p, allowed)
+        if p not in out:
+            out.append(p)
+    return tuple(out)
+
+
+# ------------------------------------------------------------------ attaching attention to MONAI modules
+#: Name of the submodule :func:`attach_attention` adds to a MONAI block.
+ATTACHED = "medse_attention"
+
+
+def _run_attached(module: nn.Module, args: Any, output: Any) -> Any:
+    """Forward hook: the block's output passed through the attention module attached to it."""
+    return getattr(module, ATTACHED)(output)
+
+
+def attach_attention(module: nn.Module, attention: nn.Module | None) -> nn.Module:
+    """Make ``module`` apply ``attention`` to its output, keeping the module (and its state-dict keys) in place.
+
+    ``attention`` becomes the submodule ``module.medse_attention`` (keys ``<module>.medse_attention.*`` are
+    added, the MONAI keys stay, so MONAI weights load with ``strict=False``) and a forward hook on ``module``
+    returns ``attention(output)``. The hook is a module-level function that looks the submodule up on the module
+    it is called for, so ``copy.deepcopy`` and pickling give working copies. ``None`` leaves ``module`` alone.
+    Works for blocks with any call signature (MONAI's up-blocks take ``(x, skip)``). An ``nn.Sequential`` runs
+    every child in order, so there the submodule is appended and no hook is needed (it would run it twice).
+    """
+    if attention is None:
+        return module
+    if hasattr(module, ATTACHED):
+        raise ValueError(f"{type(module).__name__} already has attention attached.")
+    module.add_module(ATTACHED, attention)
+    if not isinstance(module, nn.Sequential):
+        module.register_forward_hook(_run_attached)
+    return module
+
+
+class TokenAttention(nn.Module):
+    """Applies a feature-map block to transformer token features by viewing the tokens as their spatial grid.
+
+    * ``grid`` given (ViT tokens ``(B, N, D)`` with ``N = prod(grid)``, row-major as MONAI's patch embedding and
+      UNETR's ``proj_feat`` order them): ``(B, N, D) -> (B, D, *grid) -> block -> (B, N, D)``;
+    * ``grid=None`` (Swin tokens, channels last ``(B, *S, D)``): ``-> (B, D, *S) -> block -> (B, *S, D)``.
+
+    With ``block = cSE`` this is the token channel gate of medse's SQET-style position: ``z = mean_n t_n``,
+    ``s = sigmoid(W2 relu(W1 z))``, ``t_n' = t_n * s`` (see :mod:`medse.networks.transformers`).
+    """
+
+    def __init__(self, block: nn.Module, grid: Sequence[int] | None = None) -> None:
+        super().__init__()
+        self.block = block
+        self.grid = None if grid is None else tuple(int(g) for g in grid)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grid is not None:
+            b, n, d = x.shape
+            y = self.block(x.transpose(1, 2).reshape(b, d, *self.grid))
+            return y.reshape(b, d, n).transpose(1, 2).contiguous()
+        k = x.ndim
+        to_first = (0, k - 1, *range(1, k - 1))
+        to_last = (0, *range(2, k), 1)
+        return self.block(x.permute(to_first)).permute(to_last).contiguous()

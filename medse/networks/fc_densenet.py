@@ -35,7 +35,7 @@ of ``size_divisor = 2 ** number_of_pools`` and the output cropped back.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -152,8 +152,10 @@ class FCDenseNet(PadCropMixin, nn.Module):
         first_channels: filters of the first 3x3 conv. Defaults to the preset's (48, the paper's).
         kernel_size: kernel of the dense layers and the first conv. Defaults to 3 (paper).
         dropout: dropout probability after every conv. Defaults to 0.2 (paper).
-        attention: block name for ``medse.attention.create_attention`` or "none". Defaults to "none".
-        attention_positions: subset of ``("encoder", "bottleneck", "decoder")``. Defaults to all three.
+        attention: block name for ``medse.attention.create_attention``, "none", or a mapping position -> block
+            (``{"encoder": "cse", "decoder.0": "scse"}``, see ``docs/networks.md``). Defaults to "none".
+        attention_positions: subset of ``("encoder", "bottleneck", "decoder")`` or stages (``"encoder.1"``)
+            for a single block name. Defaults to all three.
         attention_kwargs: keyword arguments for every block. Defaults to None.
         pad_mode: padding of inputs that are not multiples of ``size_divisor``. Defaults to "constant".
 
@@ -175,7 +177,7 @@ class FCDenseNet(PadCropMixin, nn.Module):
         first_channels: int | None = None,
         kernel_size: int = 3,
         dropout: float = 0.2,
-        attention: str = "none",
+        attention: str | Mapping[str, str] = "none",
         attention_positions: Sequence[str] = POSITIONS,
         attention_kwargs: dict[str, Any] | None = None,
         pad_mode: str = "constant",
@@ -236,6 +238,7 @@ class FCDenseNet(PadCropMixin, nn.Module):
             self.up_blocks.append(block)
             self.up_attention.append(att("decoder", block.out_channels, f"decoder block {i}"))
             prev = block.out_channels
+        self._finish_attention(att)
         self.final_conv = conv(d)(prev, out_channels, 1)
 
     def forward_padded(self, x: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ of ``size_divisor = 2 ** depth`` and the output cropped back.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -82,8 +82,10 @@ class QuickNAT(UnpoolingEncoderDecoder):
             3D (NOTE: not in paper).
         depth: number of encoder / decoder blocks. Defaults to 4 (paper).
         dropout: channel dropout after every encoder and decoder block. Defaults to 0.2 (authors' settings).
-        attention: block name for ``medse.attention.create_attention`` or "none". Defaults to "none".
-        attention_positions: subset of ``("encoder", "bottleneck", "decoder")``. Defaults to all three.
+        attention: block name for ``medse.attention.create_attention``, "none", or a mapping position -> block
+            (``{"encoder": "cse", "decoder.0": "scse"}``, see ``docs/networks.md``). Defaults to "none".
+        attention_positions: subset of ``("encoder", "bottleneck", "decoder")`` or stages (``"encoder.1"``)
+            for a single block name. Defaults to all three.
         attention_kwargs: keyword arguments for every block. Defaults to None.
         pad_mode: padding of inputs that are not multiples of ``size_divisor``. Defaults to "constant".
 
@@ -101,7 +103,7 @@ class QuickNAT(UnpoolingEncoderDecoder):
         kernel_size: int | None = None,
         depth: int = 4,
         dropout: float = 0.2,
-        attention: str = "none",
+        attention: str | Mapping[str, str] = "none",
         attention_positions: Sequence[str] = POSITIONS,
         attention_kwargs: dict[str, Any] | None = None,
         pad_mode: str = "constant",

@@ -20,11 +20,21 @@ from typing import Any
 
 from torch import nn
 
-from medse.networks._common import POSITIONS, ByDims, resolve_default
+from medse.networks._common import (
+    ALL_POSITIONS,
+    POSITIONS,
+    ByDims,
+    _check_position_key,
+    format_assignment,
+    normalize_stage_positions,
+    parse_assignment,
+    resolve_default,
+)
 from medse.plugins import load_plugins
 from medse.utils.errors import did_you_mean, unknown_option_error
 
 __all__ = [
+    "ALL_POSITIONS",
     "POSITIONS",
     "ByDims",
     "TASKS",
@@ -32,9 +42,13 @@ __all__ = [
     "attention_modules",
     "complexity_table",
     "create_model",
+    "format_assignment",
     "format_complexity_table",
     "list_models",
+    "parse_assignment",
     "register_model",
+    "run_context_kwargs",
+    "RUN_CONTEXT_ARGS",
 ]
 
 TASKS: tuple[str, ...] = ("segmentation", "classification")
@@ -44,9 +58,12 @@ _MODEL_MODULES: tuple[str, ...] = (
     "medse.networks.fc_densenet",
     "medse.networks.sdnet",
     "medse.networks.quicknat",
+    "medse.networks.dynunet",
+    "medse.networks.segresnet",
+    "medse.networks.unetr",
+    "medse.networks.swinunetr",
+    "medse.networks.resnet",
 )
-#: Modules of other areas that register models when they exist (a missing module is skipped).
-_OPTIONAL_MODEL_MODULES: tuple[str, ...] = ("medse.networks.resnet",)
 
 _REGISTRY: dict[str, ModelInfo] = {}
 _loaded = False
@@ -67,6 +84,8 @@ class ModelInfo:
             ``attention_positions``).
         paper: the paper the architecture follows.
         builder: the registered callable.
+        run_context: architecture arguments a training run fills in from its config (:data:`RUN_CONTEXT_ARGS`,
+            e.g. DynUNet's ``patch_size`` and ``spacing``, UNETR's ``img_size``); empty for most models.
     """
 
     name: str
@@ -77,6 +96,7 @@ class ModelInfo:
     positions: tuple[str, ...] = ()
     paper: str = ""
     builder: Callable[..., nn.Module] | None = dataclasses.field(default=None, repr=False, compare=False)
+    run_context: tuple[str, ...] = ()
 
     def defaults_for(self, spatial_dims: int) -> dict[str, Any]:
         """``defaults`` with every dimension-dependent value resolved for ``spatial_dims``."""
@@ -92,6 +112,7 @@ def register_model(
     defaults: dict[str, Any] | None = None,
     positions: Sequence[str] | None = None,
     paper: str = "",
+    run_context: Sequence[str] = (),
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator registering a model builder (a function or an ``nn.Module`` class) under ``name``.
 
@@ -105,6 +126,8 @@ def register_model(
         positions: attention positions the model understands. Defaults to ``("encoder", "bottleneck",
             "decoder")`` for segmentation models and ``()`` (positions ignored) otherwise.
         paper: reference. Defaults to "".
+        run_context: arguments the trainer fills in from the run config, names from :data:`RUN_CONTEXT_ARGS`
+            (``patch_size``, ``img_size``: ``train.patch_size``; ``spacing``: the target spacing). Defaults to ().
     """
     if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
         raise ValueError(f"register_model: name must be lower case letters, digits and '_', got {name!r}.")
@@ -113,6 +136,9 @@ def register_model(
     dims = tuple(int(d) for d in spatial_dims)
     if positions is None:
         positions = POSITIONS if task == "segmentation" else ()
+    for arg in run_context:
+        if arg not in RUN_CONTEXT_ARGS:
+            raise unknown_option_error("run_context argument", str(arg), RUN_CONTEXT_ARGS)
 
     def decorator(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         old = _REGISTRY.get(name)
@@ -128,6 +154,7 @@ def register_model(
             positions=tuple(positions),
             paper=paper,
             builder=builder,
+            run_context=tuple(run_context),
         )
         return builder
 
@@ -160,13 +187,31 @@ def _ensure_loaded() -> None:
         return
     for mod in _MODEL_MODULES:
         importlib.import_module(mod)
-    for mod in _OPTIONAL_MODEL_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:  # the module exists but one of its imports is missing: a real error
-                raise
     _loaded = True
+
+
+#: Architecture arguments a run can fill in from its config, and where they come from.
+RUN_CONTEXT_ARGS: dict[str, str] = {
+    "patch_size": "train.patch_size",
+    "img_size": "train.patch_size",
+    "spacing": "data.preprocess.target_spacing",
+}
+
+
+def run_context_kwargs(
+    name: str, patch_size: Sequence[int] | None = None, spacing: Sequence[float] | None = None
+) -> dict[str, Any]:
+    """Architecture arguments of model ``name`` that depend on the training patch and voxel spacing.
+
+    DynUNet derives its kernels and strides from ``patch_size`` and ``spacing``; UNETR's ``img_size`` is the
+    patch size. Returns the model's ``ModelInfo.run_context`` arguments (``None`` values left out); the trainer
+    passes them unless the config's ``model.kwargs`` sets them, and ``medse models`` passes the tabulated size.
+    """
+    info = list_models().get(name.strip().lower().replace("-", "_"))
+    if info is None:
+        return {}
+    values = {"patch_size": patch_size, "img_size": patch_size, "spacing": spacing}
+    return {k: tuple(values[k]) for k in info.run_context if values[k] is not None}
 
 
 def list_models(task: str | None = None) -> dict[str, ModelInfo]:
@@ -177,17 +222,11 @@ def list_models(task: str | None = None) -> dict[str, ModelInfo]:
     return {k: v for k, v in sorted(_REGISTRY.items()) if task is None or v.task == task}
 
 
-def _check_attention(model: str, attention: object, spatial_dims: int) -> str:
-    if not isinstance(attention, str) or not attention.strip():
-        raise ValueError(f"create_model('{model}'): attention must be a block name such as 'scse' or 'none', "
-                         f"got {attention!r}.")
-    attention = attention.strip().lower()
+def _check_block(model: str, attention: str, spatial_dims: int) -> str:
     if attention == "none":
         return attention
-    try:
-        from medse.attention import list_attention
-    except ImportError as e:
-        raise ValueError(f"attention='{attention}' needs medse.attention, which cannot be imported ({e}).") from e
+    from medse.attention import list_attention
+
     blocks = list_attention()
     for part in attention.split("+"):
         part = part.strip()
@@ -200,6 +239,49 @@ def _check_attention(model: str, attention: object, spatial_dims: int) -> str:
                 f"got spatial_dims={spatial_dims}."
             )
     return attention
+
+
+def _check_attention(model: str, attention: object, spatial_dims: int) -> str | dict[str, str]:
+    """One block name, or a position -> block mapping (also given as ``"encoder=cse,decoder=scse"``)."""
+    try:
+        parsed = parse_assignment(attention)
+    except ValueError as e:
+        raise ValueError(f"create_model('{model}'): {e}") from None
+    if isinstance(parsed, str):
+        return _check_block(model, parsed, spatial_dims)
+    return {k: _check_block(model, v, spatial_dims) for k, v in parsed.items()}
+
+
+def _check_positions(key: str, info: ModelInfo, attention: str | dict[str, str], positions: object) -> tuple[str, ...]:
+    """``attention_positions`` checked against the model's positions (stage names such as ``encoder.1`` allowed).
+
+    With a mapping ``attention`` the mapping says where blocks go: ``attention_positions`` must then be left at its
+    default (``None``, the three default positions or all of the model's positions) and is returned unchanged.
+    """
+    if isinstance(attention, dict):
+        for k in attention:
+            try:
+                _check_position_key(key, k, info.positions)
+            except ValueError as e:
+                raise ValueError(f"create_model('{key}'): {e}") from None
+        if positions is not None and not (isinstance(positions, (list, tuple, set, frozenset)) and
+                                          set(positions) in (set(POSITIONS), set(info.positions))):
+            raise ValueError(f"create_model('{key}'): attention is a mapping position -> block, so "
+                             f"attention_positions must be left at its default, got {positions!r}.")
+        return tuple(info.positions) if positions is None else tuple(positions)
+    if positions is None:
+        return tuple(info.positions)
+    if isinstance(positions, str):
+        positions = (positions,)
+    if not isinstance(positions, (list, tuple, set, frozenset)):
+        raise ValueError(f"create_model('{key}'): attention_positions must be a sequence of names from "
+                         f"{info.positions}, got {positions!r}.")
+    for p in positions:
+        base = str(p).partition(".")[0]
+        if base not in info.positions:
+            raise unknown_option_error(f"attention position for '{key}'", str(p), info.positions)
+    out = normalize_stage_positions(f"create_model('{key}')", tuple(positions), info.positions)
+    return tuple(sorted(out, key=lambda p: (info.positions.index(p.partition(".")[0]), p)))
 
 
 def _accepted_kwargs(builder: Callable[..., Any]) -> tuple[set[str], bool]:
@@ -259,17 +341,7 @@ def create_model(
             raise ValueError(f"create_model('{key}'): {arg} must be a positive integer, got {value!r}.")
     attention = _check_attention(key, attention, spatial_dims)
     if info.positions:
-        if attention_positions is None:
-            attention_positions = info.positions
-        if isinstance(attention_positions, str):
-            attention_positions = (attention_positions,)
-        if not isinstance(attention_positions, (list, tuple, set, frozenset)):
-            raise ValueError(f"create_model('{key}'): attention_positions must be a sequence of names from "
-                             f"{info.positions}, got {attention_positions!r}.")
-        for p in attention_positions:
-            if p not in info.positions:
-                raise unknown_option_error(f"attention position for '{key}'", str(p), info.positions)
-        attention_positions = tuple(p for p in info.positions if p in set(attention_positions))
+        attention_positions = _check_positions(key, info, attention, attention_positions)
     if attention_kwargs is not None and not isinstance(attention_kwargs, dict):
         raise ValueError(f"create_model('{key}'): attention_kwargs must be a dict, got {attention_kwargs!r}.")
     names, var_kw = _accepted_kwargs(info.builder)
@@ -313,13 +385,19 @@ def _count(name: str, spatial_dims: int, in_channels: int, out_channels: int, at
     from medse.utils.complexity import count_ops, count_params
 
     shape = (1, in_channels, *([size] * spatial_dims))
+    arch_kwargs = {**run_context_kwargs(name, (size,) * spatial_dims), **arch_kwargs}
     try:
         with torch.device("meta"):
             model = create_model(name, spatial_dims, in_channels, out_channels, attention=attention, **arch_kwargs)
         return count_params(model), count_ops(model, shape)
-    except (NotImplementedError, RuntimeError):
+    except (NotImplementedError, RuntimeError):  # e.g. SwinUNETR calls .item() while building
         model = create_model(name, spatial_dims, in_channels, out_channels, attention=attention, **arch_kwargs)
-        return count_params(model), count_ops(model, shape)
+        params = count_params(model)
+        try:  # count on the meta device all the same: no arithmetic
+            return params, count_ops(model.to("meta"), shape)
+        except (NotImplementedError, RuntimeError):
+            model = create_model(name, spatial_dims, in_channels, out_channels, attention=attention, **arch_kwargs)
+            return params, count_ops(model, shape)
 
 
 def complexity_table(
@@ -360,7 +438,7 @@ def complexity_table(
         from medse.attention import list_attention
 
         attention = [b for b in list_attention() if b != "none"]
-    blocks = ["none", *[b for b in attention if b != "none"]]
+    blocks = ["none", *dict.fromkeys(format_assignment(b) for b in attention if b != "none")]
     arch_kwargs = arch_kwargs or {}
     for n in arch_kwargs:
         if n not in models:

@@ -22,7 +22,7 @@ the literal extension); ``depth`` (number of pools, 3 in the paper); inputs are 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -66,8 +66,10 @@ class SDNet(UnpoolingEncoderDecoder):
             (NOTE: not in paper).
         depth: number of encoder blocks / pools. Defaults to 3 (paper).
         dropout: channel dropout after every conv block. Defaults to 0.0 (the paper uses none).
-        attention: block name for ``medse.attention.create_attention`` or "none". Defaults to "none".
-        attention_positions: subset of ``("encoder", "bottleneck", "decoder")``. Defaults to all three.
+        attention: block name for ``medse.attention.create_attention``, "none", or a mapping position -> block
+            (``{"encoder": "cse", "decoder.0": "scse"}``, see ``docs/networks.md``). Defaults to "none".
+        attention_positions: subset of ``("encoder", "bottleneck", "decoder")`` or stages (``"encoder.1"``)
+            for a single block name. Defaults to all three.
         attention_kwargs: keyword arguments for every block. Defaults to None.
         pad_mode: padding of inputs that are not multiples of ``size_divisor``. Defaults to "constant".
 
@@ -85,7 +87,7 @@ class SDNet(UnpoolingEncoderDecoder):
         kernel_size: int | None = None,
         depth: int = 3,
         dropout: float = 0.0,
-        attention: str = "none",
+        attention: str | Mapping[str, str] = "none",
         attention_positions: Sequence[str] = POSITIONS,
         attention_kwargs: dict[str, Any] | None = None,
         pad_mode: str = "constant",

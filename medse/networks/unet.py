@@ -20,7 +20,7 @@ the statistics, so for exact results feed multiples of ``size_divisor``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -30,6 +30,7 @@ from torch import nn
 
 from medse.networks._common import (
     POSITIONS,
+    AttentionPlan,
     check_int,
     check_pad_mode,
     check_spatial_dims,
@@ -37,9 +38,8 @@ from medse.networks._common import (
     crop_to,
     divisor_of,
     lcm,
-    make_attention,
-    normalize_positions,
     pad_to_multiple,
+    parse_assignment,
     with_attention,
 )
 from medse.networks.registry import register_model
@@ -72,8 +72,10 @@ class UNetWithAttention(MonaiUNet):
         dropout: dropout probability. Defaults to 0.0 (MONAI).
         bias: convolution biases. Defaults to True (MONAI).
         adn_ordering: order of activation, dropout and normalisation. Defaults to "NDA" (MONAI).
-        attention: block name for ``medse.attention.create_attention`` or "none". Defaults to "none".
-        attention_positions: subset of ``("encoder", "bottleneck", "decoder")``. Defaults to all three.
+        attention: block name for ``medse.attention.create_attention``, "none", or a mapping position -> block
+            (``{"encoder": "cse", "decoder.0": "scse"}``, see ``docs/networks.md``). Defaults to "none".
+        attention_positions: subset of ``("encoder", "bottleneck", "decoder")`` or stages (``"encoder.1"``)
+            for a single block name. Defaults to all three.
         attention_kwargs: keyword arguments for every block. Defaults to None.
         pad_mode: how inputs that are not multiples of ``size_divisor`` are padded (``torch.nn.functional.pad``
             mode). Defaults to "constant" (zeros).
@@ -95,7 +97,7 @@ class UNetWithAttention(MonaiUNet):
         bias: bool = True,
         adn_ordering: str = "NDA",
         *,
-        attention: str = "none",
+        attention: str | Mapping[str, str] = "none",
         attention_positions: Sequence[str] = POSITIONS,
         attention_kwargs: dict[str, Any] | None = None,
         pad_mode: str = "constant",
@@ -114,9 +116,7 @@ class UNetWithAttention(MonaiUNet):
         divisors = divisor_of(tuple(strides), spatial_dims)
         # MONAI's __init__ builds the layers through the hooks below, which need these settings first.
         nn.Module.__init__(self)
-        self._attention = attention
-        self._attention_positions = normalize_positions(owner, attention_positions)
-        self._attention_kwargs = dict(attention_kwargs or {})
+        self._plan = AttentionPlan(owner, attention, attention_positions, attention_kwargs, spatial_dims)
         self._in_bottom = False
         self._stage = {"encoder": 0, "decoder": 0}
         self._n_levels = len(channels) - 1
@@ -138,18 +138,20 @@ class UNetWithAttention(MonaiUNet):
         self.pad_mode = check_pad_mode(owner, pad_mode)
         self._divisors = divisors
         self.size_divisor = lcm(divisors)
-        self.attention = attention
-        self.attention_positions = self._attention_positions
+        self.attention = parse_assignment(attention)
+        self.attention_positions = tuple(self._plan.assignment) if isinstance(self.attention, str) else ()
+        self.attention_sites = self._plan.finish()
+        del self._plan  # not a module attribute worth keeping (and not picklable state)
 
     def _attention_for(self, position: str, channels: int) -> nn.Module | None:
-        if position not in self._attention_positions:
-            return None
         if position == "bottleneck":
-            where = "unet bottleneck"
-        else:  # MONAI builds from the bottom up: count levels from the top (0 = top) for the message
-            self._stage[position] += 1
-            where = f"unet {position} level {self._n_levels - self._stage[position]}"
-        return make_attention(self._attention, self.dimensions, channels, self._attention_kwargs, where)
+            return self._plan.make("bottleneck", channels, "bottleneck")
+        # MONAI builds from the bottom up (deepest level first). Levels count from the top (0 = top) in the
+        # messages; stages count in data-flow order: encoder.0 is the top level, decoder.0 the deepest.
+        self._stage[position] += 1
+        level = self._n_levels - self._stage[position]
+        stage = level if position == "encoder" else self._stage[position] - 1
+        return self._plan.make(position, channels, f"{position} level {level}", stage)
 
     def _get_down_layer(self, in_channels: int, out_channels: int, strides: int, is_top: bool) -> nn.Module:
         layer = super()._get_down_layer(in_channels, out_channels, strides, is_top)

@@ -24,8 +24,9 @@ steps measured.
 
 from __future__ import annotations
 
-from medse.training.config import Config, InferConfig, ModelConfig, TrainConfig, load_config
-from medse.training.trainer import TrainingInterrupted, build_model, resume, train
+from medse.config import Config, InferConfig, ModelConfig, TrainConfig, load_config
+from medse.runs import build_model
+from medse.training.trainer import TrainingInterrupted, resume, train
 
 __all__ = [
     "Config",

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 from medse.utils.errors import MedseError
 
 if TYPE_CHECKING:
-    from medse.training.config import Config
+    from medse.config import Config
+    from medse.runs import DatasetInfo
 
 
 @dataclass
@@ -33,17 +34,17 @@ class PreparedData:
     def num_classes(self) -> int:
         return len(self.class_values)
 
-    def dataset_json(self) -> dict[str, Any]:
+    def dataset_info(self) -> DatasetInfo:
         """What ``RUN_DIR/dataset.json`` records (read by inference to map class indices back to labels)."""
-        return {
-            "labels": {n: int(v) for n, v in zip(self.class_names, self.class_values, strict=True)},
-            "channel_names": list(self.channel_names),
-            "num_channels": len(self.channel_names),
-            "num_classes": self.num_classes,
-            "class_values": [int(v) for v in self.class_values],
-            "source": self.source,
-            "num_cases": len(self.spec.cases),
-        }
+        from medse.runs import DatasetInfo
+
+        return DatasetInfo(
+            labels={n: int(v) for n, v in zip(self.class_names, self.class_values, strict=True)},
+            class_values=[int(v) for v in self.class_values],
+            channel_names=list(self.channel_names),
+            source=self.source,
+            num_cases=len(self.spec.cases),
+        )
 
 
 def _data_source(cfg: Config) -> str | Path:

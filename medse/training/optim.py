@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from medse.training.config import TrainConfig
+    from medse.config import TrainConfig
 
 
 def lr_multiplier(schedule: str, total: int, warmup: int = 0, power: float = 0.9) -> Callable[[int], float]:

@@ -96,10 +96,8 @@ class TensorBoardLogger:
     def __init__(self, log_dir: str | Path, enabled: bool = True, purge_step: int | None = None):
         self.writer = None
         if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard not installed: metrics.csv still has everything
-                return
+            from torch.utils.tensorboard import SummaryWriter  # tensorboard is a dependency of medse
+
             self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
 
     def log(self, row: dict[str, Any], step: int) -> None:

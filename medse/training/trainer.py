@@ -15,7 +15,6 @@ metric rows), ``step_losses``, ``best_metric``, ``best_epoch``, ``timing``, ``nu
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -24,11 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from medse.config import Config, config_to_dict, load_config
+from medse.runs import Run, build_model
 from medse.training import _data
-from medse.training.config import Config, config_to_dict, load_config
 from medse.training.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, cleanup, init_distributed
-from medse.utils.atomic import atomic_write_text
-from medse.utils.config import dump_yaml
 from medse.utils.errors import MedseError
 
 #: environment variable: stop (raise :class:`TrainingInterrupted`) after this many global iterations.
@@ -47,12 +45,17 @@ def train(
     overrides: list[str] | tuple[str, ...] = (),
     *,
     stop_after_iterations: int | None = None,
-) -> Path:
-    """Train a segmentation network and return the run folder.
+) -> Run:
+    """Train a segmentation network and return its :class:`~medse.runs.Run`.
 
-    The config is validated, then the dataset is loaded and validated, and only then is the run folder
-    created (under a temporary name, renamed into place once config.yaml, run_info.json, dataset.json
-    and splits.json are written), so a bad config or dataset leaves no half-created run folder.
+    Everything that can be checked is checked before the run folder exists: the config, the output folder
+    (not a file, not holding a run, writable), ``train.device``, the dataset, and the network (built on the
+    meta device and run forward once on a batch of training patches: unknown model or block, too few
+    channels, sizes). The folder is then created under a temporary name and renamed into place once
+    config.yaml, run_info.json, dataset.json and splits.json are written. A run that fails with an error
+    before its first checkpoint removes the folder again (or empties it, when it existed before as an empty
+    folder), so a retry with a fixed config can use the same output; an interrupted run (Ctrl-C, kill) keeps
+    it for ``resume``.
 
     Args:
         config: YAML path, mapping or :class:`Config`.
@@ -62,17 +65,18 @@ def train(
             (also read from the ``MEDSE_STOP_AFTER_ITERATIONS`` environment variable). Defaults to None.
 
     Returns:
-        The run folder.
+        The run (its folder is ``run.path``; a :class:`~medse.runs.Run` joins like a path: ``run / "x"``).
     """
     cfg = load_config(config, overrides)
     output = Path(output).expanduser().resolve()
+    _check_output(output)  # an occupied or unwritable output fails before any work
+    check_device(cfg.train.device)
     dist = init_distributed(_device_type(cfg.train.device))
     try:
-        if output.exists() and (not output.is_dir() or any(output.iterdir())):
-            hint = " (use `medse train --resume` to continue it)" if (output / "config.yaml").is_file() else ""
-            raise MedseError(f"output folder already exists and is not empty{hint}", output)
         barrier(dist)  # every rank has looked before rank 0 creates the folder
         prep = _data.prepare_data(cfg)
+        check_model(cfg, len(prep.channel_names), prep.num_classes, dist.world_size)
+        existed = output.exists()
         err = None
         if dist.is_main:
             try:
@@ -85,36 +89,114 @@ def train(
         if err_msg is not None:
             raise MedseError(f"rank 0 could not create the run folder: {err_msg}", output)
         barrier(dist)
-        return _Trainer(output, cfg, prep, dist, stop_after_iterations).run(checkpoint=None)
+        try:
+            return _Trainer(Run(output), cfg, prep, dist, stop_after_iterations).fit(checkpoint=None)
+        except TrainingInterrupted:
+            raise  # a simulated kill: the folder stays, `medse train --resume` continues it
+        except Exception:
+            if dist.is_main:
+                _remove_if_no_checkpoint(output, existed)
+            raise
     finally:
         cleanup(dist)
 
 
-def resume(run_dir: str | Path, *, stop_after_iterations: int | None = None) -> Path:
+def _check_output(output: Path) -> None:
+    """The run folder must not hold a run (or a file) and its place must be writable; checked before any work."""
+    from medse.utils.atomic import ensure_writable_dir
+
+    if output.exists() and not output.is_dir():
+        raise MedseError("output folder is a file, not a folder", output)
+    if output.is_dir() and any(output.iterdir()):
+        hint = " (use `medse train --resume` to continue it)" if (output / Run.CONFIG).is_file() else ""
+        raise MedseError(f"output folder already exists and is not empty{hint}", output)
+    ensure_writable_dir(output, "output folder", create=False)
+
+
+def _remove_if_no_checkpoint(output: Path, existed: bool) -> None:
+    """A run that failed before its first checkpoint leaves nothing: the folder it made is removed (an empty
+    folder the user made beforehand is emptied, not removed), so a retry with a fixed config can use it."""
+    if Run(output).has_checkpoint("last") or not output.is_dir():
+        return
+    if existed:
+        for child in output.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(output, ignore_errors=True)
+    print(f"medse: the run failed before its first checkpoint; removed what it wrote in {output}", file=sys.stderr)
+
+
+def check_device(device: str) -> None:
+    """``train.device`` names a device this machine has (checked before anything is written)."""
+    import torch
+
+    if _device_type(device) != "cuda" or device == "auto":
+        return
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else "no GPU visible"
+        raise MedseError(f"config key 'train.device': {device!r} requested but CUDA is not available "
+                         f"(torch {torch.__version__}, {build}); use train.device=cpu or auto")
+    if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
+        raise MedseError(f"config key 'train.device': {device!r} but only {torch.cuda.device_count()} CUDA "
+                         "device(s) are visible")
+
+
+def check_model(cfg: Config, in_channels: int, out_channels: int, world_size: int = 1) -> None:
+    """Build the network on the meta device (no memory, no compute) and run one training-mode forward pass
+    of a batch of training patches, so that an unknown model or block, too few channels for a block or a
+    patch the network cannot take fails now, with the config key, instead of after the run folder exists.
+
+    Raises:
+        MedseError: naming ``model`` or ``train.patch_size`` and the network's own message.
+    """
+    import torch
+
+    m, t = cfg.model, cfg.train
+    try:
+        with torch.device("meta"):
+            model = build_model(cfg, in_channels, out_channels)
+    except (ValueError, TypeError, MedseError) as e:
+        raise MedseError(f"config key 'model' (name {m.name!r}, attention {m.attention!r}): {e}") from None
+    batch = max(1, t.batch_size // max(1, world_size))
+    x = torch.empty((batch, in_channels, *t.patch_size), device="meta")
+    try:
+        with torch.no_grad():
+            model.train()(x)
+    except NotImplementedError:
+        return  # an operation without a meta kernel: this check cannot run, the real run will tell
+    except (ValueError, RuntimeError) as e:
+        if "meta" in str(e).lower():
+            return  # a meta-device limitation, not a problem of the config
+        raise MedseError(
+            f"config key 'train.patch_size' {list(t.patch_size)} (batch {batch} per process): model "
+            f"{m.name!r} with attention {m.attention!r} cannot train on it: {e}"
+        ) from None
+
+
+def resume(run_dir: str | Path | Run, *, stop_after_iterations: int | None = None) -> Run:
     """Continue the run in ``run_dir`` from ``checkpoints/last.pt`` (schedule, RNG and history included).
 
     A run killed before its first checkpoint restarts from epoch 0 in the same folder; a finished run
     returns at once. The config, classes and split are those stored in the run folder.
     """
-    from medse.utils.checkpoint import load_checkpoint
-
-    run_dir = Path(run_dir).expanduser().resolve()
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise MedseError("not a run folder (no config.yaml)", run_dir)
-    cfg = load_config(cfg_path)
+    run = Run.open(Path(run_dir).expanduser().resolve())
+    cfg = run.config
+    check_device(cfg.train.device)
     dist = init_distributed(_device_type(cfg.train.device))
     try:
         prep = _data.prepare_data(cfg)
-        stored = json.loads((run_dir / "dataset.json").read_text())
-        if [int(v) for v in stored.get("class_values", [])] != prep.class_values:
-            raise MedseError(
-                f"the dataset's labels {prep.class_values} differ from the run's {stored.get('class_values')}",
-                run_dir / "dataset.json",
-            )
-        last = run_dir / "checkpoints" / "last.pt"
-        ckpt = load_checkpoint(last) if last.is_file() else None
-        return _Trainer(run_dir, cfg, prep, dist, stop_after_iterations).run(checkpoint=ckpt)
+        stored = run.dataset.class_values
+        if stored != prep.class_values:
+            raise MedseError(f"the dataset's labels {prep.class_values} differ from the run's {stored}",
+                             run / Run.DATASET)
+        ckpt = run.checkpoint("last") if run.has_checkpoint("last") else None
+        if ckpt is None and dist.is_main:
+            print(f"no checkpoint in {run.checkpoint_dir} yet: starting at epoch 0 of {cfg.train.epochs}",
+                  file=sys.stderr)
+        return _Trainer(run, cfg, prep, dist, stop_after_iterations).fit(checkpoint=ckpt)
     finally:
         cleanup(dist)
 
@@ -140,57 +222,66 @@ def _resolve_device(device: str, dist: DistInfo) -> Any:
     return torch.device("cpu")
 
 
-def _create_run_dir(output: Path, cfg: Config, prep: _data.PreparedData) -> None:
-    """Write config.yaml, run_info.json, dataset.json and splits.json under a temporary name, then rename."""
-    from medse.utils.runinfo import write_run_info
-
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.creating-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        atomic_write_text(tmp / "config.yaml", dump_yaml(config_to_dict(cfg)))
-        write_run_info(tmp, extra={"task": "segmentation-training"})
-        atomic_write_text(tmp / "dataset.json", json.dumps(prep.dataset_json(), indent=2) + "\n")
-        _data.make_splits(tmp, prep, cfg)
-        if output.exists():  # an empty folder the user made beforehand
-            output.rmdir()
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def build_model(cfg: Config, in_channels: int, out_channels: int) -> Any:
-    """The network named by ``cfg.model`` (``medse.networks.create_model``)."""
-    m = cfg.model
-    try:
-        from medse.networks import create_model
-    except ImportError:  # networks area not there yet: a plain MONAI U-Net without attention
-        if m.attention != "none":
-            raise MedseError("config key 'model.attention': medse.networks is not available") from None
-        from monai.networks.nets import UNet
-
-        return UNet(m.spatial_dims, in_channels, out_channels, channels=(8, 16, 32, 64), strides=(2, 2, 2))
-
-    return create_model(
-        m.name,
-        spatial_dims=m.spatial_dims,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        attention=m.attention,
-        attention_positions=tuple(m.attention_positions),
-        attention_kwargs=dict(m.attention_kwargs) or None,
-        **dict(m.kwargs),
+def _create_run_dir(output: Path, cfg: Config, prep: _data.PreparedData) -> Run:
+    """config.yaml, run_info.json, dataset.json and splits.json, written under a temporary name, then renamed."""
+    return Run.create(
+        output,
+        config=config_to_dict(cfg),
+        dataset=prep.dataset_info(),
+        split=lambda folder: _data.make_splits(folder, prep, cfg),
+        run_info={"task": "segmentation-training"},
     )
+
+
+def supervised_loss(loss_fn: Any, output: Any, label: Any, spatial_dims: int) -> Any:
+    """``loss_fn`` of the logits, or the weighted sum over deep-supervision heads.
+
+    ``output`` is ``(B, C, *spatial)`` logits, or a deep-supervision stack ``(B, heads, C, *spatial)`` (MONAI
+    DynUNet in training mode; head 0 the full-resolution output): ``loss_fn`` must then be a
+    ``monai.losses.DeepSupervisionLoss``, which weights the heads 1, 1/2, 1/4, ... (its ``"exp"`` mode, as
+    MONAI's DynUNet tutorial and nnU-Net) and sums.
+    """
+    import torch
+
+    if output.ndim == spatial_dims + 3:
+        return loss_fn(list(torch.unbind(output.float(), dim=1)), label)
+    return loss_fn(output.float(), label)
+
+
+def _warn_if_patch_exceeds_data(store: Any, case_ids: list[str], cfg: Config) -> None:
+    """Warn once when the training patch is larger than every training case along some axis (after
+    preprocessing): the sampler pads such cases (image with its per-channel minimum, label 0), which trains,
+    but on a patch that is partly padding. The cases are read through the store's cache, which training
+    fills anyway."""
+    import warnings
+
+    t = cfg.train
+    if cfg.model.spatial_dims == 3:
+        axes = [0, 1, 2]
+    else:
+        axes = [a for a in (0, 1, 2) if a != t.slice_axis]
+    largest = [0] * len(axes)
+    for cid in case_ids:
+        image = store.get(cid)[0]
+        spatial = image.shape[-3:]
+        largest = [max(m, int(spatial[a])) for m, a in zip(largest, axes, strict=True)]
+    too_big = [i for i, (p, m) in enumerate(zip(t.patch_size, largest, strict=True)) if p > m]
+    if too_big:
+        fit = [min(p, m) for p, m in zip(t.patch_size, largest, strict=True)]
+        warnings.warn(
+            f"config key 'train.patch_size' {list(t.patch_size)} is larger than every training case along "
+            f"axis {', '.join(str(axes[i]) for i in too_big)} (largest preprocessed case: {largest}); the patches are "
+            f"padded (image with its minimum, label 0). train.patch_size={fit} avoids the padding.",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 class _Trainer:
     def __init__(
-        self, run_dir: Path, cfg: Config, prep: _data.PreparedData, dist: DistInfo, stop_after: int | None
+        self, run: Run, cfg: Config, prep: _data.PreparedData, dist: DistInfo, stop_after: int | None
     ) -> None:
-        self.run_dir = run_dir
+        self.run = run
         self.cfg = cfg
         self.prep = prep
         self.dist = dist
@@ -200,7 +291,7 @@ class _Trainer:
     # ------------------------------------------------------------------ setup
     def _setup(self, checkpoint: dict[str, Any] | None) -> None:
         import torch
-        from monai.losses import DiceCELoss
+        from monai.losses import DeepSupervisionLoss, DiceCELoss
 
         from medse.training.optim import build_optimizer, build_scheduler
         from medse.utils.seed import derive_seed, seed_everything
@@ -216,8 +307,9 @@ class _Trainer:
         self.optimizer = build_optimizer(self.model.parameters(), t)
         self.scheduler = build_scheduler(self.optimizer, t)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
-        self.loss_fn = DiceCELoss(
-            to_onehot_y=True, softmax=True, lambda_dice=t.lambda_dice, lambda_ce=t.lambda_ce
+        self.loss_fn = DeepSupervisionLoss(  # one output: DiceCELoss itself; a DynUNet stack: weighted sum
+            DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=t.lambda_dice, lambda_ce=t.lambda_ce),
+            weight_mode="exp",
         )
         self.start_epoch = 0
         self.global_step = 0
@@ -240,7 +332,7 @@ class _Trainer:
         from medse.utils.seed import set_rng_states
 
         if int(ck.get("num_classes", self.prep.num_classes)) != self.prep.num_classes:
-            raise MedseError("checkpoint has a different number of classes than the dataset", self.run_dir)
+            raise MedseError("checkpoint has a different number of classes than the dataset", self.run)
         self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
@@ -280,29 +372,37 @@ class _Trainer:
         }
 
     # ------------------------------------------------------------------ loop
-    def run(self, checkpoint: dict[str, Any] | None) -> Path:
+    def fit(self, checkpoint: dict[str, Any] | None) -> Run:
         from medse.training.recording import TensorBoardLogger
 
         t = self.cfg.train
         self._setup(checkpoint)
-        splits = _data._split_lists(json.loads((self.run_dir / "splits.json").read_text()))
+        self.epochs_run: list[int] = []  # epochs this call trained (1-based), for the log and the tests
+        splits = _data._split_lists(self.run.split.to_dict())
         self.val_ids = splits["val"][: t.val_max_cases] if t.val_max_cases else splits["val"]
+        if checkpoint is not None and self.dist.is_main:
+            what = "already finished" if self.start_epoch >= t.epochs else f"continuing with epoch {self.start_epoch + 1}"
+            print(f"resumed at epoch {self.start_epoch} of {t.epochs} ({what}; global step {self.global_step})",
+                  file=sys.stderr)
         if self.start_epoch >= t.epochs:
-            return self.run_dir
+            return self.run
         store = _data.make_store(self.prep, self.cfg)
         if t.num_workers > 0:  # workers are re-forked every epoch: fill the cache first so they inherit it
             store.preload(splits["train"])
+        if self.dist.is_main and self.start_epoch == 0:
+            _warn_if_patch_exceeds_data(store, splits["train"], self.cfg)
         self.train_ds = _data.make_train_dataset(store, splits["train"], self.cfg)
         self.val_ds = _data.make_val_dataset(store, self.val_ids)
         self.tb = TensorBoardLogger(
-            self.run_dir / "tensorboard", enabled=t.tensorboard and self.dist.is_main, purge_step=self.start_epoch + 1
+            self.run / Run.TENSORBOARD, enabled=t.tensorboard and self.dist.is_main, purge_step=self.start_epoch + 1
         )
         try:
             for epoch in range(self.start_epoch, t.epochs):
                 self._epoch(epoch)
+                self.epochs_run.append(epoch + 1)
         finally:
             self.tb.close()
-        return self.run_dir
+        return self.run
 
     def _loader(self, epoch: int) -> Any:
         import torch
@@ -325,8 +425,8 @@ class _Trainer:
 
     def _epoch(self, epoch: int) -> None:
         import torch
-        from tqdm.auto import tqdm
 
+        from medse.utils.progress import progress, progress_write
         from medse.utils.seed import derive_seed
 
         t = self.cfg.train
@@ -334,8 +434,8 @@ class _Trainer:
         self.ddp_model.train()
         t_epoch = time.perf_counter()
         losses: list[float] = []
-        bar = tqdm(
-            self._loader(epoch), total=t.iterations_per_epoch, desc=f"epoch {epoch + 1}/{t.epochs}",
+        bar = progress(
+            self._loader(epoch), total=t.iterations_per_epoch, desc=f"epoch {epoch + 1}/{t.epochs}", unit="it",
             disable=not (t.progress and self.dist.is_main), leave=False, dynamic_ncols=True,
         )
         for batch in bar:
@@ -379,7 +479,7 @@ class _Trainer:
                 msg = f"epoch {epoch + 1}/{t.epochs}  loss {row['train_loss']:.4f}  {row['epoch_time_s']:.1f} s"
                 if val is not None:
                     msg += f"  val Dice {val:.4f} (best {self.best_metric:.4f} @ {self.best_epoch})"
-                tqdm.write(msg, file=sys.stderr)
+                progress_write(msg, file=sys.stderr)
         barrier(self.dist)
 
     def _step(self, image: Any, label: Any) -> float:
@@ -393,7 +493,7 @@ class _Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, enabled=self.use_amp):
             logits = self.ddp_model(image)
-            loss = self.loss_fn(logits.float(), label)
+            loss = supervised_loss(self.loss_fn, logits, label, self.cfg.model.spatial_dims)
         self.scaler.scale(loss).backward()
         if t.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
@@ -439,29 +539,34 @@ class _Trainer:
 
     def _write(self, epoch: int, row: dict[str, Any]) -> None:
         from medse.training.recording import plot_curves, write_metrics_csv, write_timing
-        from medse.utils.checkpoint import save_checkpoint
 
-        ckdir = self.run_dir / "checkpoints"
         state = self._state(epoch)
-        save_checkpoint(ckdir / "last.pt", state)
+        self.run.save_checkpoint("last", state)
         if self.best_epoch == epoch:
-            save_checkpoint(ckdir / "best.pt", state)
-        write_metrics_csv(self.history, self.run_dir / "metrics.csv")
-        plot_curves(self.history, self.run_dir / "curves.png")
+            self.run.save_checkpoint("best", state)
+        write_metrics_csv(self.history, self.run / Run.METRICS)
+        plot_curves(self.history, self.run / Run.CURVES)
         self.tb.log(row, epoch)
         t = self.cfg.train
         write_timing(
-            self.run_dir / "timing.json", self.timing["sum"], int(self.timing["count"]),
+            self.run / Run.TIMING, self.timing["sum"], int(self.timing["count"]),
             extra={
                 "device": str(self.device),
                 "world_size": self.dist.world_size,
                 "batch_size": t.batch_size,
                 "patch_size": list(t.patch_size),
                 "model": self.cfg.model.name,
-                "attention": self.cfg.model.attention,
+                "attention": _attention_label(self.cfg.model.attention),
                 "spatial_dims": self.cfg.model.spatial_dims,
                 "epochs_done": epoch,
                 "best_epoch": self.best_epoch,
                 "best_val_dice_mean": None if self.best_epoch < 0 else self.best_metric,
             },
         )
+
+
+def _attention_label(attention: Any) -> str:
+    """``model.attention`` as one readable string (a mapping as ``encoder=cse,decoder=scse``)."""
+    from medse.networks import format_assignment
+
+    return format_assignment(attention)

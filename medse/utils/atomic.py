@@ -136,19 +136,23 @@ def stale_temp_files(targets: Iterable[str | os.PathLike]) -> list[Path]:
     return found
 
 
-def ensure_writable_dir(folder: str | os.PathLike, what: str = "output folder") -> list[Path]:
-    """Create ``folder`` (and its parents) and check that a file can be created in it.
+def ensure_writable_dir(folder: str | os.PathLike, what: str = "output folder", *, create: bool = True) -> list[Path]:
+    """Check, before any work, that ``folder`` can be written; create it (and its parents) unless ``create=False``.
 
-    Returns the folders that were created (outermost first), so that a caller failing before it wrote
-    anything can remove them again.
+    A probe file is really created and removed (not only ``os.access`` asked), so permissions, read-only mounts
+    and a full quota are found as the real write would find them, also as root. With ``create=False`` the probe
+    goes into the nearest existing parent (for a folder the caller creates later, e.g. atomically).
+
+    Returns:
+        The folders that were created (outermost first), so that a caller failing before it wrote anything
+        can remove them again; empty with ``create=False``.
 
     Raises:
-        MedseError: naming the folder, when it cannot be created or written (also as root: a file is
-            really created and removed, not only ``os.access`` asked).
+        MedseError: naming the folder, when it (or a parent) is a file, or cannot be created or written.
     """
     from medse.utils.errors import MedseError
 
-    folder = Path(folder)
+    folder = Path(folder).expanduser().absolute()
     missing = []
     p = folder
     while not p.exists() and not p.is_symlink() and p != p.parent:
@@ -156,15 +160,18 @@ def ensure_writable_dir(folder: str | os.PathLike, what: str = "output folder") 
         p = p.parent
     if folder.exists() and not folder.is_dir():
         raise MedseError(f"{what} exists and is not a folder", folder)
+    if not p.is_dir():
+        raise MedseError(f"cannot create the {what}: a parent path is a file ({p})", folder)
+    if create:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise MedseError(f"cannot create the {what} ({e.strerror or type(e).__name__})", folder) from None
+    probe_dir = folder if create else p
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise MedseError(f"cannot create the {what}: a parent path is a file", folder) from None
+        probe = _create_temp(probe_dir, f"{TEMP_PREFIX}write-check-", "")
     except OSError as e:
-        raise MedseError(f"cannot create the {what} ({e.strerror or type(e).__name__})", folder) from None
-    try:
-        probe = _create_temp(folder, f"{TEMP_PREFIX}write-check-", "")
-    except OSError as e:
-        raise MedseError(f"cannot write into the {what} ({e.strerror or type(e).__name__})", folder) from None
+        where = "" if probe_dir == folder else f" (it would be created in {probe_dir})"
+        raise MedseError(f"cannot write into the {what}{where} ({e.strerror or type(e).__name__})", folder) from None
     probe.unlink()
-    return missing[::-1]
+    return missing[::-1] if create else []

@@ -31,17 +31,18 @@ class ModelConfig:
     Args:
         name: registered model name (``medse models`` lists them). Defaults to ``"unet"``.
         spatial_dims: 2 (slice-wise network trained on slices of the 3D volumes) or 3. Defaults to 3.
-        attention: attention block name (``medse blocks``), ``"none"`` or a ``"a+b"`` composition.
-            Defaults to ``"none"``.
-        attention_positions: where the network inserts blocks. Defaults to encoder, bottleneck, decoder
-            (Roy et al. 2018 place scSE after every encoder and decoder block).
+        attention: attention block name (``medse blocks``), ``"none"``, a ``"a+b"`` composition, or a mapping
+            position -> block (``{encoder: cse, decoder.0: scse}``, also written ``encoder=cse,decoder.0=scse``;
+            docs/networks.md). Defaults to ``"none"``.
+        attention_positions: where the network inserts a single block (ignored for a mapping). Defaults to
+            encoder, bottleneck, decoder (Roy et al. 2018 place scSE after every encoder and decoder block).
         attention_kwargs: extra block arguments (e.g. ``{"reduction": 2}``). Defaults to ``{}``.
         kwargs: extra architecture arguments passed to the model constructor. Defaults to ``{}``.
     """
 
     name: str = "unet"
     spatial_dims: int = 3
-    attention: str = "none"
+    attention: str | dict[str, str] = "none"
     attention_positions: list[str] = field(default_factory=lambda: ["encoder", "bottleneck", "decoder"])
     attention_kwargs: dict[str, Any] = field(default_factory=dict)
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -128,7 +129,7 @@ class TrainConfig:
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"train.grad_clip must be > 0 or null, got {self.grad_clip}")
         if any(p < 1 for p in self.patch_size):
-            raise ValueError(f"train.patch_size must be positive, got {self.patch_size}")
+            raise ValueError(f"train.patch_size must be sizes >= 1 (voxels), got {self.patch_size}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"train.num_threads must be >= 1 or null, got {self.num_threads}")
         if self.slice_axis not in (0, 1, 2):
@@ -159,6 +160,8 @@ class InferConfig:
     largest_component: bool = False
 
     def __post_init__(self) -> None:
+        if self.roi_size is not None and (len(self.roi_size) not in (2, 3) or any(r < 1 for r in self.roi_size)):
+            raise ValueError(f"infer.roi_size must be null or 2 or 3 sizes >= 1 (voxels), got {self.roi_size}")
         if not 0.0 <= self.overlap < 1.0:
             raise ValueError(f"infer.overlap must be in [0, 1), got {self.overlap}")
         if self.sw_batch_size < 1:
