@@ -30,9 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -213,32 +211,21 @@ def to_markdown(spec: dict, rows: list[dict]) -> str:
 
 
 def machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
-            f"{torch.get_num_threads()} torch threads")
+    """docsync's machine line, with the device (GPU name, or CPU threads) and the load average."""
+    from medse.utils.docsync import machine_description
 
-
-def commit() -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return out + ("+uncommitted" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} torch threads"
+    load = f", load average {os.getloadavg()[0]:.1f} at start" if hasattr(os, "getloadavg") else ""
+    return f"{machine_description()}, {dev}{load}"
 
 
 def header(title: str, script: str, argv: list[str], device: torch.device) -> list[str]:
-    return [
-        f"# {title}",
-        "",
-        "Command: `" + " ".join(["python", f"benchmarks/{script}", *argv]) + "`",
-        f"Commit: {commit()}; date: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; "
-        f"machine: {machine(device)}; torch {torch.__version__}, Python {platform.python_version()}; "
-        f"load average at start: {os.getloadavg()[0]:.1f}",
-    ]
+    """docsync's provenance header (command, commit, machine, date), then the title."""
+    from medse.utils.docsync import current_commit, format_header
+
+    fields = {"command": " ".join(["python", f"benchmarks/{script}", *argv]), "commit": current_commit(),
+              "machine": machine(device), "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    return [format_header(fields).rstrip("\n"), "", f"# {title}", "", f"Command: `{fields['command']}`."]
 
 
 def select_blocks(names: list[str] | None) -> list[tuple[str, str, dict]]:

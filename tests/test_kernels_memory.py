@@ -71,7 +71,8 @@ def test_bench_step_and_memory_smoke(tmp_path):
     assert step.main(["--quick", "--networks", "demo", "--blocks", "cse", "simam", "--rounds", "2",
                       "--output", str(out)]) == 0
     text = out.read_text()
-    assert "Command: `python benchmarks/bench_step.py --quick" in text and "Commit:" in text
+    assert text.startswith("<!-- medse:result\ncommand: python benchmarks/bench_step.py --quick")
+    assert "\ncommit: " in text and "\nmachine: " in text
     assert "| simam | fused (default) | 2 |" in text and "| none |" in text
     mem = _load("bench_memory")
     out = tmp_path / "mem.md"
