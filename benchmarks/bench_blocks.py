@@ -346,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python", "benchmarks/bench_blocks.py", *(argv if argv is not None else sys.argv[1:])])
     load = f", load average {os.getloadavg()[0]:.1f} at start" if hasattr(os, "getloadavg") else ""
     provenance = format_header({"command": command, "commit": current_commit(),
-                                "machine": f"{machine_description()}, {environment(device)}{load}",
+                                "machine": f"{machine_description()}, "
+                                           f"{environment(device).split('device: ')[-1]}{load}",
                                 "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")})
     head = [
         provenance.rstrip("\n"),
