@@ -10,8 +10,9 @@ recording, as in training) and forward+backward of
 (d) ``conv``: a 3x3(x3) convolution of the same width (C -> C, padding 1, bias).
 
 Rounds are interleaved (a, b, c, d, a, b, ...) in one process and the median of the rounds is reported, with
-ratios to (c) and to (a), the peak extra memory of one forward+backward (CPU: torch profiler allocation events;
-CUDA: ``max_memory_allocated``) and the bytes saved for backward (saved-tensor hooks).
+ratios to (c) and to (a), the peak extra memory of one forward+backward (CPU: peak of the allocator's total on
+the profiler's memory events; CUDA: ``max_memory_allocated``) and the bytes saved for backward (saved-tensor
+hooks).
 
 Usage::
 
@@ -98,6 +99,28 @@ def time_step(
     return dt
 
 
+def cpu_peak_bytes(fn) -> int:
+    """Most bytes the CPU allocator held at once during ``fn()`` above the level before it: the running total
+    ("Total Allocated") on the torch profiler's ``[memory]`` events (summing per-operator memory would count
+    nested operators twice)."""
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as d:
+        trace = Path(d) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    mem = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
+    if not mem:
+        return 0
+    before = mem[0]["args"]["Total Allocated"] - mem[0]["args"]["Bytes"]
+    return max(e["args"]["Total Allocated"] for e in mem) - before
+
+
 def peak_memory(module: nn.Module, x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> float:
     """Peak extra bytes (MiB) allocated during one forward+backward, inputs excluded."""
     xi = x.detach().requires_grad_(True)
@@ -111,21 +134,13 @@ def peak_memory(module: nn.Module, x: torch.Tensor, device: torch.device, dtype:
         y.backward(g)
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    def run() -> None:
         with _autocast(device, dtype):
             y = module(xi)
         y.backward(g)
         del y
-    events = sorted(
-        (e for e in prof.events() if getattr(e, "cpu_memory_usage", 0)), key=lambda e: e.time_range.start
-    )
-    cur = peak = 0
-    for e in events:
-        cur += e.cpu_memory_usage
-        peak = max(peak, cur)
-    return peak / 2**20
+
+    return cpu_peak_bytes(run) / 2**20
 
 
 def saved_bytes(module: nn.Module, x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> float:
@@ -286,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch.set_num_threads for this process (default: torch's choice); on a loaded machine "
                          "1 thread avoids OpenMP barrier waits")
     ap.add_argument("--note", default="", help="free text added under the title (e.g. machine load)")
+    ap.add_argument("--shapes", nargs="+", default=None, metavar="BxCxS...",
+                    help="input shapes instead of the defaults, e.g. 1x16x32x32x32 8x64x128x128 (dims from length)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -301,6 +318,15 @@ def main(argv: list[str] | None = None) -> int:
         if not blocks:
             raise SystemExit(f"error: --blocks {args.blocks}: none of {[b[0] for b in BLOCKS]}")
     shapes = QUICK_SHAPES if args.quick else SHAPES
+    runs = [(sd, shapes[sd]) for sd in args.dims]
+    if args.shapes:
+        try:
+            parsed = [tuple(int(v) for v in sh.lower().split("x")) for sh in args.shapes]
+        except ValueError:
+            raise SystemExit(f"error: --shapes {args.shapes}: expected e.g. 1x16x32x32x32") from None
+        if any(len(sh) not in (4, 5) for sh in parsed):
+            raise SystemExit(f"error: --shapes {args.shapes}: 4 (2D) or 5 (3D) sizes each")
+        runs = [(len(sh) - 2, sh) for sh in parsed]
     tag = f"{device.type}" + ("" if args.dtype == "fp32" else f"_{args.dtype}") + ("_cl" if args.channels_last else "")
     out = args.output or RESULTS / f"blocks_{tag}{'_quick' if args.quick else ''}.md"
 
@@ -308,18 +334,27 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     sections = []
-    for sd in args.dims:
-        log(f"{sd}D {shapes[sd]}: {len(blocks)} blocks x (plain, fused) + floor + conv, {args.repeats} rounds")
-        rows = bench_shape(sd, shapes[sd], blocks, args.repeats, device, dtype, args.channels_last, log,
+    for sd, shape in runs:
+        log(f"{sd}D {shape}: {len(blocks)} blocks x (plain, fused) + floor + conv, {args.repeats} rounds")
+        rows = bench_shape(sd, shape, blocks, args.repeats, device, dtype, args.channels_last, log,
                            compile_variant=args.compile)
         sections.append(to_markdown(f"{sd}D, {args.dtype}{', channels_last' if args.channels_last else ''}",
-                                    shapes[sd], rows, args.repeats))
+                                    shape, rows, args.repeats))
         print(sections[-1], flush=True)
+    from medse.utils.docsync import current_commit, format_header, machine_description
+
+    command = " ".join(["python", "benchmarks/bench_blocks.py", *(argv if argv is not None else sys.argv[1:])])
+    load = f", load average {os.getloadavg()[0]:.1f} at start" if hasattr(os, "getloadavg") else ""
+    provenance = format_header({"command": command, "commit": current_commit(),
+                                "machine": f"{machine_description()}, "
+                                           f"{environment(device).split('device: ')[-1]}{load}",
+                                "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")})
     head = [
+        provenance.rstrip("\n"),
+        "",
         f"# Attention blocks vs the memory floor ({tag})",
         "",
-        f"Generated by `python benchmarks/bench_blocks.py {' '.join(argv if argv is not None else sys.argv[1:])}` "
-        f"on {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.",
+        f"Command: `{command}`.",
         f"Environment: {environment(device)}; MEDSE_FUSED_CHUNK={os.environ.get('MEDSE_FUSED_CHUNK', 'default')}.",
         "",
         "floor = `x * 1.0` on a tensor requiring grad; conv = 3x3(x3) convolution C -> C. Ratios use medians. "

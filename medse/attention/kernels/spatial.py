@@ -203,7 +203,6 @@ class _SCSEFn(torch.autograd.Function):
         mode = ctx.mode
         x3, dy3 = x.flatten(2), dy.flatten(2)
         b, ch, n = x3.shape
-        acc = acc_dtype(x.dtype)
         c3 = c.detach().to(x.dtype).unsqueeze(-1)
         w3 = weight.to(x.dtype).view(1, ch, 1)
         out = compiled_call(_ck_scse_bwd1, x3, dy3, c3, q, mode)
@@ -216,38 +215,74 @@ class _SCSEFn(torch.autograd.Function):
             gx3 = _ck_scse_bwd2(*args) if gx3 is None else gx3
             g_bias = gb.to(weight.dtype).view(1) if ctx.has_bias else None
             return (unflat(gx3, x.shape), None, None, gw.to(weight.dtype).view(weight.shape), g_bias, *gp)
-        gx3 = torch.empty_like(x3)
-        gc = torch.zeros(b, ch, dtype=acc, device=x.device)
-        gw = torch.zeros(ch, dtype=acc, device=x.device)
-        gb = torch.zeros((), dtype=acc, device=x.device)
-        for j0, j1 in chunk_spans(n, b * ch, x.device):
-            xc, dyc, qc = x3[..., j0:j1], dy3[..., j0:j1], q[..., j0:j1]
-            gxc = gx3[..., j0:j1]
-            if mode == "max":
-                # h = (1 + sign(x c - x q)) / 2; ga = dy h; gb = dy - ga. Buffers: ga and gx only.
-                ga = torch.mul(xc, c3).addcmul_(xc, qc, value=-1).sign_().add_(1).mul_(0.5).mul_(dyc)
-                gc += torch.mul(ga, xc, out=gxc).sum(-1, dtype=acc)
-                gs = gxc.neg_().addcmul_(dyc, xc).sum(1, keepdim=True)  # sum_c (dy - ga) x
-                torch.mul(ga, c3, out=gxc).addcmul_(dyc, qc).addcmul_(ga, qc, value=-1)
-            elif mode == "add":
-                t = torch.mul(dyc, xc, out=gxc)
-                gc += t.sum(-1, dtype=acc)
-                gs = t.sum(1, keepdim=True)
-                torch.mul(dyc, c3, out=gxc).addcmul_(dyc, qc)
-            else:
-                t = torch.mul(dyc, xc)
-                gc += torch.mul(t, qc).sum(-1, dtype=acc)
-                gs = t.mul_(c3).sum(1, keepdim=True)
-                torch.mul(dyc, c3 * qc, out=gxc)
-            gs.mul_(qc).mul_(1 - qc)
-            gxc.addcmul_(w3, gs)
-            gw += torch.matmul(xc, gs.transpose(1, 2)).sum(0, dtype=acc).view(ch)
-            gb += gs.sum(dtype=acc)
+        if mode == "max" and len(chunk_spans(n, b * ch, x.device)) == 1:
+            gx3, gc, gw, gb = _scse_max_backward_whole(x3, dy3, c3, q, w3)
+        else:
+            gx3, gc, gw, gb = _scse_backward_chunks(x3, dy3, c3, q, w3, mode)
         (gz,), gp = gate_backward([c], [gc], [zl], ctx.params)
         if gz is not None:
             gx3.add_((gz / n).to(x.dtype).unsqueeze(-1))
         g_bias = gb.to(weight.dtype).view(1) if ctx.has_bias else None
         return (unflat(gx3, x.shape), None, None, gw.to(weight.dtype).view(weight.shape), g_bias, *gp)
+
+
+def _scse_max_backward_whole(x3: Tensor, dy3: Tensor, c3: Tensor, q: Tensor, w3: Tensor):
+    """scSE-max backward on whole (B, C, N) tensors with one full-size buffer (the gradient's).
+
+    ``sg = sign(x q - x c)``, so ``1 - h = (1 + sg) / 2`` (1/2 on ties). Pass 1 turns the buffer into
+    ``(1 + sg) dy x = 2 (dy - ga) x``: half its channel sum is ``gq``, half its spatial sum is
+    ``sum_n (dy - ga) x``, so ``gc = sum_n dy x - that`` (the first term a batched dot product, no temporary).
+    Pass 2 recomputes ``sg`` and writes ``gx = dy * lerp(c, q, (1 + sg) / 2) + w gs`` (``lerp`` returns c or q
+    exactly for the weights 0 and 1). ``sign`` instead of ``heaviside``: the latter is not vectorised on CPU.
+    """
+    b, ch, n = x3.shape
+    acc = acc_dtype(x3.dtype)
+    g = torch.empty_like(x3)
+    torch.mul(x3, q, out=g).addcmul_(x3, c3, value=-1).sign_().add_(1).mul_(dy3).mul_(x3)  # 2 (dy - ga) x
+    gs = g.sum(1, keepdim=True).mul_(0.5)  # gq
+    dyx = torch.matmul(dy3.reshape(b * ch, 1, n), x3.reshape(b * ch, n, 1)).view(b, ch)
+    gc = dyx.to(acc) - 0.5 * g.sum(-1, dtype=acc)
+    gs.mul_(q).mul_(1 - q)
+    torch.mul(x3, q, out=g).addcmul_(x3, c3, value=-1).sign_().add_(1).mul_(0.5)
+    torch.lerp(c3, q, g, out=g).mul_(dy3).addcmul_(w3, gs)
+    gw = torch.matmul(x3, gs.transpose(1, 2)).sum(0, dtype=acc).view(ch)
+    gb = gs.sum(dtype=acc)
+    return g, gc, gw, gb
+
+
+def _scse_backward_chunks(x3: Tensor, dy3: Tensor, c3: Tensor, q: Tensor, w3: Tensor, mode: str):
+    """scSE backward (every aggregation) in cache blocks; returns gx without the ``gz/N`` term, gc, gw, gb."""
+    b, ch, n = x3.shape
+    acc = acc_dtype(x3.dtype)
+    x = x3
+    gx3 = torch.empty_like(x3)
+    gc = torch.zeros(b, ch, dtype=acc, device=x.device)
+    gw = torch.zeros(ch, dtype=acc, device=x.device)
+    gb = torch.zeros((), dtype=acc, device=x.device)
+    for j0, j1 in chunk_spans(n, b * ch, x.device):
+        xc, dyc, qc = x3[..., j0:j1], dy3[..., j0:j1], q[..., j0:j1]
+        gxc = gx3[..., j0:j1]
+        if mode == "max":
+            # h = (1 + sign(x c - x q)) / 2; ga = dy h; gb = dy - ga. Buffers: ga and gx only.
+            ga = torch.mul(xc, c3).addcmul_(xc, qc, value=-1).sign_().add_(1).mul_(0.5).mul_(dyc)
+            gc += torch.mul(ga, xc, out=gxc).sum(-1, dtype=acc)
+            gs = gxc.neg_().addcmul_(dyc, xc).sum(1, keepdim=True)  # sum_c (dy - ga) x
+            torch.mul(ga, c3, out=gxc).addcmul_(dyc, qc).addcmul_(ga, qc, value=-1)
+        elif mode == "add":
+            t = torch.mul(dyc, xc, out=gxc)
+            gc += t.sum(-1, dtype=acc)
+            gs = t.sum(1, keepdim=True)
+            torch.mul(dyc, c3, out=gxc).addcmul_(dyc, qc)
+        else:
+            t = torch.mul(dyc, xc)
+            gc += torch.mul(t, qc).sum(-1, dtype=acc)
+            gs = t.mul_(c3).sum(1, keepdim=True)
+            torch.mul(dyc, c3 * qc, out=gxc)
+        gs.mul_(qc).mul_(1 - qc)
+        gxc.addcmul_(w3, gs)
+        gw += torch.matmul(xc, gs.transpose(1, 2)).sum(0, dtype=acc).view(ch)
+        gb += gs.sum(dtype=acc)
+    return gx3, gc, gw, gb
 
 
 def scse_attention(

@@ -1,0 +1,81 @@
+"""Full-size buffers the fused backward passes allocate (issue 14): on CPU each fresh buffer costs page faults
+worth several in-place passes, so the whole-tensor backward of SimAM uses two (the gradient and one scratch) and
+scSE-max one (the gradient). Measured as the CPU allocator's peak during ``backward`` (torch profiler), as a
+multiple of the input's bytes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from medse.attention import create_attention
+from medse.attention.kernels import core as F
+
+SHAPE = (2, 8, 16, 16, 16)  # 65536 elements: the fast path's default threshold
+
+
+def peak_allocated(fn, tmp_path: Path) -> int:
+    """Most bytes allocated at once during ``fn()`` above the level before it: the CPU allocator's running total
+    ("Total Allocated") on the profiler's ``[memory]`` events (exact, unlike summing per-operator memory)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    trace = tmp_path / "trace.json"
+    prof.export_chrome_trace(str(trace))
+    mem = sorted((e for e in json.loads(trace.read_text())["traceEvents"] if e.get("name") == "[memory]"),
+                 key=lambda e: e["ts"])
+    assert mem, "the profiler recorded no allocation"
+    before = mem[0]["args"]["Total Allocated"] - mem[0]["args"]["Bytes"]
+    return max(e["args"]["Total Allocated"] for e in mem) - before
+
+
+def _backward_peak(block: torch.nn.Module, tmp_path: Path) -> float:
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    y = block(x)
+    gy = torch.randn_like(y)
+    return peak_allocated(lambda: y.backward(gy), tmp_path) / (x.numel() * x.element_size())
+
+
+@pytest.mark.parametrize(("name", "kw", "most"), [
+    ("simam", {}, 2.0),
+    ("scse", {"aggregation": "max"}, 1.0),
+])
+def test_backward_allocates_few_full_size_buffers(name, kw, most, monkeypatch, tmp_path):
+    monkeypatch.setattr(F, "CHUNK_ELEMENTS", 0)
+    block = create_attention(name, 3, SHAPE[1], **kw)
+    assert block.takes_fast_path(torch.empty(SHAPE))
+    peak = _backward_peak(block, tmp_path)
+    # the gradient (and SimAM's scratch), plus per-(B, C) / per-position vectors (under 0.5 of the input here)
+    assert most <= peak < most + 0.5, f"{name}: backward peak {peak:.2f} x the input's bytes"
+
+
+def _load(name: str):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow
+def test_bench_step_and_memory_smoke(tmp_path):
+    step = _load("bench_step")
+    out = tmp_path / "step.md"
+    assert step.main(["--quick", "--networks", "demo", "--blocks", "cse", "simam", "--rounds", "2",
+                      "--output", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("<!-- medse:result\ncommand: python benchmarks/bench_step.py --quick")
+    assert "\ncommit: " in text and "\nmachine: " in text
+    assert "| simam | fused (default) | 2 |" in text and "| none |" in text
+    mem = _load("bench_memory")
+    out = tmp_path / "mem.md"
+    assert mem.main(["--quick", "--networks", "demo", "--blocks", "scse", "--output", str(out)]) == 0
+    rows = [r for r in out.read_text().splitlines() if r.startswith("| scse (max)")]
+    assert len(rows) == 1 and rows[0].endswith("% |")
