@@ -382,6 +382,17 @@ SOURCES: dict[str, Source] = {
              "layout -> plan and preprocess -> derived scse plans -> the short trainer for baseline and scse on "
              "fold 0 -> nnUNetv2_predict -> medse nnunet compare. Its wall time is in the header; the line below "
              "is pytest's summary."),
+    "blocks_cpu_issue14": Source(
+        "benchmarks/results/blocks_cpu_issue14.md",
+        ["{py} benchmarks/bench_blocks.py --repeats 5 --output {work}/out.md"], output="{work}/out.md"),
+    "step_cpu_32": Source(
+        "benchmarks/results/step_cpu_32.md",
+        ["{py} benchmarks/bench_step.py --networks realistic --size 32 --rounds 9 --output {work}/out.md"],
+        output="{work}/out.md"),
+    "memory_cpu": Source(
+        "benchmarks/results/memory_cpu.md",
+        ["{py} benchmarks/bench_memory.py --networks realistic demo --plain --output {work}/out.md"],
+        output="{work}/out.md"),
     "inference_cpu": Source(
         "benchmarks/results/inference_cpu.md",
         ["{py} benchmarks/bench_inference.py --monai-large --output {work}/out.md"], output="{work}/out.md"),
