@@ -357,6 +357,17 @@ SOURCES: dict[str, Source] = {
         "docs/results/models_demo_unet.md",
         ["{medse} models --size 64 --dims 3 --networks unet --attention cse,sse,scse,scse_smp "
          "--arch 'unet.channels=[16,32,64,128]' --out-channels 7 --markdown"]),
+    "networks_excerpt": Source(
+        "docs/results/networks_excerpt.md",
+        ["{medse} models --size 64 --networks unet,fc_densenet,sdnet,quicknat --attention cse,sse,scse --markdown"]),
+    "networks_monai_3d": Source(
+        "docs/results/networks_monai_3d.md",
+        ["{medse} models --size 64 --dims 3 --networks dynunet,segresnet,unetr --attention cse,sse,scse,eca,simam "
+         "--attention encoder=cse,decoder=scse --markdown"]),
+    "networks_tokens": Source(
+        "docs/results/networks_tokens.md",
+        ["{medse} models --size 64 --dims 3 --networks swinunetr,unetr --attention cse,scse --attention tokens=cse "
+         "--attention encoder=scse,decoder=scse,tokens=cse --markdown"]),
     "resnet50v2_counts": Source(
         "docs/results/resnet50v2_counts.md", ["{py} -m medse.utils.docsync table resnet50v2_counts"]),
     "blocks_list": Source(
