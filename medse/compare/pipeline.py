@@ -258,6 +258,36 @@ def _normalise(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def load_validated(config: str | Path | dict[str, Any] | Any, overrides: Sequence[str], schema: type,
+                   normalise: Callable[[dict[str, Any]], dict[str, Any]], what: str) -> tuple[Any, Path | None]:
+    """A YAML path or mapping (``_base_`` inheritance, ``key=value`` overrides) validated against ``schema`` (a
+    dataclass with ``train_config_path()``), or a ready ``schema`` instance; returns it and its file, if any.
+
+    Raises:
+        MedseError: naming the file and the key that is wrong, or a ``train_config`` that does not exist.
+    """
+    if isinstance(config, schema):
+        if overrides:
+            raise MedseError(f"overrides need a {what} file or mapping, not a {schema.__name__}")
+        return config, None
+    path: Path | None = None
+    if isinstance(config, dict):
+        data = dict(config)
+    else:
+        path = Path(config).expanduser().resolve()
+        data = load_yaml(path)
+    data = normalise(apply_overrides(data, list(overrides)))
+    if path is not None:
+        data.setdefault("source", str(path))
+    try:
+        cfg = from_dict(schema, data)
+    except MedseError as e:
+        raise MedseError(str(e), path) from None
+    if not cfg.train_config_path().is_file():
+        raise MedseError(f"train_config '{cfg.train_config}' not found at {cfg.train_config_path()}", path)
+    return cfg, path
+
+
 def load_pipeline(
     config: str | Path | dict[str, Any] | CompareConfig, overrides: Sequence[str] = ()
 ) -> CompareConfig:
@@ -266,26 +296,7 @@ def load_pipeline(
     Raises:
         MedseError: naming the file and the key that is wrong.
     """
-    if isinstance(config, CompareConfig):
-        if overrides:
-            raise MedseError("overrides need a pipeline file or mapping, not a CompareConfig")
-        return config
-    path: Path | None = None
-    if isinstance(config, dict):
-        data = dict(config)
-    else:
-        path = Path(config).expanduser().resolve()
-        data = load_yaml(path)
-    data = _normalise(apply_overrides(data, list(overrides)))
-    if path is not None:
-        data.setdefault("source", str(path))
-    try:
-        cfg = from_dict(CompareConfig, data)
-    except MedseError as e:
-        raise MedseError(str(e), path) from None
-    if not cfg.train_config_path().is_file():
-        raise MedseError(f"train_config '{cfg.train_config}' not found at {cfg.train_config_path()}", path)
-    return cfg
+    return load_validated(config, overrides, CompareConfig, _normalise, "pipeline")[0]
 
 
 def grid_cells(cfg: CompareConfig) -> list[Cell]:

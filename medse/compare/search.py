@@ -47,12 +47,13 @@ from medse.compare.pipeline import (
     TableSpec,
     ensure_synthetic,
     grid_cells,
+    load_validated,
     parse_shard,
     run_compare,
 )
 from medse.runs import Run
 from medse.utils.atomic import atomic_write_text
-from medse.utils.config import apply_overrides, dump_yaml, from_dict, load_yaml, to_dict
+from medse.utils.config import dump_yaml, load_yaml, to_dict
 from medse.utils.errors import MedseError
 
 __all__ = [
@@ -334,25 +335,8 @@ def load_search(config: str | Path | dict[str, Any] | SearchConfig, overrides: S
     Raises:
         MedseError: naming the file and the key that is wrong (unknown position or block included).
     """
-    if isinstance(config, SearchConfig):
-        if overrides:
-            raise MedseError("overrides need a search file or mapping, not a SearchConfig")
-        cfg, path = config, None
-    else:
-        path = None
-        if isinstance(config, dict):
-            data = dict(config)
-        else:
-            path = Path(config).expanduser().resolve()
-            data = load_yaml(path)
-        data = _normalise(apply_overrides(data, list(overrides)))
-        if path is not None:
-            data.setdefault("source", str(path))
-        try:
-            cfg = from_dict(SearchConfig, data)
-        except MedseError as e:
-            raise MedseError(str(e), path) from None
-    if not cfg.train_config_path().is_file():
+    cfg, path = load_validated(config, overrides, SearchConfig, _normalise, "search")
+    if not cfg.train_config_path().is_file():  # also for a ready SearchConfig
         raise MedseError(f"train_config '{cfg.train_config}' not found at {cfg.train_config_path()}", path)
     if cfg.architecture is None:
         model = (load_yaml(cfg.train_config_path()).get("model") or {}).get("name")
