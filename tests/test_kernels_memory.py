@@ -79,3 +79,27 @@ def test_bench_step_and_memory_smoke(tmp_path):
     assert mem.main(["--quick", "--networks", "demo", "--blocks", "scse", "--output", str(out)]) == 0
     rows = [r for r in out.read_text().splitlines() if r.startswith("| scse (max)")]
     assert len(rows) == 1 and rows[0].endswith("% |")
+
+
+@pytest.mark.parametrize("block", ["simam", "scse", "sse", "cse", "ca"])
+def test_fast_paths_take_non_contiguous_inputs(block):
+    """A permuted (channels-last-like) input, as transformer networks hand to their convolutional stages: the fast
+    path equals the plain formula in value and gradient (SimAM's backward once used .view on such strides)."""
+    from medse.attention import create_attention
+
+    torch.manual_seed(0)
+    x0 = torch.randn(2, 20, 20, 20, 8).permute(0, 4, 1, 2, 3)  # (B, C, X, Y, Z), not contiguous
+    assert not x0.is_contiguous() and x0.numel() >= 65536
+    fused = create_attention(block, 3, 8)
+    plain = create_attention(block, 3, 8, fused=False)
+    plain.load_state_dict(fused.state_dict())
+    assert fused.takes_fast_path(x0)
+    outs, grads = [], []
+    for m in (fused, plain):
+        x = x0.detach().clone().requires_grad_()
+        y = m(x)
+        y.backward(torch.ones_like(y))
+        outs.append(y.detach())
+        grads.append(x.grad)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)

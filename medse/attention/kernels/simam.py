@@ -90,7 +90,7 @@ def _simam_backward_whole(x3: Tensor, dy3: Tensor, mu: Tensor, den: Tensor, n: i
     t.mul_(x3).mul_(dy3).mul_(g)
     t.addcmul_(t, g, value=-1)  # ge * u = dy x s (1 - s) (x - mu)
     r1 = t.sum(-1, keepdim=True)
-    txs = torch.matmul(t.view(b * c, 1, n_pos), x3.reshape(b * c, n_pos, 1)).view(b, c, 1)
+    txs = torch.matmul(t.reshape(b * c, 1, n_pos), x3.reshape(b * c, n_pos, 1)).view(b, c, 1)
     rd = txs - mu * r1  # sum ge * u^2
     g_den = -rd / (den * den)
     alpha = 2 * (4 * g_den / n)
