@@ -39,6 +39,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_blocks import cpu_peak_bytes  # noqa: E402,F401  (bench_memory imports it from here)
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -126,28 +129,6 @@ def paired_rounds(base: Candidate, cands: list[Candidate], rounds: int,
                                                       for i, c in enumerate(cands)))
     base.base_times = base_times  # type: ignore[attr-defined]
     return ratios
-
-
-def cpu_peak_bytes(fn) -> int:
-    """Most bytes the CPU allocator held at once during ``fn()`` above the level before it: the running total
-    ("Total Allocated") on the torch profiler's ``[memory]`` events (summing per-operator memory would count
-    nested operators twice)."""
-    import json
-    import tempfile
-
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    with tempfile.TemporaryDirectory() as d:
-        trace = Path(d) / "trace.json"
-        prof.export_chrome_trace(str(trace))
-        events = json.loads(trace.read_text())["traceEvents"]
-    mem = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
-    if not mem:
-        return 0
-    before = mem[0]["args"]["Total Allocated"] - mem[0]["args"]["Bytes"]
-    return max(e["args"]["Total Allocated"] for e in mem) - before
 
 
 def quartiles(v: list[float]) -> tuple[float, float]:
