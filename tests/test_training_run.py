@@ -237,13 +237,13 @@ class _Spy:
     """Records what a (resumed) run does: the epochs and steps it trains and the optimizer state it starts from."""
 
     def __init__(self, monkeypatch) -> None:
-        from medse.training import trainer as tr
+        from medse.training import engine as tr
 
         self.epochs: list[int] = []
         self.steps = 0
         self.optimizer: dict | None = None
         self.start_epoch: int | None = None
-        setup, epoch, step = tr._Trainer._setup, tr._Trainer._epoch, tr._Trainer._step
+        setup, epoch, step = tr.Engine._setup, tr.Engine._epoch, tr.Engine._step
 
         def _setup(trainer, checkpoint):
             setup(trainer, checkpoint)
@@ -258,9 +258,9 @@ class _Spy:
             self.steps += 1
             return step(trainer, *args)
 
-        monkeypatch.setattr(tr._Trainer, "_setup", _setup)
-        monkeypatch.setattr(tr._Trainer, "_epoch", _epoch)
-        monkeypatch.setattr(tr._Trainer, "_step", _step)
+        monkeypatch.setattr(tr.Engine, "_setup", _setup)
+        monkeypatch.setattr(tr.Engine, "_epoch", _epoch)
+        monkeypatch.setattr(tr.Engine, "_step", _step)
 
 
 def _same_state(a, b) -> bool:
@@ -316,17 +316,17 @@ def test_kill_and_resume_gives_identical_weights(synth, tmp_path, kill_after, mo
 # ----------------------------------------------------------------------------- failures before the first checkpoint
 @pytest.mark.parametrize("premade", [False, True], ids=["new-folder", "empty-folder-made-by-user"])
 def test_run_failing_before_first_checkpoint_leaves_nothing_and_retry_works(synth, tmp_path, monkeypatch, premade):
-    from medse.training import trainer as tr
+    from medse.training import engine as tr
 
     out = tmp_path / "run"
     if premade:
         out.mkdir()
-    step = tr._Trainer._step
+    step = tr.Engine._step
 
     def oom(trainer, *args):
         raise RuntimeError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(tr._Trainer, "_step", oom)
+    monkeypatch.setattr(tr.Engine, "_step", oom)
     with pytest.raises(RuntimeError, match="out of memory"):
         train(tiny_config(synth, epochs=1), out)
     if premade:
@@ -334,21 +334,21 @@ def test_run_failing_before_first_checkpoint_leaves_nothing_and_retry_works(synt
     else:
         assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == (["run"] if premade else [])
-    monkeypatch.setattr(tr._Trainer, "_step", step)
+    monkeypatch.setattr(tr.Engine, "_step", step)
     assert (train(tiny_config(synth, epochs=1), out) / "checkpoints" / "last.pt").is_file()  # the retry works
 
 
 def test_run_failing_after_a_checkpoint_keeps_the_folder(synth, tmp_path, monkeypatch):
-    from medse.training import trainer as tr
+    from medse.training import engine as tr
 
-    step = tr._Trainer._step
+    step = tr.Engine._step
 
     def fail_in_epoch_2(trainer, *args):
         if trainer.global_step >= 3:
             raise RuntimeError("disk quota exceeded (simulated)")
         return step(trainer, *args)
 
-    monkeypatch.setattr(tr._Trainer, "_step", fail_in_epoch_2)
+    monkeypatch.setattr(tr.Engine, "_step", fail_in_epoch_2)
     with pytest.raises(RuntimeError, match="quota"):
         train(tiny_config(synth), tmp_path / "run")
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 1  # kept for --resume

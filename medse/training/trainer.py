@@ -1,25 +1,24 @@
-"""The training loop: ``train(config, output)`` and ``resume(run_dir)``.
+"""Segmentation training: ``train(config, output)`` and ``resume(run_dir)``.
 
-One code path for a single process and for DistributedDataParallel under ``torchrun``. Loss: Dice +
+:class:`SegmentationTask` is what :class:`medse.training.engine.Engine` (the loop, shared with the
+classifier) trains for segmentation. One code path for a single process and for DistributedDataParallel under ``torchrun``. Loss: Dice +
 cross-entropy (``monai.losses.DiceCELoss``; Milletari et al. 2016, arXiv 1606.04797, plus CE as in
 nnU-Net, Isensee et al. 2021). Reproducibility: every epoch's data order and augmentation derive from
 ``(seed, epoch, index)`` (``medse.data``'s ``PatchDataset``) and the torch RNG is re-seeded from
 ``(seed, epoch)`` at the start of each epoch, so on CPU a run killed at any point and resumed from its
 last checkpoint ends with the same weights as an uninterrupted run.
 
-Run folder layout: ``docs/ARCHITECTURE.md``. Checkpoint keys: ``model`` (state dict), ``optimizer``,
-``scheduler``, ``scaler``, ``epoch`` (epochs completed), ``global_step``, ``rng``, ``history`` (per-epoch
-metric rows), ``step_losses``, ``best_metric``, ``best_epoch``, ``timing``, ``num_classes``,
-``class_values``, ``in_channels``, ``config``.
+Run folder layout: ``docs/ARCHITECTURE.md``. Checkpoint keys: the engine's (``model``, ``optimizer``,
+``scheduler``, ``scaler``, ``epoch`` = epochs completed, ``global_step``, ``rng``, ``history``, ``step_losses``,
+``best_metric``, ``best_epoch``, ``stale``, ``timing``) and the task's ``num_classes``, ``class_values``,
+``class_names``, ``in_channels``, ``config``.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +26,17 @@ from medse.config import Config, config_to_dict, load_config
 from medse.runs import Run, build_model
 from medse.training import _data
 from medse.training.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, cleanup, init_distributed
+from medse.training.engine import (
+    STOP_ENV,
+    TIMING_WARMUP_STEPS,
+    Engine,
+    EngineSettings,
+    TrainingInterrupted,
+    check_num_classes,
+)
 from medse.utils.errors import MedseError
 
-#: environment variable: stop (raise :class:`TrainingInterrupted`) after this many global iterations.
-STOP_ENV = "MEDSE_STOP_AFTER_ITERATIONS"
-#: steps at the start of each process excluded from ``timing.json`` (allocator and kernel warm-up).
-TIMING_WARMUP_STEPS = 3
-
-
-class TrainingInterrupted(RuntimeError):
-    """Raised by the ``stop_after_iterations`` hook (used to test kill-and-resume)."""
+__all__ = ["STOP_ENV", "TIMING_WARMUP_STEPS", "SegmentationTask", "TrainingInterrupted", "resume", "train"]
 
 
 def train(
@@ -90,7 +90,7 @@ def train(
             raise MedseError(f"rank 0 could not create the run folder: {err_msg}", output)
         barrier(dist)
         try:
-            return _Trainer(Run(output), cfg, prep, dist, stop_after_iterations).fit(checkpoint=None)
+            return _engine(Run(output), cfg, prep, dist, stop_after_iterations).fit(checkpoint=None)
         except TrainingInterrupted:
             raise  # a simulated kill: the folder stays, `medse train --resume` continues it
         except Exception:
@@ -196,7 +196,7 @@ def resume(run_dir: str | Path | Run, *, stop_after_iterations: int | None = Non
         if ckpt is None and dist.is_main:
             print(f"no checkpoint in {run.checkpoint_dir} yet: starting at epoch 0 of {cfg.train.epochs}",
                   file=sys.stderr)
-        return _Trainer(run, cfg, prep, dist, stop_after_iterations).fit(checkpoint=ckpt)
+        return _engine(run, cfg, prep, dist, stop_after_iterations).fit(checkpoint=ckpt)
     finally:
         cleanup(dist)
 
@@ -277,134 +277,54 @@ def _warn_if_patch_exceeds_data(store: Any, case_ids: list[str], cfg: Config) ->
         )
 
 
-class _Trainer:
-    def __init__(
-        self, run: Run, cfg: Config, prep: _data.PreparedData, dist: DistInfo, stop_after: int | None
-    ) -> None:
-        self.run = run
-        self.cfg = cfg
-        self.prep = prep
-        self.dist = dist
-        env = os.environ.get(STOP_ENV)
-        self.stop_after = stop_after if stop_after is not None else (int(env) if env else None)
+class SegmentationTask:
+    """What the engine trains for segmentation: the network of ``cfg.model``, patches (or slices) of the
+    training cases, Dice + CE (with deep supervision when the network returns a stack), and sliding-window
+    validation Dice (``val_dice_mean`` monitored, larger is better)."""
 
-    # ------------------------------------------------------------------ setup
-    def _setup(self, checkpoint: dict[str, Any] | None) -> None:
-        import torch
+    monitor_key = "val_dice_mean"
+
+    def __init__(self, cfg: Config, prep: _data.PreparedData, split: dict[str, list[str]]) -> None:
         from monai.losses import DeepSupervisionLoss, DiceCELoss
 
-        from medse.training.optim import build_optimizer, build_scheduler
-        from medse.utils.seed import derive_seed, seed_everything
-
-        cfg, t = self.cfg, self.cfg.train
-        if t.num_threads is not None:  # this process only, and only when the config asks for it
-            torch.set_num_threads(t.num_threads)
-        self.device = _resolve_device(t.device, self.dist)
-        self.use_amp = bool(t.amp and self.device.type == "cuda")
-        seed_everything(derive_seed(t.seed, 0x5EED))  # weight initialisation, identical on every rank
-        self.in_channels = len(self.prep.channel_names)
-        self.model = build_model(cfg, self.in_channels, self.prep.num_classes).to(self.device)
-        self.optimizer = build_optimizer(self.model.parameters(), t)
-        self.scheduler = build_scheduler(self.optimizer, t)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        t = cfg.train
+        self.cfg = cfg
+        self.prep = prep
+        self.in_channels = len(prep.channel_names)
+        self.splits = _data._split_lists(split)
+        self.val_ids = self.splits["val"][: t.val_max_cases] if t.val_max_cases else self.splits["val"]
         self.loss_fn = DeepSupervisionLoss(  # one output: DiceCELoss itself; a DynUNet stack: weighted sum
             DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=t.lambda_dice, lambda_ce=t.lambda_ce),
             weight_mode="exp",
         )
-        self.start_epoch = 0
-        self.global_step = 0
-        self.history: list[dict[str, Any]] = []
-        self.step_losses: list[float] = []
-        self.best_metric = -math.inf
-        self.best_epoch = -1
-        self.timing = {"sum": 0.0, "count": 0}
-        self._steps_this_process = 0
-        if checkpoint is not None:
-            self._load_state(checkpoint)
-        self.ddp_model = self.model
-        if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel
 
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp_model = DistributedDataParallel(self.model, device_ids=ids)
-
-    def _load_state(self, ck: dict[str, Any]) -> None:
-        from medse.utils.seed import set_rng_states
-
-        if int(ck.get("num_classes", self.prep.num_classes)) != self.prep.num_classes:
-            raise MedseError("checkpoint has a different number of classes than the dataset", self.run)
-        self.model.load_state_dict(ck["model"])
-        self.optimizer.load_state_dict(ck["optimizer"])
-        self.scheduler.load_state_dict(ck["scheduler"])
-        if ck.get("scaler"):
-            self.scaler.load_state_dict(ck["scaler"])
-        self.start_epoch = int(ck["epoch"])
-        self.global_step = int(ck["global_step"])
-        self.history = list(ck.get("history", []))
-        self.step_losses = [float(v) for v in ck.get("step_losses", [])]
-        self.best_metric = float(ck.get("best_metric", -math.inf))
-        self.best_epoch = int(ck.get("best_epoch", -1))
-        self.timing = dict(ck.get("timing", self.timing))
-        if "rng" in ck:
-            set_rng_states(ck["rng"])
-
-    def _state(self, epoch: int) -> dict[str, Any]:
-        from medse.utils.seed import get_rng_states
-
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "epoch": epoch,
-            "global_step": self.global_step,
-            "rng": get_rng_states(),
-            "history": self.history,
-            "step_losses": self.step_losses,
-            "best_metric": self.best_metric,
-            "best_epoch": self.best_epoch,
-            "timing": self.timing,
-            "num_classes": self.prep.num_classes,
-            "class_values": self.prep.class_values,
-            "class_names": self.prep.class_names,
-            "in_channels": self.in_channels,
-            "config": config_to_dict(self.cfg),
-        }
-
-    # ------------------------------------------------------------------ loop
-    def fit(self, checkpoint: dict[str, Any] | None) -> Run:
-        from medse.training.recording import TensorBoardLogger
+    def settings(self, device: Any) -> EngineSettings:
+        from medse.training.optim import schedule_of
+        from medse.utils.seed import derive_seed
 
         t = self.cfg.train
-        self._setup(checkpoint)
-        self.epochs_run: list[int] = []  # epochs this call trained (1-based), for the log and the tests
-        splits = _data._split_lists(self.run.split.to_dict())
-        self.val_ids = splits["val"][: t.val_max_cases] if t.val_max_cases else splits["val"]
-        if checkpoint is not None and self.dist.is_main:
-            what = "already finished" if self.start_epoch >= t.epochs else f"continuing with epoch {self.start_epoch + 1}"
-            print(f"resumed at epoch {self.start_epoch} of {t.epochs} ({what}; global step {self.global_step})",
-                  file=sys.stderr)
-        if self.start_epoch >= t.epochs:
-            return self.run
+        return EngineSettings(
+            epochs=t.epochs, iterations_per_epoch=t.iterations_per_epoch, seed=t.seed,
+            init_seed=derive_seed(t.seed, 0x5EED), device=device, optimizer=t.optimizer, lr=t.lr,
+            lr_lambda=schedule_of(t), weight_decay=t.weight_decay, momentum=t.momentum, nesterov=t.nesterov,
+            amp=t.amp, grad_clip=t.grad_clip, val_every=t.val_every, patience=0, progress=t.progress,
+            tensorboard=t.tensorboard,
+        )
+
+    def build_model(self) -> Any:
+        return build_model(self.cfg, self.in_channels, self.prep.num_classes)
+
+    def prepare(self, engine: Engine) -> None:
+        t = self.cfg.train
         store = _data.make_store(self.prep, self.cfg)
         if t.num_workers > 0:  # workers are re-forked every epoch: fill the cache first so they inherit it
-            store.preload(splits["train"])
-        if self.dist.is_main and self.start_epoch == 0:
-            _warn_if_patch_exceeds_data(store, splits["train"], self.cfg)
-        self.train_ds = _data.make_train_dataset(store, splits["train"], self.cfg)
+            store.preload(self.splits["train"])
+        if engine.dist.is_main and engine.start_epoch == 0:
+            _warn_if_patch_exceeds_data(store, self.splits["train"], self.cfg)
+        self.train_ds = _data.make_train_dataset(store, self.splits["train"], self.cfg)
         self.val_ds = _data.make_val_dataset(store, self.val_ids)
-        self.tb = TensorBoardLogger(
-            self.run / Run.TENSORBOARD, enabled=t.tensorboard and self.dist.is_main, purge_step=self.start_epoch + 1
-        )
-        try:
-            for epoch in range(self.start_epoch, t.epochs):
-                self._epoch(epoch)
-                self.epochs_run.append(epoch + 1)
-        finally:
-            self.tb.close()
-        return self.run
 
-    def _loader(self, epoch: int) -> Any:
+    def batches(self, epoch: int, engine: Engine) -> Any:
         import torch
         from torch.utils.data import DataLoader
 
@@ -412,98 +332,30 @@ class _Trainer:
 
         t = self.cfg.train
         self.train_ds.set_epoch(epoch)
-        batches = [shard_indices(i, t.batch_size, self.dist) for i in range(t.iterations_per_epoch)]
+        batches = [shard_indices(i, t.batch_size, engine.dist) for i in range(t.iterations_per_epoch)]
         gen = torch.Generator()
         gen.manual_seed(epoch)
         return DataLoader(
             self.train_ds,
             batch_sampler=batches,
             num_workers=t.num_workers,
-            pin_memory=self.device.type == "cuda",
+            pin_memory=engine.device.type == "cuda",
             generator=gen,
         )
 
-    def _epoch(self, epoch: int) -> None:
-        import torch
-
-        from medse.utils.progress import progress, progress_write
-        from medse.utils.seed import derive_seed
-
-        t = self.cfg.train
-        torch.manual_seed(derive_seed(t.seed, epoch, 0xD0))  # dropout etc. from (seed, epoch)
-        self.ddp_model.train()
-        t_epoch = time.perf_counter()
-        losses: list[float] = []
-        bar = progress(
-            self._loader(epoch), total=t.iterations_per_epoch, desc=f"epoch {epoch + 1}/{t.epochs}", unit="it",
-            disable=not (t.progress and self.dist.is_main), leave=False, dynamic_ncols=True,
-        )
-        for batch in bar:
-            image, label = _data.unpack(batch)
-            t0 = time.perf_counter()
-            loss = self._step(image, label)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            dt = time.perf_counter() - t0
-            self._steps_this_process += 1
-            if self._steps_this_process > TIMING_WARMUP_STEPS:
-                self.timing["sum"] += dt
-                self.timing["count"] += 1
-            global_loss = all_reduce_sum([loss], self.dist, self.device)[0] / self.dist.world_size
-            losses.append(global_loss)
-            self.step_losses.append(global_loss)
-            self.global_step += 1
-            bar.set_postfix(loss=f"{global_loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
-            if self.stop_after is not None and self.global_step >= self.stop_after:
-                raise TrainingInterrupted(f"stopped after {self.global_step} iterations (stop_after_iterations)")
-        bar.close()
-        row: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "train_loss": float(sum(losses) / max(len(losses), 1)),
-            "lr": float(self.scheduler.get_last_lr()[0]),
-            "epoch_time_s": time.perf_counter() - t_epoch,
-        }
-        if (epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs:
-            tv = time.perf_counter()
-            dice = self._validate()
-            row.update({f"val_{k}": v for k, v in dice.items()})
-            row["val_time_s"] = time.perf_counter() - tv
-            if not math.isnan(dice["dice_mean"]) and dice["dice_mean"] > self.best_metric:
-                self.best_metric = dice["dice_mean"]
-                self.best_epoch = epoch + 1
-        self.history.append(row)
-        if self.dist.is_main:
-            self._write(epoch + 1, row)
-            if t.progress:
-                val = row.get("val_dice_mean")
-                msg = f"epoch {epoch + 1}/{t.epochs}  loss {row['train_loss']:.4f}  {row['epoch_time_s']:.1f} s"
-                if val is not None:
-                    msg += f"  val Dice {val:.4f} (best {self.best_metric:.4f} @ {self.best_epoch})"
-                progress_write(msg, file=sys.stderr)
-        barrier(self.dist)
-
-    def _step(self, image: Any, label: Any) -> float:
-        import torch
-
-        t = self.cfg.train
-        image = image.to(self.device, non_blocking=True).float()
-        label = label.to(self.device, non_blocking=True).long()
+    def loss(self, model: Any, batch: Any, engine: Engine) -> tuple[Any, dict[str, float]]:
+        image, label = _data.unpack(batch)
+        image = image.to(engine.device, non_blocking=True).float()
+        label = label.to(engine.device, non_blocking=True).long()
         if label.ndim == image.ndim - 1:
             label = label[:, None]
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, enabled=self.use_amp):
-            logits = self.ddp_model(image)
-            loss = supervised_loss(self.loss_fn, logits, label, self.cfg.model.spatial_dims)
-        self.scaler.scale(loss).backward()
-        if t.grad_clip is not None:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        return float(loss.detach())
+        logits = model(image)
+        return supervised_loss(self.loss_fn, logits, label, self.cfg.model.spatial_dims), {}
 
-    def _validate(self) -> dict[str, float]:
+    def train_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        return {}
+
+    def validate(self, model: Any, engine: Engine) -> dict[str, Any]:
         import torch
 
         from medse.training.validation import dice_per_class, predict_logits, reduce_dice_sums
@@ -512,57 +364,74 @@ class _Trainer:
         names = self.prep.class_names[1:]
         sums = [0.0] * (k - 1)
         counts = [0.0] * (k - 1)
-        model = self.model
-        model.eval()
-        roi = self.cfg.roi_size
         inf = self.cfg.infer
-        with torch.no_grad():
-            for i in range(self.dist.rank, len(self.val_ds), self.dist.world_size):
-                image, label = _data.unpack(self.val_ds[i])
-                image = torch.as_tensor(image).float().to(self.device)
-                label = torch.as_tensor(label).long().to(self.device)
-                if label.ndim == image.ndim:
-                    label = label[0]
-                logits = predict_logits(
-                    model, image, spatial_dims=self.cfg.model.spatial_dims, roi_size=roi,
-                    sw_batch_size=inf.sw_batch_size, overlap=inf.overlap, blend=inf.blend,
-                    slice_axis=self.cfg.train.slice_axis, amp=self.use_amp,
-                )
-                d = dice_per_class(logits.argmax(0), label, k)
-                for c, v in enumerate(d):
-                    if not math.isnan(v):
-                        sums[c] += v
-                        counts[c] += 1
-        red = all_reduce_sum(sums + counts, self.dist, self.device)
-        model.train()
-        return reduce_dice_sums(red[: k - 1], red[k - 1 :], names)
+        dist = engine.dist
+        for i in range(dist.rank, len(self.val_ds), dist.world_size):
+            image, label = _data.unpack(self.val_ds[i])
+            image = torch.as_tensor(image).float().to(engine.device)
+            label = torch.as_tensor(label).long().to(engine.device)
+            if label.ndim == image.ndim:
+                label = label[0]
+            logits = predict_logits(
+                model, image, spatial_dims=self.cfg.model.spatial_dims, roi_size=self.cfg.roi_size,
+                sw_batch_size=inf.sw_batch_size, overlap=inf.overlap, blend=inf.blend,
+                slice_axis=self.cfg.train.slice_axis, amp=engine.use_amp,
+            )
+            d = dice_per_class(logits.argmax(0), label, k)
+            for c, v in enumerate(d):
+                if not math.isnan(v):
+                    sums[c] += v
+                    counts[c] += 1
+        red = all_reduce_sum(sums + counts, dist, engine.device)
+        dice = reduce_dice_sums(red[: k - 1], red[k - 1 :], names)
+        return {f"val_{k}": v for k, v in dice.items()}
 
-    def _write(self, epoch: int, row: dict[str, Any]) -> None:
-        from medse.training.recording import plot_curves, write_metrics_csv, write_timing
+    def monitor(self, row: dict[str, Any]) -> float | None:
+        v = row.get("val_dice_mean")
+        return None if v is None or math.isnan(v) else float(v)
 
-        state = self._state(epoch)
-        self.run.save_checkpoint("last", state)
-        if self.best_epoch == epoch:
-            self.run.save_checkpoint("best", state)
-        write_metrics_csv(self.history, self.run / Run.METRICS)
-        plot_curves(self.history, self.run / Run.CURVES)
-        self.tb.log(row, epoch)
+    def state(self) -> dict[str, Any]:
+        return {
+            "num_classes": self.prep.num_classes,
+            "class_values": self.prep.class_values,
+            "class_names": self.prep.class_names,
+            "in_channels": self.in_channels,
+            "config": config_to_dict(self.cfg),
+        }
+
+    def check_state(self, checkpoint: dict[str, Any]) -> None:
+        check_num_classes(checkpoint, self.prep.num_classes, "checkpoints/last.pt")
+
+    def plot_curves(self, history: list[dict[str, Any]], path: Path) -> None:
+        from medse.training.recording import plot_curves
+
+        plot_curves(history, path)
+
+    def timing_extra(self) -> dict[str, Any]:
         t = self.cfg.train
-        write_timing(
-            self.run / Run.TIMING, self.timing["sum"], int(self.timing["count"]),
-            extra={
-                "device": str(self.device),
-                "world_size": self.dist.world_size,
-                "batch_size": t.batch_size,
-                "patch_size": list(t.patch_size),
-                "model": self.cfg.model.name,
-                "attention": _attention_label(self.cfg.model.attention),
-                "spatial_dims": self.cfg.model.spatial_dims,
-                "epochs_done": epoch,
-                "best_epoch": self.best_epoch,
-                "best_val_dice_mean": None if self.best_epoch < 0 else self.best_metric,
-            },
-        )
+        return {
+            "batch_size": t.batch_size,
+            "patch_size": list(t.patch_size),
+            "model": self.cfg.model.name,
+            "attention": _attention_label(self.cfg.model.attention),
+            "spatial_dims": self.cfg.model.spatial_dims,
+        }
+
+    def summary(self, row: dict[str, Any], engine: Engine) -> str:
+        msg = f"epoch {row['epoch']}/{engine.settings.epochs}  loss {row['train_loss']:.4f}  {row['epoch_time_s']:.1f} s"
+        val = row.get("val_dice_mean")
+        if val is not None:
+            msg += f"  val Dice {val:.4f} (best {engine.best_metric:.4f} @ {engine.best_epoch})"
+        return msg
+
+
+def _engine(run: Run, cfg: Config, prep: _data.PreparedData, dist: DistInfo, stop_after: int | None) -> Engine:
+    import torch
+
+    if cfg.train.num_threads is not None:  # this process only, and only when the config asks for it
+        torch.set_num_threads(cfg.train.num_threads)
+    task = SegmentationTask(cfg, prep, run.split.to_dict())
+    return Engine(run, task, task.settings(_resolve_device(cfg.train.device, dist)), dist, stop_after)
 
 
 def _attention_label(attention: Any) -> str:
