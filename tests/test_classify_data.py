@@ -11,10 +11,9 @@ import torch
 from PIL import Image
 
 from medse.classify.data import (
-    AugmentConfig,
     ClassificationDataset,
-    augment,
     class_weights,
+    default_augment,
     load_classification_data,
     load_image,
     make_splits,
@@ -22,6 +21,7 @@ from medse.classify.data import (
     scan_folder,
 )
 from medse.classify.synth import CLASS_NAMES, generate_classification_dataset, synth_slice
+from medse.data.config import AffineAug, AugmentConfig, FlipAug, IntensityAug
 from medse.utils.errors import MedseError
 
 
@@ -140,7 +140,7 @@ def test_load_image_channels_size_norm_and_errors(folder, tmp_path):
 def test_dataset_skips_unreadable_and_augments_deterministically(folder):
     (folder / "notumor" / "img3.png").write_bytes(b"corrupt")
     d = scan_folder(folder)
-    aug = AugmentConfig()
+    aug = default_augment(2)
     ds = ClassificationDataset(d, in_channels=1, image_size=32, augment=aug, seed=5)
     assert len(ds) == len(d.samples) - 1 and ds.skipped[0][0] == "notumor/img3.png"
     x0, y0, i0 = ds[0]
@@ -152,16 +152,32 @@ def test_dataset_skips_unreadable_and_augments_deterministically(folder):
     np.testing.assert_allclose(plain[0][0].numpy(), load_image(d.samples[0].path, 1, 32), atol=0)
 
 
+def _augment(x, cfg, seed=0):
+    from medse.data.augment import apply_augmentation, build_augmentation
+
+    t = build_augmentation(cfg, x.ndim - 1)
+    return x if t is None else apply_augmentation(t, x, None, seed=seed)[0]
+
+
 def test_augment_shapes_2d_3d_and_disabled():
-    g = torch.Generator().manual_seed(0)
     x2 = torch.randn(2, 24, 20)
-    assert augment(x2, AugmentConfig(), g).shape == x2.shape
+    assert _augment(x2, default_augment(2)).shape == x2.shape
     x3 = torch.randn(1, 12, 14, 10)
-    assert augment(x3, AugmentConfig(), g).shape == x3.shape
-    assert augment(x2, AugmentConfig(enabled=False), g) is x2
-    flip_only = AugmentConfig(flip_prob=1.0, rotate_deg=0, scale=(1, 1), intensity_scale=(1, 1), intensity_shift=0,
-                              noise_std=0)
-    torch.testing.assert_close(augment(x2, flip_only, g), torch.flip(x2, dims=(2,)))
+    assert _augment(x3, default_augment(3)).shape == x3.shape
+    assert _augment(x2, AugmentConfig()) is x2  # every section off: no transform
+    flip_only = AugmentConfig(flip=FlipAug(p=1.0, axes=default_augment(2).flip.axes, flip_probability=1.0))
+    torch.testing.assert_close(_augment(x2, flip_only), torch.flip(x2, dims=(2,)))  # left-right = image width
+
+
+def test_intensity_scale_shift_is_one_draw_per_image():
+    x = torch.randn(2, 16, 16)
+    cfg = AugmentConfig(intensity=IntensityAug(p=1.0, scale=(0.5, 2.0), shift=1.0))
+    y = _augment(x, cfg, seed=3)
+    a = float(((y[0] - y[0].mean()) / (x[0] - x[0].mean())).median())
+    b = float(y[0].mean() - a * x[0].mean())
+    torch.testing.assert_close(y, x * a + b, rtol=1e-5, atol=1e-5)  # both channels, one (a, b)
+    assert 0.5 <= a <= 2.0 and -1.0 <= b <= 1.0 and (a, b) != (1.0, 0.0)
+    torch.testing.assert_close(_augment(x, cfg, seed=3), y)  # the seed fixes it
 
 
 def test_synthetic_dataset_layout_proportions_determinism(tmp_path):
@@ -210,15 +226,12 @@ def test_synthetic_lesions_are_where_the_class_says():
 
 def test_3d_rotation_is_axial_and_flip_is_left_right():
     # NIfTI order (C, X, Y, Z): a volume constant along Z stays constant along Z (rotation in the X-Y plane)
-    g = torch.Generator().manual_seed(1)
     vol = torch.randn(1, 16, 16, 1).expand(1, 16, 16, 6).contiguous()
-    cfg = AugmentConfig(flip_prob=0.0, rotate_deg=30, scale=(1, 1), intensity_scale=(1, 1), intensity_shift=0,
-                        noise_std=0)
-    out = augment(vol, cfg, g)
+    cfg = AugmentConfig(affine=AffineAug(p=1.0, scales=(1, 1), degrees=30, in_plane=True))
+    out = _augment(vol, cfg, seed=1)
     assert out.shape == vol.shape and not torch.allclose(out, vol)
     for z in range(6):
         torch.testing.assert_close(out[..., z], out[..., 0], rtol=0, atol=1e-5)
-    flip = AugmentConfig(flip_prob=1.0, rotate_deg=0, scale=(1, 1), intensity_scale=(1, 1), intensity_shift=0,
-                         noise_std=0)
+    flip = AugmentConfig(flip=FlipAug(p=1.0, axes=default_augment(3).flip.axes, flip_probability=1.0))
     v = torch.randn(1, 5, 6, 7)
-    torch.testing.assert_close(augment(v, flip, g), torch.flip(v, dims=(1,)))
+    torch.testing.assert_close(_augment(v, flip), torch.flip(v, dims=(1,)))

@@ -19,7 +19,6 @@ volumes whole in voxel order (X, Y, Z) (``spatial_dims=3``) or their middle slic
 from __future__ import annotations
 
 import csv
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,15 +26,15 @@ from typing import Any
 
 import numpy as np
 
+from medse.data.config import AugmentConfig
 from medse.utils.errors import MedseError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
-    "AugmentConfig",
     "ClassificationData",
     "ClassificationDataset",
     "Sample",
-    "augment",
+    "default_augment",
     "class_weights",
     "load_classification_data",
     "load_image",
@@ -262,15 +261,9 @@ def _read_raw(path: Path, in_channels: int, spatial_dims: int) -> np.ndarray:
             else:
                 arr = np.asarray(im.convert("L"), dtype=np.float32)[None]
     else:
-        if ext in (".nii", ".nii.gz"):
-            import nibabel as nib
+        from medse.data.io import read_image  # the one NIfTI/ITK reader: voxel order (x, y, z[, c])
 
-            arr = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
-        else:
-            import SimpleITK as sitk
-
-            arr = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(np.float32).T
-        arr = np.squeeze(arr)
+        arr = np.squeeze(read_image(path).array.astype(np.float32, copy=False))
         if arr.ndim == 3 and spatial_dims == 2:
             arr = arr[:, :, arr.shape[2] // 2]  # middle slice along the last axis (NOTE: not in paper)
         if arr.ndim == 2:
@@ -334,67 +327,30 @@ def load_image(
 
 
 # ----------------------------------------------------------------------------------------------- augmentation
-@dataclass
-class AugmentConfig:
-    """Random augmentation for training images (2D and 3D), drawn from a seeded generator.
+def default_augment(spatial_dims: int = 2) -> AugmentConfig:
+    """The classifier's default augmentation (medse's choice; NOTE: not in paper, the study's is not specified),
+    in the one augmentation schema (``medse.data.config.AugmentConfig``, torchio transforms): left-right flip with
+    probability 0.5 (the image width of a 2D image (C, H, W), the first voxel axis X of a NIfTI volume), in-plane
+    rotation up to 10 degrees with scaling 0.9-1.1, intensity scale 0.9-1.1 and shift +-0.1 (z-score units),
+    Gaussian noise with sd up to 0.05."""
+    from medse.data.config import AffineAug, FlipAug, IntensityAug, NoiseAug
 
-    Images are ``(C, H, W)`` (2D) or ``(C, X, Y, Z)`` (3D, NIfTI voxel order): the flip is left-right (W, or X)
-    and the rotation in-plane (H-W, or the axial X-Y plane). NOTE: not in paper (the study's augmentation is not
-    specified). Defaults: left-right flip with probability 0.5, rotation up to 10 degrees,
-    scaling 0.9-1.1, intensity scale 0.9-1.1 and shift +-0.1 (in z-score units), Gaussian noise sd up to 0.05.
-    """
-
-    enabled: bool = True
-    flip_prob: float = 0.5
-    rotate_deg: float = 10.0
-    scale: tuple[float, float] = (0.9, 1.1)
-    intensity_scale: tuple[float, float] = (0.9, 1.1)
-    intensity_shift: float = 0.1
-    noise_std: float = 0.05
-
-
-def augment(x: Any, cfg: AugmentConfig, generator: Any) -> Any:
-    """Augment one image tensor ``(C, *spatial)`` with parameters drawn from ``generator`` (torch.Generator)."""
-    import torch
-    import torch.nn.functional as F
-
-    if not cfg.enabled:
-        return x
-
-    def u(lo: float, hi: float) -> float:
-        return lo + (hi - lo) * float(torch.rand((), generator=generator))
-
-    nd = x.ndim - 1
-    if cfg.flip_prob > 0 and u(0, 1) < cfg.flip_prob:
-        # left-right: the image width (2D), the first voxel axis X of a NIfTI volume (3D, as medse reads it)
-        x = torch.flip(x, dims=(x.ndim - 1,) if nd == 2 else (1,))
-    angle = math.radians(u(-cfg.rotate_deg, cfg.rotate_deg)) if cfg.rotate_deg > 0 else 0.0
-    s = u(*cfg.scale)
-    if angle != 0.0 or s != 1.0:
-        theta = torch.eye(nd, nd + 1, dtype=x.dtype)
-        c, si = math.cos(angle) / s, math.sin(angle) / s
-        # affine_grid's coordinates run from the last array axis: 2D (H, W) -> (x=W, y=H), rotate in H-W;
-        # 3D NIfTI (X, Y, Z) -> (x=Z, y=Y, z=X), rotate in the axial X-Y plane (grid rows 1, 2); scale all axes
-        theta[:, :nd] = theta[:, :nd] / s
-        i, j = (0, 1) if nd == 2 else (1, 2)
-        theta[i, i], theta[i, j] = c, -si
-        theta[j, i], theta[j, j] = si, c
-        grid = F.affine_grid(theta[None], [1, *x.shape], align_corners=False)
-        bg = x.amin(dim=tuple(range(1, x.ndim)), keepdim=True)
-        x = F.grid_sample((x - bg)[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0] + bg
-    x = x * u(*cfg.intensity_scale) + u(-cfg.intensity_shift, cfg.intensity_shift)
-    if cfg.noise_std > 0:
-        x = x + torch.randn(x.shape, generator=generator, dtype=x.dtype) * u(0, cfg.noise_std)
-    return x
+    return AugmentConfig(
+        flip=FlipAug(p=1.0, axes=(1,) if spatial_dims == 2 else (0,), flip_probability=0.5),
+        affine=AffineAug(p=1.0, scales=(0.9, 1.1), degrees=10.0, in_plane=True),
+        intensity=IntensityAug(p=1.0, scale=(0.9, 1.1), shift=0.1),
+        noise=NoiseAug(p=1.0, std=(0.0, 0.05)),
+    )
 
 
 class ClassificationDataset:
     """A torch-style dataset of ``(image (C, *spatial) float32 tensor, label int, index)``.
 
     Images are read once and cached in memory (``cache=True``); unreadable images are skipped and listed in
-    ``self.skipped`` (``(image_id, message)``) so one bad file does not stop a run. With ``augment`` set, sample
-    ``i`` of epoch ``e`` is augmented with a generator seeded by ``derive_seed(seed, e, i)`` (reproducible,
-    independent of worker count); call :meth:`set_epoch` each epoch.
+    ``self.skipped`` (``(image_id, message)``) so one bad file does not stop a run. With ``augment`` set (the
+    torchio pipeline of :mod:`medse.data.augment`, as for segmentation patches), sample ``i`` of epoch ``e`` is
+    augmented with the seed ``derive_seed(seed, e, i)`` (reproducible, independent of worker count); call
+    :meth:`set_epoch` each epoch.
     """
 
     def __init__(
@@ -409,7 +365,10 @@ class ClassificationDataset:
         cache: bool = True,
     ) -> None:
         self.in_channels, self.image_size, self.spatial_dims = in_channels, image_size, spatial_dims
+        from medse.data.augment import build_augmentation
+
         self.normalize, self.aug, self.seed, self.cache = normalize, augment, seed, cache
+        self.transform = build_augmentation(augment, spatial_dims) if augment is not None else None
         self.epoch = 0
         self.samples: list[Sample] = []
         self.skipped: list[tuple[str, str]] = []
@@ -441,11 +400,11 @@ class ClassificationDataset:
     def __getitem__(self, i: int) -> tuple[Any, int, int]:
         import torch
 
+        from medse.data.augment import apply_augmentation
         from medse.utils.seed import derive_seed
 
         arr = self._cache[i].astype(np.float32) if self.cache else self._load(self.samples[i].path)
         x = torch.from_numpy(arr)
-        if self.aug is not None and self.aug.enabled:
-            g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, i))
-            x = augment(x, self.aug, g)
+        if self.transform is not None:
+            x, _ = apply_augmentation(self.transform, x, None, seed=derive_seed(self.seed, self.epoch, i))
         return x, int(self.samples[i].label), i

@@ -5,7 +5,8 @@
 ``curves.png``, optional ``tensorboard/``); ``resume(run_dir)`` continues from ``checkpoints/last.pt`` with the
 optimiser, learning-rate schedule, RNG states and history restored (the schedule does not restart).
 
-Data order and augmentation derive from ``(seed, epoch, index)``, so a resumed run sees the same batches as
+The loop, optimiser, schedule, checkpoints, resume, records and DDP plumbing are the training engine's
+(:mod:`medse.training.engine`); :class:`ClassificationTask` is what it trains here. Data order and augmentation derive from ``(seed, epoch, index)``, so a resumed run sees the same batches as
 an uninterrupted one. Class imbalance: cross-entropy with ``n / (K * n_k)`` class weights (``balanced``).
 Defaults follow Keras's ``Adam`` (lr 1e-3) as used with ``keras.applications.ResNet50V2``; the study's exact
 recipe is not published in REFERENCE.md, so these are medse's choices.
@@ -15,8 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,15 +24,16 @@ from typing import Any, Literal
 import numpy as np
 
 from medse.classify.data import (
-    AugmentConfig,
     ClassificationData,
     ClassificationDataset,
     class_weights,
+    default_augment,
     load_classification_data,
     make_splits,
 )
+from medse.data.config import AugmentConfig
 from medse.runs import DatasetInfo, Run, Split
-from medse.utils.atomic import atomic_path
+from medse.training.engine import Engine, EngineSettings, check_num_classes
 from medse.utils.config import apply_overrides, from_dict, load_yaml, to_dict
 from medse.utils.errors import MedseError
 
@@ -65,7 +65,10 @@ class ModelSection:
 @dataclass
 class DataSection:
     """``root``: class-per-folder directory or CSV manifest (required). ``test_root``: separate test set (e.g.
-    Kaggle's ``Testing/``); when set, ``test_fraction`` is ignored. Defaults: 224 px, z-score, 15% / 15%."""
+    Kaggle's ``Testing/``); when set, ``test_fraction`` is ignored. ``augment``: the ``augment:`` schema of
+    segmentation configs (torchio transforms; ``medse.data.config.AugmentConfig``), unset for the classifier's
+    default (:func:`medse.classify.data.default_augment`); the resolved value is what the run's config.yaml
+    records. Defaults: 224 px, z-score, 15% / 15%."""
 
     root: str = ""
     test_root: str | None = None
@@ -75,7 +78,7 @@ class DataSection:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     cache: bool = True
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    augment: AugmentConfig | None = None
 
 
 @dataclass
@@ -130,6 +133,8 @@ def load_config(config: dict | str | Path, overrides: tuple[str, ...] | list[str
             v = getattr(cfg.data, key)
             if v and not Path(v).is_absolute() and not Path(v).exists() and (src.parent / v).exists():
                 setattr(cfg.data, key, str((src.parent / v).resolve()))
+    if cfg.data.augment is None:
+        cfg.data.augment = default_augment(cfg.model.spatial_dims)
     t = cfg.train
     checks = [
         (t.epochs >= 1, "train.epochs", "must be >= 1"),
@@ -180,12 +185,13 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 def _device(name: str) -> Any:
-    import torch
+    """The device of ``train.device`` (the training engine's rule: ``auto`` is CUDA when available)."""
+    from medse.training.distributed import DistInfo
+    from medse.training.engine import check_device, resolve_device
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        check_device(name)
+        return resolve_device(name, DistInfo())
     except RuntimeError as e:
         raise MedseError(f"config key 'train.device': {e}") from e
 
@@ -216,65 +222,6 @@ def load_run_data(run_dir: str | Path | Run, split: str = "test", data: str | Pa
     return load_classification_data(source, names).subset(ids)
 
 
-def _make_optimizer(cfg: TrainSection, params: Any) -> Any:
-    import torch
-
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
-
-
-def _lr_factor(cfg: TrainSection, epoch: int) -> float:
-    """Learning-rate multiplier for ``epoch`` (0-based); a pure function of the epoch, so resume cannot reset it."""
-    if cfg.warmup_epochs > 0 and epoch < cfg.warmup_epochs:
-        return (epoch + 1) / cfg.warmup_epochs
-    if cfg.scheduler == "cosine":
-        span = max(1, cfg.epochs - cfg.warmup_epochs)
-        return 0.5 * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / span))
-    if cfg.scheduler == "step":
-        return cfg.gamma ** ((epoch - cfg.warmup_epochs) // max(1, cfg.step_size))
-    return 1.0
-
-
-def _run_epoch(model: Any, loader: Any, device: Any, criterion: Any, optimizer: Any | None, cfg: TrainSection,
-               desc: str) -> dict[str, Any]:
-    import torch
-
-    from medse.utils.progress import progress as progress_bar  # a tqdm bar on a terminal, plain lines otherwise
-
-    train = optimizer is not None
-    model.train(train)
-    total_loss, correct, n = 0.0, 0, 0
-    probs, labels = [], []
-    it = progress_bar(loader, desc=desc, leave=False, disable=not cfg.progress, dynamic_ncols=True)
-    with torch.set_grad_enabled(train):
-        for b, (x, y, _) in enumerate(it):
-            if train and cfg.max_batches_per_epoch and b >= cfg.max_batches_per_epoch:
-                break
-            x, y = x.to(device), y.to(device)
-            logits = model(x)
-            loss = criterion(logits, y)
-            if train:
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-            total_loss += float(loss.detach()) * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            n += len(y)
-            if not train:
-                probs.append(torch.softmax(logits.float(), 1).cpu().numpy())
-                labels.append(y.cpu().numpy())
-            it.set_postfix(loss=f"{total_loss / max(n, 1):.4f}", acc=f"{correct / max(n, 1):.3f}")
-    out: dict[str, Any] = {"loss": total_loss / max(n, 1), "accuracy": correct / max(n, 1)}
-    if not train and n:
-        out["auc"] = _macro_auc(np.concatenate(labels), np.concatenate(probs))
-    return out
-
-
 def _macro_auc(y: np.ndarray, p: np.ndarray) -> float | None:
     from medse.classify.stats import StatisticsError, auc_score
 
@@ -287,44 +234,141 @@ def _macro_auc(y: np.ndarray, p: np.ndarray) -> float | None:
     return float(np.mean(aucs)) if aucs else None
 
 
-def plot_curves(history: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
-    """Loss and accuracy (and validation macro AUC) per epoch, written to ``path`` (PNG)."""
-    import matplotlib
+class ClassificationTask:
+    """What the training engine (:class:`medse.training.engine.Engine`) trains for a classifier: the model of
+    ``cfg.model``, shuffled batches of the training images (order from ``(seed, epoch)``, augmentation from
+    ``(seed, epoch, index)``), class-weighted cross-entropy, and validation loss, accuracy and macro AUC; the
+    monitored value is ``train.monitor`` (the training loss when there is no validation set)."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def __init__(self, cfg: ClassifierConfig, data: ClassificationData, splits: dict[str, list[str]]) -> None:
+        import torch
 
-    ep = [h["epoch"] for h in history]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    axes[0].plot(ep, [h["train_loss"] for h in history], "o-", label="train")
-    if any(h.get("val_loss") is not None for h in history):
-        axes[0].plot(ep, [h.get("val_loss") for h in history], "o-", label="val")
-    axes[0].set(xlabel="epoch", ylabel="cross-entropy", title="loss")
-    axes[1].plot(ep, [h["train_accuracy"] for h in history], "o-", label="train accuracy")
-    if any(h.get("val_accuracy") is not None for h in history):
-        axes[1].plot(ep, [h.get("val_accuracy") for h in history], "o-", label="val accuracy")
-    if any(h.get("val_auc") is not None for h in history):
-        axes[1].plot(ep, [np.nan if h.get("val_auc") is None else h["val_auc"] for h in history], "s--",
-                     label="val macro AUC")
-    axes[1].set(xlabel="epoch", ylim=(0, 1.02), title="accuracy / AUC")
-    for a in axes:
-        a.grid(alpha=0.3)
-        a.legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    return Path(path)
+        t = cfg.train
+        self.cfg = cfg
+        self.class_names = list(data.class_names)
+        self.num_classes = len(self.class_names)
+        kw = dict(in_channels=cfg.model.in_channels, image_size=cfg.data.image_size,
+                  spatial_dims=cfg.model.spatial_dims, normalize=cfg.data.normalize, cache=cfg.data.cache)
+        self.train_ds = ClassificationDataset(data.subset(splits["train"]), augment=cfg.data.augment, seed=t.seed, **kw)
+        self.val_ds = ClassificationDataset(data.subset(splits["val"]), augment=None, **kw) if splits["val"] else None
+        self.skipped = self.train_ds.skipped + (self.val_ds.skipped if self.val_ds else [])
+        if len(self.train_ds) == 0:
+            raise MedseError("no readable training images", cfg.data.root)
+        n, b = len(self.train_ds), t.batch_size
+        per_epoch = n // b if n > b else 1  # full batches only (the last partial one is dropped), or one batch
+        self.iterations_per_epoch = min(per_epoch, t.max_batches_per_epoch) if t.max_batches_per_epoch else per_epoch
+        self.monitor_key = t.monitor if self.val_ds is not None else "train_loss"
+        weights = torch.from_numpy(class_weights(self.train_ds.labels, self.num_classes, t.class_weighting))
+        self.criterion = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=t.label_smoothing)
 
+    def settings(self, device: Any) -> EngineSettings:
+        from medse.training.optim import epoch_lr_multiplier, per_iteration
 
-def _monitor_value(cfg: TrainSection, row: dict[str, Any]) -> float | None:
-    key = cfg.monitor
-    v = row.get(key)
-    if v is None:
-        return None
-    return -float(v) if key == "val_loss" else float(v)  # larger is better
+        t = self.cfg.train
+        epoch_fn = epoch_lr_multiplier(t.scheduler, t.epochs, t.warmup_epochs, t.step_size, t.gamma)
+        return EngineSettings(
+            epochs=t.epochs, iterations_per_epoch=self.iterations_per_epoch, seed=t.seed, init_seed=t.seed,
+            device=device, optimizer=t.optimizer, lr=t.lr, lr_lambda=per_iteration(epoch_fn, self.iterations_per_epoch),
+            weight_decay=t.weight_decay, momentum=t.momentum, nesterov=True, amp=False,
+            grad_clip=t.grad_clip if t.grad_clip > 0 else None, val_every=1, patience=t.early_stopping_patience,
+            progress=t.progress, tensorboard=t.tensorboard,
+        )
+
+    def build_model(self) -> Any:
+        return build_model(self.cfg, self.num_classes)
+
+    def prepare(self, engine: Engine) -> None:
+        self.criterion = self.criterion.to(engine.device)
+
+    def batches(self, epoch: int, engine: Engine) -> Any:
+        import torch
+        from torch.utils.data import DataLoader
+
+        from medse.utils.seed import derive_seed
+
+        t = self.cfg.train
+        n, b, dist = len(self.train_ds), t.batch_size, engine.dist
+        if b % dist.world_size:
+            raise MedseError(f"config key 'train.batch_size' {b} is not divisible by the world size {dist.world_size}")
+        self.train_ds.set_epoch(epoch)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(t.seed, epoch))).tolist()
+        batches = [order[i : i + b] for i in range(0, n, b)]
+        if n > b and len(batches[-1]) < b:
+            batches.pop()
+        per = len(batches[0]) // dist.world_size if dist.enabled else None
+        if per is not None:  # this rank's contiguous share of every global batch
+            batches = [bt[dist.rank * per : (dist.rank + 1) * per] for bt in batches]
+        return DataLoader(self.train_ds, batch_sampler=batches[: self.iterations_per_epoch],
+                          num_workers=t.num_workers)
+
+    def loss(self, model: Any, batch: Any, engine: Engine) -> tuple[Any, dict[str, float]]:
+        x, y, _ = batch
+        x, y = x.to(engine.device), y.to(engine.device)
+        logits = model(x)
+        correct = float((logits.detach().argmax(1) == y).sum())
+        return self.criterion(logits, y), {"correct": correct, "count": float(len(y))}
+
+    def train_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        return {"train_accuracy": sums.get("correct", 0.0) / max(sums.get("count", 0.0), 1.0)}
+
+    def validate(self, model: Any, engine: Engine) -> dict[str, Any]:
+        """Loss, accuracy and macro AUC on the whole validation set (every rank computes it alike)."""
+        import torch
+        from torch.utils.data import DataLoader
+
+        from medse.utils.progress import progress
+
+        if self.val_ds is None:
+            return {}
+        t = self.cfg.train
+        loader = DataLoader(self.val_ds, batch_size=t.batch_size, shuffle=False, num_workers=t.num_workers)
+        total, correct, n = 0.0, 0, 0
+        probs, labels = [], []
+        for x, y, _ in progress(loader, desc="validation", unit="batch", leave=False,
+                                disable=not (t.progress and engine.dist.is_main)):
+            x, y = x.to(engine.device), y.to(engine.device)
+            logits = model(x)
+            total += float(self.criterion(logits, y)) * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            n += len(y)
+            probs.append(torch.softmax(logits.float(), 1).cpu().numpy())
+            labels.append(y.cpu().numpy())
+        if not n:
+            return {}
+        return {"val_loss": total / n, "val_accuracy": correct / n,
+                "val_auc": _macro_auc(np.concatenate(labels), np.concatenate(probs))}
+
+    def monitor(self, row: dict[str, Any]) -> float | None:
+        v = row.get(self.monitor_key)
+        if v is None:
+            return None
+        return -float(v) if self.monitor_key.endswith("_loss") else float(v)  # larger is better
+
+    def state(self) -> dict[str, Any]:
+        return {"num_classes": self.num_classes, "class_names": self.class_names, "monitor": self.monitor_key,
+                "config": config_dict(self.cfg)}
+
+    def check_state(self, checkpoint: dict[str, Any]) -> None:
+        if "scheduler" not in checkpoint or "global_step" not in checkpoint:
+            raise MedseError("checkpoint written by an older medse classifier (no schedule state); train the run "
+                             "again", "checkpoints/last.pt")
+        check_num_classes(checkpoint, self.num_classes, "checkpoints/last.pt")
+
+    def plot_curves(self, history: list[dict[str, Any]], path: Path) -> None:
+        from medse.training.recording import plot_curves
+
+        plot_curves(history, path, loss_label="cross-entropy", highlight="val_auc", metric_label="accuracy / AUC",
+                    metric_title="accuracy / AUC", title=self.cfg.name,
+                    metrics={"train_accuracy": "train accuracy", "val_accuracy": "val accuracy",
+                             "val_auc": "val macro AUC"})
+
+    def timing_extra(self) -> dict[str, Any]:
+        m = self.cfg.model
+        return {"batch_size": self.cfg.train.batch_size, "image_size": self.cfg.data.image_size, "model": m.name,
+                "attention": str(m.attention), "spatial_dims": m.spatial_dims}
+
+    def summary(self, row: dict[str, Any], engine: Engine) -> str:
+        return " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if v is not None)
 
 
 def train(config: dict | str | Path, output: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Run:
@@ -363,96 +407,20 @@ def resume(run_dir: str | Path | Run, overrides: tuple[str, ...] | list[str] = (
 
 
 def _fit(cfg: ClassifierConfig, run: Run, data: ClassificationData, splits: dict, state: dict | None) -> Run:
-    import torch
-    from torch.utils.data import DataLoader, RandomSampler
-
-    from medse.training.recording import TensorBoardLogger, write_metrics_csv
+    from medse.training.distributed import DistInfo
     from medse.utils.runinfo import write_run_info
-    from medse.utils.seed import derive_seed, get_rng_states, seed_everything, set_rng_states
 
-    t = cfg.train
-    seed_everything(t.seed)
-    device = _device(t.device)
-    num_classes = len(data.class_names)
-    kw = dict(in_channels=cfg.model.in_channels, image_size=cfg.data.image_size,
-              spatial_dims=cfg.model.spatial_dims, normalize=cfg.data.normalize, cache=cfg.data.cache)
-    train_ds = ClassificationDataset(data.subset(splits["train"]), augment=cfg.data.augment, seed=t.seed, **kw)
-    val_ds = ClassificationDataset(data.subset(splits["val"]), augment=None, **kw) if splits["val"] else None
-    skipped = train_ds.skipped + (val_ds.skipped if val_ds else [])
-    for image_id, msg in skipped:
+    task = ClassificationTask(cfg, data, splits)
+    for image_id, msg in task.skipped:
         print(f"warning: skipped unreadable image {image_id}: {msg}")
-    if len(train_ds) == 0:
-        raise MedseError("no readable training images", cfg.data.root)
-    resumed_at = int(state["epoch"]) + 1 if state is not None else None
-    write_run_info(run.path, {"task": "classification", "n_train": len(train_ds), "n_val": len(val_ds) if val_ds else 0,
-                             "skipped": [s[0] for s in skipped], "resumed_at_epoch": resumed_at},
+    resumed_at = int(state["epoch"]) if state is not None else None
+    write_run_info(run.path, {"task": "classification", "n_train": len(task.train_ds),
+                              "n_val": len(task.val_ds) if task.val_ds else 0,
+                              "skipped": [s[0] for s in task.skipped], "resumed_at_epoch": resumed_at},
                    name="run_info.json" if state is None else f"run_info_resume_epoch{resumed_at}.json")
-
-    model = build_model(cfg, num_classes).to(device)
-    weights = torch.from_numpy(class_weights(train_ds.labels, num_classes, t.class_weighting)).to(device)
-    criterion = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=t.label_smoothing)
-    optimizer = _make_optimizer(t, model.parameters())
-    history: list[dict[str, Any]] = []
-    best, start, stale = -math.inf, 0, 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        history = list(state.get("history", []))
-        best = float(state.get("best", -math.inf))
-        stale = int(state.get("stale", 0))
-        start = int(state["epoch"]) + 1
-        set_rng_states(state["rng"])
-        if start >= t.epochs:
-            print(f"run already finished {start} of {t.epochs} epochs; pass train.epochs=N to continue")
-    tb = TensorBoardLogger(run / Run.TENSORBOARD, enabled=t.tensorboard, purge_step=start + 1)
-    val_loader = None
-    if val_ds is not None:
-        val_loader = DataLoader(val_ds, batch_size=t.batch_size, shuffle=False, num_workers=t.num_workers)
-    for epoch in range(start, t.epochs):
-        t0 = time.time()
-        lr = t.lr * _lr_factor(t, epoch)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        train_ds.set_epoch(epoch)
-        sampler = RandomSampler(train_ds, generator=torch.Generator().manual_seed(derive_seed(t.seed, epoch)))
-        loader = DataLoader(train_ds, batch_size=t.batch_size, sampler=sampler, num_workers=t.num_workers,
-                            drop_last=len(train_ds) > t.batch_size)
-        tr = _run_epoch(model, loader, device, criterion, optimizer, t, f"epoch {epoch + 1}/{t.epochs} train")
-        row: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "train_loss": tr["loss"], "train_accuracy": tr["accuracy"]}
-        if val_loader is not None:
-            va = _run_epoch(model, val_loader, device, criterion, None, t, f"epoch {epoch + 1}/{t.epochs} val")
-            row.update(val_loss=va["loss"], val_accuracy=va["accuracy"], val_auc=va.get("auc"))
-        row["seconds"] = round(time.time() - t0, 2)
-        history.append(row)
-        mon = _monitor_value(t, row)
-        if mon is None and val_loader is None:
-            mon = -row["train_loss"]
-        improved = mon is not None and mon > best
-        if improved:
-            best, stale = mon, 0
-        else:
-            stale += 1
-        payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                   "best": best, "stale": stale, "history": history, "rng": get_rng_states(),
-                   "num_classes": num_classes, "class_names": list(data.class_names)}
-        run.save_checkpoint("last", payload)
-        if improved:
-            run.save_checkpoint("best", {"model": payload["model"], "epoch": epoch,
-                                               "num_classes": num_classes, "class_names": list(data.class_names),
-                                               "monitor": t.monitor, "value": row.get(t.monitor)})
-        write_metrics_csv(history, run / Run.METRICS)
-        plot_curves(history, run / Run.CURVES, title=cfg.name or run.path.name)
-        tb.log(row, epoch + 1)
-        msg = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if v is not None)
-        print(msg, flush=True)
-        if t.early_stopping_patience and stale >= t.early_stopping_patience:
-            print(f"early stopping: no improvement of {t.monitor} for {stale} epochs")
-            break
-    tb.close()
-    if not run.has_checkpoint("best") and run.has_checkpoint("last"):
-        last = run.checkpoint("last")
-        run.save_checkpoint("best", {"model": last["model"], "epoch": last["epoch"],
-                                           "num_classes": num_classes, "class_names": list(data.class_names)})
+    Engine(run, task, task.settings(_device(cfg.train.device)), DistInfo()).fit(state)
+    if not run.has_checkpoint("best") and run.has_checkpoint("last"):  # no epoch had a monitored value
+        run.save_checkpoint("best", run.checkpoint("last"))
     return run
 
 

@@ -4,7 +4,8 @@
 :class:`~medse.data.config.AugmentConfig` into a torchio pipeline (None when every probability is 0).
 The subject holds the image as ``tio.ScalarImage`` and the label as ``tio.LabelMap``, so every spatial
 transform moves both identically and labels are resampled by nearest neighbour; intensity
-transforms (bias field, noise, gamma, motion, ghosting) touch the image only.
+transforms (bias field, noise, intensity scale/shift, gamma, motion, ghosting) touch the image only. Segmentation
+patches and classifier images use the same pipeline (the classifier passes no label).
 
 ``apply_augmentation(transform, image, label, seed, spacing=None) -> (image, label)`` runs the
 pipeline deterministically: torchio draws from torch's global RNG, so the call is wrapped in
@@ -48,6 +49,8 @@ def build_augmentation(cfg: AugmentConfig | None, spatial_dims: int = 3) -> Any:
         d, t = float(cfg.affine.degrees), float(cfg.affine.translation)
         if two_d:
             kw = dict(scales=(lo, hi, lo, hi, 1, 1), degrees=(0, 0, 0, 0, -d, d), translation=(-t, t, -t, t, 0, 0))
+        elif cfg.affine.in_plane:
+            kw = dict(scales=(lo, hi), degrees=(0, 0, 0, 0, -d, d), translation=t)
         else:
             kw = dict(scales=(lo, hi), degrees=d, translation=t)
         ts.append(tio.RandomAffine(**kw, default_pad_value="minimum", p=cfg.affine.p))
@@ -68,6 +71,8 @@ def build_augmentation(cfg: AugmentConfig | None, spatial_dims: int = 3) -> Any:
                                       p=cfg.bias_field.p))
     if cfg.noise.p > 0:
         ts.append(tio.RandomNoise(std=tuple(cfg.noise.std), p=cfg.noise.p))
+    if cfg.intensity.p > 0:
+        ts.append(_random_scale_shift(tuple(cfg.intensity.scale), float(cfg.intensity.shift), cfg.intensity.p))
     if cfg.gamma.p > 0:
         ts.append(tio.RandomGamma(log_gamma=tuple(cfg.gamma.log_gamma), p=cfg.gamma.p))
     if cfg.motion.p > 0:
@@ -81,6 +86,22 @@ def build_augmentation(cfg: AugmentConfig | None, spatial_dims: int = 3) -> Any:
     compose._medse_config = cfg
     compose._medse_spatial_dims = spatial_dims
     return compose
+
+
+def _random_scale_shift(scale: tuple[float, float], shift: float, p: float) -> Any:
+    """A torchio intensity transform ``x * a + b``, ``a ~ U(scale)``, ``b ~ U(-shift, shift)`` (torchio has none)."""
+    import torchio as tio
+    from torchio.transforms.augmentation import RandomTransform
+
+    class RandomScaleShift(RandomTransform, tio.IntensityTransform):
+        def apply_transform(self, subject: Any) -> Any:
+            a = self.sample_uniform(*scale)
+            b = self.sample_uniform(-shift, shift) if shift > 0 else 0.0
+            for image in self.get_images(subject):
+                image.set_data(image.data.float() * float(a) + float(b))
+            return subject
+
+    return RandomScaleShift(p=p)
 
 
 def apply_augmentation(

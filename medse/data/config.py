@@ -34,6 +34,7 @@ __all__ = [
     "MotionAug",
     "GhostingAug",
     "AugmentConfig",
+    "IntensityAug",
 ]
 
 
@@ -112,12 +113,15 @@ class DataConfig:
 # ------------------------------------------------------------------------------------ augmentation
 @dataclass
 class AffineAug:
-    """torchio ``RandomAffine``: ``scales`` range, rotation ``degrees``, ``translation`` (mm). Defaults: p 0."""
+    """torchio ``RandomAffine``: ``scales`` range, rotation ``degrees``, ``translation`` (mm). ``in_plane``: a 3D
+    sample rotates about its last axis only (the axial X-Y plane of a NIfTI volume); 2D samples always rotate in
+    their plane. Defaults: p 0, not in-plane."""
 
     p: float = 0.0
     scales: tuple[float, float] = (0.9, 1.1)
     degrees: float = 10.0
     translation: float = 0.0
+    in_plane: bool = False
 
 
 @dataclass
@@ -160,6 +164,17 @@ class NoiseAug:
 
 
 @dataclass
+class IntensityAug:
+    """Random intensity scale and shift, ``x * a + b`` with ``a ~ U(scale)`` and ``b ~ U(-shift, shift)`` (one
+    draw per image, all channels alike; in the units of the normalised image). Defaults: p 0, scale (0.9, 1.1),
+    shift 0.1."""
+
+    p: float = 0.0
+    scale: tuple[float, float] = (0.9, 1.1)
+    shift: float = 0.1
+
+
+@dataclass
 class GammaAug:
     """torchio ``RandomGamma``. Defaults: p 0, log_gamma (-0.3, 0.3)."""
 
@@ -186,6 +201,9 @@ class GhostingAug:
     intensity: tuple[float, float] = (0.5, 1.0)
 
 
+_AUG_SECTIONS = ("affine", "elastic", "flip", "bias_field", "noise", "intensity", "gamma", "motion", "ghosting")
+
+
 @dataclass
 class AugmentConfig:
     """The ``augment:`` section: torchio transforms, each applied with probability ``p`` (all off by
@@ -198,18 +216,18 @@ class AugmentConfig:
     flip: FlipAug = field(default_factory=FlipAug)
     bias_field: BiasFieldAug = field(default_factory=BiasFieldAug)
     noise: NoiseAug = field(default_factory=NoiseAug)
+    intensity: IntensityAug = field(default_factory=IntensityAug)
     gamma: GammaAug = field(default_factory=GammaAug)
     motion: MotionAug = field(default_factory=MotionAug)
     ghosting: GhostingAug = field(default_factory=GhostingAug)
 
     def __post_init__(self) -> None:
-        for name in ("affine", "elastic", "flip", "bias_field", "noise", "gamma", "motion", "ghosting"):
+        for name in _AUG_SECTIONS:
             _check_p(getattr(self, name).p, name)
 
     @property
     def enabled(self) -> bool:
-        return any(getattr(self, n).p > 0 for n in ("affine", "elastic", "flip", "bias_field", "noise", "gamma",
-                                                     "motion", "ghosting"))
+        return any(getattr(self, n).p > 0 for n in _AUG_SECTIONS)
 
     @classmethod
     def light(cls) -> AugmentConfig:

@@ -39,8 +39,25 @@ def _fmt(v: Any) -> Any:
     return v
 
 
-def plot_curves(history: list[dict[str, Any]], path: str | Path) -> Path:
-    """Training loss and validation Dice (mean and per class) against epoch, with matplotlib's Agg backend."""
+def plot_curves(
+    history: list[dict[str, Any]],
+    path: str | Path,
+    *,
+    loss_label: str = "Dice + CE loss",
+    metrics: dict[str, str] | None = None,
+    highlight: str = "val_dice_mean",
+    metric_label: str = "Dice",
+    metric_title: str = "validation Dice",
+    title: str = "",
+) -> Path:
+    """Loss (training, and validation when the rows have ``val_loss``) and metrics against epoch, with
+    matplotlib's Agg backend.
+
+    Args:
+        metrics: the right panel's row keys and their legend labels. Defaults to every ``val_dice_*`` key
+            (segmentation: mean and per class), labelled by the class.
+        highlight: the key drawn bold. Defaults to ``val_dice_mean``.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -50,31 +67,46 @@ def plot_curves(history: list[dict[str, Any]], path: str | Path) -> Path:
     ax1, ax2 = fig.subplots(1, 2)
     ep = [r["epoch"] for r in history]
     ax1.plot(ep, [r.get("train_loss", math.nan) for r in history], marker="o", ms=3, label="train loss")
+    if any(r.get("val_loss") is not None for r in history):
+        _plot_key(ax1, history, "val_loss", "val loss", {})
+        ax1.legend(fontsize=7)
     ax1.set_xlabel("epoch")
-    ax1.set_ylabel("Dice + CE loss")
-    ax1.set_title("training loss")
+    ax1.set_ylabel(loss_label)
+    ax1.set_title("loss")
     ax1.grid(alpha=0.3)
-    dice_keys = [k for k in (history[0] if history else {}) if k.startswith("val_dice_")]
-    for r in history[1:]:
-        dice_keys += [k for k in r if k.startswith("val_dice_") and k not in dice_keys]
-    for k in dice_keys:
-        pts = [(r["epoch"], r[k]) for r in history if k in r and r[k] is not None and not math.isnan(r[k])]
-        if pts:
-            xs, ys = zip(*pts, strict=True)
-            style = {"lw": 2.5, "color": "k"} if k == "val_dice_mean" else {"lw": 1, "alpha": 0.7}
-            ax2.plot(xs, ys, marker="o", ms=3, label=k[len("val_dice_") :], **style)
+    if metrics is None:
+        keys = [k for k in (history[0] if history else {}) if k.startswith("val_dice_")]
+        for r in history[1:]:
+            keys += [k for k in r if k.startswith("val_dice_") and k not in keys]
+        metrics = {k: k[len("val_dice_") :] for k in keys}
+    drawn = False
+    for k, label in metrics.items():
+        style = {"lw": 2.5, "color": "k"} if k == highlight else {"lw": 1, "alpha": 0.7}
+        drawn = _plot_key(ax2, history, k, label, style) or drawn
     ax2.set_xlabel("epoch")
-    ax2.set_ylabel("Dice")
-    ax2.set_ylim(0, 1)
-    ax2.set_title("validation Dice")
+    ax2.set_ylabel(metric_label)
+    ax2.set_ylim(0, 1.02)
+    ax2.set_title(metric_title)
     ax2.grid(alpha=0.3)
-    if dice_keys:
+    if drawn:
         ax2.legend(fontsize=7, ncol=2)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     return path
+
+
+def _plot_key(ax: Any, history: list[dict[str, Any]], key: str, label: str, style: dict[str, Any]) -> bool:
+    pts = [(r["epoch"], r[key]) for r in history
+           if r.get(key) is not None and not (isinstance(r[key], float) and math.isnan(r[key]))]
+    if not pts:
+        return False
+    xs, ys = zip(*pts, strict=True)
+    ax.plot(xs, ys, marker="o", ms=3, label=label, **style)
+    return True
 
 
 def write_timing(path: str | Path, step_time_sum: float, steps: int, extra: dict[str, Any] | None = None) -> Path:

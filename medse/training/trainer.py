@@ -32,7 +32,10 @@ from medse.training.engine import (
     Engine,
     EngineSettings,
     TrainingInterrupted,
+    check_device,
     check_num_classes,
+    device_type,
+    resolve_device,
 )
 from medse.utils.errors import MedseError
 
@@ -71,7 +74,7 @@ def train(
     output = Path(output).expanduser().resolve()
     _check_output(output)  # an occupied or unwritable output fails before any work
     check_device(cfg.train.device)
-    dist = init_distributed(_device_type(cfg.train.device))
+    dist = init_distributed(device_type(cfg.train.device))
     try:
         barrier(dist)  # every rank has looked before rank 0 creates the folder
         prep = _data.prepare_data(cfg)
@@ -129,21 +132,6 @@ def _remove_if_no_checkpoint(output: Path, existed: bool) -> None:
     print(f"medse: the run failed before its first checkpoint; removed what it wrote in {output}", file=sys.stderr)
 
 
-def check_device(device: str) -> None:
-    """``train.device`` names a device this machine has (checked before anything is written)."""
-    import torch
-
-    if _device_type(device) != "cuda" or device == "auto":
-        return
-    if not torch.cuda.is_available():
-        build = "a CPU-only build" if torch.version.cuda is None else "no GPU visible"
-        raise MedseError(f"config key 'train.device': {device!r} requested but CUDA is not available "
-                         f"(torch {torch.__version__}, {build}); use train.device=cpu or auto")
-    if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
-        raise MedseError(f"config key 'train.device': {device!r} but only {torch.cuda.device_count()} CUDA "
-                         "device(s) are visible")
-
-
 def check_model(cfg: Config, in_channels: int, out_channels: int, world_size: int = 1) -> None:
     """Build the network on the meta device (no memory, no compute) and run one training-mode forward pass
     of a batch of training patches, so that an unknown model or block, too few channels for a block or a
@@ -185,7 +173,7 @@ def resume(run_dir: str | Path | Run, *, stop_after_iterations: int | None = Non
     run = Run.open(Path(run_dir).expanduser().resolve())
     cfg = run.config
     check_device(cfg.train.device)
-    dist = init_distributed(_device_type(cfg.train.device))
+    dist = init_distributed(device_type(cfg.train.device))
     try:
         prep = _data.prepare_data(cfg)
         stored = run.dataset.class_values
@@ -199,27 +187,6 @@ def resume(run_dir: str | Path | Run, *, stop_after_iterations: int | None = Non
         return _engine(run, cfg, prep, dist, stop_after_iterations).fit(checkpoint=ckpt)
     finally:
         cleanup(dist)
-
-
-def _device_type(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return "cuda" if device.startswith("cuda") else "cpu"
-
-
-def _resolve_device(device: str, dist: DistInfo) -> Any:
-    import torch
-
-    kind = _device_type(device)
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise MedseError(f"config key 'train.device': {device!r} requested but CUDA is not available")
-        idx = dist.local_rank if (dist.enabled or device in ("auto", "cuda")) else int(device.split(":")[1])
-        torch.cuda.set_device(idx)
-        return torch.device("cuda", idx)
-    return torch.device("cpu")
 
 
 def _create_run_dir(output: Path, cfg: Config, prep: _data.PreparedData) -> Run:
@@ -431,7 +398,7 @@ def _engine(run: Run, cfg: Config, prep: _data.PreparedData, dist: DistInfo, sto
     if cfg.train.num_threads is not None:  # this process only, and only when the config asks for it
         torch.set_num_threads(cfg.train.num_threads)
     task = SegmentationTask(cfg, prep, run.split.to_dict())
-    return Engine(run, task, task.settings(_resolve_device(cfg.train.device, dist)), dist, stop_after)
+    return Engine(run, task, task.settings(resolve_device(cfg.train.device, dist)), dist, stop_after)
 
 
 def _attention_label(attention: Any) -> str:
