@@ -33,7 +33,17 @@ from medse.classify.data import (
 )
 from medse.data.config import AugmentConfig
 from medse.runs import DatasetInfo, Run, Split
-from medse.training.engine import Engine, EngineSettings, check_num_classes
+from medse.training.distributed import DistInfo, barrier, cleanup, init_distributed
+from medse.training.engine import (
+    Engine,
+    EngineSettings,
+    check_device,
+    check_num_classes,
+    check_output,
+    device_type,
+    resolve_device,
+    start_run,
+)
 from medse.utils.config import apply_overrides, from_dict, load_yaml, to_dict
 from medse.utils.errors import MedseError
 
@@ -186,9 +196,6 @@ def torch_threads(n: int) -> Iterator[None]:
 
 def _device(name: str) -> Any:
     """The device of ``train.device`` (the training engine's rule: ``auto`` is CUDA when available)."""
-    from medse.training.distributed import DistInfo
-    from medse.training.engine import check_device, resolve_device
-
     try:
         check_device(name)
         return resolve_device(name, DistInfo())
@@ -372,55 +379,74 @@ class ClassificationTask:
 
 
 def train(config: dict | str | Path, output: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Run:
-    """Train a classifier; returns its :class:`~medse.runs.Run` (``output`` is created; absent or empty)."""
+    """Train a classifier; returns its :class:`~medse.runs.Run` (``output`` is created; absent or empty).
+
+    Under ``torchrun`` every rank reads the data and trains its share of each batch (DistributedDataParallel, the
+    engine's; BatchNorm statistics stay per rank); rank 0 creates and writes the run folder. A run that fails
+    before its first checkpoint removes what it made.
+    """
     cfg = load_config(config, overrides)
-    out = Path(output)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        hint = " (use 'medse classify train --resume')" if (out / Run.CONFIG).is_file() else ""
-        raise MedseError(f"output folder already exists and is not empty{hint}", out)
-    data, test_data, splits = _prepare_data(cfg)
-    num_classes = len(data.class_names)
-    if num_classes < 2:
-        raise MedseError(f"need at least 2 classes, found {num_classes} ({data.class_names})", cfg.data.root)
-    dataset = DatasetInfo(
-        labels={n: i for i, n in enumerate(data.class_names)}, class_values=list(range(num_classes)),
-        channel_names=["image"] * cfg.model.in_channels, task="classification", source=str(data.source),
-        extra={"test_source": None if test_data is None else str(test_data.source), "counts": data.counts()},
-    )
-    split = Split(train=splits["train"], val=splits["val"], test=splits["test"], seed=cfg.train.seed, fold=0)
-    run = Run.create(out, config=config_dict(cfg), dataset=dataset, split=split,
-                     run_info={"task": "classification"})
-    with torch_threads(cfg.train.num_threads):
-        return _fit(cfg, run, data, split.to_dict(), state=None)
+    out = Path(output).expanduser().resolve()
+    check_output(out, "medse classify train --resume")
+    check_device(cfg.train.device)
+    dist = init_distributed(device_type(cfg.train.device))
+    try:
+        barrier(dist)  # every rank has looked before rank 0 creates the folder
+        data, test_data, splits = _prepare_data(cfg)
+        num_classes = len(data.class_names)
+        if num_classes < 2:
+            raise MedseError(f"need at least 2 classes, found {num_classes} ({data.class_names})", cfg.data.root)
+        dataset = DatasetInfo(
+            labels={n: i for i, n in enumerate(data.class_names)}, class_values=list(range(num_classes)),
+            channel_names=["image"] * cfg.model.in_channels, task="classification", source=str(data.source),
+            extra={"test_source": None if test_data is None else str(test_data.source), "counts": data.counts()},
+        )
+        split = Split(train=splits["train"], val=splits["val"], test=splits["test"], seed=cfg.train.seed, fold=0)
+        with torch_threads(cfg.train.num_threads):
+            return start_run(
+                out, dist,
+                create=lambda: Run.create(out, config=config_dict(cfg), dataset=dataset, split=split,
+                                          run_info={"task": "classification"}),
+                fit=lambda run: _fit(cfg, run, data, split.to_dict(), None, dist),
+            )
+    finally:
+        cleanup(dist)
 
 
 def resume(run_dir: str | Path | Run, overrides: tuple[str, ...] | list[str] = ()) -> Run:
     """Continue a run from ``checkpoints/last.pt``; overrides such as ``train.epochs=40`` extend it."""
     run = Run.open(run_dir)
     cfg = load_config(run.raw_config, overrides)
-    if overrides:
-        run.write_config(config_dict(cfg))
-    state = run.checkpoint("last")
-    data = load_classification_data(cfg.data.root, run.dataset.class_names)
-    with torch_threads(cfg.train.num_threads):
-        return _fit(cfg, run, data, run.split.to_dict(), state=state)
+    check_device(cfg.train.device)
+    dist = init_distributed(device_type(cfg.train.device))
+    try:
+        if overrides and dist.is_main:
+            run.write_config(config_dict(cfg))
+        state = run.checkpoint("last")
+        data = load_classification_data(cfg.data.root, run.dataset.class_names)
+        with torch_threads(cfg.train.num_threads):
+            return _fit(cfg, run, data, run.split.to_dict(), state, dist)
+    finally:
+        cleanup(dist)
 
 
-def _fit(cfg: ClassifierConfig, run: Run, data: ClassificationData, splits: dict, state: dict | None) -> Run:
-    from medse.training.distributed import DistInfo
+def _fit(cfg: ClassifierConfig, run: Run, data: ClassificationData, splits: dict, state: dict | None,
+         dist: DistInfo) -> Run:
     from medse.utils.runinfo import write_run_info
 
     task = ClassificationTask(cfg, data, splits)
-    for image_id, msg in task.skipped:
-        print(f"warning: skipped unreadable image {image_id}: {msg}")
-    resumed_at = int(state["epoch"]) if state is not None else None
-    write_run_info(run.path, {"task": "classification", "n_train": len(task.train_ds),
-                              "n_val": len(task.val_ds) if task.val_ds else 0,
-                              "skipped": [s[0] for s in task.skipped], "resumed_at_epoch": resumed_at},
-                   name="run_info.json" if state is None else f"run_info_resume_epoch{resumed_at}.json")
-    Engine(run, task, task.settings(_device(cfg.train.device)), DistInfo()).fit(state)
-    if not run.has_checkpoint("best") and run.has_checkpoint("last"):  # no epoch had a monitored value
+    if dist.is_main:
+        for image_id, msg in task.skipped:
+            print(f"warning: skipped unreadable image {image_id}: {msg}")
+        resumed_at = int(state["epoch"]) if state is not None else None
+        write_run_info(run.path, {"task": "classification", "n_train": len(task.train_ds),
+                                  "n_val": len(task.val_ds) if task.val_ds else 0,
+                                  "skipped": [s[0] for s in task.skipped], "resumed_at_epoch": resumed_at},
+                       name="run_info.json" if state is None else f"run_info_resume_epoch{resumed_at}.json")
+    Engine(run, task, task.settings(resolve_device(cfg.train.device, dist)), dist).fit(state)
+    if dist.is_main and not run.has_checkpoint("best") and run.has_checkpoint("last"):  # nothing monitored
         run.save_checkpoint("best", run.checkpoint("last"))
+    barrier(dist)
     return run
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -48,6 +49,9 @@ __all__ = [
     "TrainingTask",
     "check_device",
     "check_num_classes",
+    "check_output",
+    "remove_if_no_checkpoint",
+    "start_run",
     "device_type",
     "resolve_device",
 ]
@@ -432,6 +436,63 @@ def resolve_device(device: str, dist: DistInfo) -> torch.device:
         torch.cuda.set_device(idx)
         return torch.device("cuda", idx)
     return torch.device("cpu")
+
+
+def check_output(output: Path, resume_command: str) -> None:
+    """The run folder must not hold a run (or a file) and its place must be writable; checked before any work."""
+    from medse.utils.atomic import ensure_writable_dir
+
+    if output.exists() and not output.is_dir():
+        raise MedseError("output folder is a file, not a folder", output)
+    if output.is_dir() and any(output.iterdir()):
+        hint = f" (use `{resume_command}` to continue it)" if (output / Run.CONFIG).is_file() else ""
+        raise MedseError(f"output folder already exists and is not empty{hint}", output)
+    ensure_writable_dir(output, "output folder", create=False)
+
+
+def remove_if_no_checkpoint(output: Path, existed: bool) -> None:
+    """A run that failed before its first checkpoint leaves nothing: the folder it made is removed (an empty
+    folder the user made beforehand is emptied, not removed), so a retry with a fixed config can use it."""
+    if Run(output).has_checkpoint("last") or not output.is_dir():
+        return
+    if existed:
+        for child in output.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(output, ignore_errors=True)
+    print(f"medse: the run failed before its first checkpoint; removed what it wrote in {output}", file=sys.stderr)
+
+
+def start_run(output: Path, dist: DistInfo, create: Callable[[], object], fit: Callable[[Run], Run]) -> Run:
+    """Create the run folder on rank 0 (``create``; its failure is shared with the other ranks instead of hanging
+    them), then train it (``fit``). A run that fails with an error before its first checkpoint removes what it
+    made (:func:`remove_if_no_checkpoint`); an interrupted one keeps its folder for resume."""
+    from medse.training.distributed import broadcast_object
+
+    existed = output.exists()
+    err = None
+    if dist.is_main:
+        try:
+            create()
+        except Exception as e:
+            err = e
+    err_msg = broadcast_object(None if err is None else f"{type(err).__name__}: {err}", dist)
+    if err is not None:
+        raise err
+    if err_msg is not None:
+        raise MedseError(f"rank 0 could not create the run folder: {err_msg}", output)
+    barrier(dist)
+    try:
+        return fit(Run(output))
+    except TrainingInterrupted:
+        raise  # a simulated kill: the folder stays for resume
+    except Exception:
+        if dist.is_main:
+            remove_if_no_checkpoint(output, existed)
+        raise
 
 
 def check_num_classes(ck: dict[str, Any], num_classes: int, where: Run | Path) -> None:

@@ -17,7 +17,6 @@ Run folder layout: ``docs/ARCHITECTURE.md``. Checkpoint keys: the engine's (``mo
 from __future__ import annotations
 
 import math
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from typing import Any
 from medse.config import Config, config_to_dict, load_config
 from medse.runs import Run, build_model
 from medse.training import _data
-from medse.training.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, cleanup, init_distributed
+from medse.training.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from medse.training.engine import (
     STOP_ENV,
     TIMING_WARMUP_STEPS,
@@ -34,8 +33,10 @@ from medse.training.engine import (
     TrainingInterrupted,
     check_device,
     check_num_classes,
+    check_output,
     device_type,
     resolve_device,
+    start_run,
 )
 from medse.utils.errors import MedseError
 
@@ -72,64 +73,19 @@ def train(
     """
     cfg = load_config(config, overrides)
     output = Path(output).expanduser().resolve()
-    _check_output(output)  # an occupied or unwritable output fails before any work
+    check_output(output, "medse train --resume")  # an occupied or unwritable output fails before any work
     check_device(cfg.train.device)
     dist = init_distributed(device_type(cfg.train.device))
     try:
         barrier(dist)  # every rank has looked before rank 0 creates the folder
         prep = _data.prepare_data(cfg)
         check_model(cfg, len(prep.channel_names), prep.num_classes, dist.world_size)
-        existed = output.exists()
-        err = None
-        if dist.is_main:
-            try:
-                _create_run_dir(output, cfg, prep)
-            except Exception as e:  # share the failure with the other ranks instead of hanging them
-                err = e
-        err_msg = broadcast_object(None if err is None else f"{type(err).__name__}: {err}", dist)
-        if err is not None:
-            raise err
-        if err_msg is not None:
-            raise MedseError(f"rank 0 could not create the run folder: {err_msg}", output)
-        barrier(dist)
-        try:
-            return _engine(Run(output), cfg, prep, dist, stop_after_iterations).fit(checkpoint=None)
-        except TrainingInterrupted:
-            raise  # a simulated kill: the folder stays, `medse train --resume` continues it
-        except Exception:
-            if dist.is_main:
-                _remove_if_no_checkpoint(output, existed)
-            raise
+        return start_run(
+            output, dist, create=lambda: _create_run_dir(output, cfg, prep),
+            fit=lambda run: _engine(run, cfg, prep, dist, stop_after_iterations).fit(checkpoint=None),
+        )
     finally:
         cleanup(dist)
-
-
-def _check_output(output: Path) -> None:
-    """The run folder must not hold a run (or a file) and its place must be writable; checked before any work."""
-    from medse.utils.atomic import ensure_writable_dir
-
-    if output.exists() and not output.is_dir():
-        raise MedseError("output folder is a file, not a folder", output)
-    if output.is_dir() and any(output.iterdir()):
-        hint = " (use `medse train --resume` to continue it)" if (output / Run.CONFIG).is_file() else ""
-        raise MedseError(f"output folder already exists and is not empty{hint}", output)
-    ensure_writable_dir(output, "output folder", create=False)
-
-
-def _remove_if_no_checkpoint(output: Path, existed: bool) -> None:
-    """A run that failed before its first checkpoint leaves nothing: the folder it made is removed (an empty
-    folder the user made beforehand is emptied, not removed), so a retry with a fixed config can use it."""
-    if Run(output).has_checkpoint("last") or not output.is_dir():
-        return
-    if existed:
-        for child in output.iterdir():
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child, ignore_errors=True)
-            else:
-                child.unlink(missing_ok=True)
-    else:
-        shutil.rmtree(output, ignore_errors=True)
-    print(f"medse: the run failed before its first checkpoint; removed what it wrote in {output}", file=sys.stderr)
 
 
 def check_model(cfg: Config, in_channels: int, out_channels: int, world_size: int = 1) -> None:
