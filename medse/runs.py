@@ -31,8 +31,10 @@ from medse.utils.atomic import atomic_write_text
 from medse.utils.errors import MedseError
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
+    from medse.classify.train import ClassifierConfig
     from medse.config import Config
 
 __all__ = ["CHECKPOINTS", "DatasetInfo", "Run", "Split", "build_model"]
@@ -221,7 +223,7 @@ class Run:
         *,
         config: dict[str, Any],
         dataset: DatasetInfo,
-        split: Split | Callable[[Path], Any],
+        split: Split | Callable[[Path], object],
         run_info: dict[str, Any] | None = None,
     ) -> Run:
         """Write ``config.yaml``, ``run_info.json``, ``dataset.json`` and ``splits.json`` into a temporary
@@ -284,7 +286,7 @@ class Run:
     def has_checkpoint(self, which: str = "last") -> bool:
         return self.checkpoint_path(which).is_file()
 
-    def checkpoint(self, which: str | os.PathLike = "best", map_location: Any = "cpu") -> dict[str, Any]:
+    def checkpoint(self, which: str | os.PathLike = "best", map_location: str | torch.device = "cpu") -> dict[str, Any]:
         """The checkpoint dict (loaded with ``weights_only=True``); a one-line error when it is missing."""
         from medse.utils.checkpoint import load_checkpoint
 
@@ -313,7 +315,7 @@ class Run:
         return self.dataset.task
 
     @cached_property
-    def config(self) -> Any:
+    def config(self) -> Config | ClassifierConfig:
         """The validated config: :class:`medse.config.Config` for segmentation runs, the classifier's
         :class:`~medse.classify.train.ClassifierConfig` for classification runs."""
         if self.task == "classification":
@@ -365,7 +367,7 @@ class Run:
             return build_classifier(self.config, self.dataset.num_classes)
         return build_model(self.config, self.dataset.num_channels, self.dataset.num_classes)
 
-    def load_model(self, which: str | os.PathLike = "best", map_location: Any = "cpu") -> nn.Module:
+    def load_model(self, which: str | os.PathLike = "best", map_location: str | torch.device = "cpu") -> nn.Module:
         """The network with the weights of checkpoint ``which`` (a one-line error when they do not fit)."""
         state = self.checkpoint(which, map_location=map_location)
         if "model" not in state:

@@ -19,7 +19,7 @@ import copy
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -46,6 +46,11 @@ from medse.training.engine import (
 )
 from medse.utils.config import apply_overrides, from_dict, load_yaml, to_dict
 from medse.utils.errors import MedseError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader
 
 __all__ = [
     "ClassifierConfig",
@@ -161,7 +166,7 @@ def load_config(config: dict | str | Path, overrides: tuple[str, ...] | list[str
     return cfg
 
 
-def build_model(cfg: ClassifierConfig, num_classes: int) -> Any:
+def build_model(cfg: ClassifierConfig, num_classes: int) -> nn.Module:
     """The model of ``cfg.model`` through ``medse.networks.create_model``."""
     from medse.networks.registry import create_model
 
@@ -194,7 +199,7 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def _device(name: str) -> Any:
+def _device(name: str) -> torch.device:
     """The device of ``train.device`` (the training engine's rule: ``auto`` is CUDA when available)."""
     try:
         check_device(name)
@@ -268,7 +273,7 @@ class ClassificationTask:
         weights = torch.from_numpy(class_weights(self.train_ds.labels, self.num_classes, t.class_weighting))
         self.criterion = torch.nn.CrossEntropyLoss(weight=weights, label_smoothing=t.label_smoothing)
 
-    def settings(self, device: Any) -> EngineSettings:
+    def settings(self, device: torch.device) -> EngineSettings:
         from medse.training.optim import epoch_lr_multiplier, per_iteration
 
         t = self.cfg.train
@@ -281,13 +286,13 @@ class ClassificationTask:
             progress=t.progress, tensorboard=t.tensorboard,
         )
 
-    def build_model(self) -> Any:
+    def build_model(self) -> nn.Module:
         return build_model(self.cfg, self.num_classes)
 
     def prepare(self, engine: Engine) -> None:
         self.criterion = self.criterion.to(engine.device)
 
-    def batches(self, epoch: int, engine: Engine) -> Any:
+    def batches(self, epoch: int, engine: Engine) -> DataLoader:
         import torch
         from torch.utils.data import DataLoader
 
@@ -308,7 +313,7 @@ class ClassificationTask:
         return DataLoader(self.train_ds, batch_sampler=batches[: self.iterations_per_epoch],
                           num_workers=t.num_workers)
 
-    def loss(self, model: Any, batch: Any, engine: Engine) -> tuple[Any, dict[str, float]]:
+    def loss(self, model: nn.Module, batch: Any, engine: Engine) -> tuple[torch.Tensor, dict[str, float]]:
         x, y, _ = batch
         x, y = x.to(engine.device), y.to(engine.device)
         logits = model(x)
@@ -318,7 +323,7 @@ class ClassificationTask:
     def train_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         return {"train_accuracy": sums.get("correct", 0.0) / max(sums.get("count", 0.0), 1.0)}
 
-    def validate(self, model: Any, engine: Engine) -> dict[str, Any]:
+    def validate(self, model: nn.Module, engine: Engine) -> dict[str, Any]:
         """Loss, accuracy and macro AUC on the whole validation set (every rank computes it alike)."""
         import torch
         from torch.utils.data import DataLoader

@@ -18,10 +18,13 @@ import resource
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medse.utils.atomic import atomic_write_text
 from medse.utils.errors import MedseError
+
+if TYPE_CHECKING:
+    from medse.compare.pipeline import CompareConfig
 
 __all__ = ["default_pipeline", "run_demo"]
 
@@ -110,7 +113,7 @@ def run_demo(
     return summary
 
 
-def _explain_example(cfg: Any, out: Path, say: Callable[[str], None]) -> dict[str, str]:
+def _explain_example(cfg: CompareConfig, out: Path, say: Callable[[str], None]) -> dict[str, str]:
     """Gate maps of the first spatial-gate block model (scSE in the demo) on the overlay's example case."""
     from medse.compare.explain import explain, spatial_gate_blocks
     from medse.compare.figures import pick_example_case

@@ -24,12 +24,16 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from medse.utils.atomic import atomic_write_text
 from medse.utils.errors import MedseError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 __all__ = ["ExplainResult", "explain", "gate_layers"]
 
@@ -52,7 +56,7 @@ class ExplainResult:
     summary: Path | None = None
 
 
-def gate_layers(model: Any) -> list[tuple[str, Any]]:
+def gate_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(module name, module)`` of every block in ``model`` that can record a spatial gate, in module order.
 
     Gate-recording sub-modules of a gate block (e.g. the sSE branch inside scSE) are not listed: the outer
@@ -108,7 +112,7 @@ def _pad_to(x: Any, divisor: int) -> tuple[Any, list[int]]:
     return x, target
 
 
-def _gate_maps(model: Any, layers: list[tuple[str, Any]], x: Any, divisor: int) -> list[np.ndarray]:
+def _gate_maps(model: nn.Module, layers: list[tuple[str, nn.Module]], x: torch.Tensor, divisor: int) -> list[np.ndarray]:
     """Run ``x`` (1, C, *spatial) through ``model`` and return each layer's gate at the size of ``x``."""
     import torch
     import torch.nn.functional as F

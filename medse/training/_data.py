@@ -13,7 +13,9 @@ from medse.utils.errors import MedseError
 
 if TYPE_CHECKING:
     from medse.config import Config
-    from medse.runs import DatasetInfo
+    from medse.data.datasets import DatasetSpec
+    from medse.data.loader import CaseStore, PatchDataset, VolumeDataset
+    from medse.runs import DatasetInfo, Split
 
 
 @dataclass
@@ -24,7 +26,7 @@ class PreparedData:
     background); ``class_names[i]`` its name.
     """
 
-    spec: Any
+    spec: DatasetSpec
     class_names: list[str]
     class_values: list[int]
     channel_names: list[str]
@@ -105,7 +107,7 @@ def make_splits(run_dir: Path, prep: PreparedData, cfg: Config) -> dict[str, lis
     return _split_lists(split)
 
 
-def _split_lists(split: Any) -> dict[str, list[str]]:
+def _split_lists(split: Split | dict[str, list[str]]) -> dict[str, list[str]]:
     get = split.get if isinstance(split, dict) else (lambda k, d=None: getattr(split, k, d))
     out = {k: list(get(k, []) or []) for k in ("train", "val", "test")}
     if not out["train"]:
@@ -115,7 +117,7 @@ def _split_lists(split: Any) -> dict[str, list[str]]:
     return out
 
 
-def make_store(prep: PreparedData, cfg: Config) -> Any:
+def make_store(prep: PreparedData, cfg: Config) -> CaseStore:
     from medse.data.loader import CaseStore
 
     return CaseStore(
@@ -124,7 +126,7 @@ def make_store(prep: PreparedData, cfg: Config) -> Any:
     )
 
 
-def make_train_dataset(store: Any, case_ids: list[str], cfg: Config) -> Any:
+def make_train_dataset(store: CaseStore, case_ids: list[str], cfg: Config) -> PatchDataset:
     from medse.data.loader import PatchDataset
 
     t = cfg.train
@@ -140,7 +142,7 @@ def make_train_dataset(store: Any, case_ids: list[str], cfg: Config) -> Any:
     )
 
 
-def make_val_dataset(store: Any, case_ids: list[str]) -> Any:
+def make_val_dataset(store: CaseStore, case_ids: list[str]) -> VolumeDataset:
     from medse.data.loader import VolumeDataset
 
     return VolumeDataset(store, case_ids)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medse.config import Config, config_to_dict, load_config
 from medse.runs import Run, build_model
@@ -39,6 +39,11 @@ from medse.training.engine import (
     start_run,
 )
 from medse.utils.errors import MedseError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader
 
 __all__ = ["STOP_ENV", "TIMING_WARMUP_STEPS", "SegmentationTask", "TrainingInterrupted", "resume", "train"]
 
@@ -156,7 +161,7 @@ def _create_run_dir(output: Path, cfg: Config, prep: _data.PreparedData) -> Run:
     )
 
 
-def supervised_loss(loss_fn: Any, output: Any, label: Any, spatial_dims: int) -> Any:
+def supervised_loss(loss_fn: nn.Module, output: torch.Tensor, label: torch.Tensor, spatial_dims: int) -> torch.Tensor:
     """``loss_fn`` of the logits, or the weighted sum over deep-supervision heads.
 
     ``output`` is ``(B, C, *spatial)`` logits, or a deep-supervision stack ``(B, heads, C, *spatial)`` (MONAI
@@ -171,7 +176,7 @@ def supervised_loss(loss_fn: Any, output: Any, label: Any, spatial_dims: int) ->
     return loss_fn(output.float(), label)
 
 
-def _warn_if_patch_exceeds_data(store: Any, case_ids: list[str], cfg: Config) -> None:
+def _warn_if_patch_exceeds_data(store: _data.CaseStore, case_ids: list[str], cfg: Config) -> None:
     """Warn once when the training patch is larger than every training case along some axis (after
     preprocessing): the sampler pads such cases (image with its per-channel minimum, label 0), which trains,
     but on a patch that is partly padding. The cases are read through the store's cache, which training
@@ -221,7 +226,7 @@ class SegmentationTask:
             weight_mode="exp",
         )
 
-    def settings(self, device: Any) -> EngineSettings:
+    def settings(self, device: torch.device) -> EngineSettings:
         from medse.training.optim import schedule_of
         from medse.utils.seed import derive_seed
 
@@ -234,7 +239,7 @@ class SegmentationTask:
             tensorboard=t.tensorboard,
         )
 
-    def build_model(self) -> Any:
+    def build_model(self) -> nn.Module:
         return build_model(self.cfg, self.in_channels, self.prep.num_classes)
 
     def prepare(self, engine: Engine) -> None:
@@ -247,7 +252,7 @@ class SegmentationTask:
         self.train_ds = _data.make_train_dataset(store, self.splits["train"], self.cfg)
         self.val_ds = _data.make_val_dataset(store, self.val_ids)
 
-    def batches(self, epoch: int, engine: Engine) -> Any:
+    def batches(self, epoch: int, engine: Engine) -> DataLoader:
         import torch
         from torch.utils.data import DataLoader
 
@@ -266,7 +271,7 @@ class SegmentationTask:
             generator=gen,
         )
 
-    def loss(self, model: Any, batch: Any, engine: Engine) -> tuple[Any, dict[str, float]]:
+    def loss(self, model: nn.Module, batch: Any, engine: Engine) -> tuple[torch.Tensor, dict[str, float]]:
         image, label = _data.unpack(batch)
         image = image.to(engine.device, non_blocking=True).float()
         label = label.to(engine.device, non_blocking=True).long()
@@ -278,7 +283,7 @@ class SegmentationTask:
     def train_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         return {}
 
-    def validate(self, model: Any, engine: Engine) -> dict[str, Any]:
+    def validate(self, model: nn.Module, engine: Engine) -> dict[str, Any]:
         import torch
 
         from medse.training.validation import dice_per_class, predict_logits, reduce_dice_sums
@@ -357,7 +362,7 @@ def _engine(run: Run, cfg: Config, prep: _data.PreparedData, dist: DistInfo, sto
     return Engine(run, task, task.settings(resolve_device(cfg.train.device, dist)), dist, stop_after)
 
 
-def _attention_label(attention: Any) -> str:
+def _attention_label(attention: str | dict[str, str]) -> str:
     """``model.attention`` as one readable string (a mapping as ``encoder=cse,decoder=scse``)."""
     from medse.networks import format_assignment
 

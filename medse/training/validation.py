@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 
 def predict_logits(
-    model: Any,
+    model: torch.nn.Module,
     image: torch.Tensor,
     *,
     spatial_dims: int,
