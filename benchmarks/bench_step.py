@@ -5,7 +5,11 @@ Networks (``--networks``):
 - ``realistic``: MONAI UNet channels 32-64-128-256, 2 residual units, batch 2, 64^3 patches (``--size`` to
   change the patch edge when one step is too slow for the machine), 4 classes;
 - ``demo``: the demo's network (``configs/demo.yaml``: MONAI UNet 16-32-64-128, no residual units, batch 2,
-  32^3).
+  32^3);
+- ``nnunet``: nnU-Net v2's ``PlainConvUNet`` with medse blocks (``AttentionPlainConvUNet``): the 3d_fullres
+  layout of a 64^3-class patch (6 stages 32-64-128-256-320-320, kernels 3, strides 1-2-2-2-2-2, 2 convs per
+  stage, instance norm, leaky ReLU, no deep supervision), batch 2, ``--size`` patches; needs the nnU-Net
+  environment (``make setup-nnunet``; run with ``.venv-nnunet/bin/python``).
 
 Every block sits at every position (encoder, bottleneck, decoder) with its default settings (fast path on).
 A training step is forward, cross-entropy, backward and an SGD step (momentum 0.9).
@@ -23,6 +27,7 @@ Usage::
     python benchmarks/bench_step.py --networks realistic --size 32 --rounds 9
     python benchmarks/bench_step.py --device cuda --compile           # on a GPU
     python benchmarks/bench_step.py --quick                           # tiny smoke run
+    .venv-nnunet/bin/python benchmarks/bench_step.py --networks nnunet --output benchmarks/results/step_cpu_nnunet.md
 """
 
 from __future__ import annotations
@@ -64,20 +69,45 @@ def network_specs(size: int, demo_size: int, quick: bool) -> dict[str, dict]:
             "realistic": {"label": "U-Net 3D 8-16, 2 res units (quick)", "kwargs": {"channels": [8, 16],
                           "num_res_units": 2}, "input": (1, 1, 16, 16, 16)},
             "demo": {"label": "U-Net 3D demo (quick)", "kwargs": {"channels": [8, 16]}, "input": (1, 1, 16, 16, 16)},
+            "nnunet": {"label": "nnU-Net PlainConvUNet 3D 8-16-32 (quick)", "kind": "nnunet",
+                       "kwargs": _plain_conv_unet_kwargs([8, 16, 32]), "input": (1, 1, 16, 16, 16)},
         }
     return {
         "realistic": {"label": f"U-Net 3D 32-64-128-256, 2 res units, {size}^3", "kwargs": {
             "channels": [32, 64, 128, 256], "num_res_units": 2}, "input": (2, 1, size, size, size)},
         "demo": {"label": f"U-Net 3D demo 16-32-64-128, {demo_size}^3", "kwargs": {"channels": [16, 32, 64, 128]},
                  "input": (2, 1, demo_size, demo_size, demo_size)},
+        "nnunet": {"label": f"nnU-Net PlainConvUNet 3D 32-64-128-256-320-320, {size}^3", "kind": "nnunet",
+                   "kwargs": _plain_conv_unet_kwargs([32, 64, 128, 256, 320, 320]), "input": (2, 1, size, size, size)},
     }
+
+
+def _plain_conv_unet_kwargs(features: list[int]) -> dict:
+    """``PlainConvUNet`` arguments as nnU-Net v2's 3d_fullres plans give them (the norm/nonlin classes are
+    filled in by :func:`build`, which imports torch.nn only)."""
+    n = len(features)
+    return {"n_stages": n, "features_per_stage": features, "kernel_sizes": [[3, 3, 3]] * n,
+            "strides": [[1, 1, 1]] + [[2, 2, 2]] * (n - 1), "n_conv_per_stage": [2] * n,
+            "n_conv_per_stage_decoder": [2] * (n - 1), "conv_bias": True}
 
 
 def build(spec: dict, attention: str, kw: dict, fused: bool, device: torch.device) -> nn.Module:
     from medse.networks import create_model
 
     torch.manual_seed(0)
-    model = create_model("unet", 3, 1, NUM_CLASSES, attention=attention, attention_kwargs=dict(kw), **spec["kwargs"])
+    if spec.get("kind") == "nnunet":
+        try:
+            from medse.integrations.nnunet.networks import AttentionPlainConvUNet
+        except ImportError as e:
+            raise SystemExit(f"--networks nnunet needs nnU-Net v2 (make setup-nnunet; .venv-nnunet/bin/python): {e}") from None
+        model = AttentionPlainConvUNet(
+            1, conv_op=nn.Conv3d, num_classes=NUM_CLASSES, norm_op=nn.InstanceNorm3d,
+            norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True},
+            deep_supervision=False, attention=attention, attention_kwargs=dict(kw), **spec["kwargs"],
+        )
+    else:
+        model = create_model("unet", 3, 1, NUM_CLASSES, attention=attention, attention_kwargs=dict(kw),
+                             **spec["kwargs"])
     for m in model.modules():
         if hasattr(m, "fused"):
             m.fused = fused
@@ -177,7 +207,8 @@ def bench_network(name: str, spec: dict, blocks: list[tuple[str, str, dict]], ro
 
 def to_markdown(spec: dict, rows: list[dict]) -> str:
     lines = [
-        f"### {spec['label']}: `unet` {spec['kwargs']}, input {tuple(spec['input'])}, {NUM_CLASSES} classes, SGD",
+        f"### {spec['label']}: `{'AttentionPlainConvUNet' if spec.get('kind') == 'nnunet' else 'unet'}` "
+        f"{spec['kwargs']}, input {tuple(spec['input'])}, {NUM_CLASSES} classes, SGD",
         "",
         "| block | variant | blocks in net | step ms | overhead vs none (median of paired ratios) | 25-75% range "
         "| rounds |",
@@ -219,7 +250,7 @@ def select_blocks(names: list[str] | None) -> list[tuple[str, str, dict]]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--networks", nargs="+", default=["realistic", "demo"], choices=["realistic", "demo"])
+    ap.add_argument("--networks", nargs="+", default=["realistic", "demo"], choices=["realistic", "demo", "nnunet"])
     ap.add_argument("--size", type=int, default=64, help="patch edge of the realistic network (default 64)")
     ap.add_argument("--demo-size", type=int, default=32, help="patch edge of the demo network (default 32)")
     ap.add_argument("--blocks", nargs="+", default=None, help=f"labels or registry names (default {DEFAULT_BLOCKS})")

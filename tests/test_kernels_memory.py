@@ -103,3 +103,42 @@ def test_fast_paths_take_non_contiguous_inputs(block):
         grads.append(x.grad)
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,kw", [("cse", {}), ("eca", {}), ("se", {"reduction": 4})])
+def test_channel_gates_keep_their_output_not_their_input(name, kw):
+    """The channel family's backward needs only the output and the (B, C) gate (sum dy x = sum(dy y) / c), so its
+    Function saves y, which the next layer saves anyway: the block's input is not kept alive for backward (a
+    training step of a U-Net then holds no extra activation per block). Gradients equal the plain formula's."""
+    torch.manual_seed(0)
+    block = create_attention(name, 3, 8, **kw)
+    a = torch.randn(*SHAPE, requires_grad=True)
+    x = a * 1.0  # a non-leaf input, as inside a network
+    y = block(x)
+    saved = y.grad_fn.saved_tensors
+    ptr = x.untyped_storage().data_ptr()
+    assert saved and all(t.untyped_storage().data_ptr() != ptr for t in saved if t.numel() == x.numel())
+    assert any(t.untyped_storage().data_ptr() == y.untyped_storage().data_ptr() for t in saved)
+    dy = torch.randn_like(y)
+    (ga,) = torch.autograd.grad(y, a, dy)
+    block.fused = False
+    (gp,) = torch.autograd.grad(block(a * 1.0), a, dy)
+    torch.testing.assert_close(ga, gp, rtol=1e-4, atol=1e-6)
+
+
+def test_channel_gate_survives_a_saturated_gate():
+    """A gate of exactly 0 (sigmoid underflow) gives finite gradients equal to the plain formula's."""
+    from medse.attention.kernels.channel import channel_attention
+
+    x = torch.randn(*SHAPE, dtype=torch.float64, requires_grad=True)
+    w = torch.ones(8, dtype=torch.float64, requires_grad=True)
+
+    def gate(z):
+        return torch.sigmoid(w * z * 0 + torch.tensor([-800.0] + [0.5] * 7, dtype=z.dtype))
+
+    dy = torch.randn(*SHAPE, dtype=torch.float64)
+    g_fast = torch.autograd.grad(channel_attention(x, gate, [w]), (x, w), dy)
+    g_plain = torch.autograd.grad(x * gate(x.flatten(2).mean(-1)).view(2, 8, 1, 1, 1), (x, w), dy)
+    for f, p in zip(g_fast, g_plain, strict=True):
+        assert torch.isfinite(f).all()
+        torch.testing.assert_close(f, p)

@@ -29,38 +29,46 @@ __all__ = ["channel_attention"]
 class _ChannelFn(torch.autograd.Function):
     """y = x * c, c = gate_fn(mean_n x) per (B, C).
 
-    Backward: ``gc = sum_n dy * x``; the gate network maps gc to ``gz`` (and its parameter gradients);
-    ``gx = dy * c + gz / N`` in one pass (the mean's gradient is folded into the same write).
+    Backward: ``gc = sum_n dy * x = (sum_n dy * y) / c``; the gate network maps gc to ``gz`` (and its parameter
+    gradients); ``gx = dy * c + gz / N`` in one pass (the mean's gradient is folded into the same write).
+
+    The Function saves its output y, not its input: the next layer (a convolution) saves y anyway, so the
+    block's input can be freed after the forward pass and the block adds no activation to the training peak.
+    Where a gate is exactly 0 (a saturated sigmoid), ``gc`` is taken as 0: a gate that saturates has zero
+    derivative, so the gate network's gradient is unchanged. An in-place operation on the block's output after
+    it (``nn.ReLU(inplace=True)``) makes autograd refuse the backward pass; use ``fused=False`` there.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, gate_fn: Callable[[Tensor], Tensor], *params: Tensor) -> Tensor:  # type: ignore[override]
         x3 = x.flatten(2)
         (zl,), c = run_gate(gate_fn, x3.mean(-1))
-        y3 = x3 * c.detach().to(x.dtype).unsqueeze(-1)
-        ctx.save_for_backward(x)
+        y = unflat(x3 * c.detach().to(x.dtype).unsqueeze(-1), x.shape)
+        ctx.save_for_backward(y)
         ctx.gate = (zl, c)
         ctx.params = params
-        return unflat(y3, x.shape)
+        return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy: Tensor):  # type: ignore[override]
-        (x,) = ctx.saved_tensors
+        (y,) = ctx.saved_tensors
         zl, c = ctx.gate
-        x3, dy3 = x.flatten(2), dy.flatten(2)
-        b, ch, n = x3.shape
-        single = len(chunk_spans(n, b * ch, x.device)) == 1
-        if single:  # the gradient's buffer doubles as the scratch of dy * x: one full-size allocation
-            gx3 = torch.mul(dy3, x3)
-            gc = gx3.sum(-1, dtype=acc_dtype(x.dtype))
+        y3, dy3 = y.flatten(2), dy.flatten(2)
+        b, ch, n = y3.shape
+        single = len(chunk_spans(n, b * ch, y.device)) == 1
+        if single:  # the gradient's buffer doubles as the scratch of dy * y: one full-size allocation
+            gx3 = torch.mul(dy3, y3)
+            gyc = gx3.sum(-1, dtype=acc_dtype(y.dtype))
         else:
-            gc = dot_spatial(dy3, x3)
+            gyc = dot_spatial(dy3, y3)
+        cd = c.detach().to(gyc.dtype)
+        gc = torch.where(cd != 0, gyc / torch.where(cd != 0, cd, 1), 0)  # sum_n dy * x
         (gz,), gp = gate_backward([c], [gc], [zl], ctx.params)
         gz = torch.zeros_like(zl) if gz is None else gz
-        gzn, c3 = (gz / n).to(x.dtype).unsqueeze(-1), c.detach().to(x.dtype).unsqueeze(-1)
+        gzn, c3 = (gz / n).to(y.dtype).unsqueeze(-1), c.detach().to(y.dtype).unsqueeze(-1)
         gx3 = torch.addcmul(gzn, dy3, c3, out=gx3) if single else torch.addcmul(gzn, dy3, c3)
-        return (unflat(gx3, x.shape), None, *gp)
+        return (unflat(gx3, y.shape), None, *gp)
 
 
 def channel_attention(x: Tensor, gate_fn: Callable[[Tensor], Tensor], params: Sequence[Tensor]) -> Tensor:
