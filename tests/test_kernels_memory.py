@@ -105,10 +105,11 @@ def test_fast_paths_take_non_contiguous_inputs(block):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name,kw", [("cse", {}), ("eca", {}), ("se", {"reduction": 4})])
+@pytest.mark.parametrize("name,kw", [("cse", {}), ("eca", {}), ("se", {"reduction": 4}), ("sse", {})])
 def test_channel_gates_keep_their_output_not_their_input(name, kw):
-    """The channel family's backward needs only the output and the (B, C) gate (sum dy x = sum(dy y) / c), so its
-    Function saves y, which the next layer saves anyway: the block's input is not kept alive for backward (a
+    """The channel family's backward needs only the output and the (B, C) gate (sum dy x = sum(dy y) / c), sSE's
+    only the output and the (B, N) gate (sum_c dy x = sum_c(dy y) / q), so their Functions save y, which the next
+    layer saves anyway: the block's input is not kept alive for backward (a
     training step of a U-Net then holds no extra activation per block). Gradients equal the plain formula's."""
     torch.manual_seed(0)
     block = create_attention(name, 3, 8, **kw)
@@ -139,6 +140,28 @@ def test_channel_gate_survives_a_saturated_gate():
     dy = torch.randn(*SHAPE, dtype=torch.float64)
     g_fast = torch.autograd.grad(channel_attention(x, gate, [w]), (x, w), dy)
     g_plain = torch.autograd.grad(x * gate(x.flatten(2).mean(-1)).view(2, 8, 1, 1, 1), (x, w), dy)
+    for f, p in zip(g_fast, g_plain, strict=True):
+        assert torch.isfinite(f).all()
+        torch.testing.assert_close(f, p)
+
+
+def test_spatial_gate_survives_a_saturated_gate():
+    """sSE with gates of exactly 0 at some positions (sigmoid underflow): finite gradients equal to the plain
+    formula's, the conv weight's included."""
+    from medse.attention.kernels.spatial import spatial_attention
+
+    torch.manual_seed(0)
+    x = torch.randn(*SHAPE, dtype=torch.float64)
+    x[:, :, :4] = 100.0  # w . x = -800 there: sigmoid(-800) == 0 in float64
+    x.requires_grad_(True)
+    w = torch.full((8,), -1.0, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(*SHAPE, dtype=torch.float64)
+    y, q = spatial_attention(x, w, b)
+    assert (q == 0).any()
+    g_fast = torch.autograd.grad(y, (x, w, b), dy)
+    qp = torch.sigmoid((x * w.view(1, -1, 1, 1, 1)).sum(1, keepdim=True) + b)
+    g_plain = torch.autograd.grad(x * qp, (x, w, b), dy)
     for f, p in zip(g_fast, g_plain, strict=True):
         assert torch.isfinite(f).all()
         torch.testing.assert_close(f, p)

@@ -81,42 +81,47 @@ def _spatial_logits(x3: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
 class _SpatialFn(torch.autograd.Function):
     """y = x * q, q = sigmoid(w . x + b).
 
-    Backward, one blocked pass over (dy, x): ``gq = sum_c dy * x``, ``gs = gq * q * (1 - q)``,
-    ``gx = dy * q + w * gs``, ``gw = sum_{b,n} x * gs``, ``gb = sum gs``. Saves x and q (as the plain code).
+    Backward, one blocked pass over (dy, y): with ``r = sum_c dy * y = q * sum_c dy * x``, ``gs = gq * q * (1 - q)
+    = r * (1 - q)``, ``gx = dy * q + w * gs``, ``gw = sum_{b,n} x * gs = sum_{b,n} y * gs / q``, ``gb = sum gs``
+    (positions with q exactly 0 contribute 0: there gs = 0). Saves the output y and q, not the input: the next
+    layer saves y anyway, so the block's input is freed after the forward pass. An in-place operation on the
+    output after the block makes autograd refuse the backward pass; use ``fused=False`` there.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         x3 = x.flatten(2)
         q = _spatial_logits(x3, weight, bias).sigmoid_()
-        y3 = x3 * q
-        ctx.save_for_backward(x, weight, q)
+        y = unflat(x3 * q, x.shape)
+        ctx.save_for_backward(y, weight, q)
         ctx.has_bias = bias is not None
         ctx.mark_non_differentiable(q)
-        return unflat(y3, x.shape), q
+        return y, q
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy: Tensor, _dq: Tensor | None):  # type: ignore[override]
-        x, weight, q = ctx.saved_tensors
-        x3, dy3 = x.flatten(2), dy.flatten(2)
-        b, c, n = x3.shape
-        acc = acc_dtype(x.dtype)
-        w3 = weight.to(x.dtype).view(1, c, 1)
-        gx3 = torch.empty_like(x3)
-        gw = torch.zeros(c, dtype=acc, device=x.device)
-        gb = torch.zeros((), dtype=acc, device=x.device)
-        for j0, j1 in chunk_spans(n, b * c, x.device):
-            xc, dyc, qc = x3[..., j0:j1], dy3[..., j0:j1], q[..., j0:j1]
+        y, weight, q = ctx.saved_tensors
+        y3, dy3 = y.flatten(2), dy.flatten(2)
+        b, c, n = y3.shape
+        acc = acc_dtype(y.dtype)
+        w3 = weight.to(y.dtype).view(1, c, 1)
+        gx3 = torch.empty_like(y3)
+        gw = torch.zeros(c, dtype=acc, device=y.device)
+        gb = torch.zeros((), dtype=acc, device=y.device)
+        for j0, j1 in chunk_spans(n, b * c, y.device):
+            yc, dyc, qc = y3[..., j0:j1], dy3[..., j0:j1], q[..., j0:j1]
             gxc = gx3[..., j0:j1]
-            gs = torch.mul(dyc, xc, out=gxc).sum(1, keepdim=True)  # gq (B, 1, k); gx's buffer as scratch
-            gs.mul_(qc).mul_(1 - qc)
+            gs = torch.mul(dyc, yc, out=gxc).sum(1, keepdim=True)  # r (B, 1, k); gx's buffer as scratch
+            gs.mul_(1 - qc)
             torch.mul(dyc, qc, out=gxc)
             gxc.addcmul_(w3, gs)
-            gw += torch.matmul(xc, gs.transpose(1, 2)).sum(0, dtype=acc).view(c)
+            live = qc != 0
+            t = torch.where(live, gs / torch.where(live, qc, 1), 0)  # gs / q: x * gs = y * t
+            gw += torch.matmul(yc, t.transpose(1, 2)).sum(0, dtype=acc).view(c)
             gb += gs.sum(dtype=acc)
         g_bias = gb.to(weight.dtype).view(1) if ctx.has_bias else None
-        return unflat(gx3, x.shape), gw.to(weight.dtype).view(weight.shape), g_bias
+        return unflat(gx3, y.shape), gw.to(weight.dtype).view(weight.shape), g_bias
 
 
 def spatial_attention(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
