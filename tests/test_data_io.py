@@ -113,3 +113,30 @@ def test_suffix_helpers():
     assert split_suffix("x.mha") == ("x", ".mha")
     assert is_image_file("a.nii.gz") and is_image_file("b.nrrd") and not is_image_file(".tmp-a.nii.gz")
     assert not is_image_file("notes.txt") and not is_image_file("pair.img")
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_gzipped_nifti_is_decompressed_once_and_reads_as_nibabel_does(tmp_path, monkeypatch, version):
+    """A .nii.gz is decompressed once (the truncation check's bytes are what is parsed) and reads exactly as
+    nibabel's own loader reads it: scaled data, affine, header codes, NIfTI-1 and NIfTI-2."""
+    cls = nib.Nifti1Image if version == 1 else nib.Nifti2Image
+    aff = np.array([[0.0, -1.2, 0.1, 10.0], [1.1, 0.0, 0.0, -5.0], [0.0, 0.2, 2.5, 3.0], [0, 0, 0, 1]])
+    arr = np.random.default_rng(2).integers(-300, 900, size=(6, 7, 5)).astype(np.int16)
+    img = cls(arr, aff)
+    img.header.set_slope_inter(0.5, -10.0)
+    path = tmp_path / f"s{version}.nii.gz"
+    nib.save(img, str(path))
+    streams = []
+    real_init = gzip._GzipReader.__init__  # every gzip decompression stream (gzip.open, nibabel's GzipFile)
+
+    def counting_init(self, *a, **k):
+        streams.append(1)
+        real_init(self, *a, **k)
+
+    monkeypatch.setattr(gzip._GzipReader, "__init__", counting_init)
+    got = read_image(path)
+    assert len(streams) == 1  # decompressed once
+    ref = nib.load(str(path))
+    np.testing.assert_array_equal(got.array, np.asanyarray(ref.dataobj).astype(got.array.dtype))
+    np.testing.assert_allclose(got.affine, ref.affine)
+    assert got.header["nifti_version"] == version and got.header["sform_code"] == int(ref.header["sform_code"])

@@ -144,21 +144,30 @@ def _detail(e: BaseException, path: Path) -> str:
     return text
 
 
-def _check_gzip(path: Path) -> None:
-    """Read a .gz file through to the end: detects truncation that lazy loaders would miss."""
+def _gunzip(path: Path) -> bytes:
+    """The whole decompressed content of a .gz file: reading it through detects truncation that lazy loaders
+    would miss, and a NIfTI is then parsed from these bytes (the file is decompressed once, not twice)."""
     try:
         with gzip.open(path, "rb") as f:
-            while f.read(1 << 22):
-                pass
+            return f.read()
     except (EOFError, OSError, zlib.error) as e:
         raise MedseError(f"truncated or corrupt gzip file ({_detail(e, path)})", path) from e
 
 
-def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...], dict[str, Any]]:
+def _nifti_from_bytes(raw: bytes) -> Any:
+    """A NIfTI-1 or NIfTI-2 image parsed from decompressed bytes (``sizeof_hdr`` 348 or 540, either byte order)."""
+    import nibabel as nib
+
+    head = raw[:4]
+    n2 = len(head) == 4 and 540 in (int.from_bytes(head, "little"), int.from_bytes(head, "big"))
+    return (nib.Nifti2Image if n2 else nib.Nifti1Image).from_bytes(raw)
+
+
+def _read_nifti(path: Path, raw: bytes | None = None) -> tuple[np.ndarray, np.ndarray, tuple[float, ...], dict[str, Any]]:
     import nibabel as nib
 
     try:
-        img = nib.load(str(path))
+        img = nib.load(str(path)) if raw is None else _nifti_from_bytes(raw)
     except Exception as e:
         raise MedseError(f"unreadable NIfTI file ({type(e).__name__}: {_detail(e, path)})", path) from e
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
@@ -241,10 +250,9 @@ def read_image(path: str | os.PathLike, *, expect_3d: bool = False) -> Image:
     if path.stat().st_size == 0:
         raise MedseError("empty file (0 bytes)", path)
     lower = path.name.lower()
-    if lower.endswith(".gz"):
-        _check_gzip(path)
+    raw = _gunzip(path) if lower.endswith(".gz") else None
     if lower.endswith(NIFTI_SUFFIXES):
-        arr, affine, spacing, info = _read_nifti(path)
+        arr, affine, spacing, info = _read_nifti(path, raw)
     else:
         arr, affine, spacing, info = _read_itk(path)
     arr = _check_dims(np.asarray(arr), path, expect_3d)
