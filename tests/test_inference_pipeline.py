@@ -191,12 +191,12 @@ def test_reader_and_writer_errors_are_the_cases_failures(tmp_path: Path, monkeyp
     real_read, real_write = Predictor._read, writer_mod.write_label_like
 
     def read(self, paths):
-        if Path(paths[0]).name == "c1.nii.gz":
+        if Path(paths[0]).name == "c2.nii.gz":
             raise RuntimeError("reader exploded")
         return real_read(self, paths)
 
     def write(mask, ref, out, **kw):
-        if Path(out).name == "c2.nii.gz":
+        if Path(out).name == "c1.nii.gz":
             raise OSError("disk full (simulated)")
         return real_write(mask, ref, out, **kw)
 
@@ -204,8 +204,9 @@ def test_reader_and_writer_errors_are_the_cases_failures(tmp_path: Path, monkeyp
     monkeypatch.setattr(writer_mod, "write_label_like", write)
     lines: list[str] = []
     rep = predict_folder(_label_predictor(), inp, tmp_path / "out", progress=False, echo=lines.append)
-    assert rep.failed == [("c1", "RuntimeError: reader exploded"), ("c2", "disk full (simulated)")]
-    assert lines == ["failed: c1: RuntimeError: reader exploded", "failed: c2: disk full (simulated)"]
+    # c2's read fails while c1 is still being written: c1's outcome is recorded first, as without threads
+    assert rep.failed == [("c1", "disk full (simulated)"), ("c2", "RuntimeError: reader exploded")]
+    assert lines == ["failed: c1: disk full (simulated)", "failed: c2: RuntimeError: reader exploded"]
     assert [p.name for p in rep.written] == ["c0.nii.gz", "c3.nii.gz"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["c0.json", "c0.nii.gz", "c3.json", "c3.nii.gz",
                                                                     "failures.csv"]
