@@ -11,7 +11,10 @@ a randomly initialised default medse U-Net (channels 16-32-64-128, 3 classes), s
 overlap 0.5, Gaussian blending, on scans of 128^3 and 256x256x200 voxels with an oblique affine. Each
 size runs in its own process, so its peak resident memory (``ru_maxrss``) is its own. Time is split into
 reading + preprocessing, network forward passes, the rest of inference (window blending, argmax,
-inverse mapping) and writing (with the round-trip check).
+inverse mapping) and writing (with the round-trip check). ``predict_folder`` pipelines the cases (the next
+case is read and the previous one written while a case is in the network; the window blending runs while
+the next window batch is in the network), so these columns are the time the batch *waited* for each stage;
+the background columns give the seconds the reader / writer threads worked.
 
 Part 2 (memory of the sliding-window aggregation alone): a pointwise 14-class network (a 1x1x1 conv, so
 the network costs nothing) on a 256x256x200 and a 512x512x300 volume with 128^3 windows: MONAI's
@@ -180,6 +183,8 @@ def main() -> None:
         mem_sizes = ["64x64x48"]
         roi_mem = 32
     rows = []
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    t_bench = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="medse-bench-") as tmp:
         tmp_p = Path(tmp)
         run = tmp_p / "run"
@@ -206,7 +211,8 @@ def main() -> None:
                 mem_rows.append(res)
                 print(f"inferer {engine} {size}: {res['wall_s']:.1f} s, peak RSS {res['peak_rss_mib']:.0f} MiB "
                       f"(baseline {res['baseline_rss_mib']:.0f})", flush=True)
-    write_report(out_md, args, rows, mem_rows, roi_mem, torch.__version__)
+    header = provenance(sys.argv[1:], load_start, time.perf_counter() - t_bench)
+    write_report(out_md, args, rows, mem_rows, roi_mem, torch.__version__, header)
     print(f"wrote {out_md}")
 
 
@@ -227,15 +233,35 @@ def _analytic_mib(size: tuple[int, ...], k: int, roi: int) -> dict[str, float]:
     }
 
 
+def provenance(argv: list[str], load_start: float | None, wall_s: float) -> str:
+    """docsync's provenance header: command, commit, machine (with torch threads and load), date, wall."""
+    import datetime as dt
+
+    import torch
+
+    from medse.utils.docsync import current_commit, format_header, machine_description
+
+    load = ""
+    if load_start is not None and hasattr(os, "getloadavg"):
+        load = f", load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at the end"
+    return format_header({
+        "command": " ".join(["python", "benchmarks/bench_inference.py", *argv]),
+        "commit": current_commit(),
+        "machine": f"{machine_description()}, {torch.get_num_threads()} torch threads{load}",
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "wall": f"{wall_s:.0f} s",
+    })
+
+
 def write_report(path: Path, args: argparse.Namespace, rows: list[dict], mem_rows: list[dict], roi_mem: int,
-                 torch_version: str) -> None:
+                 torch_version: str, header: str = "") -> None:
+    command = " ".join(["python", "benchmarks/bench_inference.py", *sys.argv[1:]])
     lines = [
+        *([header.rstrip("\n"), ""] if header else []),
         f"# Inference benchmark ({args.device.upper()})",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores visible, "
-        f"torch {torch_version}, Python {platform.python_version()}. Command: "
-        f"`.venv/bin/python benchmarks/bench_inference.py{' --quick' if args.quick else ''}"
-        f"{'' if args.device == 'cpu' else ' --device ' + args.device}`.",
+        f"torch {torch_version}, Python {platform.python_version()}. Command: `{command}`.",
         "",
         "## End to end (`predict_folder`: read, preprocess, sliding window, invert, write + round-trip check)",
         "",
@@ -243,8 +269,8 @@ def write_report(path: Path, args: argparse.Namespace, rows: list[dict], mem_row
         "Gaussian blending, sw_batch_size 2, z-score normalisation, oblique affine, float32 NIfTI-1 (.nii.gz).",
         "",
         "| scan | cases | setup (s) | wall (s) | cases/min | forward (s) | outside forward | read+preprocess "
-        "| other inference | write | peak RSS (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| other inference | write | background read / write (s) | peak RSS (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         t = r["timings"]
@@ -255,13 +281,20 @@ def write_report(path: Path, args: argparse.Namespace, rows: list[dict], mem_row
             f"{fwd:.1f} | "
             f"{100.0 * (1 - fwd / wall):.1f}% | {100.0 * t.get('preprocess', 0) / wall:.1f}% | "
             f"{100.0 * t.get('postprocess', 0) / wall:.1f}% | {100.0 * t.get('write', 0) / wall:.1f}% | "
+            f"{t.get('background_read', 0):.1f} / {t.get('background_write', 0):.1f} | "
             f"{r['peak_rss_mib']:.0f} |")
     lines += [
         "",
         "\"setup\" (imports, building the network, loading the checkpoint: once per batch) is not in the wall "
-        "time. \"outside forward\" = 1 - (time in the network's forward calls) / wall time; it splits into "
-        "read+preprocess, \"other inference\" (window blending, argmax, inverse mapping, label lookup) and write "
-        "(with the round-trip check); the remainder is case listing and bookkeeping.",
+        "time. \"outside forward\" = 1 - (time in the network's forward calls) / wall time, i.e. the share of "
+        "the wall time in which no forward pass was running. `predict_folder` pipelines the cases: a reader "
+        "thread reads and preprocesses the next case and a writer thread maps the previous case back and writes "
+        "it while a case is in the network, and the window blending and argmax run while the next window batch "
+        "is in the network. So read+preprocess, \"other inference\" (blending and argmax not hidden behind a "
+        "forward pass) and write (inverse mapping, label lookup, writing with the round-trip check) are the "
+        "shares of the wall time the batch *waited* for them (the first case's read and the last case's write "
+        "cannot overlap anything); \"background read / write\" are the seconds the reader and writer threads "
+        "worked in all. The remainder is case listing and bookkeeping.",
         "",
         f"## Sliding-window aggregation memory (14 classes, {roi_mem}^3 windows, overlap 0.5, pointwise network)",
         "",

@@ -30,6 +30,7 @@ import io
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -388,7 +389,10 @@ class Predictor:
         self.checkpoint: Path | None = None
         self.last_props: dict[str, Any] | None = None
         self._identity: dict[str, Any] | None = None
+        #: seconds spent per stage, summed over the cases (see :func:`predict_folder` for what each key
+        #: counts when cases are pipelined); updated from several threads through :meth:`_add_time`
         self.timings: dict[str, float] = {"preprocess": 0.0, "forward": 0.0, "postprocess": 0.0, "write": 0.0}
+        self._timings_lock = threading.Lock()
 
     # ------------------------------------------------------------------ construction from a run
     @classmethod
@@ -477,6 +481,10 @@ class Predictor:
     def num_classes(self) -> int | None:
         return None if self.class_values is None else len(self.class_values)
 
+    def _add_time(self, key: str, seconds: float) -> None:
+        with self._timings_lock:
+            self.timings[key] = self.timings.get(key, 0.0) + seconds
+
     def _network(self) -> Any:
         import torch
 
@@ -490,7 +498,7 @@ class Predictor:
             y = y.float()
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            self.timings["forward"] += time.perf_counter() - t0
+            self._add_time("forward", time.perf_counter() - t0)
             return y
 
         if self.tta_flips:
@@ -521,9 +529,10 @@ class Predictor:
                                             mode=self.blend, sw_batch_size=self.sw_batch_size, device=self.device)
                 slabs = iter([(2, 0, int(full.shape[-1]), full)])
             elif self.spatial_dims == 3:
+                # background: the next window batch's forward runs while this one is blended and argmaxed
                 slabs = iter_window_slabs(
                     x, net, self.roi_size, overlap=self.overlap, mode=self.blend,  # type: ignore[arg-type]
-                    sw_batch_size=self.sw_batch_size, device=self.device, axis=self.stream_axis)
+                    sw_batch_size=self.sw_batch_size, device=self.device, axis=self.stream_axis, background=True)
             else:
                 slabs = iter_slice_slabs(
                     x, net, axis=self.slice_axis, batch_size=max(1, self.sw_batch_size), roi_size=self.roi_size,
@@ -561,7 +570,7 @@ class Predictor:
             MedseError: unreadable/4D input, NaN/Inf input with ``nonfinite="error"``, or wrong channel
                 count, naming the file.
         """
-        from medse.data.preprocess import NonFiniteWarning, invert_to_original, nonfinite_message
+        from medse.data.preprocess import NonFiniteWarning, nonfinite_message
 
         paths = [Path(image_paths)] if isinstance(image_paths, (str, os.PathLike)) else [Path(p) for p in image_paths]
         self.last_props = None
@@ -573,14 +582,31 @@ class Predictor:
             import warnings
 
             warnings.warn(msg, NonFiniteWarning, stacklevel=2)
-        self.timings["preprocess"] += time.perf_counter() - t0
-        f0 = self.timings["forward"]
-        t1 = time.perf_counter()
-        idx, probs = self.predict_preprocessed(image, probabilities=return_probabilities)
+        self._add_time("preprocess", time.perf_counter() - t0)
+        idx, probs, _ = self._predict_timed(image, return_probabilities)
         del image
         t2 = time.perf_counter()
-        # time inside predict_preprocessed that is not the network: argmax, buffers, softmax
-        self.timings["postprocess"] += (t2 - t1) - (self.timings["forward"] - f0)
+        res = self._finish(idx, probs, props, paths[0], return_probabilities)
+        self._add_time("postprocess", time.perf_counter() - t2)
+        return res
+
+    def _predict_timed(self, image: np.ndarray, probabilities: bool) -> tuple[np.ndarray, np.ndarray | None, float]:
+        """:meth:`predict_preprocessed` with its time outside the network added to ``timings["postprocess"]``;
+        also returns its wall seconds. One case at a time (the forward delta is this case's)."""
+        f0 = self.timings["forward"]
+        t1 = time.perf_counter()
+        idx, probs = self.predict_preprocessed(image, probabilities=probabilities)
+        wall = time.perf_counter() - t1
+        # time inside predict_preprocessed that is not the network: blending, argmax, buffers, softmax
+        self._add_time("postprocess", wall - (self.timings["forward"] - f0))
+        return idx, probs, wall
+
+    def _finish(self, idx: np.ndarray, probs: np.ndarray | None, props: dict[str, Any], reference: Path,
+                return_probabilities: bool) -> Any:
+        """Class indices (and float16 probabilities) of the preprocessed grid -> label values (and float32
+        probabilities ``(X, Y, Z, K)``) on the original file's grid; largest component if configured."""
+        from medse.data.preprocess import invert_to_original
+
         shape = tuple(int(s) for s in props["original_shape"])
         out_probs = None
         if probs is None:
@@ -593,17 +619,21 @@ class Predictor:
             del probs
             idx = np.argmax(out_probs, axis=-1)
         if tuple(idx.shape) != shape:
-            raise MedseError(f"prediction shape {tuple(idx.shape)} differs from the input grid {shape}", paths[0])
+            raise MedseError(f"prediction shape {tuple(idx.shape)} differs from the input grid {shape}", reference)
         values = self.class_values or list(range(int(idx.max()) + 1))
         from medse.inference.writer import label_dtype
 
-        lut = np.asarray(values, dtype=label_dtype(max(values)))
-        labels = lut[np.asarray(idx, dtype=np.intp)]
+        dtype = label_dtype(max(values))
+        if values == list(range(len(values))) and idx.dtype == dtype and (idx.size == 0 or
+                                                                        int(idx.max()) < len(values)):
+            labels = idx  # class index == label value: the lookup would be a copy of idx
+        else:
+            lut = np.asarray(values, dtype=dtype)
+            labels = lut[idx if idx.dtype.kind == "u" else np.asarray(idx, dtype=np.intp)]
         if self.largest_component:
             from medse.inference.postprocess import keep_largest_component
 
             labels = keep_largest_component(labels, [v for v in values if v != 0])
-        self.timings["postprocess"] += time.perf_counter() - t2
         if return_probabilities:
             return labels, out_probs
         return labels
@@ -749,6 +779,79 @@ def _existing_output(target: Path, case: InputCase, identity: Mapping[str, Any],
     return "skip", ""
 
 
+def _failure_message(e: BaseException) -> str:
+    """One line for a failed case: the error's message, with its type unless it is a MedseError, ValueError
+    or OSError."""
+    msg = str(e).replace("\n", " ").strip() or type(e).__name__
+    if not isinstance(e, (MedseError, ValueError, OSError)):
+        msg = f"{type(e).__name__}: {msg}"
+    return msg
+
+
+@dataclass
+class _Prepared:
+    """One case on its way through :func:`predict_folder`'s pipeline."""
+
+    case: InputCase
+    action: str = "fail"  # "predict" | "skip" | "fail"
+    error: str | None = None
+    redo: str | None = None
+    target: Path | None = None
+    prob_target: Path | None = None
+    image: np.ndarray | None = None
+    props: dict[str, Any] | None = None
+    read_s: float = 0.0
+    n_bad: int = 0
+
+
+class _Inline:
+    """A "future" whose call runs in the calling thread: at once, or (``lazy``) when its result is asked for."""
+
+    def __init__(self, fn: Any, args: tuple[Any, ...], lazy: bool) -> None:
+        self._call: tuple[Any, tuple[Any, ...]] | None = (fn, args)
+        self._value: Any = None
+        self._error: Exception | None = None
+        if not lazy:
+            self._run()
+
+    def _run(self) -> None:
+        if self._call is not None:
+            fn, args = self._call
+            self._call = None
+            try:
+                self._value = fn(*args)
+            except Exception as e:
+                self._error = e
+
+    def result(self) -> Any:
+        self._run()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+class _Worker:
+    """One background thread running calls in order (``concurrent.futures``), or, when not ``threaded``,
+    the calls made in the calling thread (``lazy``: only when their result is asked for).
+
+    An exception raised by a call is raised again by its future's ``result()`` in the caller's thread."""
+
+    def __init__(self, name: str, threaded: bool, lazy: bool = False) -> None:
+        self._pool = None
+        self._lazy = lazy
+        if threaded:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+    def submit(self, fn: Any, *args: Any) -> Any:
+        return _Inline(fn, args, self._lazy) if self._pool is None else self._pool.submit(fn, *args)
+
+    def close(self) -> None:
+        if self._pool is not None:  # a write in flight is finished (it is atomic either way); queued calls dropped
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def predict_folder(
     run_dir: str | os.PathLike | Predictor,
     inputs: str | os.PathLike | Sequence[str | os.PathLike],
@@ -761,6 +864,7 @@ def predict_folder(
     progress: bool = True,
     echo: Any = None,
     warmup: bool = False,
+    prefetch: bool = True,
     **overrides: Any,
 ) -> PredictReport:
     """Predict every case of ``inputs`` into ``output_dir``; failures don't stop the batch.
@@ -785,12 +889,24 @@ def predict_folder(
         echo: callable taking a line for per-case failures and warnings. Defaults to ``tqdm.write`` to stderr.
         warmup: predict the first case once, untimed and unwritten, before the batch (allocator and kernel
             warm-up), so that ``report.case_seconds`` of the first case is comparable. Defaults to False.
+        prefetch: pipeline the cases: a reader thread checks the existing mask and reads + preprocesses
+            case i+1, and a writer thread maps case i-1 back to its grid and writes it (round-trip check,
+            sidecar), while case i runs through the network. Masks, sidecars, failures and the order of
+            ``report`` entries and echoed lines are those of ``prefetch=False``; a failure in either thread
+            is that case's failure. Costs the memory of one more preprocessed image and one more label map.
+            Defaults to True.
         overrides: inference settings passed to :meth:`Predictor.from_run` (``strict_nonfinite=True``
             refuses NaN/Inf voxels instead of replacing them).
 
     Returns:
         A :class:`PredictReport`. Failures are also in ``output_dir/failures.csv`` (removed when a run has
         none). Under ``torchrun`` rank r predicts ``cases[r::world]`` and rank 0 writes the merged CSV.
+        ``report.timings``: ``forward`` (network forward passes), and the time the batch spent *waiting*
+        for each other stage: ``preprocess`` (the next case's existing-mask check, read and preprocessing),
+        ``postprocess`` (blending and argmax not hidden behind the forward passes) and ``write`` (mapping
+        back, label lookup, writing with its round-trip check); ``background_read`` / ``background_write``:
+        the seconds the reader / writer threads worked (hidden behind the forward passes where they exceed
+        the waits). Without ``prefetch`` the waits are the stages' whole durations.
     """
     import sys
 
@@ -854,58 +970,153 @@ def predict_folder(
     if warmup and cases and cases[0].images and not cases[0].error:
         with contextlib.suppress(Exception):  # a bad first case is reported by the loop below
             predictor.predict_case(cases[0].images, warn_nonfinite=False)
-    bar = progress_bar(cases, desc="predict", unit="case", disable=not progress or rank != 0, file=sys.stderr)
-    for case in bar:
+
+    # what can be decided without touching a file, in input order (as before: the first of two equal ids wins)
+    checks: list[str | None] = []
+    for case in cases:
         cid = case.case_id
-        try:
-            if case.error:
-                raise MedseError(case.error, case.images[0].parent)
-            if cid in seen:
-                raise MedseError(f"duplicate case id '{cid}' in the inputs", case.images[0])
+        problem = None
+        if case.error:
+            problem = "error"
+        elif cid in seen:
+            problem = "duplicate"
+        else:
             seen.add(cid)
-            target = targets[cid]
-            if target.resolve() in input_files:
+            if targets[cid].resolve() in input_files:
+                problem = "input"
+        checks.append(problem)
+
+    def prepare(case: InputCase, problem: str | None) -> _Prepared:
+        """Existing-mask decision, then read + preprocess (reader thread); exceptions stay with the case."""
+        job = _Prepared(case)
+        t0 = time.perf_counter()
+        try:
+            if problem == "error":
+                raise MedseError(case.error or "", case.images[0].parent)
+            if problem == "duplicate":
+                raise MedseError(f"duplicate case id '{case.case_id}' in the inputs", case.images[0])
+            job.target = target = targets[case.case_id]
+            if problem == "input":
                 raise MedseError("the mask would overwrite an input scan: choose another output folder", target)
-            prob_target = out / "probabilities" / target.name if save_probabilities else None
+            job.prob_target = out / "probabilities" / target.name if save_probabilities else None
             if (target.exists() or target.is_symlink()) and not overwrite:
-                action, reason = _existing_output(target, case, identity, settings, prob_target)
+                action, reason = _existing_output(target, case, identity, settings, job.prob_target)
                 if action == "skip":
-                    report.skipped.append(cid)
-                    continue
+                    job.action = "skip"
+                    return job
                 if action == "refuse":
                     raise MedseError(reason, target)
-                report.redone.append((cid, reason))
-                echo(f"redo: {cid}: {reason}")
-            t_case = time.perf_counter()
-            res = predictor.predict_case(case.images, return_probabilities=save_probabilities, warn_nonfinite=False)
-            report.case_seconds[cid] = time.perf_counter() - t_case
-            labels, probs = res if save_probabilities else (res, None)
-            props = predictor.last_props or {}
-            n_bad = int(props.get("nonfinite_voxels") or 0)
-            if n_bad:
+                job.redo = reason
+            t1 = time.perf_counter()
+            job.image, job.props = predictor._read(case.images)
+            job.read_s = time.perf_counter() - t1
+            job.action = "predict"
+        except Exception as e:  # one bad case never stops the batch
+            job.action, job.error = "fail", _failure_message(e)
+        finally:
+            predictor._add_time("background_read", time.perf_counter() - t0)
+        return job
+
+    def finish_and_write(job: _Prepared, idx: np.ndarray, probs: np.ndarray | None) -> float:
+        """Map back, label lookup, write mask (+ probabilities) and sidecar (writer thread); its seconds."""
+        t0 = time.perf_counter()
+        try:
+            assert job.target is not None and job.props is not None
+            res = predictor._finish(idx, probs, job.props, job.case.images[0], save_probabilities)
+            labels, out_probs = res if save_probabilities else (res, None)
+            del idx, probs, res
+            extra = {**base, "case_id": job.case.case_id, "inputs": [str(p) for p in job.case.images],
+                     "input_files": _input_stats(job.case.images), "nonfinite_voxels": job.n_bad}
+            if out_probs is not None:
+                assert job.prob_target is not None
+                write_probabilities_like(out_probs, job.case.images[0], job.prob_target)
+                extra["probabilities_sha256"] = file_sha256(job.prob_target)
+            del out_probs
+            write_label_like(labels, job.case.images[0], job.target, label_names=predictor.label_names, extra=extra)
+        finally:
+            predictor._add_time("background_write", time.perf_counter() - t0)
+        return time.perf_counter() - t0
+
+    def fail(cid: str, msg: str) -> None:
+        report.failed.append((cid, msg))
+        echo(f"failed: {cid}: {msg}")
+
+    reader = _Worker("medse-predict-read", prefetch, lazy=True)  # inline: read when the loop gets there
+    writer = _Worker("medse-predict-write", prefetch)
+    pending: tuple[_Prepared, Any] | None = None  # the case being written and its future
+
+    def settle() -> None:
+        """Wait for the write in flight and record its outcome (before any later case's)."""
+        nonlocal pending
+        if pending is None:
+            return
+        job, fut = pending
+        pending = None
+        t0 = time.perf_counter()
+        try:
+            seconds = fut.result()
+        except Exception as e:
+            fail(job.case.case_id, _failure_message(e))
+        else:
+            report.case_seconds[job.case.case_id] += seconds
+            assert job.target is not None
+            report.written.append(job.target)
+        finally:
+            predictor._add_time("write", time.perf_counter() - t0)
+
+    for k in ("background_read", "background_write"):
+        predictor.timings.setdefault(k, 0.0)
+    bar = progress_bar(cases, desc="predict", unit="case", disable=not progress or rank != 0, file=sys.stderr)
+    try:
+        nxt = reader.submit(prepare, cases[0], checks[0]) if cases else None
+        for i, case in enumerate(bar):
+            cid = case.case_id
+            t0 = time.perf_counter()
+            job = nxt.result()  # type: ignore[union-attr]
+            predictor._add_time("preprocess", time.perf_counter() - t0)
+            nxt = reader.submit(prepare, cases[i + 1], checks[i + 1]) if i + 1 < len(cases) else None
+            if job.action != "predict":
+                settle()
+                if job.action == "skip":
+                    report.skipped.append(cid)
+                else:
+                    if job.redo is not None:  # this run's own broken mask, but the scan did not read
+                        report.redone.append((cid, job.redo))
+                        echo(f"redo: {cid}: {job.redo}")
+                    fail(cid, job.error or "failed")
+                continue
+            assert job.image is not None and job.props is not None
+            predictor.last_props = job.props
+            try:
+                idx, probs, wall = predictor._predict_timed(job.image, save_probabilities)
+            except Exception as e:
+                settle()
+                if job.redo is not None:
+                    report.redone.append((cid, job.redo))
+                    echo(f"redo: {cid}: {job.redo}")
+                fail(cid, _failure_message(e))
+                continue
+            finally:
+                job.image = None  # the preprocessed image is not needed any more
+            settle()
+            if job.redo is not None:
+                report.redone.append((cid, job.redo))
+                echo(f"redo: {cid}: {job.redo}")
+            report.case_seconds[cid] = job.read_s + wall
+            job.n_bad = int(job.props.get("nonfinite_voxels") or 0)
+            if job.n_bad:
                 from medse.data.preprocess import nonfinite_message
 
-                report.nonfinite[cid] = n_bad
-                echo(f"warning: {cid}: {nonfinite_message(props)}")
+                report.nonfinite[cid] = job.n_bad
+                echo(f"warning: {cid}: {nonfinite_message(job.props)}")
             t0 = time.perf_counter()
-            extra = {**base, "case_id": cid, "inputs": [str(p) for p in case.images],
-                     "input_files": _input_stats(case.images), "nonfinite_voxels": n_bad}
-            if probs is not None:
-                assert prob_target is not None
-                write_probabilities_like(probs, case.images[0], prob_target)
-                extra["probabilities_sha256"] = file_sha256(prob_target)
-            del probs
-            write_label_like(labels, case.images[0], target, label_names=predictor.label_names, extra=extra)
-            predictor.timings["write"] += time.perf_counter() - t0
-            report.written.append(target)
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:  # one bad case never stops the batch
-            msg = str(e).replace("\n", " ").strip() or type(e).__name__
-            if not isinstance(e, (MedseError, ValueError, OSError)):
-                msg = f"{type(e).__name__}: {msg}"
-            report.failed.append((cid, msg))
-            echo(f"failed: {cid}: {msg}")
+            pending = (job, writer.submit(finish_and_write, job, idx, probs))  # inline: the whole write
+            predictor._add_time("write", time.perf_counter() - t0)
+            del idx, probs
+        settle()
+    finally:
+        reader.close()
+        writer.close()
     gathered = world == 1 or _dist_initialized() or "MASTER_ADDR" in os.environ
     failed = _gather_failures(report.failed, world)
     writer_rank = rank == 0 if gathered else True

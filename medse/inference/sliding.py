@@ -22,7 +22,10 @@ axis (by default the one that makes this smallest). Examples in ``docs/inference
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import queue
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -87,6 +90,7 @@ def iter_window_slabs(
     sw_batch_size: int = 1,
     device: Any = None,
     axis: int | None = None,
+    background: bool = False,
 ) -> Iterator[tuple[int, int, int, Any]]:
     """Sliding-window inference yielding finished slabs ``(axis, start, stop, scores)``.
 
@@ -100,6 +104,13 @@ def iter_window_slabs(
         sw_batch_size: windows per forward pass. Defaults to 1.
         device: device the windows run on and the buffer lives on. Defaults to the image's.
         axis: spatial axis to stream along. Defaults to :func:`choose_stream_axis`.
+        background: run the window batches through ``predictor`` in a worker thread, one batch ahead of
+            the blending, so that blending, finalising and whatever the caller does with a slab (argmax)
+            overlap the next forward pass. Same windows, same order, same float operations: the slabs
+            are bit-identical to ``background=False``. The worker runs under the caller's grad /
+            inference mode and autocast state; at most two batch outputs are alive at once; an exception
+            in ``predictor`` is raised here, and closing the iterator early stops the worker. Defaults
+            to False.
 
     Yields:
         ``(axis, start, stop, scores)`` with ``scores`` a float32 tensor ``(K, ...)`` covering
@@ -108,7 +119,7 @@ def iter_window_slabs(
         valid until the next one is requested: copy it (or reduce it) before asking for the next.
     """
     import torch
-    from monai.data.utils import compute_importance_map, dense_patch_slices
+    from monai.data.utils import dense_patch_slices
     from monai.inferers.utils import _get_scan_interval
 
     nd = image.ndim - 1
@@ -133,47 +144,144 @@ def iter_window_slabs(
     roi_eff = tuple(min(r, p) for r, p in zip(roi, padded, strict=True))
     interval = _get_scan_interval(padded, roi_eff, nd, (overlap,) * nd)
     windows = dense_patch_slices(padded, roi_eff, interval)
-    weight = compute_importance_map(roi_eff, mode=mode, sigma_scale=sigma_scale, device=device,
-                                    dtype=torch.float32)
+    weight = _importance_map(roi_eff, mode, sigma_scale, device)
     groups: dict[int, list[tuple[slice, ...]]] = {}
     for w in windows:
         groups.setdefault(w[axis].start, []).append(w)
     starts = sorted(groups)
-    depth = roi_eff[axis]
+    batches = [(z, groups[z][b:b + sw_batch_size]) for z in starts for b in range(0, len(groups[z]), sw_batch_size)]
+
+    def run_batch(item: tuple[int, list[tuple[slice, ...]]]) -> Any:
+        batch = item[1]
+        x = torch.stack([image[(slice(None), *w)] for w in batch]).to(device)
+        out = predictor(x)
+        if out.shape[2:] != x.shape[2:]:
+            raise ValueError(f"predictor returned spatial shape {tuple(out.shape[2:])} for windows "
+                             f"{tuple(x.shape[2:])}")
+        return out.to(device=device, dtype=torch.float32)
+
+    outputs: Any = _BackgroundMap(run_batch, batches, device) if background else map(run_batch, batches)
+    try:
+        yield from _blend(zip(batches, outputs, strict=True), starts, padded, pads, size, roi_eff[axis], axis, weight,
+                          device)
+    finally:
+        if background:
+            outputs.close()
+
+
+def _importance_map(roi: tuple[int, ...], mode: str, sigma_scale: float, device: Any) -> Any:
+    """MONAI's ``compute_importance_map`` (float32), computed once per window size, mode, sigma and device.
+
+    The cached tensor is only ever read (``addcmul_`` / ``+=`` take it as an operand)."""
+    key = (tuple(int(r) for r in roi), str(mode), float(sigma_scale), str(device))
+    hit = _IMPORTANCE_CACHE.get(key)
+    if hit is None:
+        import torch
+        from monai.data.utils import compute_importance_map
+
+        hit = compute_importance_map(key[0], mode=mode, sigma_scale=sigma_scale, device=device, dtype=torch.float32)
+        with _IMPORTANCE_LOCK:
+            if len(_IMPORTANCE_CACHE) >= 8:  # a handful of window sizes per process; drop the oldest
+                _IMPORTANCE_CACHE.pop(next(iter(_IMPORTANCE_CACHE)))
+            _IMPORTANCE_CACHE[key] = hit
+    return hit
+
+
+_IMPORTANCE_CACHE: dict[tuple[Any, ...], Any] = {}
+_IMPORTANCE_LOCK = threading.Lock()
+
+
+class _BackgroundMap:
+    """``map(fn, items)`` computed in one worker thread, at most one item ahead of the consumer.
+
+    Results come back in order; an exception raised by ``fn`` is raised by ``__next__`` (the worker then
+    stops). The worker runs under the caller's grad / inference mode and autocast state (thread-local in
+    torch), on ``device`` for CUDA. :meth:`close` stops the worker and waits for it.
+    """
+
+    _DONE = object()
+
+    def __init__(self, fn: Callable[[Any], Any], items: Sequence[Any], device: Any) -> None:
+        import torch
+
+        self._fn, self._items, self._device = fn, list(items), device
+        self._grad = torch.is_grad_enabled()
+        self._inference = torch.is_inference_mode_enabled()
+        dtype = getattr(device, "type", str(device))
+        self._autocast: tuple[str, Any] | None = None
+        with contextlib.suppress(Exception):  # device types without autocast support
+            if torch.is_autocast_enabled(dtype):
+                self._autocast = (dtype, torch.get_autocast_dtype(dtype))
+        self._results: queue.Queue[Any] = queue.Queue()
+        self._slots = threading.Semaphore(2)  # outputs alive: the one being blended + the one computed next
+        self._stop = threading.Event()
+        self._held = False
+        self._thread = threading.Thread(target=self._work, name="medse-sliding-window", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        import torch
+
+        try:
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(torch.inference_mode(self._inference))
+                if not self._inference:
+                    stack.enter_context(torch.set_grad_enabled(self._grad))
+                if self._autocast is not None:
+                    stack.enter_context(torch.autocast(self._autocast[0], dtype=self._autocast[1]))
+                if getattr(self._device, "type", None) == "cuda":
+                    torch.cuda.set_device(self._device)
+                for item in self._items:
+                    self._slots.acquire()
+                    if self._stop.is_set():
+                        return
+                    self._results.put((True, self._fn(item)))
+        except BaseException as e:  # handed to the consumer, raised there
+            self._results.put((False, e))
+            return
+        self._results.put((True, self._DONE))
+
+    def __iter__(self) -> _BackgroundMap:
+        return self
+
+    def __next__(self) -> Any:
+        if self._held:  # the consumer is done with the output it took last: the worker may compute one more
+            self._held = False
+            self._slots.release()
+        ok, value = self._results.get()
+        if not ok:
+            self._stop.set()
+            raise value
+        if value is self._DONE:
+            raise StopIteration
+        self._held = True
+        return value
+
+    def close(self) -> None:
+        self._stop.set()
+        self._slots.release()
+        self._slots.release()
+        self._thread.join()
+        while not self._results.empty():  # drop outputs computed ahead
+            self._results.get_nowait()
+
+
+def _blend(batches: Iterator[tuple[tuple[int, list[tuple[slice, ...]]], Any]], starts: list[int],
+           padded: tuple[int, ...], pads: list[tuple[int, int]], size: tuple[int, ...], depth: int, axis: int,
+           weight: Any, device: Any) -> Iterator[tuple[int, int, int, Any]]:
+    """Blending half of :func:`iter_window_slabs`: ``((start, windows), output)`` in window order -> slabs."""
+    import torch
+
+    nd = len(padded)
     acc: torch.Tensor | None = None
     cnt = None
-    buf_lo = 0
     lo_crop, hi_crop = pads[axis][0], pads[axis][0] + size[axis]
-
-    def local(w: tuple[slice, ...]) -> tuple[slice, ...]:
-        s = list(w)
-        s[axis] = slice(w[axis].start - buf_lo, w[axis].stop - buf_lo)
-        return tuple(s)
-
     crop_other = tuple(
         slice(None) if a == axis else slice(pads[a][0], pads[a][0] + size[a]) for a in range(nd)
     )
-    for gi, z in enumerate(starts):
-        buf_lo = z
-        group = groups[z]
-        for b in range(0, len(group), sw_batch_size):
-            batch = group[b:b + sw_batch_size]
-            x = torch.stack([image[(slice(None), *w)] for w in batch]).to(device)
-            out = predictor(x)
-            if out.shape[2:] != x.shape[2:]:
-                raise ValueError(f"predictor returned spatial shape {tuple(out.shape[2:])} for windows "
-                                 f"{tuple(x.shape[2:])}")
-            out = out.to(device=device, dtype=torch.float32)
-            if acc is None:
-                shape = list(padded)
-                shape[axis] = depth
-                acc = torch.zeros((out.shape[1], *shape), dtype=torch.float32, device=device)
-                cnt = torch.zeros((1, *shape), dtype=torch.float32, device=device)
-            for o, w in zip(out, batch, strict=True):
-                sl = (slice(None), *local(w))
-                acc[sl].addcmul_(o, weight)  # in place: no (K, *roi) temporary
-                cnt[sl] += weight
-            del out, x
+
+    def finalise(gi: int) -> Iterator[tuple[int, int, int, Any]]:
+        z = starts[gi]
         nxt = starts[gi + 1] if gi + 1 < len(starts) else padded[axis]
         d = nxt - z
         # finalise [z, nxt) along the axis; crop MONAI's padding
@@ -197,6 +305,26 @@ def iter_window_slabs(
             tail[axis + 1] = slice(keep, depth)
             acc[tuple(tail)] = 0
             cnt[tuple(tail)] = 0
+
+    gi = 0
+    for (z, batch), out in batches:
+        while starts[gi] != z:  # every window of group gi is blended: its leading rows are final
+            yield from finalise(gi)
+            gi += 1
+        if acc is None:
+            shape = list(padded)
+            shape[axis] = depth
+            acc = torch.zeros((out.shape[1], *shape), dtype=torch.float32, device=device)
+            cnt = torch.zeros((1, *shape), dtype=torch.float32, device=device)
+        for o, w in zip(out, batch, strict=True):
+            s = list(w)
+            s[axis] = slice(w[axis].start - z, w[axis].stop - z)
+            sl = (slice(None), *s)
+            acc[sl].addcmul_(o, weight)  # in place: no (K, *roi) temporary
+            cnt[sl] += weight
+        del out, o  # no reference left to the batch output when the next one is requested
+    if acc is not None:
+        yield from finalise(gi)
 
 
 def iter_slice_slabs(
