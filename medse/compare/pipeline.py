@@ -392,7 +392,9 @@ def run_cell(cell: Cell, cell_dir: Path, cfg: CompareConfig) -> pd.DataFrame:
     pred_dir = cell_dir / "pred"
     ref_dir = cell_dir / "ref"
     cases = [InputCase(cid, [Path(p) for p in by_id[cid].images]) for cid in test_ids]
-    report = predict_folder(predictor, cases, pred_dir, overwrite=True, progress=False, warmup=True)
+    # sequential (prefetch=False): the per-case seconds are the inference-overhead column's measurements, and
+    # overlapping reads/writes of neighbouring cases would fold into them
+    report = predict_folder(predictor, cases, pred_dir, overwrite=True, progress=False, warmup=True, prefetch=False)
     if report.failed:
         cid, msg = report.failed[0]
         raise MedseError(f"{len(report.failed)} test case(s) failed to predict, first {cid}: {msg}", pred_dir)
