@@ -308,7 +308,7 @@ def preprocess_case(
     else:
         transform = io_orientation(orig_affine)
         transform = _ornt_to(transform, axcodes2ornt(tuple(cfg.orientation)))
-    data = np.stack([np.ascontiguousarray(apply_orientation(c, transform)) for c in data])
+    data = _reorient_channels(data, transform)
     if label is not None:
         label = np.ascontiguousarray(apply_orientation(label, transform))
     affine = orig_affine @ inv_ornt_aff(transform, orig_shape)
@@ -365,7 +365,9 @@ def preprocess_case(
         for c in range(data.shape[0]):
             vals = data[c][mask].astype(np.float64)
             m, s = float(vals.mean()), float(vals.std())
-            data[c] = (data[c] - m) / max(s, 1e-8)
+            ch = data[c]  # in place: the same float32 operations as (x - m) / s, without two temporaries
+            np.subtract(ch, m, out=ch)
+            np.divide(ch, max(s, 1e-8), out=ch)
             means.append(m)
             stds.append(s)
         norm.update(mean=means, std=stds, foreground=cfg.foreground)
@@ -398,6 +400,21 @@ def preprocess_case(
         "nonfinite_replaced": replaced,
     }
     return np.ascontiguousarray(data, dtype=np.float32), label, props
+
+
+def _reorient_channels(data: np.ndarray, transform: np.ndarray) -> np.ndarray:
+    """``(C, X, Y, Z)`` reoriented channel by channel into one new contiguous array (one copy per channel; the
+    array itself when the transform is the identity and it is contiguous)."""
+    from nibabel.orientations import apply_orientation
+
+    identity = np.array_equal(np.asarray(transform), np.array([[0, 1], [1, 1], [2, 1]]))
+    if identity and data.flags.c_contiguous:
+        return data
+    views = [apply_orientation(c, transform) for c in data]
+    out = np.empty((len(views), *views[0].shape), dtype=data.dtype)
+    for i, v in enumerate(views):
+        out[i] = v
+    return out
 
 
 def _ornt_to(start: np.ndarray, end: np.ndarray) -> np.ndarray:
