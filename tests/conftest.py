@@ -86,3 +86,23 @@ def folder_dataset(tmp_path: Path):
 @pytest.fixture(params=VALIDATION_PROBLEMS)
 def broken_dataset(request: pytest.FixtureRequest, tmp_path: Path):
     return make_broken_dataset(tmp_path / "broken", request.param)
+
+
+@pytest.fixture
+def torchrun():
+    """``torchrun(*medse_args)``: run ``python -m medse ARGS`` as 2 DDP processes (gloo on CPU, one thread each,
+    any launcher variables of the calling environment removed); returns the completed process."""
+    import os
+    import subprocess
+    import sys
+
+    def run(*args: str, nproc: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
+        drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+        env = {k: v for k, v in os.environ.items() if k not in drop}
+        env["OMP_NUM_THREADS"] = "1"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
+               "medse", *args]
+        return subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True,
+                              text=True, timeout=timeout)
+
+    return run

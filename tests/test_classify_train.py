@@ -191,27 +191,16 @@ def test_cli_end_to_end_learns_synthetic_task(tmp_path):
     assert (tmp_path / "cmp" / "comparison.md").read_text().count("\n|") >= 6
 
 
-def test_ddp_two_processes_share_the_engine(synth, tmp_path):
+def test_ddp_two_processes_share_the_engine(synth, tmp_path, torchrun):
     """Under torchrun the classifier trains with the engine's DDP: rank 0 alone writes, each global batch is split
     over the ranks (same step count as one process), the loss is all-reduced (equal on both ranks)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     import yaml
 
     cfg = _cfg(synth / "manifest.csv", train={"tensorboard": True, "device": "cpu"})
     single = train(json.loads(json.dumps(cfg)), tmp_path / "single")
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "medse",
-           "classify", "train", "--config", str(cfg_path), "--output", str(tmp_path / "ddp")]
-    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
-                          timeout=240)
+    proc = torchrun("classify", "train", "--config", str(cfg_path), "--output", str(tmp_path / "ddp"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = torch.load(single / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "ddp" / "checkpoints" / "last.pt", weights_only=True)

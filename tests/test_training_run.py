@@ -11,9 +11,6 @@ import csv
 import gzip
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -383,17 +380,12 @@ def test_config_rejects_bad_roi_sizes():
 
 
 # ----------------------------------------------------------------------------- DDP
-def test_ddp_two_processes_match_single_process(synth, tmp_path):
+def test_ddp_two_processes_match_single_process(synth, tmp_path, torchrun):
     cfg = tiny_config(synth, batch_size=4, iterations_per_epoch=2, val_every=2)
     single = train(copy.deepcopy(cfg), tmp_path / "single")
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "medse",
-           "train", "--config", str(cfg_path), "--output", str(tmp_path / "ddp")]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    proc = torchrun("train", "--config", str(cfg_path), "--output", str(tmp_path / "ddp"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = load_checkpoint(single / "checkpoints" / "last.pt")
     b = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.pt")
