@@ -19,6 +19,7 @@ Usage::
     python benchmarks/bench_blocks.py                      # CPU, both shapes, writes benchmarks/results/blocks_cpu.md
     python benchmarks/bench_blocks.py --quick               # small shapes, a smoke run
     python benchmarks/bench_blocks.py --device cuda --dtype bf16 --channels-last
+    python benchmarks/bench_blocks.py --whole --busy 4   # cache blocks vs whole tensors on an oversubscribed CPU
 """
 
 from __future__ import annotations
@@ -165,18 +166,44 @@ def saved_bytes(module: nn.Module, x: torch.Tensor, device: torch.device, dtype:
 
 @contextlib.contextmanager
 def fused_backend(name: str | None):
-    """Run with the fused kernels' backend ``name`` ("eager" / "compile"); None: leave it as it is."""
+    """Run with the fused kernels' setting ``name``: "eager" / "compile" (the backend) or "whole" (eager with the
+    default cache blocking off, ``SCRATCH_ELEMENTS = 0``); None: leave them as they are."""
     if name is None:
         yield
         return
     from medse.attention import kernels
+    from medse.attention.kernels import core
 
-    old = kernels.get_backend()
-    kernels.set_backend(name)
+    old, old_block = kernels.get_backend(), core.SCRATCH_ELEMENTS
+    kernels.set_backend("eager" if name == "whole" else name)
+    if name == "whole":
+        core.SCRATCH_ELEMENTS = 0
     try:
         yield
     finally:
         kernels.set_backend(old)
+        core.SCRATCH_ELEMENTS = old_block
+
+
+def _spin() -> None:  # pragma: no cover - runs in a child process until terminated
+    while True:
+        pass
+
+
+@contextlib.contextmanager
+def busy_processes(n: int):
+    """``n`` processes that spin on a core each while the benchmark runs: a reproducible oversubscribed CPU."""
+    import multiprocessing as mp
+
+    procs = [mp.get_context("spawn").Process(target=_spin, daemon=True) for _ in range(n)]
+    for p in procs:
+        p.start()
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.terminate()
+            p.join()
 
 
 def bench_shape(
@@ -189,6 +216,7 @@ def bench_shape(
     channels_last: bool,
     log: Callable[[str], None],
     compile_variant: bool = False,
+    whole_variant: bool = False,
 ) -> list[dict]:
     from medse.attention import create_attention
 
@@ -201,7 +229,7 @@ def bench_shape(
         conv = conv.to(memory_format=torch.channels_last if spatial_dims == 2 else torch.channels_last_3d)
     cands: dict[str, nn.Module] = {"floor": floor, "conv": conv}
     backends: dict[str, str | None] = {"floor": None, "conv": None}
-    variants = ("plain", "fused", "compile") if compile_variant else ("plain", "fused")
+    variants = ("plain", "fused") + (("whole",) if whole_variant else ()) + (("compile",) if compile_variant else ())
     compile_s: dict[str, float] = {}
     for label, name, kw in blocks:
         torch.manual_seed(0)
@@ -212,6 +240,8 @@ def bench_shape(
                 m.fused = False
         cands[f"{label}|plain"], backends[f"{label}|plain"] = plain, None
         cands[f"{label}|fused"], backends[f"{label}|fused"] = fused, "eager"
+        if whole_variant:
+            cands[f"{label}|whole"], backends[f"{label}|whole"] = fused, "whole"
         if compile_variant:
             cands[f"{label}|compile"], backends[f"{label}|compile"] = fused, "compile"
     times: dict[tuple[str, str], list[float]] = {(k, p): [] for k in cands for p in ("fwd", "fwdbwd")}
@@ -296,6 +326,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small shapes (smoke test)")
     ap.add_argument("--compile", action="store_true",
                     help="also time the fused blocks with the torch.compile backend (variant 'compile')")
+    ap.add_argument("--whole", action="store_true",
+                    help="also time the fused blocks without their default cache blocking (variant 'whole': "
+                         "MEDSE_FUSED_BLOCK=0)")
+    ap.add_argument("--busy", type=int, default=0, metavar="N",
+                    help="run N spinning processes during the benchmark (an oversubscribed CPU)")
     ap.add_argument("--output", type=Path, default=None, help="Markdown file (default benchmarks/results/blocks_<dev>.md)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads for this process (default: torch's choice); on a loaded machine "
@@ -334,17 +369,20 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     sections = []
-    for sd, shape in runs:
-        log(f"{sd}D {shape}: {len(blocks)} blocks x (plain, fused) + floor + conv, {args.repeats} rounds")
-        rows = bench_shape(sd, shape, blocks, args.repeats, device, dtype, args.channels_last, log,
-                           compile_variant=args.compile)
-        sections.append(to_markdown(f"{sd}D, {args.dtype}{', channels_last' if args.channels_last else ''}",
-                                    shape, rows, args.repeats))
-        print(sections[-1], flush=True)
+    load = f", load average {os.getloadavg()[0]:.1f} at start" if hasattr(os, "getloadavg") else ""
+    with busy_processes(args.busy):
+        for sd, shape in runs:
+            log(f"{sd}D {shape}: {len(blocks)} blocks x (plain, fused) + floor + conv, {args.repeats} rounds")
+            rows = bench_shape(sd, shape, blocks, args.repeats, device, dtype, args.channels_last, log,
+                               compile_variant=args.compile, whole_variant=args.whole)
+            sections.append(to_markdown(f"{sd}D, {args.dtype}{', channels_last' if args.channels_last else ''}",
+                                        shape, rows, args.repeats))
+            print(sections[-1], flush=True)
     from medse.utils.docsync import current_commit, format_header, machine_description
 
     command = " ".join(["python", "benchmarks/bench_blocks.py", *(argv if argv is not None else sys.argv[1:])])
-    load = f", load average {os.getloadavg()[0]:.1f} at start" if hasattr(os, "getloadavg") else ""
+    if args.busy:
+        load += f", {args.busy} spinning processes (--busy) during the run"
     provenance = format_header({"command": command, "commit": current_commit(),
                                 "machine": f"{machine_description()}, "
                                            f"{environment(device).split('device: ')[-1]}{load}",
@@ -355,12 +393,14 @@ def main(argv: list[str] | None = None) -> int:
         f"# Attention blocks vs the memory floor ({tag})",
         "",
         f"Command: `{command}`.",
-        f"Environment: {environment(device)}; MEDSE_FUSED_CHUNK={os.environ.get('MEDSE_FUSED_CHUNK', 'default')}.",
+        f"Environment: {environment(device)}; MEDSE_FUSED_CHUNK={os.environ.get('MEDSE_FUSED_CHUNK', 'default')}, "
+        f"MEDSE_FUSED_BLOCK={os.environ.get('MEDSE_FUSED_BLOCK', 'default')}.",
         "",
         "floor = `x * 1.0` on a tensor requiring grad; conv = 3x3(x3) convolution C -> C. Ratios use medians. "
         "peak = extra memory allocated during one forward+backward; saved = bytes saved for backward "
         "(the input included). Variants: plain = `fused=False` (textbook formula); fused = medse's default fast "
-        "path (hand-derived backward, eager kernels); compile = the same fast path with "
+        "path (hand-derived backward, eager kernels, cache blocks where the kernel has them); whole = the same without "
+        "the cache blocks (`MEDSE_FUSED_BLOCK=0`); compile = the same fast path with "
         "`medse.attention.kernels.set_backend('compile')` (first call = compilation, or loading PyTorch's disk "
         "cache).",
     ]

@@ -92,6 +92,7 @@ def test_small_inputs_use_the_plain_code(monkeypatch):
 def chunking(request, monkeypatch):
     if request.param is not None:
         monkeypatch.setattr(F, "CHUNK_ELEMENTS", request.param)
+        monkeypatch.setattr(F, "SCRATCH_ELEMENTS", request.param)  # the kernels that always work in blocks
     return request.param
 
 
@@ -118,6 +119,7 @@ def test_fused_matches_plain(name, kw, dims, chunking):
 @pytest.mark.parametrize(("name", "kw", "dims"), CASES, ids=[f"{c[0]}-{c[1].get('aggregation', '')}" for c in CASES])
 def test_gradcheck_float64(name, kw, dims, monkeypatch):
     monkeypatch.setattr(F, "CHUNK_ELEMENTS", 24)  # several chunks even on tiny inputs
+    monkeypatch.setattr(F, "SCRATCH_ELEMENTS", 24)
     sd = dims[-1]
     c = 16 if name == "se" else 8  # se: reduction 16
     shape = {1: (2, c, 7), 2: (2, c, 4, 5), 3: (2, c, 3, 4, 3)}[sd]
@@ -158,6 +160,7 @@ def test_scse_max_ties_split_like_torch_maximum():
 @pytest.mark.parametrize("name", ["cse", "eca", "sse", "scse", "simam", "ca"])
 def test_no_grad_and_inference_mode(name, monkeypatch):
     monkeypatch.setattr(F, "CHUNK_ELEMENTS", 32)
+    monkeypatch.setattr(F, "SCRATCH_ELEMENTS", 32)
     fused, plain = _pair(name, 3, 16)
     fused.eval()
     plain.eval()
@@ -202,6 +205,7 @@ def test_half_precision_simam_uses_plain_code():
 @pytest.mark.parametrize("name", ["scse", "sse", "cse", "simam", "ca"])
 def test_channels_last_input(name, monkeypatch):
     monkeypatch.setattr(F, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(F, "SCRATCH_ELEMENTS", 64)
     fused, plain = _pair(name, 3, 16)
     x = _input((2, 16, 4, 5, 6)).contiguous(memory_format=torch.channels_last_3d)
     gy = _input((2, 16, 4, 5, 6), seed=5, zeros=False)
@@ -252,6 +256,8 @@ def test_spans_cover_axis(monkeypatch):
     assert sum(b - a for a, b in spans) == 23
     monkeypatch.setattr(F, "CHUNK_ELEMENTS", 0)
     assert F.chunk_spans(23, 3, torch.device("cpu")) == [(0, 23)]
+    monkeypatch.setattr(F, "SCRATCH_ELEMENTS", 12)  # blocks of a scratch buffer's size whatever CHUNK_ELEMENTS
+    assert F.chunk_spans(23, 3, torch.device("cpu"), scratch=True)[:2] == [(0, 4), (4, 8)]
 
 
 def test_bench_blocks_smoke(tmp_path):

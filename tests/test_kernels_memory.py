@@ -1,6 +1,6 @@
 """Full-size buffers the fused backward passes allocate (issue 14): on CPU each fresh buffer costs page faults
-worth several in-place passes, so the whole-tensor backward of SimAM uses two (the gradient and one scratch) and
-scSE-max one (the gradient). Measured as the CPU allocator's peak during ``backward`` (torch profiler), as a
+worth several in-place passes, so the backward of SimAM and scSE-max allocates one (the gradient) plus a
+cache-sized scratch (its blocks). Measured as the CPU allocator's peak during ``backward`` (torch profiler), as a
 multiple of the input's bytes.
 """
 
@@ -35,23 +35,28 @@ def peak_allocated(fn, tmp_path: Path) -> int:
     return max(e["args"]["Total Allocated"] for e in mem) - before
 
 
+WIDE = (2, 32, 16, 16, 8)  # as many elements, with per-position vectors 1/32 of the input as in a real network
+
+
 def _backward_peak(block: torch.nn.Module, tmp_path: Path) -> float:
-    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    x = torch.randn(WIDE, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
     y = block(x)
     gy = torch.randn_like(y)
     return peak_allocated(lambda: y.backward(gy), tmp_path) / (x.numel() * x.element_size())
 
 
 @pytest.mark.parametrize(("name", "kw", "most"), [
-    ("simam", {}, 2.0),
+    ("simam", {}, 1.0),
     ("scse", {"aggregation": "max"}, 1.0),
+    ("scse", {"aggregation": "add"}, 1.0),
 ])
 def test_backward_allocates_few_full_size_buffers(name, kw, most, monkeypatch, tmp_path):
     monkeypatch.setattr(F, "CHUNK_ELEMENTS", 0)
-    block = create_attention(name, 3, SHAPE[1], **kw)
-    assert block.takes_fast_path(torch.empty(SHAPE))
+    monkeypatch.setattr(F, "SCRATCH_ELEMENTS", 4096)  # a cache-sized scratch is 1/16 of the input here
+    block = create_attention(name, 3, WIDE[1], **kw)
+    assert block.takes_fast_path(torch.empty(WIDE))
     peak = _backward_peak(block, tmp_path)
-    # the gradient (and SimAM's scratch), plus per-(B, C) / per-position vectors (under 0.5 of the input here)
+    # the gradient, plus a block's scratch and per-(B, C) / per-position vectors (under 0.5 of the input here)
     assert most <= peak < most + 0.5, f"{name}: backward peak {peak:.2f} x the input's bytes"
 
 
@@ -105,12 +110,14 @@ def test_fast_paths_take_non_contiguous_inputs(block):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name,kw", [("cse", {}), ("eca", {}), ("se", {"reduction": 4}), ("sse", {})])
+@pytest.mark.parametrize("name,kw", [("cse", {}), ("eca", {}), ("se", {"reduction": 4}), ("sse", {}),
+                                     ("scse", {"aggregation": "max", "reduction": 2})])
 def test_channel_gates_keep_their_output_not_their_input(name, kw):
     """The channel family's backward needs only the output and the (B, C) gate (sum dy x = sum(dy y) / c), sSE's
     only the output and the (B, N) gate (sum_c dy x = sum_c(dy y) / q), so their Functions save y, which the next
     layer saves anyway: the block's input is not kept alive for backward (a
-    training step of a U-Net then holds no extra activation per block). Gradients equal the plain formula's."""
+    training step of a U-Net then holds no extra activation per block). scSE-max too: ``y = x c`` or ``x q`` with
+    the branch given by ``sign(y (q - c))``. Gradients equal the plain formula's."""
     torch.manual_seed(0)
     block = create_attention(name, 3, 8, **kw)
     a = torch.randn(*SHAPE, requires_grad=True)
@@ -165,3 +172,65 @@ def test_spatial_gate_survives_a_saturated_gate():
     for f, p in zip(g_fast, g_plain, strict=True):
         assert torch.isfinite(f).all()
         torch.testing.assert_close(f, p)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("blocks", ["one", "several"])
+def test_scse_max_from_its_output_matches_the_plain_formula(dtype, blocks, monkeypatch):
+    """scSE-max's output-saving backward against autograd through ``torch.maximum``, gate parameters included,
+    with many positions on each branch and some exact ties (a channel gate equal to the spatial one); in one
+    cache block and in several (the last one shorter)."""
+    from medse.attention.kernels.spatial import scse_attention
+
+    if blocks == "several":
+        monkeypatch.setattr(F, "SCRATCH_ELEMENTS", 3000)  # 16 rows: blocks of 187 positions
+    torch.manual_seed(0)
+    x = torch.randn(*SHAPE, dtype=dtype, requires_grad=True)
+    lin = torch.nn.Linear(8, 8, dtype=dtype)
+    w = (torch.randn(8, dtype=dtype) * 0.5).requires_grad_()
+    b = torch.zeros(1, dtype=dtype, requires_grad=True)
+    with torch.no_grad():
+        x[:, :, 0] = 0.0  # w . x = 0 there: q = 1/2 ...
+        lin.weight.zero_()
+        lin.bias[:2] = 0.0  # ... = c for channels 0 and 1: ties
+
+    def gate(z):
+        return torch.sigmoid(lin(z))
+
+    y, q = scse_attention(x, gate, list(lin.parameters()), w, b, "max")
+    assert y.grad_fn.saves_output
+    c = gate(x.flatten(2).mean(-1)).view(2, 8, 1, 1, 1)
+    qp = torch.sigmoid((x * w.view(1, -1, 1, 1, 1)).sum(1, keepdim=True) + b)
+    yp = torch.maximum(x * c, x * qp)
+    torch.testing.assert_close(y, yp)
+    dy = torch.randn_like(y)
+    leaves = (x, w, b, *lin.parameters())
+    g_fast = torch.autograd.grad(y, leaves, dy)
+    g_plain = torch.autograd.grad(yp, leaves, dy)
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {}
+    for f, p in zip(g_fast, g_plain, strict=True):
+        torch.testing.assert_close(f, p, **tol)
+
+
+def test_scse_max_keeps_its_input_when_a_channel_gate_saturates():
+    """A channel gate of exactly 0 hides x where that branch wins (y = 0 there), and the spatial weight's gradient
+    needs x everywhere: the Function keeps x then, and the gradients equal the plain formula's."""
+    from medse.attention.kernels.spatial import scse_attention
+
+    torch.manual_seed(0)
+    x = torch.randn(*SHAPE, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor([-800.0] + [0.3] * 7, dtype=torch.float64)
+    p = torch.ones(8, dtype=torch.float64, requires_grad=True)
+
+    def gate(z):
+        return torch.sigmoid(p * z + bias)  # channel 0: sigmoid(-800) == 0
+
+    y, _ = scse_attention(x, gate, [p], w, None, "max")
+    assert not y.grad_fn.saves_output
+    c = gate(x.flatten(2).mean(-1)).view(2, 8, 1, 1, 1)
+    assert (c == 0).any()
+    yp = torch.maximum(x * c, x * torch.sigmoid((x * w.view(1, -1, 1, 1, 1)).sum(1, keepdim=True)))
+    dy = torch.randn_like(y)
+    for f, g in zip(torch.autograd.grad(y, (x, w, p), dy), torch.autograd.grad(yp, (x, w, p), dy), strict=True):
+        torch.testing.assert_close(f, g)

@@ -6,15 +6,16 @@ full-size tensor (on a CPU a fresh 67 MB tensor costs more in page faults than t
 here compute the same outputs and gradients as the plain formulas with
 
 - one custom :class:`torch.autograd.Function` per family, whose backward pass is derived by hand (formulas in
-  each Function's docstring), saves only the input (plus per-(B, C) or per-(B, position) vectors, never another
-  full-size tensor) and recomputes what it needs (which branch of the maximum won, the SimAM gate) instead of
+  each Function's docstring), saves only the input or the output (plus per-(B, C) or per-(B, position) vectors,
+  never another full-size tensor) and recomputes what it needs (which branch of the maximum won, the SimAM gate) instead of
   storing it;
 - eager kernels (the default backend) written so that the output, or the input gradient, is the only full-size
   allocation wherever PyTorch's operators allow it: in-place chains, ``out=`` into the result's buffer, batched
   matrix products for weighted reductions (they read their operands once and allocate nothing full-size);
 - an optional ``torch.compile`` backend (:func:`set_backend`) for the element-wise kernels of scSE, SimAM and CA,
   which fuses each pass into one loop, with dynamic shapes so that new sizes do not recompile;
-- optional cache blocking on CPU (``core.CHUNK_ELEMENTS``, off by default).
+- cache blocking on CPU for the kernels with many passes (scSE, SimAM's backward: ``core.SCRATCH_ELEMENTS``,
+  on by default) and optionally for the others (``core.CHUNK_ELEMENTS``, off by default).
 
 Plain vs fused on the 3D benchmark tensor (2, 32, 64, 64, 64), forward+backward as a multiple of ``x * 1.0``
 (``benchmarks/results/blocks_cpu_run2.md``, 2-core CPU): scSE-max 9.9 -> 3.3 (eager) / 1.7 (compile),
@@ -32,8 +33,8 @@ module                     functional form                                     b
 =========================  ==================================================  ===============================
 
 :mod:`.core` holds what they share: :func:`~.core.fast_path_applies` (the size/dtype/compiling test every block
-asks first), the thresholds ``MIN_ELEMENTS``, ``CHUNK_ELEMENTS``, ``COMPILE_MIN_ELEMENTS``, and the backend
-switch. The gate sub-networks are passed in as callables, so a block with another activation or gate network
+asks first), the thresholds ``MIN_ELEMENTS``, ``CHUNK_ELEMENTS``, ``SCRATCH_ELEMENTS``, ``COMPILE_MIN_ELEMENTS``,
+and the backend switch. The gate sub-networks are passed in as callables, so a block with another activation or gate network
 (or a user block of the same family) reuses the kernel unchanged.
 
 Double backward (gradients of gradients) is not supported by the fused paths (``once_differentiable``); use

@@ -22,12 +22,22 @@ from torch import Tensor
 #: (:func:`~medse.attention.kernels.scse_attention` etc.) do not check it.
 MIN_ELEMENTS: int = int(os.environ.get("MEDSE_FUSED_MIN", str(1 << 16)))
 
-#: Elements per cache block on CPU (summed over batch and channels); 0 or negative: no blocking (whole tensors).
-#: Blocking keeps temporaries in cache but runs many small parallel operators, each of which waits for every
-#: OpenMP thread: on a loaded machine (more runnable jobs than cores) that wait dominates (scSE-max 3D with 256k
-#: element blocks: 30x the floor, whole tensors 5.8x, same load). Defaults to 0, overridable with
-#: the environment variable ``MEDSE_FUSED_CHUNK`` (e.g. 262144 = 1 MiB of float32 per chunk tensor).
+#: Elements per cache block on CPU for the other kernels (cSE, ECA, sSE, CA, SimAM's forward), summed over batch
+#: and channels; 0 or negative: no blocking (whole tensors), the default: blocking did not make them faster
+#: (their passes are few) and, on a loaded machine, made them much slower (see SCRATCH_ELEMENTS). Overridable
+#: with the environment variable ``MEDSE_FUSED_CHUNK`` (e.g. 262144 = 1 MiB of float32 per chunk tensor).
 CHUNK_ELEMENTS: int = int(os.environ.get("MEDSE_FUSED_CHUNK", "0"))
+
+#: Elements of one cache block (summed over batch and channels) of the kernels that work in blocks by default:
+#: scSE's forward and backward and SimAM's backward, on CPU; a block's temporaries (2 MiB of float32 each at the
+#: default 524288) stay in the L2/L3 caches. Alone on the 2-core machine their forward+backward ran about a
+#: quarter faster than on whole tensors (scSE-max 0.71-0.74x, SimAM 0.79-0.82x the time at 2 x 32 x 64^3, one
+#: thread or two). On an oversubscribed CPU (more runnable threads than cores, e.g. busy data-loader workers)
+#: with several torch threads each block's operators wait for descheduled OpenMP threads and the same work ran
+#: 1.7-7x *slower*: there set torch's threads to the free cores (PyTorch's own advice) or this to 0 (whole
+#: tensors; then scSE-max's backward allocates a full-size scratch). Environment variable ``MEDSE_FUSED_BLOCK``.
+#: On CUDA the blocks hold at least 4194304 elements (fewer launches).
+SCRATCH_ELEMENTS: int = int(os.environ.get("MEDSE_FUSED_BLOCK", str(1 << 19)))
 
 #: Smallest input (elements) that the compile backend compiles for; smaller ones run the eager kernels. Small
 #: tensors gain little from fusion, pay the compiled function's guard checks, and their many distinct shapes
@@ -95,12 +105,24 @@ def compiled_call(fn: Callable, *args):
     return None
 
 
-def chunk_spans(n: int, rows: int, device: torch.device) -> list[tuple[int, int]]:
-    """Chunks ``[j0, j1)`` of an axis of length ``n`` whose slices hold about CHUNK_ELEMENTS elements."""
-    if device.type != "cpu" or CHUNK_ELEMENTS <= 0:
+def chunk_spans(n: int, rows: int, device: torch.device, scratch: bool = False) -> list[tuple[int, int]]:
+    """Chunks ``[j0, j1)`` of an axis of length ``n`` whose slices hold about CHUNK_ELEMENTS elements (with
+    ``scratch``: SCRATCH_ELEMENTS, the size of a scratch buffer for one slice)."""
+    if scratch and SCRATCH_ELEMENTS > 0:
+        elements = SCRATCH_ELEMENTS if device.type == "cpu" else max(SCRATCH_ELEMENTS, 1 << 22)  # fewer launches
+    elif scratch:
         return [(0, n)]
-    k = max(1, min(n, CHUNK_ELEMENTS // max(rows, 1)))
+    elif device.type != "cpu" or CHUNK_ELEMENTS <= 0:
+        return [(0, n)]
+    else:
+        elements = CHUNK_ELEMENTS
+    k = max(1, min(n, elements // max(rows, 1)))
     return [(j, min(n, j + k)) for j in range(0, n, k)]
+
+
+def compiles(fn: Callable, x: Tensor) -> bool:
+    """Whether :func:`compiled_call` would run the compiled twin of ``fn`` on ``x`` (as far as known now)."""
+    return x.numel() >= COMPILE_MIN_ELEMENTS and compiled_kernel(fn) is not None
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

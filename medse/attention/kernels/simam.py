@@ -106,8 +106,10 @@ class _SimAMFn(torch.autograd.Function):
     ``ge = dy * x * s * (1 - s)`` (gradient wrt e), ``g_den = -sum(ge * d) / den^2``,
     ``g_d = ge / den + 4 g_den / n`` (d feeds e directly and through sum d),
     ``gu = 2 u g_d``, ``gx = dy * s + gu - mean(gu)`` with ``mean(gu) = 2 sum(ge * u) / (N den)``
-    (the ``sum(u)`` term is zero). Pass 1 (blocked, reads dy and x) writes ``dy*s + 2 u ge / den`` and the two
-    sums; pass 2 adds the affine-in-x rest ``alpha * x + beta``. Saves only x and two (B, C) vectors.
+    (the ``sum(u)`` term is zero). Pass 1 (in cache blocks of SCRATCH_ELEMENTS, reads dy and x) writes
+    ``dy*s + 2 u ge / den`` and the two sums; pass 2 adds the affine-in-x rest ``alpha * x + beta``: the gradient
+    is the only full-size allocation. An input of one block takes the whole-tensor version. Saves only x and two
+    (B, C) vectors.
     """
 
     @staticmethod
@@ -132,14 +134,15 @@ class _SimAMFn(torch.autograd.Function):
         gx3 = compiled_call(_ck_simam_bwd, x3, dy3, mu, den)
         if gx3 is not None:
             return unflat(gx3, x.shape), None
-        if len(chunk_spans(n_pos, b * c, x.device)) == 1:
+        spans = chunk_spans(n_pos, b * c, x.device, scratch=True)
+        if len(spans) == 1:
             gx3 = _simam_backward_whole(x3, dy3, mu, den, ctx.n)
             return unflat(gx3, x.shape), None
         two_over_den = 2 / den
         gx3 = torch.empty_like(x3)
         r1 = torch.zeros(b, c, 1, dtype=x.dtype, device=x.device)  # sum ge * u
         rd = torch.zeros(b, c, 1, dtype=x.dtype, device=x.device)  # sum ge * u^2
-        for j0, j1 in chunk_spans(n_pos, b * c, x.device):
+        for j0, j1 in spans:
             xc, dyc = x3[..., j0:j1], dy3[..., j0:j1]
             u = xc - mu
             s = torch.mul(u, u).div_(den).add_(0.5).sigmoid_()
@@ -153,7 +156,7 @@ class _SimAMFn(torch.autograd.Function):
         g_den = -rd / (den * den)
         alpha = 2 * (4 * g_den / ctx.n)  # gu's term from sum d: 2 u * 4 g_den / n
         beta = -alpha * mu - 2 * r1 / (n_pos * den)
-        for j0, j1 in chunk_spans(n_pos, b * c, x.device):
+        for j0, j1 in spans:
             gxc = gx3[..., j0:j1]
             gxc.addcmul_(x3[..., j0:j1], alpha).add_(beta)
         return unflat(gx3, x.shape), None
