@@ -405,8 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         "cache).",
     ]
     if device.type == "cpu":
-        head.append("Measured on a shared 2-core machine (other engineers' jobs running): absolute times are noisy, "
-                    "ratios within one run are what to read.")
+        head.append("Measured on a shared machine (its load average at the start, and any `--busy` processes, are "
+                    "in the header): absolute times are noisy, ratios within one run are what to read.")
     if args.note:
         head += ["", args.note]
     text = "\n".join(head) + "\n\n" + "\n\n".join(sections) + "\n"
