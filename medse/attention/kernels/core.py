@@ -30,13 +30,12 @@ CHUNK_ELEMENTS: int = int(os.environ.get("MEDSE_FUSED_CHUNK", "0"))
 
 #: Elements of one cache block (summed over batch and channels) of the kernels that work in blocks by default:
 #: scSE's forward and backward and SimAM's backward, on CPU; a block's temporaries (2 MiB of float32 each at the
-#: default 524288) stay in the L2/L3 caches. Alone on the 2-core machine their forward+backward ran about a
-#: quarter faster than on whole tensors (scSE-max 0.71-0.74x, SimAM 0.79-0.82x the time at 2 x 32 x 64^3, one
-#: thread or two). On an oversubscribed CPU (more runnable threads than cores, e.g. busy data-loader workers)
-#: with several torch threads each block's operators wait for descheduled OpenMP threads and the same work ran
-#: 1.7-7x *slower*: there set torch's threads to the free cores (PyTorch's own advice) or this to 0 (whole
-#: tensors; then scSE-max's backward allocates a full-size scratch). Environment variable ``MEDSE_FUSED_BLOCK``.
-#: On CUDA the blocks hold at least 4194304 elements (fewer launches).
+#: default 524288) stay in the L2/L3 caches. Alone on a 2-core machine this was faster than whole tensors; on an
+#: oversubscribed CPU (more runnable threads than cores) with several torch threads each block's operators wait
+#: for descheduled OpenMP threads and it was several times *slower* (``python benchmarks/bench_blocks.py --whole
+#: [--busy 4]``, docs/performance.md): there set torch's threads to the free cores or this to 0 (whole tensors;
+#: scSE-max's backward then allocates a full-size scratch). Environment variable ``MEDSE_FUSED_BLOCK``. On CUDA
+#: the blocks hold at least 4194304 elements (fewer launches).
 SCRATCH_ELEMENTS: int = int(os.environ.get("MEDSE_FUSED_BLOCK", str(1 << 19)))
 
 #: Smallest input (elements) that the compile backend compiles for; smaller ones run the eager kernels. Small
