@@ -72,8 +72,9 @@ def _ck_scse_bwd2(x: Tensor, dy: Tensor, c3: Tensor, q: Tensor, w: Tensor, gs: T
 
 
 def _spatial_logits(x3: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
-    """``w . x + b`` over channels: (B, C, N) -> (B, 1, N), one read of x (a batched matrix product)."""
-    s = torch.matmul(w.to(x3.dtype).view(1, 1, -1), x3)
+    """``w . x + b`` over channels: (B, C, N) -> (B, 1, N), one read of x (a batched matrix product; ``bmm``
+    takes a block ``x3[..., j0:j1]`` with its row stride, where ``matmul``'s broadcasting copied it first)."""
+    s = torch.bmm(w.to(x3.dtype).view(1, 1, -1).expand(x3.shape[0], 1, -1), x3)
     if bias is not None:
         s = s.add_(bias.to(x3.dtype).view(1, 1, 1))
     return s
