@@ -47,7 +47,7 @@ def test_readme_includes_the_generated_results():
     for name in ("docs/results/demo_table.md", "docs/results/demo_configs.md", "docs/results/classifier_seed0.md",
                  "docs/results/classifier_seed1.md", "docs/results/models_2d.md", "docs/results/models_demo_unet.md",
                  "docs/results/blocks_list.md", "docs/results/nnunet_smoke.md",
-                 "benchmarks/results/blocks_cpu_issue14.md", "benchmarks/results/step_cpu_32.md",
+                 "benchmarks/results/blocks_cpu_issue14.md", "benchmarks/results/step_cpu.md",
                  "benchmarks/results/memory_cpu.md", "benchmarks/results/inference_cpu.md"):
         assert name in included, name
 

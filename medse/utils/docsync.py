@@ -395,11 +395,23 @@ SOURCES: dict[str, Source] = {
              "is pytest's summary."),
     "blocks_cpu_issue14": Source(
         "benchmarks/results/blocks_cpu_issue14.md",
-        ["{py} benchmarks/bench_blocks.py --repeats 5 --output {work}/out.md"], output="{work}/out.md"),
-    "step_cpu_32": Source(
-        "benchmarks/results/step_cpu_32.md",
-        ["{py} benchmarks/bench_step.py --networks realistic --size 32 --rounds 9 --output {work}/out.md"],
+        ["{py} benchmarks/bench_blocks.py --whole --repeats 5 --output {work}/out.md"], output="{work}/out.md"),
+    "blocks_cpu_busy": Source(
+        "benchmarks/results/blocks_cpu_busy.md",
+        ["{py} benchmarks/bench_blocks.py --whole --busy 4 --dims 3 --blocks scse simam --repeats 5 "
+         "--output {work}/out.md"], output="{work}/out.md"),
+    "blocks_cpu_small": Source(
+        "benchmarks/results/blocks_cpu_small.md",
+        ["{py} benchmarks/bench_blocks.py --whole --repeats 5 --shapes 1x16x32x32x32 --output {work}/out.md"],
         output="{work}/out.md"),
+    "step_cpu": Source(
+        "benchmarks/results/step_cpu.md",
+        ["{py} benchmarks/bench_step.py --networks realistic demo --rounds 9 --output {work}/out.md"],
+        output="{work}/out.md"),
+    "step_cpu_nnunet": Source(
+        "benchmarks/results/step_cpu_nnunet.md",
+        [".venv-nnunet/bin/python benchmarks/bench_step.py --networks nnunet --size 64 --rounds 9 "
+         "--output {work}/out.md"], output="{work}/out.md"),
     "memory_cpu": Source(
         "benchmarks/results/memory_cpu.md",
         ["{py} benchmarks/bench_memory.py --networks realistic demo --plain --output {work}/out.md"],

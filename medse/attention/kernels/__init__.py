@@ -17,9 +17,9 @@ here compute the same outputs and gradients as the plain formulas with
 - cache blocking on CPU for the kernels with many passes (scSE, SimAM's backward: ``core.SCRATCH_ELEMENTS``,
   on by default) and optionally for the others (``core.CHUNK_ELEMENTS``, off by default).
 
-Plain vs fused on the 3D benchmark tensor (2, 32, 64, 64, 64), forward+backward as a multiple of ``x * 1.0``
-(``benchmarks/results/blocks_cpu_run2.md``, 2-core CPU): scSE-max 9.9 -> 3.3 (eager) / 1.7 (compile),
-SimAM 8.7 -> 3.2 / 1.6, CA 6.3 -> 1.8 / 1.6, cSE 2.2 -> 1.4. See ``docs/performance.md``.
+Plain vs fused vs the memory floor on the benchmark tensors: ``benchmarks/results/blocks_cpu_issue14.md``
+(``python benchmarks/bench_blocks.py --whole``; the compile backend in ``blocks_cpu_run2.md``). See
+``docs/performance.md``.
 
 One module per family, each called directly by its blocks with the blocks' own layers:
 

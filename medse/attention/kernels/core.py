@@ -29,14 +29,14 @@ MIN_ELEMENTS: int = int(os.environ.get("MEDSE_FUSED_MIN", str(1 << 16)))
 CHUNK_ELEMENTS: int = int(os.environ.get("MEDSE_FUSED_CHUNK", "0"))
 
 #: Elements of one cache block (summed over batch and channels) of the kernels that work in blocks by default:
-#: scSE's forward and backward and SimAM's backward, on CPU; a block's temporaries (2 MiB of float32 each at the
-#: default 524288) stay in the L2/L3 caches. Alone on a 2-core machine this was faster than whole tensors; on an
-#: oversubscribed CPU (more runnable threads than cores) with several torch threads each block's operators wait
-#: for descheduled OpenMP threads and it was several times *slower* (``python benchmarks/bench_blocks.py --whole
-#: [--busy 4]``, docs/performance.md): there set torch's threads to the free cores or this to 0 (whole tensors;
-#: scSE-max's backward then allocates a full-size scratch). Environment variable ``MEDSE_FUSED_BLOCK``. On CUDA
-#: the blocks hold at least 4194304 elements (fewer launches).
-SCRATCH_ELEMENTS: int = int(os.environ.get("MEDSE_FUSED_BLOCK", str(1 << 19)))
+#: scSE's forward and backward and SimAM's backward. None (the default) chooses per call: on CPU with one torch
+#: thread 524288 (2 MiB of float32 per temporary, in L2/L3), with several threads 4194304, on CUDA 4194304 (fewer
+#: launches). Small blocks were much faster than whole tensors with one thread, and with two threads on a quiet
+#: machine, but several times *slower* with two threads on an oversubscribed CPU (each small operator is an
+#: OpenMP region that waits for descheduled threads); 4M-element blocks lose little there. Measured with
+#: ``python benchmarks/bench_blocks.py --whole [--busy 4]`` (docs/performance.md). 0: whole tensors (scSE-max's
+#: backward then allocates a full-size scratch). Environment variable ``MEDSE_FUSED_BLOCK``.
+SCRATCH_ELEMENTS: int | None = int(os.environ["MEDSE_FUSED_BLOCK"]) if os.environ.get("MEDSE_FUSED_BLOCK") else None
 
 #: Smallest input (elements) that the compile backend compiles for; smaller ones run the eager kernels. Small
 #: tensors gain little from fusion, pay the compiled function's guard checks, and their many distinct shapes
@@ -107,10 +107,14 @@ def compiled_call(fn: Callable, *args):
 def chunk_spans(n: int, rows: int, device: torch.device, scratch: bool = False) -> list[tuple[int, int]]:
     """Chunks ``[j0, j1)`` of an axis of length ``n`` whose slices hold about CHUNK_ELEMENTS elements (with
     ``scratch``: SCRATCH_ELEMENTS, the size of a scratch buffer for one slice)."""
-    if scratch and SCRATCH_ELEMENTS > 0:
-        elements = SCRATCH_ELEMENTS if device.type == "cpu" else max(SCRATCH_ELEMENTS, 1 << 22)  # fewer launches
-    elif scratch:
-        return [(0, n)]
+    if scratch:
+        elements = SCRATCH_ELEMENTS
+        if elements is None:
+            elements = 1 << 19 if device.type == "cpu" and torch.get_num_threads() == 1 else 1 << 22
+        if elements <= 0:
+            return [(0, n)]
+        if device.type != "cpu":
+            elements = max(elements, 1 << 22)  # fewer launches
     elif device.type != "cpu" or CHUNK_ELEMENTS <= 0:
         return [(0, n)]
     else:
