@@ -33,7 +33,7 @@ CHUNK_ELEMENTS: int = int(os.environ.get("MEDSE_FUSED_CHUNK", "0"))
 #: thread 524288 (2 MiB of float32 per temporary, in L2/L3), with several threads 4194304, on CUDA 4194304 (fewer
 #: launches). Small blocks were much faster than whole tensors with one thread, and with two threads on a quiet
 #: machine, but several times *slower* with two threads on an oversubscribed CPU (each small operator is an
-#: OpenMP region that waits for descheduled threads); 4M-element blocks lose little there. Measured with
+#: OpenMP region that waits for descheduled threads); 4M-element blocks lose less there. Measured with
 #: ``python benchmarks/bench_blocks.py --whole [--busy 4]`` (docs/performance.md). 0: whole tensors (scSE-max's
 #: backward then allocates a full-size scratch). Environment variable ``MEDSE_FUSED_BLOCK``.
 SCRATCH_ELEMENTS: int | None = int(os.environ["MEDSE_FUSED_BLOCK"]) if os.environ.get("MEDSE_FUSED_BLOCK") else None
