@@ -210,20 +210,11 @@ class _SCSEFn(torch.autograd.Function):
         x, weight, q = ctx.saved_tensors
         zl, c = ctx.gate
         mode = ctx.mode
-        if ctx.saves_output:  # x holds the output y
-            y3, dy3 = x.flatten(2), dy.flatten(2)
-            c3 = c.detach().to(x.dtype).unsqueeze(-1)
-            gx3, gc, gw, gb = _scse_max_backward_output(y3, dy3, c3, q, weight.to(x.dtype).view(1, -1, 1))
-            (gz,), gp = gate_backward([c], [gc], [zl], ctx.params)
-            if gz is not None:
-                gx3.add_((gz / y3.shape[-1]).to(x.dtype).unsqueeze(-1))
-            g_bias = gb.to(weight.dtype).view(1) if ctx.has_bias else None
-            return (unflat(gx3, x.shape), None, None, gw.to(weight.dtype).view(weight.shape), g_bias, *gp)
         x3, dy3 = x.flatten(2), dy.flatten(2)
         b, ch, n = x3.shape
         c3 = c.detach().to(x.dtype).unsqueeze(-1)
         w3 = weight.to(x.dtype).view(1, ch, 1)
-        out = compiled_call(_ck_scse_bwd1, x3, dy3, c3, q, mode)
+        out = None if ctx.saves_output else compiled_call(_ck_scse_bwd1, x3, dy3, c3, q, mode)
         if out is not None:
             gc, gs, gw, gb = out
             (gz,), gp = gate_backward([c], [gc], [zl], ctx.params)
@@ -233,7 +224,10 @@ class _SCSEFn(torch.autograd.Function):
             gx3 = _ck_scse_bwd2(*args) if gx3 is None else gx3
             g_bias = gb.to(weight.dtype).view(1) if ctx.has_bias else None
             return (unflat(gx3, x.shape), None, None, gw.to(weight.dtype).view(weight.shape), g_bias, *gp)
-        gx3, gc, gw, gb = _scse_backward_chunks(x3, dy3, c3, q, w3, mode)
+        if ctx.saves_output:  # x holds the output y
+            gx3, gc, gw, gb = _scse_max_backward_output(x3, dy3, c3, q, w3)
+        else:
+            gx3, gc, gw, gb = _scse_backward_chunks(x3, dy3, c3, q, w3, mode)
         (gz,), gp = gate_backward([c], [gc], [zl], ctx.params)
         if gz is not None:
             gx3.add_((gz / n).to(x.dtype).unsqueeze(-1))
@@ -262,8 +256,7 @@ def _scse_max_backward_output(y3: Tensor, dy3: Tensor, c3: Tensor, q: Tensor, w3
     branch and ``y / q`` on the spatial one: ``gc = (sum_n dy y - sum_n dy u) / c``,
     ``gs = gq q (1 - q) = (1 - q) sum_c dy u``, ``gw = sum_b ((y - u) . gs) / c + u . (gs / q)`` (u is 0
     wherever q is). Pass 2 takes those dot products and overwrites each block of u with
-    ``gx = dy * lerp(c, q, 1 - h) + w gs``. Blocks of SCRATCH_ELEMENTS keep the element-wise steps in cache:
-    on a 2-core CPU about a quarter faster than the same steps on whole tensors.
+    ``gx = dy * lerp(c, q, 1 - h) + w gs``. Blocks of SCRATCH_ELEMENTS keep the element-wise steps in cache.
     """
     b, ch, n = y3.shape
     acc = acc_dtype(y3.dtype)
