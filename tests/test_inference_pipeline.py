@@ -228,3 +228,95 @@ def test_an_interrupt_in_the_reader_thread_is_not_lost(tmp_path: Path, monkeypat
         predict_folder(_label_predictor(), inp, tmp_path / "out", progress=False)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["c0.json", "c0.nii.gz"]
     assert not [t for t in threading.enumerate() if t.name.startswith(("medse-predict", "medse-sliding"))]
+
+
+# ------------------------------------------------------------- gathering thread and the deferred tail of a case
+def test_windows_are_gathered_in_another_thread_one_batch_ahead(monkeypatch) -> None:
+    """The window batch for the next forward pass is cut out of the volume by a gathering thread, so the network
+    worker goes from one forward straight to the next; the slabs stay bit-identical to the sequential code."""
+    stacked: list[str] = []
+    real_stack = torch.stack
+
+    def spy_stack(tensors, *a, **k):
+        stacked.append(threading.current_thread().name)
+        return real_stack(tensors, *a, **k)
+
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(1, 2, 3, padding=1)
+    x = torch.randn(1, 20, 12, 12)
+    with torch.inference_mode():
+        ref = _slabs(x, net)
+        monkeypatch.setattr(torch, "stack", spy_stack)
+        got = _slabs(x, net, background=True)
+        monkeypatch.undo()
+    assert stacked and all(name.startswith("medse-sliding-gather") for name in stacked)
+    assert all(torch.equal(a[3], b[3]) for a, b in zip(got, ref, strict=True))
+    assert not [t for t in threading.enumerate() if t.name.startswith("medse-sliding-gather")]
+
+
+def test_gather_error_is_raised_and_the_workers_stop() -> None:
+    x = torch.randn(1, 20, 20, 20)
+
+    class Boom:
+        calls = 0
+
+        def __getitem__(self, idx):
+            Boom.calls += 1
+            if Boom.calls == 3:
+                raise RuntimeError("boom while gathering")
+            return x[idx]
+
+    fake = Boom()
+    fake.ndim, fake.shape, fake.device = x.ndim, x.shape, x.device
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="boom while gathering"):
+        sliding_window_labels(iter_window_slabs(fake, lambda b: torch.cat([b, -b], 1), 8, background=True),
+                              (20, 20, 20))
+    assert not _sliding_threads()
+    assert not [t for t in threading.enumerate() if t.name.startswith("medse-sliding-gather")]
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_forwards_done_is_set_when_the_last_batch_is_back_before_it_is_blended(background) -> None:
+    done = threading.Event()
+    calls = []
+
+    def net(b):
+        assert not done.is_set()  # never before the last forward pass
+        calls.append(1)
+        return torch.cat([b, -b], dim=1)
+
+    x = torch.randn(1, 32, 8, 8)  # 7 groups along axis 0, one window each
+    with torch.inference_mode():
+        it = iter_window_slabs(x, net, 8, overlap=0.5, axis=0, background=background, forwards_done=done)
+        first = next(it)
+        assert not done.is_set() or len(calls) == 7
+        rest = list(it)
+    assert done.is_set() and len(calls) == 7 and first[1] == 0 and rest[-1][2] == 32
+
+
+def test_deferred_prediction_leaves_the_last_argmax_to_finish_and_equals_the_direct_one(monkeypatch) -> None:
+    """``_predict_deferred(defer=True)`` returns once the network is done with the case; ``finish()``, called
+    from another thread, does the remaining argmax work and gives exactly ``predict_preprocessed``'s result."""
+    import medse.inference.sliding as sliding
+
+    torch.manual_seed(0)
+    pred = Predictor(torch.nn.Conv3d(1, 3, 3, padding=1), spatial_dims=3, in_channels=1, roi_size=[8, 8, 8],
+                     device="cpu", sw_batch_size=2)
+    img = np.random.default_rng(0).normal(size=(1, 24, 12, 10)).astype(np.float32)
+    want, _ = pred.predict_preprocessed(img)
+    argmaxes: list[str] = []
+    real = sliding.argmax_channels
+
+    def spy(scores):
+        argmaxes.append(threading.current_thread().name)
+        return real(scores)
+
+    monkeypatch.setattr(sliding, "argmax_channels", spy)
+    finish = pred._predict_deferred(img, False, defer=True)
+    before = len(argmaxes)
+    out: dict[str, np.ndarray] = {}
+    t = threading.Thread(target=lambda: out.update(labels=finish()[0]), name="finisher")
+    t.start()
+    t.join()
+    assert argmaxes[before:] and all(n == "finisher" for n in argmaxes[before:])  # the tail ran in "finisher"
+    np.testing.assert_array_equal(out["labels"], want)

@@ -32,7 +32,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -510,19 +510,31 @@ class Predictor:
     def predict_preprocessed(self, image: np.ndarray, *, probabilities: bool = False
                              ) -> tuple[np.ndarray, np.ndarray | None]:
         """Class-index map (and float16 probabilities ``(K, *shape)``) of a preprocessed ``(C, X, Y, Z)``."""
+        return self._predict_deferred(image, probabilities, defer=False)()
+
+    def _predict_deferred(self, image: np.ndarray, probabilities: bool, defer: bool
+                          ) -> Callable[[], tuple[np.ndarray, np.ndarray | None]]:
+        """Run the network over ``image``; returns ``finish()`` -> :meth:`predict_preprocessed`'s result.
+
+        With ``defer`` (3D sliding window), this returns as soon as the last window batch is back from the
+        network: ``finish`` then blends what is left and argmaxes the last slabs, and may be called from
+        another thread (:func:`predict_folder`'s writer does it while the next case is in the network).
+        Without it, or for the other engines, everything is done here and ``finish`` only hands it over."""
         import torch
 
         from medse.inference.sliding import (
+            LabelAssembler,
             iter_slice_slabs,
             iter_window_slabs,
             monai_sliding_window,
-            sliding_window_labels,
         )
 
         if image.ndim != 4:
             raise ValueError(f"expected a (C, X, Y, Z) volume, got shape {image.shape}")
         x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
         net = self._network()
+        done = threading.Event() if defer else None
+        asm = LabelAssembler(image.shape[1:], probabilities)
         with torch.inference_mode():
             if self.spatial_dims == 3 and self.engine == "monai":
                 full = monai_sliding_window(x, net, self.roi_size, overlap=self.overlap,  # type: ignore[arg-type]
@@ -532,15 +544,31 @@ class Predictor:
                 # background: the next window batch's forward runs while this one is blended and argmaxed
                 slabs = iter_window_slabs(
                     x, net, self.roi_size, overlap=self.overlap, mode=self.blend,  # type: ignore[arg-type]
-                    sw_batch_size=self.sw_batch_size, device=self.device, axis=self.stream_axis, background=True)
+                    sw_batch_size=self.sw_batch_size, device=self.device, axis=self.stream_axis, background=True,
+                    forwards_done=done)
             else:
                 slabs = iter_slice_slabs(
                     x, net, axis=self.slice_axis, batch_size=max(1, self.sw_batch_size), roi_size=self.roi_size,
                     overlap=self.overlap, mode=self.blend, sw_batch_size=self.sw_batch_size, device=self.device)
-            labels, probs = sliding_window_labels(slabs, image.shape[1:], probabilities=probabilities)
-        if self.num_classes is not None and probs is not None and probs.shape[0] != self.num_classes:
-            raise MedseError(f"network returned {probs.shape[0]} classes, dataset.json says {self.num_classes}")
-        return labels, probs
+            held = None
+            for slab in slabs:
+                if done is not None and done.is_set():
+                    held = slab  # the network is done with this case: the rest can wait for another thread
+                    break
+                asm.add(*slab)
+
+        def finish() -> tuple[np.ndarray, np.ndarray | None]:
+            if held is not None:
+                with torch.inference_mode():
+                    asm.add(*held)
+                    for slab in slabs:
+                        asm.add(*slab)
+            labels, probs = asm.result()
+            if self.num_classes is not None and probs is not None and probs.shape[0] != self.num_classes:
+                raise MedseError(f"network returned {probs.shape[0]} classes, dataset.json says {self.num_classes}")
+            return labels, probs
+
+        return finish
 
     def _read(self, image_paths: Sequence[Path]) -> tuple[np.ndarray, dict[str, Any]]:
         from medse.data.preprocess import PreprocessConfig, preprocess_case
@@ -583,23 +611,26 @@ class Predictor:
 
             warnings.warn(msg, NonFiniteWarning, stacklevel=2)
         self._add_time("preprocess", time.perf_counter() - t0)
-        idx, probs, _ = self._predict_timed(image, return_probabilities)
+        (idx, probs), _ = self._predict_timed(image, return_probabilities)
         del image
         t2 = time.perf_counter()
         res = self._finish(idx, probs, props, paths[0], return_probabilities)
         self._add_time("postprocess", time.perf_counter() - t2)
         return res
 
-    def _predict_timed(self, image: np.ndarray, probabilities: bool) -> tuple[np.ndarray, np.ndarray | None, float]:
-        """:meth:`predict_preprocessed` with its time outside the network added to ``timings["postprocess"]``;
-        also returns its wall seconds. One case at a time (the forward delta is this case's)."""
+    def _predict_timed(self, image: np.ndarray, probabilities: bool, defer: bool = False) -> tuple[Any, float]:
+        """:meth:`_predict_deferred` with its time outside the network added to ``timings["postprocess"]``;
+        returns ``(result, wall seconds)``: ``result`` is ``(labels, probs)``, or with ``defer`` the ``finish``
+        callable that produces them (its own time is not counted here). One case at a time (the forward
+        delta is this case's)."""
         f0 = self.timings["forward"]
         t1 = time.perf_counter()
-        idx, probs = self.predict_preprocessed(image, probabilities=probabilities)
+        finish = self._predict_deferred(image, probabilities, defer=defer)
+        result = finish if defer else finish()
         wall = time.perf_counter() - t1
-        # time inside predict_preprocessed that is not the network: blending, argmax, buffers, softmax
+        # time in here that is not the network: blending, argmax, buffers, softmax
         self._add_time("postprocess", wall - (self.timings["forward"] - f0))
-        return idx, probs, wall
+        return result, wall
 
     def _finish(self, idx: np.ndarray, probs: np.ndarray | None, props: dict[str, Any], reference: Path,
                 return_probabilities: bool) -> Any:
@@ -1017,11 +1048,14 @@ def predict_folder(
             predictor._add_time("background_read", time.perf_counter() - t0)
         return job
 
-    def finish_and_write(job: _Prepared, idx: np.ndarray, probs: np.ndarray | None) -> float:
-        """Map back, label lookup, write mask (+ probabilities) and sidecar (writer thread); its seconds."""
+    def finish_and_write(job: _Prepared, finish: Callable[[], tuple[np.ndarray, np.ndarray | None]]) -> float:
+        """The case's last blending and argmax, map back, label lookup, write mask (+ probabilities) and
+        sidecar (writer thread, while the next case is in the network); its seconds."""
         t0 = time.perf_counter()
         try:
             assert job.target is not None and job.props is not None
+            idx, probs = finish()
+            del finish
             res = predictor._finish(idx, probs, job.props, job.case.images[0], save_probabilities)
             labels, out_probs = res if save_probabilities else (res, None)
             del idx, probs, res
@@ -1088,7 +1122,7 @@ def predict_folder(
             assert job.image is not None and job.props is not None
             predictor.last_props = job.props
             try:
-                idx, probs, wall = predictor._predict_timed(job.image, save_probabilities)
+                finish, wall = predictor._predict_timed(job.image, save_probabilities, defer=True)
             except Exception as e:
                 settle()
                 if job.redo is not None:
@@ -1110,9 +1144,9 @@ def predict_folder(
                 report.nonfinite[cid] = job.n_bad
                 echo(f"warning: {cid}: {nonfinite_message(job.props)}")
             t0 = time.perf_counter()
-            pending = (job, writer.submit(finish_and_write, job, idx, probs))  # inline: the whole write
+            pending = (job, writer.submit(finish_and_write, job, finish))  # inline: the whole write
             predictor._add_time("write", time.perf_counter() - t0)
-            del idx, probs
+            del finish
         settle()
     finally:
         reader.close()

@@ -27,11 +27,13 @@ import itertools
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 __all__ = [
+    "LabelAssembler",
     "argmax_channels",
     "choose_stream_axis",
     "flip_tta",
@@ -91,6 +93,7 @@ def iter_window_slabs(
     device: Any = None,
     axis: int | None = None,
     background: bool = False,
+    forwards_done: threading.Event | None = None,
 ) -> Iterator[tuple[int, int, int, Any]]:
     """Sliding-window inference yielding finished slabs ``(axis, start, stop, scores)``.
 
@@ -111,6 +114,10 @@ def iter_window_slabs(
             inference mode and autocast state; at most two batch outputs are alive at once; an exception
             in ``predictor`` is raised here, and closing the iterator early stops the worker. Defaults
             to False.
+        forwards_done: set once the last window batch has come back from ``predictor`` (before its output is
+            blended): what is left from then on is blending, finalising and the caller's work on the slabs,
+            which a caller may hand to another thread (:meth:`Predictor._predict_timed` with ``defer``).
+            Defaults to None.
 
     Yields:
         ``(axis, start, stop, scores)`` with ``scores`` a float32 tensor ``(K, ...)`` covering
@@ -151,16 +158,26 @@ def iter_window_slabs(
     starts = sorted(groups)
     batches = [(z, groups[z][b:b + sw_batch_size]) for z in starts for b in range(0, len(groups[z]), sw_batch_size)]
 
-    def run_batch(item: tuple[int, list[tuple[slice, ...]]]) -> Any:
-        batch = item[1]
-        x = torch.stack([image[(slice(None), *w)] for w in batch]).to(device)
+    def gather(item: tuple[int, list[tuple[slice, ...]]]) -> Any:
+        return torch.stack([image[(slice(None), *w)] for w in item[1]]).to(device)
+
+    def run(x: Any) -> Any:
         out = predictor(x)
         if out.shape[2:] != x.shape[2:]:
             raise ValueError(f"predictor returned spatial shape {tuple(out.shape[2:])} for windows "
                              f"{tuple(x.shape[2:])}")
         return out.to(device=device, dtype=torch.float32)
 
-    outputs: Any = _BackgroundMap(run_batch, batches, device) if background else map(run_batch, batches)
+    def run_last(x: Any) -> Any:
+        out = run(x)
+        if forwards_done is not None:
+            forwards_done.set()
+        return out
+
+    runs = [run] * (len(batches) - 1) + [run_last]
+    outputs: Any = (_BackgroundMap(lambda ix: runs[ix[0]](ix[1]), list(enumerate(batches)), device,
+                                   prepare=lambda ib: (ib[0], gather(ib[1]))) if background
+                    else (f(gather(item)) for f, item in zip(runs, batches, strict=True)))
     try:
         yield from _blend(zip(batches, outputs, strict=True), starts, padded, pads, size, roi_eff[axis], axis, weight,
                           device)
@@ -192,19 +209,23 @@ _IMPORTANCE_LOCK = threading.Lock()
 
 
 class _BackgroundMap:
-    """``map(fn, items)`` computed in one worker thread, at most one item ahead of the consumer.
+    """``map(fn, map(prepare, items))`` computed in one worker thread, at most one item ahead of the consumer;
+    ``prepare`` (gathering a window batch) runs in a second thread one item ahead of ``fn``, so that the
+    worker goes from one forward pass straight to the next.
 
-    Results come back in order; an exception raised by ``fn`` is raised by ``__next__`` (the worker then
-    stops). The worker runs under the caller's grad / inference mode and autocast state (thread-local in
-    torch), on ``device`` for CUDA. :meth:`close` stops the worker and waits for it.
+    Results come back in order; an exception raised by ``fn`` or ``prepare`` is raised by ``__next__`` (the
+    worker then stops). The worker runs under the caller's grad / inference mode and autocast state
+    (thread-local in torch), on ``device`` for CUDA. :meth:`close` stops the worker and waits for it.
     """
 
     _DONE = object()
 
-    def __init__(self, fn: Callable[[Any], Any], items: Sequence[Any], device: Any) -> None:
+    def __init__(self, fn: Callable[[Any], Any], items: Sequence[Any], device: Any,
+                 prepare: Callable[[Any], Any] | None = None) -> None:
         import torch
 
         self._fn, self._items, self._device = fn, list(items), device
+        self._prepare = prepare if prepare is not None else (lambda item: item)
         self._grad = torch.is_grad_enabled()
         self._inference = torch.is_inference_mode_enabled()
         dtype = getattr(device, "type", str(device))
@@ -229,13 +250,22 @@ class _BackgroundMap:
                     stack.enter_context(torch.set_grad_enabled(self._grad))
                 if self._autocast is not None:
                     stack.enter_context(torch.autocast(self._autocast[0], dtype=self._autocast[1]))
-                if getattr(self._device, "type", None) == "cuda":
+                cuda = getattr(self._device, "type", None) == "cuda"
+                if cuda:
                     torch.cuda.set_device(self._device)
-                for item in self._items:
+                pool = stack.enter_context(ThreadPoolExecutor(
+                    1, thread_name_prefix="medse-sliding-gather",
+                    initializer=(lambda: torch.cuda.set_device(self._device)) if cuda else None))
+                nxt = pool.submit(self._prepare, self._items[0]) if self._items else None
+                for i in range(len(self._items)):
                     self._slots.acquire()
                     if self._stop.is_set():
                         return
-                    self._results.put((True, self._fn(item)))
+                    assert nxt is not None
+                    x = nxt.result()
+                    nxt = pool.submit(self._prepare, self._items[i + 1]) if i + 1 < len(self._items) else None
+                    self._results.put((True, self._fn(x)))
+                    del x
         except BaseException as e:  # handed to the consumer, raised there
             self._results.put((False, e))
             return
@@ -402,6 +432,35 @@ def argmax_channels(scores: Any) -> Any:
     return idx
 
 
+class LabelAssembler:
+    """Slabs of scores -> a uint8/uint16 label map (argmax), optionally float16 softmax probabilities."""
+
+    def __init__(self, spatial_shape: Sequence[int], probabilities: bool = False) -> None:
+        self.spatial_shape = tuple(int(s) for s in spatial_shape)
+        self.probabilities = probabilities
+        self.labels: np.ndarray | None = None
+        self.probs: np.ndarray | None = None
+
+    def add(self, axis: int, a0: int, a1: int, scores: Any) -> None:
+        import torch
+
+        k = int(scores.shape[0])
+        if self.labels is None:
+            self.labels = np.zeros(self.spatial_shape, dtype=np.uint8 if k <= 256 else np.uint16)
+            if self.probabilities:
+                self.probs = np.zeros((k, *self.spatial_shape), dtype=np.float16)
+        sel = [slice(None)] * len(self.spatial_shape)
+        sel[axis] = slice(a0, a1)
+        self.labels[tuple(sel)] = argmax_channels(scores).cpu().numpy().astype(self.labels.dtype, copy=False)
+        if self.probs is not None:
+            self.probs[(slice(None), *sel)] = torch.softmax(scores, dim=0).cpu().numpy().astype(np.float16)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.labels is None:
+            raise ValueError("no slabs were produced")
+        return self.labels, self.probs
+
+
 def sliding_window_labels(slabs: Iterator[tuple[int, int, int, Any]], spatial_shape: Sequence[int], *,
                           probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """Consume slabs of scores: argmax into a uint8/uint16 label map, optionally softmax into float16.
@@ -409,24 +468,10 @@ def sliding_window_labels(slabs: Iterator[tuple[int, int, int, Any]], spatial_sh
     Returns ``(labels (*spatial), probs (K, *spatial) float16 or None)``; the float32 scores of one slab
     are the only full-precision class scores alive at any time.
     """
-    import torch
-
-    labels: np.ndarray | None = None
-    probs: np.ndarray | None = None
-    for axis, a0, a1, scores in slabs:
-        k = int(scores.shape[0])
-        if labels is None:
-            labels = np.zeros(tuple(spatial_shape), dtype=np.uint8 if k <= 256 else np.uint16)
-            if probabilities:
-                probs = np.zeros((k, *spatial_shape), dtype=np.float16)
-        sel = [slice(None)] * len(spatial_shape)
-        sel[axis] = slice(a0, a1)
-        labels[tuple(sel)] = argmax_channels(scores).cpu().numpy().astype(labels.dtype, copy=False)
-        if probs is not None:
-            probs[(slice(None), *sel)] = torch.softmax(scores, dim=0).cpu().numpy().astype(np.float16)
-    if labels is None:
-        raise ValueError("no slabs were produced")
-    return labels, probs
+    asm = LabelAssembler(spatial_shape, probabilities)
+    for slab in slabs:
+        asm.add(*slab)
+    return asm.result()
 
 
 def flip_tta(model: Callable[[Any], Any], spatial_dims: int) -> Callable[[Any], Any]:
