@@ -287,11 +287,18 @@ def test_forwards_done_is_set_when_the_last_batch_is_back_before_it_is_blended(b
 
     x = torch.randn(1, 32, 8, 8)  # 7 groups along axis 0, one window each
     with torch.inference_mode():
-        it = iter_window_slabs(x, net, 8, overlap=0.5, axis=0, background=background, forwards_done=done)
-        first = next(it)
-        assert not done.is_set() or len(calls) == 7
-        rest = list(it)
-    assert done.is_set() and len(calls) == 7 and first[1] == 0 and rest[-1][2] == 32
+        ref = [(a, s0, s1, t.clone()) for a, s0, s1, t in iter_window_slabs(x, net, 8, overlap=0.5, axis=0)]
+        calls.clear()
+        got = []
+        for item in iter_window_slabs(x, net, 8, overlap=0.5, axis=0, background=background, forwards_done=done):
+            got.append(item if item is None else (*item[:3], item[3].clone()))
+            if item is None:
+                assert len(calls) == 7  # the marker comes once every forward pass is done, not before
+    assert done.is_set() and len(calls) == 7 and got.count(None) == 1
+    assert got.index(None) < len(got) - 1  # slabs still follow it: the last output is blended after the marker
+    real = [g for g in got if g is not None]
+    assert [g[:3] for g in real] == [r[:3] for r in ref]
+    assert all(torch.equal(g[3], r[3]) for g, r in zip(real, ref, strict=True))
 
 
 def test_deferred_prediction_leaves_the_last_argmax_to_finish_and_equals_the_direct_one(monkeypatch) -> None:

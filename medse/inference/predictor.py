@@ -550,17 +550,16 @@ class Predictor:
                 slabs = iter_slice_slabs(
                     x, net, axis=self.slice_axis, batch_size=max(1, self.sw_batch_size), roi_size=self.roi_size,
                     overlap=self.overlap, mode=self.blend, sw_batch_size=self.sw_batch_size, device=self.device)
-            held = None
+            deferred = False
             for slab in slabs:
-                if done is not None and done.is_set():
-                    held = slab  # the network is done with this case: the rest can wait for another thread
+                if slab is None:  # the network is done with this case: the rest can wait for another thread
+                    deferred = True
                     break
                 asm.add(*slab)
 
         def finish() -> tuple[np.ndarray, np.ndarray | None]:
-            if held is not None:
+            if deferred:
                 with torch.inference_mode():
-                    asm.add(*held)
                     for slab in slabs:
                         asm.add(*slab)
             labels, probs = asm.result()

@@ -94,7 +94,7 @@ def iter_window_slabs(
     axis: int | None = None,
     background: bool = False,
     forwards_done: threading.Event | None = None,
-) -> Iterator[tuple[int, int, int, Any]]:
+) -> Iterator[Any]:
     """Sliding-window inference yielding finished slabs ``(axis, start, stop, scores)``.
 
     Args:
@@ -114,10 +114,10 @@ def iter_window_slabs(
             inference mode and autocast state; at most two batch outputs are alive at once; an exception
             in ``predictor`` is raised here, and closing the iterator early stops the worker. Defaults
             to False.
-        forwards_done: set once the last window batch has come back from ``predictor`` (before its output is
-            blended): what is left from then on is blending, finalising and the caller's work on the slabs,
-            which a caller may hand to another thread (:meth:`Predictor._predict_timed` with ``defer``).
-            Defaults to None.
+        forwards_done: set once the last window batch has come back from ``predictor``; the iterator then
+            yields ``None`` once, before it blends the output in hand: what is left from there on is blending,
+            finalising and the caller's work on the slabs, which a caller may hand to another thread
+            (:meth:`Predictor._predict_timed` with ``defer``). Defaults to None (no ``None`` is yielded).
 
     Yields:
         ``(axis, start, stop, scores)`` with ``scores`` a float32 tensor ``(K, ...)`` covering
@@ -180,7 +180,7 @@ def iter_window_slabs(
                     else (f(gather(item)) for f, item in zip(runs, batches, strict=True)))
     try:
         yield from _blend(zip(batches, outputs, strict=True), starts, padded, pads, size, roi_eff[axis], axis, weight,
-                          device)
+                          device, forwards_done)
     finally:
         if background:
             outputs.close()
@@ -298,8 +298,10 @@ class _BackgroundMap:
 
 def _blend(batches: Iterator[tuple[tuple[int, list[tuple[slice, ...]]], Any]], starts: list[int],
            padded: tuple[int, ...], pads: list[tuple[int, int]], size: tuple[int, ...], depth: int, axis: int,
-           weight: Any, device: Any) -> Iterator[tuple[int, int, int, Any]]:
-    """Blending half of :func:`iter_window_slabs`: ``((start, windows), output)`` in window order -> slabs."""
+           weight: Any, device: Any, forwards_done: threading.Event | None = None
+           ) -> Iterator[tuple[int, int, int, Any] | None]:
+    """Blending half of :func:`iter_window_slabs`: ``((start, windows), output)`` in window order -> slabs; with
+    ``forwards_done``, one ``None`` as soon as it is set (before the output in hand is blended)."""
     import torch
 
     nd = len(padded)
@@ -337,7 +339,11 @@ def _blend(batches: Iterator[tuple[tuple[int, list[tuple[slice, ...]]], Any]], s
             cnt[tuple(tail)] = 0
 
     gi = 0
+    handed = forwards_done is None
     for (z, batch), out in batches:
+        if not handed and forwards_done.is_set():  # type: ignore[union-attr]
+            handed = True
+            yield None  # the network is done with this image: the caller may carry on in another thread
         while starts[gi] != z:  # every window of group gi is blended: its leading rows are final
             yield from finalise(gi)
             gi += 1
