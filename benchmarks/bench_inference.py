@@ -264,7 +264,7 @@ def provenance(argv: list[str], load_start: float | None, wall_s: float) -> str:
 
 def write_report(path: Path, args: argparse.Namespace, rows: list[dict], mem_rows: list[dict], roi_mem: int,
                  torch_version: str, header: str = "") -> None:
-    command = " ".join(["python", "benchmarks/bench_inference.py", *sys.argv[1:]])
+    command = " ".join(["python", "benchmarks/bench_inference.py", *sys.argv[1:]]).replace(f"{ROOT}{os.sep}", "")
     lines = [
         *([header.rstrip("\n"), ""] if header else []),
         f"# Inference benchmark ({args.device.upper()})",
