@@ -211,7 +211,8 @@ def save_nifti(img: Any, path: str | os.PathLike) -> None:
     import nibabel as nib
 
     path = Path(path)
-    if not path.name.lower().endswith(".gz") or int(np.asanyarray(img.dataobj).nbytes) > 1 << 30:
+    nbytes = int(np.prod(img.shape, dtype=np.int64)) * img.get_data_dtype().itemsize  # without loading a proxy
+    if not path.name.lower().endswith(".gz") or nbytes > 1 << 30:
         nib.save(img, str(path))
         return
     path.write_bytes(gzip_bytes(img.to_bytes()))
