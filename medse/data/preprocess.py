@@ -452,6 +452,13 @@ def copy_transposed(dst: np.ndarray, src: np.ndarray, block: int = 8) -> None:
     in_row_halves(rows, dst.shape[0], dst.nbytes)
 
 
+def fortran_copy(a: np.ndarray) -> np.ndarray:
+    """A Fortran-ordered copy of ``a`` (the order NIfTI stores), transposed in cache blocks (:func:`copy_transposed`)."""
+    out = np.empty(a.shape, dtype=a.dtype, order="F")
+    copy_transposed(out.T, a.T)
+    return out
+
+
 _ROW_POOL: Any = None
 
 
@@ -538,10 +545,7 @@ def invert_to_original(
 
     inv = _invert_ornt(np.asarray(props["ornt_transform"], dtype=np.float64))
     if squeeze:  # one label map / score map: in the file's (Fortran) voxel order, which NIfTI writes as it is
-        view = apply_orientation(arr[0], inv)
-        out = np.empty(view.shape, dtype=arr.dtype, order="F")
-        copy_transposed(out.T, view.T)
-        arr = out[None]
+        arr = fortran_copy(apply_orientation(arr[0], inv))[None]
     else:
         arr = np.stack([np.ascontiguousarray(apply_orientation(c, inv)) for c in arr])
     if tuple(arr.shape[1:]) != tuple(int(s) for s in props["original_shape"]):

@@ -158,26 +158,23 @@ def iter_window_slabs(
     starts = sorted(groups)
     batches = [(z, groups[z][b:b + sw_batch_size]) for z in starts for b in range(0, len(groups[z]), sw_batch_size)]
 
-    def gather(item: tuple[int, list[tuple[slice, ...]]]) -> Any:
-        return torch.stack([image[(slice(None), *w)] for w in item[1]]).to(device)
+    def gather(ib: tuple[int, tuple[int, list[tuple[slice, ...]]]]) -> tuple[int, Any]:
+        i, (_, batch) = ib
+        return i, torch.stack([image[(slice(None), *w)] for w in batch]).to(device)
 
-    def run(x: Any) -> Any:
+    def run(ix: tuple[int, Any]) -> Any:
+        i, x = ix
         out = predictor(x)
         if out.shape[2:] != x.shape[2:]:
             raise ValueError(f"predictor returned spatial shape {tuple(out.shape[2:])} for windows "
                              f"{tuple(x.shape[2:])}")
+        if forwards_done is not None and i == len(batches) - 1:
+            forwards_done.set()
         return out.to(device=device, dtype=torch.float32)
 
-    def run_last(x: Any) -> Any:
-        out = run(x)
-        if forwards_done is not None:
-            forwards_done.set()
-        return out
-
-    runs = [run] * (len(batches) - 1) + [run_last]
-    outputs: Any = (_BackgroundMap(lambda ix: runs[ix[0]](ix[1]), list(enumerate(batches)), device,
-                                   prepare=lambda ib: (ib[0], gather(ib[1]))) if background
-                    else (f(gather(item)) for f, item in zip(runs, batches, strict=True)))
+    numbered = list(enumerate(batches))
+    outputs: Any = (_BackgroundMap(run, numbered, device, prepare=gather) if background
+                    else (run(gather(ib)) for ib in numbered))
     try:
         yield from _blend(zip(batches, outputs, strict=True), starts, padded, pads, size, roi_eff[axis], axis, weight,
                           device, forwards_done)

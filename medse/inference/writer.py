@@ -216,11 +216,9 @@ def _write(data: np.ndarray, reference_path: Path, out_path: Path, intent: str, 
         ref_img = geom["image"]
         hdr = _nifti_header_like(ref_img, data.dtype, intent)
         if not data.flags.f_contiguous:  # NIfTI stores Fortran order: transpose once, in cache blocks, so that
-            from medse.data.preprocess import copy_transposed  # writing and the read-back compare run straight
+            from medse.data.preprocess import fortran_copy  # writing and the read-back compare run straight
 
-            f_data = np.empty(data.shape, dtype=data.dtype, order="F")
-            copy_transposed(f_data.T, data.T)
-            data = f_data
+            data = fortran_copy(data)
         # affine=None: the copied header's qform/sform (matrices and codes) are written as they are.
         img = type(ref_img)(data, None, header=hdr)
         if not _is_nifti(out_path):
