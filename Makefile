@@ -16,10 +16,20 @@ NNUNET_BIN := $(NNUNET_VENV)/bin
 NNUNET_STAMP := $(NNUNET_VENV)/.medse-installed
 NNUNET_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 NNUNET_SPEC ?= nnunetv2==2.8.1
+NNUNET_DISK_GB ?= 8
+
+# Refuse to start an install that cannot fit: pip's own "No space left on device" comes after minutes of work
+# and leaves a half-built environment. $(1): GB needed, $(2): the environment's folder, $(3): what it is.
+define need_disk
+	@$(PYTHON) -c "import os, shutil, sys; d = os.path.dirname(os.path.abspath('$(2)')); \
+	free = shutil.disk_usage(d).free / 2**30; \
+	sys.exit(0 if free >= $(1) else f'make: $(2) ($(3)) needs about $(1) GB free in {d}; {free:.1f} GB free')"
+endef
 
 .PHONY: setup demo test test-all lint bench docs clean setup-nnunet test-nnunet test-nnunet-slow
 
 $(STAMP): pyproject.toml
+	$(call need_disk,3,$(VENV),the medse environment)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -e ".[dev]"
@@ -49,6 +59,7 @@ docs: setup
 	$(BIN)/python -m medse.utils.docsync
 
 $(NNUNET_STAMP): pyproject.toml
+	$(call need_disk,$(NNUNET_DISK_GB),$(NNUNET_VENV),nnU-Net environment with the torch 2.14.1 CUDA build)
 	$(PYTHON) -m venv $(NNUNET_VENV)
 	$(NNUNET_BIN)/python -m pip install $(NNUNET_TORCH_SPEC)
 	$(NNUNET_BIN)/python -m pip install "$(NNUNET_SPEC)"
