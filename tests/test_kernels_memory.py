@@ -234,3 +234,111 @@ def test_scse_max_keeps_its_input_when_a_channel_gate_saturates():
     dy = torch.randn_like(y)
     for f, g in zip(torch.autograd.grad(y, (x, w, p), dy), torch.autograd.grad(yp, (x, w, p), dy), strict=True):
         torch.testing.assert_close(f, g)
+
+
+# ---------------------------------------------------------------- blocks writing into the skip concatenation
+
+CAT_BLOCKS = [("cse", {}), ("eca", {}), ("se", {"reduction": 4}), ("sse", {}),
+              ("scse", {"aggregation": "max"}), ("scse", {"aggregation": "add"}), ("scse", {"aggregation": "mul"})]
+
+
+@pytest.mark.parametrize("name,kw", CAT_BLOCKS)
+def test_forward_cat_writes_the_concatenation_with_the_same_numbers(name, kw):
+    """``block.forward_cat(skip, x)`` is ``torch.cat([skip, block(x)], 1)`` bit for bit, gradients included, and
+    the fused Function returns (and, where it keeps its output, saves) the concatenation itself."""
+    torch.manual_seed(0)
+    block = create_attention(name, 3, 8, **kw)
+    a = torch.randn(*SHAPE, requires_grad=True)
+    s = torch.randn(2, 4, *SHAPE[2:], requires_grad=True)
+    x, skip = a * 1.0, s * 1.0
+    ref = torch.cat([skip, block(x)], 1)
+    out = block.forward_cat(skip, x)
+    assert type(out.grad_fn).__name__ in ("_ChannelFnBackward", "_SpatialFnBackward", "_SCSEFnBackward")
+    assert torch.equal(out, ref)
+    if name != "scse" or kw["aggregation"] == "max":
+        ptr = out.untyped_storage().data_ptr()
+        assert any(t.untyped_storage().data_ptr() == ptr for t in out.grad_fn.saved_tensors)
+    dy = torch.randn_like(ref)
+    wrt = (a, s, *block.parameters())
+    grads = torch.autograd.grad(ref, wrt, dy, retain_graph=True), torch.autograd.grad(out, wrt, dy)
+    for g_ref, g in zip(*grads, strict=True):
+        assert torch.equal(g_ref, g)
+    with torch.no_grad():
+        assert torch.equal(block.forward_cat(skip, x), ref)
+
+
+def test_forward_cat_falls_back_to_torch_cat_where_the_skip_does_not_fit():
+    block = create_attention("cse", 3, 8)
+    x = torch.randn(*SHAPE, requires_grad=True)
+    skip = torch.randn(2, 4, *SHAPE[2:], dtype=torch.float64)
+    out = block.forward_cat(skip, x)  # torch.cat's type promotion, through the block's own forward
+    assert out.dtype == torch.float64 and type(out.grad_fn).__name__ == "CatBackward0"
+    assert torch.equal(out, torch.cat([skip, block(x)], 1))
+    from medse.attention.kernels import channel_attention
+
+    with pytest.raises(ValueError, match=r"skip \(2, 4, 8, 16, 16\).*does not fit x \(2, 8, 16, 16, 16\)"):
+        channel_attention(x, block.excite, tuple(block.parameters()), skip=torch.randn(2, 4, 8, 16, 16))
+
+
+def _saved_bytes(net: torch.nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward pass of ``net(x)``."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        net(x)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("name", ["cse", "sse", "scse"])
+def test_unet_blocks_before_a_concatenation_keep_no_activation_of_their_own(name, monkeypatch):
+    """MONAI's U-Net concatenates the bottleneck's and each decoder stage's output with the skip connection; the
+    blocks there write into that concatenation (which the next convolution saves), so a U-Net with blocks keeps
+    for its backward pass about what the U-Net without them keeps (issue 14, target 3). Outputs and gradients are
+    those of the plain ``SkipConnection``."""
+    from monai.networks.layers.simplelayers import SkipConnection
+
+    from medse.networks.unet import UNetWithAttention, _ConcatSkipConnection
+
+    monkeypatch.setattr(F, "MIN_ELEMENTS", 1)  # every block on the fast path at this small size
+    x = torch.randn(2, 1, 32, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def make(attention: str) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return UNetWithAttention(3, 1, 3, channels=(8, 16, 32), num_res_units=1, attention=attention)
+
+    none, net = _saved_bytes(make("none"), x), make(name)
+    with_blocks = _saved_bytes(net, x)
+    assert with_blocks - none < 0.02 * none, (name, with_blocks, none)
+
+    def step() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        net.zero_grad()
+        y = net(x)
+        y.backward(torch.linspace(-1, 1, y.numel()).view(y.shape))
+        return y.detach(), [p.grad.clone() for p in net.parameters()]
+
+    y_cat, g_cat = step()
+    monkeypatch.setattr(_ConcatSkipConnection, "forward", SkipConnection.forward)
+    # each block before a concatenation then keeps its own output: decoder 8 x 16^3 and bottleneck 32 x 8^3
+    assert _saved_bytes(net, x) - with_blocks >= 4 * 2 * (8 * 16**3 + 32 * 8**3)
+    y_plain, g_plain = step()
+    assert torch.equal(y_cat, y_plain)
+    assert all(torch.equal(a, b) for a, b in zip(g_cat, g_plain, strict=True))
+
+
+def test_forward_then_cat_runs_hooked_blocks_through_their_hooks():
+    """A forward hook on a block before a concatenation (``medse.compare.explain`` records gates this way) still
+    sees the block's output: hooked modules are called, not bypassed."""
+    from medse.networks._common import forward_then_cat
+
+    block = create_attention("cse", 3, 8)
+    conv = torch.nn.Conv3d(8, 8, 1)
+    seen = []
+    block.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    x, skip = torch.randn(*SHAPE), torch.randn(2, 4, *SHAPE[2:])
+    out = forward_then_cat(torch.nn.Sequential(conv, block), skip, x)
+    assert seen == [torch.Size(SHAPE)]
+    assert torch.equal(out, torch.cat([skip, block(conv(x))], 1))

@@ -8,6 +8,11 @@ says whether ``forward`` will use it (``self.fused`` and :func:`medse.attention.
 the block's own conditions), and ``forward`` then calls its family's kernel in :mod:`medse.attention.kernels`
 directly, passing its own layers (for example its ``excite`` method as the gate network). The kernel computes
 what the plain code computes, ``last_gate`` included where the block records it.
+
+Blocks whose kernel saves its output (``se``/``cse``, ``eca``, ``sse``, ``scse``) also have
+``forward_cat(skip, x)``, equal to ``torch.cat([skip, block(x)], 1)``: on the fast path the kernel writes its
+output into the concatenation directly and saves that (see :func:`medse.attention.kernels.core.output_buffer`);
+:func:`medse.networks._common.forward_then_cat` calls it where a network concatenates a block's output.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from medse.attention.kernels import channel_attention, fast_path_applies
+from medse.attention.kernels.core import skip_fits
 
 
 def spatial_axes(x: torch.Tensor) -> tuple[int, ...]:
@@ -64,7 +70,21 @@ def reduced_channels(block: str, in_channels: int, reduction: object) -> int:
     return hidden
 
 
-class ChannelGateBlock(torch.nn.Module):
+class ConcatOutput:
+    """Mixin of the blocks whose fused kernel can write its output into a concatenation (see the module docstring).
+
+    The block defines ``takes_fast_path(x)`` and ``_fused(x, skip)`` (its kernel with ``skip``: returns
+    ``torch.cat([skip, y], 1)`` written once).
+    """
+
+    def forward_cat(self, skip: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``torch.cat([skip, self(x)], 1)``, written in one piece on the fast path (same numbers)."""
+        if self.takes_fast_path(x) and skip_fits(x, skip):  # type: ignore[attr-defined]
+            return self._fused(x, skip)  # type: ignore[attr-defined]
+        return torch.cat([skip, self(x)], 1)  # type: ignore[operator]
+
+
+class ChannelGateBlock(ConcatOutput, torch.nn.Module):
     """Base of the blocks that rescale each channel by a gate computed from the spatial mean (SE, cSE, ECA).
 
     Subclasses define ``excite(z) -> s``, mapping the (B, C) spatial mean to the (B, C) gate (after the sigmoid),
@@ -88,8 +108,11 @@ class ChannelGateBlock(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.takes_fast_path(x):
-            return channel_attention(x, self.excite, tuple(self.parameters()))
+            return self._fused(x, None)
         return x * self.channel_gate(x)
+
+    def _fused(self, x: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+        return channel_attention(x, self.excite, tuple(self.parameters()), skip=skip)
 
     def extra_macs(self, input_shape: tuple[int, ...]) -> int:
         """Element-wise work outside the gate's layers: the spatial mean (one add per element) and x * s."""

@@ -19,14 +19,14 @@ import torch
 from monai.networks.layers.factories import Conv
 from torch import nn
 
-from medse.attention._base import check_channels, check_spatial_dims
+from medse.attention._base import ConcatOutput, check_channels, check_spatial_dims
 from medse.attention.kernels import fast_path_applies, scse_attention, spatial_attention
 from medse.attention.kernels.spatial import AGGREGATIONS
 from medse.attention.se import ChannelSE
 from medse.utils.errors import unknown_option_error
 
 
-class SpatialSE(nn.Module):
+class SpatialSE(ConcatOutput, nn.Module):
     """Spatial squeeze-and-excitation, sSE (Roy et al., MICCAI 2018).
 
     ``y = x * sigmoid(conv(x))`` where ``conv`` is a C -> 1 pointwise convolution with bias (MONAI's
@@ -61,14 +61,17 @@ class SpatialSE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.takes_fast_path(x):
-            y, q = spatial_attention(x, self.conv.weight, self.conv.bias)
-            if self.record_gate:
-                self.last_gate = q.detach().reshape(x.shape[0], 1, *x.shape[2:])
-            return y
+            return self._fused(x, None)
         q = self.spatial_gate(x)
         if self.record_gate:
             self.last_gate = q.detach()
         return x * q
+
+    def _fused(self, x: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+        y, q = spatial_attention(x, self.conv.weight, self.conv.bias, skip=skip)
+        if self.record_gate:
+            self.last_gate = q.detach().reshape(x.shape[0], 1, *x.shape[2:])
+        return y
 
     def extra_macs(self, input_shape: tuple[int, ...]) -> int:
         """Element-wise work outside the convolution: x * q (one multiply per element)."""
@@ -78,7 +81,7 @@ class SpatialSE(nn.Module):
         return f"spatial_dims={self.spatial_dims}, in_channels={self.in_channels}"
 
 
-class SCSE(nn.Module):
+class SCSE(ConcatOutput, nn.Module):
     """Concurrent spatial and channel squeeze-and-excitation, scSE (Roy et al., MICCAI 2018 / TMI 2019).
 
     Two branches on the same input: ``cse`` (a :class:`ChannelSE`, reduction r) and ``sse`` (a
@@ -127,13 +130,7 @@ class SCSE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.takes_fast_path(x):
-            y, q = scse_attention(
-                x, self.cse.excite, tuple(self.cse.parameters()), self.sse.conv.weight, self.sse.conv.bias,
-                self.aggregation,
-            )
-            if self.record_gate:
-                self.last_gate = q.detach().reshape(x.shape[0], 1, *x.shape[2:])
-            return y
+            return self._fused(x, None)
         c = self.cse.channel_gate(x)
         q = self.sse.spatial_gate(x)
         if self.record_gate:
@@ -143,6 +140,15 @@ class SCSE(nn.Module):
         if self.aggregation == "add":
             return x * c + x * q
         return x * c * q
+
+    def _fused(self, x: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+        y, q = scse_attention(
+            x, self.cse.excite, tuple(self.cse.parameters()), self.sse.conv.weight, self.sse.conv.bias,
+            self.aggregation, skip=skip,
+        )
+        if self.record_gate:
+            self.last_gate = q.detach().reshape(x.shape[0], 1, *x.shape[2:])
+        return y
 
     def extra_macs(self, input_shape: tuple[int, ...]) -> int:
         """Element-wise work outside the linear/conv layers: mean, x*c, x*q and the aggregation (4 per element)."""

@@ -161,6 +161,35 @@ def with_attention(layer: nn.Module, attention: nn.Module | None) -> nn.Module:
     return layer if attention is None else nn.Sequential(layer, attention)
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    from torch.nn.modules import module as _m
+
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or _m._global_forward_hooks
+        or _m._global_forward_pre_hooks
+    )
+
+
+def forward_then_cat(module: nn.Module, skip: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``torch.cat([skip, module(x)], 1)``, with the block that ends ``module`` writing into the concatenation.
+
+    ``module`` is a chain of ``nn.Sequential`` whose last module may be an attention block with ``forward_cat``
+    (:class:`medse.attention._base.ConcatOutput`): the chain runs up to that block, and the block's fused kernel
+    writes its output straight into the concatenation and saves that, which the next convolution saves anyway.
+    A block there would otherwise keep its own output for its backward pass: one activation more than the
+    network without attention (MONAI's U-Net decoder stages and bottleneck; ``benchmarks/bench_memory.py``).
+    Same numbers as ``torch.cat``. Containers or blocks with forward hooks (and global hooks) run as usual.
+    """
+    while isinstance(module, nn.Sequential) and len(module) > 0 and not _has_hooks(module):
+        *head, module = module
+        for m in head:
+            x = m(x)
+    cat = getattr(module, "forward_cat", None)
+    if cat is None or _has_hooks(module):
+        return torch.cat([skip, module(x)], 1)
+    return cat(skip, x)
+
+
 def divisor_of(strides: Sequence[int | Sequence[int]], spatial_dims: int) -> tuple[int, ...]:
     """Per-axis product of a list of strides (each an int or one int per axis)."""
     out = [1] * spatial_dims

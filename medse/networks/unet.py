@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from monai.networks.layers.factories import Act, Norm
+from monai.networks.layers.simplelayers import SkipConnection
 from monai.networks.nets import UNet as MonaiUNet
 from torch import nn
 
@@ -37,6 +38,7 @@ from medse.networks._common import (
     class_builder,
     crop_to,
     divisor_of,
+    forward_then_cat,
     lcm,
     pad_to_multiple,
     parse_assignment,
@@ -48,6 +50,17 @@ __all__ = ["DEFAULT_CHANNELS", "UNetWithAttention", "unet"]
 
 #: Default channels per level (top first) when none are given; strides default to 2 between levels.
 DEFAULT_CHANNELS: tuple[int, ...] = (16, 32, 64, 128)
+
+
+class _ConcatSkipConnection(SkipConnection):
+    """MONAI's ``SkipConnection`` (``cat([x, submodule(x)], 1)``, same keys and numbers) whose concatenation is
+    written by the attention block that ends the submodule (:func:`~medse.networks._common.forward_then_cat`):
+    the bottleneck's and the decoder stages' blocks then add no saved activation to training."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode != "cat" or self.dim != 1:
+            return super().forward(x)
+        return forward_then_cat(self.submodule, x, x)
 
 
 class UNetWithAttention(MonaiUNet):
@@ -172,6 +185,9 @@ class UNetWithAttention(MonaiUNet):
         if is_top:  # the logits layer
             return layer
         return with_attention(layer, self._attention_for("decoder", out_channels))
+
+    def _get_connection_block(self, down_path: nn.Module, up_path: nn.Module, subblock: nn.Module) -> nn.Module:
+        return nn.Sequential(down_path, _ConcatSkipConnection(subblock), up_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != self.dimensions + 2:

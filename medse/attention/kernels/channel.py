@@ -19,7 +19,10 @@ from medse.attention.kernels.core import (
     dot_spatial,
     gate_backward,
     needs_grad,
+    output_buffer,
     run_gate,
+    skip_fits,
+    split_output,
     unflat,
 )
 
@@ -37,22 +40,27 @@ class _ChannelFn(torch.autograd.Function):
     Where a gate is exactly 0 (a saturated sigmoid), ``gc`` is taken as 0: a gate that saturates has zero
     derivative, so the gate network's gradient is unchanged. An in-place operation on the block's output after
     it (``nn.ReLU(inplace=True)``) makes autograd refuse the backward pass; use ``fused=False`` there.
+    With ``skip`` the output is ``cat([skip, y], 1)``, written once, and that is what is saved.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, gate_fn: Callable[[Tensor], Tensor], *params: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, skip: Tensor | None, gate_fn: Callable[[Tensor], Tensor], *params: Tensor) -> Tensor:  # type: ignore[override]
         x3 = x.flatten(2)
         (zl,), c = run_gate(gate_fn, x3.mean(-1))
-        y = unflat(x3 * c.detach().to(x.dtype).unsqueeze(-1), x.shape)
-        ctx.save_for_backward(y)
+        out, y = output_buffer(x, skip)
+        torch.mul(x3, c.detach().to(x.dtype).unsqueeze(-1), out=y.flatten(2))
+        ctx.save_for_backward(out)
+        ctx.skip_channels = None if skip is None else skip.shape[1]
         ctx.gate = (zl, c)
         ctx.params = params
-        return y
+        return out
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dy: Tensor):  # type: ignore[override]
-        (y,) = ctx.saved_tensors
+    def backward(ctx, dout: Tensor):  # type: ignore[override]
+        (out,) = ctx.saved_tensors
+        _, y = split_output(out, ctx.skip_channels)
+        g_skip, dy = split_output(dout, ctx.skip_channels)
         zl, c = ctx.gate
         y3, dy3 = y.flatten(2), dy.flatten(2)
         b, ch, n = y3.shape
@@ -68,10 +76,12 @@ class _ChannelFn(torch.autograd.Function):
         gz = torch.zeros_like(zl) if gz is None else gz
         gzn, c3 = (gz / n).to(y.dtype).unsqueeze(-1), c.detach().to(y.dtype).unsqueeze(-1)
         gx3 = torch.addcmul(gzn, dy3, c3, out=gx3) if single else torch.addcmul(gzn, dy3, c3)
-        return (unflat(gx3, y.shape), None, *gp)
+        return (unflat(gx3, y.shape), g_skip, None, *gp)
 
 
-def channel_attention(x: Tensor, gate_fn: Callable[[Tensor], Tensor], params: Sequence[Tensor]) -> Tensor:
+def channel_attention(
+    x: Tensor, gate_fn: Callable[[Tensor], Tensor], params: Sequence[Tensor], skip: Tensor | None = None
+) -> Tensor:
     """``x * gate_fn(mean(x))`` with the fused backward (SE, Hu et al. CVPR 2018; cSE, Roy et al. MICCAI 2018).
 
     Args:
@@ -79,12 +89,20 @@ def channel_attention(x: Tensor, gate_fn: Callable[[Tensor], Tensor], params: Se
         gate_fn: maps the (B, C) spatial mean to the (B, C) gate (after the sigmoid).
         params: every tensor requiring grad that ``gate_fn`` uses (its parameters); their gradients are
             computed by autograd through ``gate_fn``.
+        skip: a (B, Cs, *spatial) tensor to put in front of the result: the return value is then
+            ``torch.cat([skip, y], 1)``, written once (:func:`~medse.attention.kernels.core.output_buffer`).
+            Needs x's dtype and device. Defaults to None.
 
     Returns:
-        The recalibrated tensor, shape of x.
+        The recalibrated tensor, shape of x, or its concatenation after ``skip``.
     """
-    if not needs_grad(x, *params):
+    if skip is not None and not skip_fits(x, skip):
+        raise ValueError(f"channel_attention: skip {tuple(skip.shape)} {skip.dtype} does not fit x "
+                         f"{tuple(x.shape)} {x.dtype} (same batch, spatial shape, dtype and device needed).")
+    if not needs_grad(x, skip, *params):
         x3 = x.flatten(2)
         c = gate_fn(x3.mean(-1))
-        return unflat(x3 * c.to(x.dtype).unsqueeze(-1), x.shape)
-    return _ChannelFn.apply(x, gate_fn, *params)
+        out, y = output_buffer(x, skip)
+        torch.mul(x3, c.to(x.dtype).unsqueeze(-1), out=y.flatten(2))
+        return out
+    return _ChannelFn.apply(x, skip, gate_fn, *params)

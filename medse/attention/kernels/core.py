@@ -176,6 +176,48 @@ def gate_backward(
     return g_leaves, g_params
 
 
+def skip_fits(x: Tensor, skip: Tensor | None) -> bool:
+    """Whether a kernel can write its output straight into ``torch.cat([skip, y], 1)``: ``skip`` has x's batch
+    size, spatial shape, dtype and device (otherwise the caller concatenates after the block, as ``torch.cat``
+    would, type promotion and errors included)."""
+    return (
+        skip is not None
+        and skip.ndim == x.ndim
+        and skip.shape[0] == x.shape[0]
+        and skip.shape[2:] == x.shape[2:]
+        and skip.dtype == x.dtype
+        and skip.device == x.device
+    )
+
+
+def output_buffer(x: Tensor, skip: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(out, y)``: the tensor a kernel returns and the (B, C, *spatial) part of it the kernel writes its result
+    into (C-contiguous spatial axes, so ``y.flatten(2)`` is a view).
+
+    Without ``skip`` both are one new tensor. With ``skip`` (B, Cs, *spatial), ``out`` is ``torch.cat([skip, y],
+    1)`` allocated once, ``skip`` already copied in and ``y = out[:, Cs:]``: the block's output is never a tensor
+    of its own. Where a decoder stage's block feeds a concatenation with the skip connection (MONAI's U-Net), the
+    kernel saves ``out``, which the next convolution saves anyway, instead of a separate copy of ``y``, and the
+    concatenation's copy of ``y`` disappears (:func:`medse.networks._common.forward_then_cat`).
+    """
+    shape = (x.shape[0], x.shape[1], *x.shape[2:])
+    if skip is None:
+        y = torch.empty(shape, dtype=x.dtype, device=x.device)
+        return y, y
+    cs = skip.shape[1]
+    out = torch.empty((shape[0], cs + shape[1], *shape[2:]), dtype=x.dtype, device=x.device)
+    out[:, :cs].copy_(skip)
+    return out, out[:, cs:]
+
+
+def split_output(out: Tensor, skip_channels: int | None) -> tuple[Tensor | None, Tensor]:
+    """``(skip part, y part)`` of a kernel's output or of its gradient (see :func:`output_buffer`); ``skip_channels``
+    None: the output is y alone."""
+    if skip_channels is None:
+        return None, out
+    return out[:, :skip_channels], out[:, skip_channels:]
+
+
 def dot_spatial(a3: Tensor, b3: Tensor) -> Tensor:
     """``sum_n a*b`` over the last axis of two (B, C, N) tensors, cache-blocked; accumulates in float32+."""
     b, c, n = a3.shape

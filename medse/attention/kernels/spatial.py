@@ -20,7 +20,10 @@ from medse.attention.kernels.core import (
     compiles,
     gate_backward,
     needs_grad,
+    output_buffer,
     run_gate,
+    skip_fits,
+    split_output,
     unflat,
 )
 
@@ -88,22 +91,27 @@ class _SpatialFn(torch.autograd.Function):
     (positions with q exactly 0 contribute 0: there gs = 0). Saves the output y and q, not the input: the next
     layer saves y anyway, so the block's input is freed after the forward pass. An in-place operation on the
     output after the block makes autograd refuse the backward pass; use ``fused=False`` there.
+    With ``skip`` the output is ``cat([skip, y], 1)``, written once, and that is what is saved.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def forward(ctx, x: Tensor, skip: Tensor | None, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         x3 = x.flatten(2)
         q = _spatial_logits(x3, weight, bias).sigmoid_()
-        y = unflat(x3 * q, x.shape)
-        ctx.save_for_backward(y, weight, q)
+        out, y = output_buffer(x, skip)
+        torch.mul(x3, q, out=y.flatten(2))
+        ctx.save_for_backward(out, weight, q)
+        ctx.skip_channels = None if skip is None else skip.shape[1]
         ctx.has_bias = bias is not None
         ctx.mark_non_differentiable(q)
-        return y, q
+        return out, q
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dy: Tensor, _dq: Tensor | None):  # type: ignore[override]
-        y, weight, q = ctx.saved_tensors
+    def backward(ctx, dout: Tensor, _dq: Tensor | None):  # type: ignore[override]
+        out, weight, q = ctx.saved_tensors
+        _, y = split_output(out, ctx.skip_channels)
+        g_skip, dy = split_output(dout, ctx.skip_channels)
         y3, dy3 = y.flatten(2), dy.flatten(2)
         b, c, n = y3.shape
         acc = acc_dtype(y.dtype)
@@ -123,27 +131,40 @@ class _SpatialFn(torch.autograd.Function):
             gw += torch.matmul(yc, t.transpose(1, 2)).sum(0, dtype=acc).view(c)
             gb += gs.sum(dtype=acc)
         g_bias = gb.to(weight.dtype).view(1) if ctx.has_bias else None
-        return unflat(gx3, y.shape), gw.to(weight.dtype).view(weight.shape), g_bias
+        return unflat(gx3, y.shape), g_skip, gw.to(weight.dtype).view(weight.shape), g_bias
 
 
-def spatial_attention(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+def _check_skip(owner: str, x: Tensor, skip: Tensor | None) -> None:
+    if skip is not None and not skip_fits(x, skip):
+        raise ValueError(f"{owner}: skip {tuple(skip.shape)} {skip.dtype} does not fit x {tuple(x.shape)} "
+                         f"{x.dtype} (same batch, spatial shape, dtype and device needed).")
+
+
+def spatial_attention(
+    x: Tensor, weight: Tensor, bias: Tensor | None, skip: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """sSE (Roy et al., MICCAI 2018): ``x * sigmoid(w . x + b)`` with the fused backward.
 
     Args:
         x: input (B, C, *spatial).
         weight: the C -> 1 pointwise convolution's weights, C elements (any shape, e.g. (1, C, 1, 1)).
         bias: its bias (one element) or None.
+        skip: a (B, Cs, *spatial) tensor to put in front of the output: ``y`` is then ``torch.cat([skip, y], 1)``,
+            written once. Needs x's dtype and device. Defaults to None.
 
     Returns:
         ``(y, q)``: the output (shape of x) and the gate q as (B, 1, N) (detached, N = number of positions).
     """
+    _check_skip("spatial_attention", x, skip)
     w = weight.reshape(-1)
     b = None if bias is None else bias.reshape(-1)
-    if not needs_grad(x, weight, bias):
+    if not needs_grad(x, skip, weight, bias):
         x3 = x.flatten(2)
         q = _spatial_logits(x3, w, b).sigmoid_()
-        return unflat(x3 * q, x.shape), q
-    return _SpatialFn.apply(x, w, b)
+        out, y = output_buffer(x, skip)
+        torch.mul(x3, q, out=y.flatten(2))
+        return out, q
+    return _SpatialFn.apply(x, skip, w, b)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -151,14 +172,30 @@ def spatial_attention(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[T
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _scse_forward(x3: Tensor, c3: Tensor, w: Tensor, bias: Tensor | None, mode: str) -> tuple[Tensor, Tensor]:
-    """Blocked forward of scSE on (B, C, N): computes q chunk by chunk and writes y once."""
+def _scse_output(
+    x: Tensor, c3: Tensor, w: Tensor, bias: Tensor | None, mode: str, skip: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """``(out, q)``: scSE's output (shape of x, or ``cat([skip, y], 1)``) and the spatial gate (B, 1, N)."""
+    if skip is None:
+        y3, q = _scse_forward(x.flatten(2), c3, w, bias, mode)
+        return unflat(y3, x.shape), q
+    out, y = output_buffer(x, skip)
+    _, q = _scse_forward(x.flatten(2), c3, w, bias, mode, y.flatten(2))
+    return out, q
+
+
+def _scse_forward(
+    x3: Tensor, c3: Tensor, w: Tensor, bias: Tensor | None, mode: str, y3: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Blocked forward of scSE on (B, C, N): computes q chunk by chunk and writes y once (into ``y3`` if given)."""
     b, c, n = x3.shape
     bias_t = torch.zeros(1, dtype=x3.dtype, device=x3.device) if bias is None else bias.to(x3.dtype)
     out = compiled_call(_ck_scse_fwd, x3, c3, w.to(x3.dtype), bias_t.view(1, 1, 1), mode)
     if out is not None:
-        return out
-    y3 = torch.empty_like(x3)
+        if y3 is None:
+            return out
+        return y3.copy_(out[0]), out[1]
+    y3 = torch.empty_like(x3) if y3 is None else y3
     q = torch.empty(b, 1, n, dtype=x3.dtype, device=x3.device)
     spans = chunk_spans(n, b * c, x3.device, scratch=x3.device.type == "cpu")
     for j0, j1 in spans:
@@ -186,28 +223,32 @@ class _SCSEFn(torch.autograd.Function):
     rule), ``gA = dy*h``, ``gB = dy - gA``: ``gc = sum_n gA*x``, ``gq = sum_c gB*x``,
     ``gx = gA*c + gB*q + w*gs + gz/N`` with ``gs = gq*q*(1-q)`` and ``gz`` the gate network's gradient.
     One blocked pass over (dy, x) writes gx without the ``gz/N`` term, a second in-place pass adds it.
+    With ``skip`` the output is ``cat([skip, y], 1)``, written once (saved instead of y where y is saved).
     """
 
     @staticmethod
-    def forward(ctx, x, mode, gate_fn, weight, bias, *params):  # type: ignore[override]
+    def forward(ctx, x, skip, mode, gate_fn, weight, bias, *params):  # type: ignore[override]
         x3 = x.flatten(2)
         (zl,), c = run_gate(gate_fn, x3.mean(-1))
         c3 = c.detach().to(x.dtype).unsqueeze(-1)
-        y3, q = _scse_forward(x3, c3, weight, bias, mode)
-        y = unflat(y3, x.shape)
+        out, q = _scse_output(x, c3, weight, bias, mode, skip)
         ctx.saves_output = _max_saves_output(x3, c3, mode)
-        ctx.save_for_backward(y if ctx.saves_output else x, weight, q)
+        ctx.skip_channels = None if skip is None else skip.shape[1]
+        ctx.save_for_backward(out if ctx.saves_output else x, weight, q)
         ctx.gate = (zl, c)
         ctx.params = params
         ctx.mode = mode
         ctx.has_bias = bias is not None
         ctx.mark_non_differentiable(q)
-        return y, q
+        return out, q
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dy, _dq):  # type: ignore[override]
+    def backward(ctx, dout, _dq):  # type: ignore[override]
         x, weight, q = ctx.saved_tensors
+        if ctx.saves_output:
+            _, x = split_output(x, ctx.skip_channels)
+        g_skip, dy = split_output(dout, ctx.skip_channels)
         zl, c = ctx.gate
         mode = ctx.mode
         x3, dy3 = x.flatten(2), dy.flatten(2)
@@ -223,7 +264,7 @@ class _SCSEFn(torch.autograd.Function):
             gx3 = compiled_call(_ck_scse_bwd2, *args)
             gx3 = _ck_scse_bwd2(*args) if gx3 is None else gx3
             g_bias = gb.to(weight.dtype).view(1) if ctx.has_bias else None
-            return (unflat(gx3, x.shape), None, None, gw.to(weight.dtype).view(weight.shape), g_bias, *gp)
+            return (unflat(gx3, x.shape), g_skip, None, None, gw.to(weight.dtype).view(weight.shape), g_bias, *gp)
         if ctx.saves_output:  # x holds the output y
             gx3, gc, gw, gb = _scse_max_backward_output(x3, dy3, c3, q, w3)
         else:
@@ -232,7 +273,7 @@ class _SCSEFn(torch.autograd.Function):
         if gz is not None:
             gx3.add_((gz / n).to(x.dtype).unsqueeze(-1))
         g_bias = gb.to(weight.dtype).view(1) if ctx.has_bias else None
-        return (unflat(gx3, x.shape), None, None, gw.to(weight.dtype).view(weight.shape), g_bias, *gp)
+        return (unflat(gx3, x.shape), g_skip, None, None, gw.to(weight.dtype).view(weight.shape), g_bias, *gp)
 
 
 def _max_saves_output(x3: Tensor, c3: Tensor, mode: str) -> bool:
@@ -332,6 +373,7 @@ def scse_attention(
     weight: Tensor,
     bias: Tensor | None,
     aggregation: str = "max",
+    skip: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """scSE (Roy et al., MICCAI 2018 / IEEE TMI 2019) with the fused forward and backward.
 
@@ -342,17 +384,19 @@ def scse_attention(
         weight: the spatial branch's C -> 1 pointwise convolution weights (C elements).
         bias: its bias (one element) or None.
         aggregation: ``"max"`` (authors' code), ``"add"`` (MICCAI paper) or ``"mul"``. Defaults to ``"max"``.
+        skip: a (B, Cs, *spatial) tensor to put in front of the output: ``y`` is then ``torch.cat([skip, y], 1)``,
+            written once. Needs x's dtype and device. Defaults to None.
 
     Returns:
         ``(y, q)``: the output (shape of x) and the spatial gate as (B, 1, N), detached.
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"scse_attention: aggregation must be one of {AGGREGATIONS}, got {aggregation!r}.")
+    _check_skip("scse_attention", x, skip)
     w = weight.reshape(-1)
     b = None if bias is None else bias.reshape(-1)
-    if not needs_grad(x, weight, bias, *params):
+    if not needs_grad(x, skip, weight, bias, *params):
         x3 = x.flatten(2)
         c3 = gate_fn(x3.mean(-1)).to(x.dtype).unsqueeze(-1)
-        y3, q = _scse_forward(x3, c3, w, b, aggregation)
-        return unflat(y3, x.shape), q
-    return _SCSEFn.apply(x, aggregation, gate_fn, w, b, *params)
+        return _scse_output(x, c3, w, b, aggregation, skip)
+    return _SCSEFn.apply(x, skip, aggregation, gate_fn, w, b, *params)
