@@ -432,7 +432,12 @@ def _expand(s: str, work: Path) -> str:
 
 
 def _display(s: str, work: Path) -> str:
-    return s.replace("{py}", "python").replace("{medse}", "medse").replace("{work}", str(work))
+    """The command as the results file records it: ``python``/``medse``, the work folder relative to the repo."""
+    try:
+        shown = Path(work).resolve().relative_to(REPO)
+    except ValueError:
+        shown = Path(work)
+    return s.replace("{py}", "python").replace("{medse}", "medse").replace("{work}", str(shown))
 
 
 def _recorded_commit(work: Path) -> str | None:

@@ -37,6 +37,10 @@ asks first), the thresholds ``MIN_ELEMENTS``, ``CHUNK_ELEMENTS``, ``SCRATCH_ELEM
 and the backend switch. The gate sub-networks are passed in as callables, so a block with another activation or gate network
 (or a user block of the same family) reuses the kernel unchanged.
 
+``channel_attention``, ``spatial_attention`` and ``scse_attention`` take ``skip=``: they then return
+``torch.cat([skip, y], 1)``, written once, and save that instead of y (:func:`~.core.output_buffer`; the blocks'
+``forward_cat``), for a block whose output a network concatenates with a skip connection.
+
 Double backward (gradients of gradients) is not supported by the fused paths (``once_differentiable``); use
 ``fused=False`` for that. NOTE: not in any paper: these are implementation details with identical numbers.
 """
