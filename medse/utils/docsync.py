@@ -431,13 +431,17 @@ def _expand(s: str, work: Path) -> str:
             .replace("{medse}", shlex.quote(str(medse_cli)) if medse_cli.is_file() else "medse"))
 
 
+def _shown(work: Path) -> Path:
+    """The work folder as results files name it: relative to the repository when inside it."""
+    try:
+        return Path(work).resolve().relative_to(REPO)
+    except ValueError:
+        return Path(work)
+
+
 def _display(s: str, work: Path) -> str:
     """The command as the results file records it: ``python``/``medse``, the work folder relative to the repo."""
-    try:
-        shown = Path(work).resolve().relative_to(REPO)
-    except ValueError:
-        shown = Path(work)
-    return s.replace("{py}", "python").replace("{medse}", "medse").replace("{work}", str(shown))
+    return s.replace("{py}", "python").replace("{medse}", "medse").replace("{work}", str(_shown(work)))
 
 
 def _recorded_commit(work: Path) -> str | None:
@@ -488,6 +492,7 @@ def generate(name: str, repo: Path = REPO, work: Path | None = None, run: bool =
         commit = _recorded_commit(work) or commit
         if src.output is None and src.formatter is None:
             raise MedseError(f"'{name}' is taken from the command's stdout: it cannot be recorded with --no-run", work)
+    machine = machine_description()
     if src.formatter is not None:
         body = src.formatter(work)
     elif src.output is not None:
@@ -495,20 +500,23 @@ def generate(name: str, repo: Path = REPO, work: Path | None = None, run: bool =
         if not out.is_file():
             raise MedseError(f"the commands did not write {out.name}", out)
         body = out.read_text(encoding="utf-8")
-        if body.startswith(HEADER_START):  # a results file produced by this script: keep the inner body
-            body = parse_result(out)[1]
+        if body.startswith(HEADER_START):  # a results file with a header of its own: keep the inner body
+            inner, body = parse_result(out)
+            # a benchmark's machine line says more (threads, device, the load average at its start)
+            if inner["machine"].startswith(machine_description()):
+                machine = inner["machine"]
     else:
         body = stdout
     fields = {
         "command": " && ".join(_display(c, work) for c in src.commands),
         "commit": commit,
-        "machine": machine_description(),
+        "machine": machine,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     if walls:
         fields["wall"] = ", ".join(f"{w:.0f} s" for w in walls)
     else:
-        fields["recorded"] = f"from the existing output in {work} (commands not rerun)"
+        fields["recorded"] = f"from the existing output in {_shown(work)} (commands not rerun)"
         if src.wall_json and (work / src.wall_json).is_file():
             wall_s = json.loads((work / src.wall_json).read_text()).get("wall_s")
             if isinstance(wall_s, (int, float)):
