@@ -15,13 +15,13 @@ from torch.autograd.function import once_differentiable
 
 from medse.attention.kernels.core import (
     acc_dtype,
+    check_skip,
     chunk_spans,
     dot_spatial,
     gate_backward,
     needs_grad,
     output_buffer,
     run_gate,
-    skip_fits,
     split_output,
     unflat,
 )
@@ -96,9 +96,7 @@ def channel_attention(
     Returns:
         The recalibrated tensor, shape of x, or its concatenation after ``skip``.
     """
-    if skip is not None and not skip_fits(x, skip):
-        raise ValueError(f"channel_attention: skip {tuple(skip.shape)} {skip.dtype} does not fit x "
-                         f"{tuple(x.shape)} {x.dtype} (same batch, spatial shape, dtype and device needed).")
+    check_skip("channel_attention", x, skip)
     if not needs_grad(x, skip, *params):
         x3 = x.flatten(2)
         c = gate_fn(x3.mean(-1))

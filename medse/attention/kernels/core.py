@@ -190,6 +190,13 @@ def skip_fits(x: Tensor, skip: Tensor | None) -> bool:
     )
 
 
+def check_skip(owner: str, x: Tensor, skip: Tensor | None) -> None:
+    """``ValueError`` naming ``owner`` and both tensors when a ``skip`` is given that :func:`skip_fits` refuses."""
+    if skip is not None and not skip_fits(x, skip):
+        raise ValueError(f"{owner}: skip {tuple(skip.shape)} {skip.dtype} does not fit x {tuple(x.shape)} "
+                         f"{x.dtype} (same batch, spatial shape, dtype and device needed).")
+
+
 def output_buffer(x: Tensor, skip: Tensor | None) -> tuple[Tensor, Tensor]:
     """``(out, y)``: the tensor a kernel returns and the (B, C, *spatial) part of it the kernel writes its result
     into (C-contiguous spatial axes, so ``y.flatten(2)`` is a view).
@@ -200,12 +207,11 @@ def output_buffer(x: Tensor, skip: Tensor | None) -> tuple[Tensor, Tensor]:
     kernel saves ``out``, which the next convolution saves anyway, instead of a separate copy of ``y``, and the
     concatenation's copy of ``y`` disappears (:func:`medse.networks._common.forward_then_cat`).
     """
-    shape = (x.shape[0], x.shape[1], *x.shape[2:])
     if skip is None:
-        y = torch.empty(shape, dtype=x.dtype, device=x.device)
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         return y, y
     cs = skip.shape[1]
-    out = torch.empty((shape[0], cs + shape[1], *shape[2:]), dtype=x.dtype, device=x.device)
+    out = torch.empty((x.shape[0], cs + x.shape[1], *x.shape[2:]), dtype=x.dtype, device=x.device)
     out[:, :cs].copy_(skip)
     return out, out[:, cs:]
 

@@ -15,6 +15,7 @@ from torch.autograd.function import once_differentiable
 
 from medse.attention.kernels.core import (
     acc_dtype,
+    check_skip,
     chunk_spans,
     compiled_call,
     compiles,
@@ -22,7 +23,6 @@ from medse.attention.kernels.core import (
     needs_grad,
     output_buffer,
     run_gate,
-    skip_fits,
     split_output,
     unflat,
 )
@@ -134,12 +134,6 @@ class _SpatialFn(torch.autograd.Function):
         return unflat(gx3, y.shape), g_skip, gw.to(weight.dtype).view(weight.shape), g_bias
 
 
-def _check_skip(owner: str, x: Tensor, skip: Tensor | None) -> None:
-    if skip is not None and not skip_fits(x, skip):
-        raise ValueError(f"{owner}: skip {tuple(skip.shape)} {skip.dtype} does not fit x {tuple(x.shape)} "
-                         f"{x.dtype} (same batch, spatial shape, dtype and device needed).")
-
-
 def spatial_attention(
     x: Tensor, weight: Tensor, bias: Tensor | None, skip: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -155,7 +149,7 @@ def spatial_attention(
     Returns:
         ``(y, q)``: the output (shape of x) and the gate q as (B, 1, N) (detached, N = number of positions).
     """
-    _check_skip("spatial_attention", x, skip)
+    check_skip("spatial_attention", x, skip)
     w = weight.reshape(-1)
     b = None if bias is None else bias.reshape(-1)
     if not needs_grad(x, skip, weight, bias):
@@ -392,7 +386,7 @@ def scse_attention(
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"scse_attention: aggregation must be one of {AGGREGATIONS}, got {aggregation!r}.")
-    _check_skip("scse_attention", x, skip)
+    check_skip("scse_attention", x, skip)
     w = weight.reshape(-1)
     b = None if bias is None else bias.reshape(-1)
     if not needs_grad(x, skip, weight, bias, *params):
