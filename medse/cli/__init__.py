@@ -29,6 +29,7 @@ import warnings
 import typer
 
 from medse.utils.errors import MedseError
+from medse.utils.interrupt import Interrupted
 
 #: environment variable that turns on tracebacks (same as ``medse --debug``).
 DEBUG_ENV = "MEDSE_DEBUG"
@@ -108,6 +109,10 @@ def _run(argv: list[str] | None) -> int:
         app(args=argv, prog_name="medse", standalone_mode=True)
     except SystemExit as e:
         return _exit_code(e.code)
+    except Interrupted as e:
+        for line in e.lines():
+            typer.echo(line, err=True)
+        return 130
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         return 130
