@@ -27,9 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import datetime as _dt
 import os
-import platform
 import statistics
 import sys
 import time
@@ -276,43 +274,70 @@ def bench_shape(
                 rows[-1]["first_call_s"] = compile_s[k]
     fl, cv = med[("floor", "fwdbwd")], med[("conv", "fwdbwd")]
     fl_f = med[("floor", "fwd")]
+
+    def per_round(num: str, den: str) -> list[float]:  # paired within each interleaved round
+        return [a / b for a, b in zip(times[(num, "fwdbwd")], times[(den, "fwdbwd")], strict=True)]
+
     for row in rows:
+        k = f"{row['block']}|{row['variant']}" if row["variant"] else row["block"]
         row["x_floor"] = row["fwdbwd"] / fl
         row["x_floor_fwd"] = row["fwd"] / fl_f
         row["x_conv"] = row["fwdbwd"] / cv
-        if row["variant"]:
-            row["speedup"] = med[(f"{row['block']}|plain", "fwdbwd")] / row["fwdbwd"]
+        if row["variant"]:  # the medians of the per-round ratios, so each sits inside its 25-75% range
+            row["floor_rounds"] = per_round(k, "floor")
+            row["x_floor"] = statistics.median(row["floor_rounds"])
+            row["speedup_rounds"] = per_round(f"{row['block']}|plain", k)
+            row["speedup"] = statistics.median(row["speedup_rounds"])
     return rows
 
 
+TARGET_FLOOR = 2.5  # issue 14, target 1: a fast block's fwd+bwd at most 2.5x the floor ...
+TARGET_SPEEDUP = 1.0  # ... and never slower than its plain formula
+
+
 def to_markdown(title: str, shape: tuple[int, ...], rows: list[dict], repeats: int) -> str:
+    """The table of one shape. Ratios are per-round ratios (each round times every candidate once), reported as
+    median and 25-75% range; the verdicts (``medse.utils.benchstats.verdict``) need the whole range on one side
+    of the target."""
+    from medse.utils.benchstats import spread, verdict_cell
+
     lines = [
         f"### {title}, input {tuple(shape)}",
         "",
-        "| block | variant | fwd ms | fwd+bwd ms | fwd / floor fwd | fwd+bwd / floor | fwd+bwd / conv | speed-up vs plain | "
+        "| block | variant | fwd ms | fwd+bwd ms | fwd / floor fwd | fwd+bwd / floor | 25-75% | "
+        f"<= {TARGET_FLOOR}x floor | fwd+bwd / conv | speed-up vs plain | 25-75% | not slower than plain | "
         "peak MiB | saved MiB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---:|---:|",
     ]
     for r in rows:
-        sp = f"{r['speedup']:.2f}x" if "speedup" in r else ""
+        fl_rng = fl_v = sp_rng = sp_v = sp = ""
+        if "floor_rounds" in r:
+            fs = spread(r["floor_rounds"])
+            fl_rng = fs.range_text()
+            fl_v = "" if r["variant"] == "plain" else verdict_cell(fs, TARGET_FLOOR)
+        if "speedup" in r:
+            sp = f"{r['speedup']:.2f}x"
+            if r["variant"] != "plain":
+                ss = spread(r["speedup_rounds"])
+                sp_rng = ss.range_text("{:.2f}x")
+                sp_v = verdict_cell(ss, TARGET_SPEEDUP, higher_is_better=True, fmt="{:.2f}x")
         if "first_call_s" in r:
             sp += f" (first call {r['first_call_s']:.0f} s)"
         lines.append(
             f"| {r['block']} | {r['variant']} | {r['fwd']:.1f} | {r['fwdbwd']:.1f} | {r['x_floor_fwd']:.2f} | "
-            f"{r['x_floor']:.2f} | {r['x_conv']:.2f} | {sp} | {r['peak']:.0f} | {r['saved']:.0f} |"
+            f"{r['x_floor']:.2f} | {fl_rng} | {fl_v} | {r['x_conv']:.2f} | {sp} | {sp_rng} | {sp_v} | "
+            f"{r['peak']:.0f} | {r['saved']:.0f} |"
         )
     lines.append("")
-    lines.append(f"Median of {repeats} interleaved rounds in one process.")
+    lines.append(f"Median of {repeats} interleaved rounds in one process; ratios and their 25-75% ranges are over the "
+                 "per-round ratios. A target is met when the 75th percentile meets it, missed when the 25th "
+                 "percentile fails it, not decided when the range straddles it.")
     return "\n".join(lines)
 
 
 def environment(device: torch.device) -> str:
-    if device.type == "cuda":
-        dev = torch.cuda.get_device_name(device)
-    else:
-        dev = f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, " \
-              f"{torch.get_num_threads()} torch threads"
-    return f"torch {torch.__version__}, Python {platform.python_version()}, device: {dev}"
+    """The device part of the environment line (the GPU's name, or "CPU"; torch's threads are in it already)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -369,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     sections = []
-    load = f", load average {os.getloadavg()[0]:.1f} at start" if hasattr(os, "getloadavg") else ""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    busy = f", {args.busy} spinning processes (--busy) during the run" if args.busy else ""
     with busy_processes(args.busy):
         for sd, shape in runs:
             log(f"{sd}D {shape}: {len(blocks)} blocks x (plain, fused) + floor + conv, {args.repeats} rounds")
@@ -378,25 +404,20 @@ def main(argv: list[str] | None = None) -> int:
             sections.append(to_markdown(f"{sd}D, {args.dtype}{', channels_last' if args.channels_last else ''}",
                                         shape, rows, args.repeats))
             print(sections[-1], flush=True)
-    from medse.utils.docsync import current_commit, format_header, machine_description
+    from medse.utils.docsync import benchmark_header
 
-    command = " ".join(["python", "benchmarks/bench_blocks.py", *(argv if argv is not None else sys.argv[1:])])
-    if args.busy:
-        load += f", {args.busy} spinning processes (--busy) during the run"
-    provenance = format_header({"command": command, "commit": current_commit(),
-                                "machine": f"{machine_description()}, "
-                                           f"{environment(device).split('device: ')[-1]}{load}",
-                                "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")})
+    provenance = benchmark_header("bench_blocks.py", argv if argv is not None else sys.argv[1:],
+                                  device=environment(device) + busy, load=load)
     head = [
         provenance.rstrip("\n"),
         "",
         f"# Attention blocks vs the memory floor ({tag})",
         "",
-        f"Command: `{command}`.",
-        f"Environment: {environment(device)}; MEDSE_FUSED_CHUNK={os.environ.get('MEDSE_FUSED_CHUNK', 'default')}, "
+        f"MEDSE_FUSED_CHUNK={os.environ.get('MEDSE_FUSED_CHUNK', 'default')}, "
         f"MEDSE_FUSED_BLOCK={os.environ.get('MEDSE_FUSED_BLOCK', 'default')}.",
         "",
-        "floor = `x * 1.0` on a tensor requiring grad; conv = 3x3(x3) convolution C -> C. Ratios use medians. "
+        "floor = `x * 1.0` on a tensor requiring grad; conv = 3x3(x3) convolution C -> C. Targets (issue 14): a "
+        f"fast block's fwd+bwd at most {TARGET_FLOOR}x the floor, never slower than plain. "
         "peak = extra memory allocated during one forward+backward; saved = bytes saved for backward "
         "(the input included). Variants: plain = `fused=False` (textbook formula); fused = medse's default fast "
         "path (hand-derived backward, eager kernels, cache blocks where the kernel has them); whole = the same without "
@@ -406,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if device.type == "cpu":
         head.append("Measured on a shared machine (its load average at the start, and any `--busy` processes, are "
-                    "in the header): absolute times are noisy, ratios within one run are what to read.")
+                    "in the header): absolute times are noisy, per-round ratios within one run are what to read.")
     if args.note:
         head += ["", args.note]
     text = "\n".join(head) + "\n\n" + "\n\n".join(sections) + "\n"

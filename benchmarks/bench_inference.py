@@ -167,12 +167,14 @@ def main() -> None:
     ap.add_argument("--classes", default="14", help=argparse.SUPPRESS)
     ap.add_argument("--engine", default="stream", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args._worker == "predict":
-        args.output = args.output_dir_w
-        print(json.dumps(worker_predict(args)))
-        return
-    if args._worker == "inferer":
-        print(json.dumps(worker_inferer(args)))
+    if args._worker:
+        from medse.utils.runinfo import imported_repo_files
+
+        if args._worker == "predict":
+            args.output = args.output_dir_w
+        res = worker_predict(args) if args._worker == "predict" else worker_inferer(args)
+        res["sources"] = imported_repo_files()  # for the results file's source fingerprint
+        print(json.dumps(res))
         return
 
     import torch
@@ -220,7 +222,8 @@ def main() -> None:
                 mem_rows.append(res)
                 print(f"inferer {engine} {size}: {res['wall_s']:.1f} s, peak RSS {res['peak_rss_mib']:.0f} MiB "
                       f"(baseline {res['baseline_rss_mib']:.0f})", flush=True)
-    header = provenance(sys.argv[1:], load_start, time.perf_counter() - t_bench)
+    worker_sources = {f for r in [*rows, *mem_rows] for f in r.get("sources", [])}
+    header = provenance(sys.argv[1:], load_start, time.perf_counter() - t_bench, worker_sources)
     write_report(out_md, args, rows, mem_rows, roi_mem, torch.__version__, header)
     print(f"wrote {out_md}")
 
@@ -242,24 +245,13 @@ def _analytic_mib(size: tuple[int, ...], k: int, roi: int) -> dict[str, float]:
     }
 
 
-def provenance(argv: list[str], load_start: float | None, wall_s: float) -> str:
-    """docsync's provenance header: command, commit, machine (with torch threads and load), date, wall."""
-    import datetime as dt
+def provenance(argv: list[str], load_start: float | None, wall_s: float, worker_sources: set[str]) -> str:
+    """docsync's provenance header (``benchmark_header``), with the repository files the workers imported."""
 
-    import torch
+    from medse.utils.docsync import benchmark_header
 
-    from medse.utils.docsync import current_commit, format_header, machine_description
-
-    load = ""
-    if load_start is not None and hasattr(os, "getloadavg"):
-        load = f", load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at the end"
-    return format_header({
-        "command": " ".join(["python", "benchmarks/bench_inference.py", *argv]),
-        "commit": current_commit(),
-        "machine": f"{machine_description()}, {torch.get_num_threads()} torch threads{load}",
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "wall": f"{wall_s:.0f} s",
-    })
+    return benchmark_header("bench_inference.py", argv, device="CPU",
+                            load=load_start, extra_files=sorted(worker_sources), wall_s=wall_s)
 
 
 def write_report(path: Path, args: argparse.Namespace, rows: list[dict], mem_rows: list[dict], roi_mem: int,

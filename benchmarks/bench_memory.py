@@ -25,6 +25,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -43,6 +44,10 @@ from bench_step import (  # noqa: E402
     network_specs,
     select_blocks,
 )
+
+from medse.utils.benchstats import verdict_cell  # noqa: E402
+
+MEMORY_TARGET = 5.0  # issue 14, target 3: training peak memory at most +5% over none
 
 
 def step_peak_mib(c: Candidate) -> float:
@@ -87,9 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     method = ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
               "torch.profiler, peak of the CPU allocator's running total during the step")
     head = header("Training peak memory with each attention block (issue 14, target 3)", "bench_memory.py", argv,
-                  device)
+                  device, load=os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
     head += ["", f"Peak extra memory of one training step (forward, loss, backward, SGD step) on top of what was "
-             f"live before it; method: {method}. Target: at most +5% over none."]
+             f"live before it; method: {method}. Target: at most +{MEMORY_TARGET:.0f}% over none (one measurement: "
+             "the allocator's peak does not vary between rounds)."]
     sections = []
     for name in args.networks:
         spec = specs[name]
@@ -108,10 +114,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {label} {vname}: {rows[-1][3]:.0f} MiB", file=sys.stderr, flush=True)
                 del c
         lines = [f"### {spec['label']}: `unet` {spec['kwargs']}, input {tuple(spec['input'])}, {NUM_CLASSES} classes",
-                 "", "| block | variant | blocks in net | peak MiB | vs none |", "|---|---|---:|---:|---:|"]
+                 "", "| block | variant | blocks in net | peak MiB | vs none | target |", "|---|---|---:|---:|---:|---|"]
         for label, vname, n_att, mib in rows:
-            vs = "" if label == "none" else f"{100 * (mib / base - 1):+.1f}%"
-            lines.append(f"| {label} | {vname} | {n_att} | {mib:.0f} | {vs} |")
+            over = 100 * (mib / base - 1)
+            vs = "" if label == "none" else f"{over:+.1f}%"
+            cell = "" if label == "none" or vname == "plain" else verdict_cell([over], MEMORY_TARGET, fmt="{:+.1f}%")
+            lines.append(f"| {label} | {vname} | {n_att} | {mib:.0f} | {vs} | {cell} |")
         sections.append("\n".join(lines))
         print(sections[-1], flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -4,11 +4,19 @@ Results files (``docs/results/<name>.md``, ``benchmarks/results/<name>.md``) sta
 
     <!-- medse:result
     command: medse models --size 64 --dims 2 --attention scse,scse_smp --markdown
-    commit: 1163141... (the code that produced the numbers; "+dirty" = with uncommitted changes)
-    machine: Linux-...-x86_64, 2 CPUs, torch 2.13.0+cpu, Python 3.11.7
+    commit: 1163141... (the code that produced the numbers; "+dirty" = with uncommitted changes: --check fails)
+    environment: torch 2.13.0+cpu, MONAI 1.6.1, torchio ..., numpy ..., scipy ..., nibabel ..., SimpleITK ...,
+        Python 3.11.7; CPU: <model>, 2 logical CPUs; threads: ...; load average at start: 0.12; Linux-...
     date: 2026-12-01 21:40 UTC
     wall: 3.2 s
+    sources: sha256 <hash> over 57 files
+    source_files: medse/__init__.py@<12 hex> medse/attention/cse.py@<12 hex> ... configs/demo.yaml@<12 hex>
     -->
+
+``sources`` fingerprints what the command used: every repository ``.py`` file its Python processes imported
+(recorded at exit by a ``sitecustomize`` hook that ``generate`` puts on PYTHONPATH; the benchmark scripts record
+their own ``sys.modules``), plus the configs, pipelines and scripts named in the command (and the files a named
+YAML names). ``--check`` recomputes it and names the results file and each changed source.
 
 Markdown pages copy (parts of) them between markers::
 
@@ -21,11 +29,25 @@ the same or a higher level, the heading itself left out), ``table="N"`` (only th
 ``rows="regex"`` (table rows kept only if they match; header and separator rows, and non-table lines, are kept),
 applied in that order. A table that directly follows a text line gets a blank line before it.
 
+Prose numbers. Outside include blocks, code and comments, README.md and docs/*.md may not hand-type a
+measured figure: a decimal (``0.738``, ``2.5x``), a percentage, a thousands-grouped count or a number with a
+unit of time or memory (``157 s``, ``11 MiB``). A paragraph that states a definition, a setting or a paper's
+figure says so with a marker anywhere in it (a paragraph = lines up to the next blank line; a table counts as
+one)::
+
+    <!-- medse:prose-number definition: the targets of issue 14 -->
+    <!-- medse:prose-number paper: Roy et al. 2018, Table 2 -->
+
+(kinds: ``definition``, ``setting``, ``paper``; a reason after the colon is required). In a paragraph about a
+target, the verdict words "met" and "missed" may not appear outside include blocks: a verdict is a cell a
+benchmark script wrote (``medse.utils.benchstats.verdict``), next to the figures and range it rests on.
+
 Commands::
 
     python -m medse.utils.docsync                 # rewrite every generated block from its file
-    python -m medse.utils.docsync --check         # exit 1 naming each stale block or bad results file
-    python -m medse.utils.docsync generate NAME   # run NAME's commands and write its results file
+    python -m medse.utils.docsync --check         # exit 1 naming each stale block, results file or prose number
+    python -m medse.utils.docsync generate NAME   # run NAME's commands and write its results file (clean tree)
+    python -m medse.utils.docsync generate --stale [--skip-timing] [--skip-nnunet]   # every stale results file
     python -m medse.utils.docsync generate NAME --work DIR --no-run   # record an existing output folder
     python -m medse.utils.docsync list            # the results files this script knows how to make
 """
@@ -53,7 +75,8 @@ from medse.utils.errors import MedseError
 
 REPO = Path(__file__).resolve().parents[2]
 HEADER_START = "<!-- medse:result"
-HEADER_KEYS = ("command", "commit", "machine", "date")
+HEADER_KEYS = ("command", "commit", "date")  # and "environment" (or the older "machine")
+FRESH_KEYS = ("command", "commit", "environment", "date", "sources", "source_files")  # what --check requires
 INCLUDE_RE = re.compile(r"^<!-- medse:include (?P<path>\S+)(?P<opts>(?: \w+=\"[^\"]*\")*) -->[ \t]*$", re.M)
 OPT_RE = re.compile(r"(\w+)=\"([^\"]*)\"")
 END = "<!-- medse:end -->"
@@ -65,13 +88,12 @@ MARKER = ".medse-docsync"  # in a work folder: made by generate, so a rerun may 
 
 # ----------------------------------------------------------------------------- provenance header
 def machine_description() -> str:
-    try:
-        import torch
+    """The short machine line of older headers (platform, CPUs, torch, Python); new headers record
+    ``environment`` (``medse.utils.runinfo.environment_description``)."""
+    from medse.utils.runinfo import package_version
 
-        tv = f"torch {torch.__version__}"
-    except Exception:  # pragma: no cover - torch is a hard dependency
-        tv = "torch not installed"
-    return f"{platform.platform()}, {os.cpu_count()} CPUs, {tv}, Python {platform.python_version()}"
+    return (f"{platform.platform()}, {os.cpu_count()} CPUs, torch {package_version('torch')}, "
+            f"Python {platform.python_version()}")
 
 
 def current_commit(repo: Path = REPO) -> str:
@@ -80,8 +102,92 @@ def current_commit(repo: Path = REPO) -> str:
     return git_commit(repo) or "unknown (not a git checkout)"
 
 
+def git_status(repo: Path = REPO) -> dict[str, str] | None:
+    """{path: two-letter status} of every changed or untracked file (``git status --porcelain``); None outside
+    a git checkout."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain=v1", "-z", "--untracked-files=all"], cwd=repo,
+                             capture_output=True, timeout=30, check=True).stdout.decode("utf-8", "replace")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    status: dict[str, str] = {}
+    entries = iter(out.split("\0"))
+    for e in entries:
+        if len(e) > 3:
+            status[e[3:]] = e[:2]
+            if e[0] in "RC":  # a rename's second field is its old path
+                next(entries, None)
+    return status
+
+
+def _is_code(path: str) -> bool:
+    """Whether an uncommitted change to ``path`` can change what a command computes (pages and figures cannot)."""
+    return not path.endswith(".md") and not path.startswith(("docs/images/", "runs/"))
+
+
+def code_commit(repo: Path = REPO, files: Sequence[str] | None = None) -> tuple[str, list[str]]:
+    """(commit of HEAD with "+dirty" when the code differs from it, the differing files). With ``files`` (a
+    command's fingerprinted sources) only those count; without, every changed tracked file and every untracked
+    Python or YAML file except Markdown pages and figures (which ``generate`` itself rewrites)."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10,
+                             check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)", ["(not a git checkout)"]
+    status = git_status(repo) or {}
+    if files is not None:
+        dirty = sorted(f for f in files if f in status)
+    else:
+        dirty = sorted(f for f, st in status.items()
+                       if _is_code(f) and (st != "??" or f.endswith((".py", ".yaml", ".yml"))))
+    return sha + ("+dirty" if dirty else ""), dirty
+
+
+def _few(items: Sequence[str], n: int = 4) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+# The provenance machinery itself: it writes headers, not numbers, so a change to it does not make every results
+# file stale. A results file whose numbers it computes names it in ``Source.sources``.
+PROVENANCE_FILES = frozenset({"medse/utils/docsync.py", "medse/utils/runinfo.py"})
+
+
+def provenance_fields(command: str, files: Sequence[str], environment: str, repo: Path = REPO,
+                      wall: str | None = None, extra: Sequence[str] = ()) -> dict[str, str]:
+    """The header fields every results file records: the command, the commit (``+dirty`` if a fingerprinted
+    file differs from it), the environment, the date, the wall time and the source fingerprint (``files`` less
+    the provenance machinery, plus what the command names, plus ``extra``)."""
+    from medse.utils.runinfo import files_named_in, fingerprint_fields
+
+    used = sorted((set(files) - PROVENANCE_FILES) | set(files_named_in(command, repo)) | set(extra))
+    fields = {"command": command, "commit": code_commit(repo, used)[0], "environment": environment,
+              "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    if wall:
+        fields["wall"] = wall
+    fields.update(fingerprint_fields(used, repo))
+    return fields
+
+
+def benchmark_header(script: str, argv: Sequence[str], device: str | None = None, load: float | None = None,
+                     extra_files: Sequence[str] = (), wall_s: float | None = None) -> str:
+    """The provenance header a benchmark script writes at the top of its results file: what ``generate``
+    records, with the repository files this process (and any worker that reported ``extra_files``) imported.
+    ``load``: the load average when the benchmark started. A run from uncommitted code is marked ``+dirty``
+    (``--check`` rejects it) rather than refused: refusing at the end would throw the measurement away."""
+    from medse.utils.runinfo import FINGERPRINT_ENV, environment_description, imported_repo_files, read_sources_log
+
+    files = set(imported_repo_files(REPO)) | set(extra_files)
+    if os.environ.get(FINGERPRINT_ENV):  # run by generate: its other processes' imports too
+        files |= set(read_sources_log(Path(os.environ[FINGERPRINT_ENV]), REPO))
+    command = shlex.join(["python", f"benchmarks/{script}", *argv])
+    return format_header(provenance_fields(command, sorted(files), environment_description(device=device, load=load),
+                                           REPO, wall=f"{wall_s:.0f} s" if wall_s is not None else None))
+
+
 def format_header(fields: dict[str, str]) -> str:
     missing = [k for k in HEADER_KEYS if not fields.get(k)]
+    if not fields.get("environment") and not fields.get("machine"):
+        missing.append("environment")
     if missing:
         raise ValueError(f"provenance header lacks {', '.join(missing)}")
     lines = [HEADER_START]
@@ -113,6 +219,8 @@ def parse_result(path: Path) -> tuple[dict[str, str], str]:
             raise MedseError(f"provenance header line {line!r} is not 'key: value'", path)
         fields[key.strip()] = value.strip()
     missing = [k for k in HEADER_KEYS if k not in fields]
+    if "environment" not in fields and "machine" not in fields:
+        missing.append("environment")
     if missing:
         raise MedseError(f"provenance header lacks {', '.join(missing)}", path)
     return fields, text[end + len("\n-->\n") :].lstrip("\n")
@@ -258,6 +366,163 @@ def sync(repo: Path = REPO, check: bool = False) -> list[str]:
     return problems
 
 
+# ----------------------------------------------------------------------------- freshness of results files
+def results_files(repo: Path) -> list[Path]:
+    return sorted(p for d in SOURCE_DIRS for p in (repo / d).glob("*.md"))
+
+
+def included_sources(repo: Path) -> set[str]:
+    """The results files some page includes (repository-relative)."""
+    found = set()
+    for page in pages(repo):
+        text = page.read_text(encoding="utf-8")
+        try:
+            found |= {b.source for b in find_blocks(page.relative_to(repo), text)}
+        except MedseError:
+            continue  # reported by sync
+    return found
+
+
+def stale_results(repo: Path = REPO) -> dict[str, str]:
+    """{results file: why it must be regenerated}: no source fingerprint (made before issue 21, or recorded
+    with --no-run), made from uncommitted code, no environment line, or a fingerprinted source changed since."""
+    from medse.utils.runinfo import changed_sources
+
+    stale: dict[str, str] = {}
+    for f in results_files(repo):
+        rel = f.relative_to(repo).as_posix()
+        try:
+            fields, _ = parse_result(f)
+        except MedseError as e:
+            stale[rel] = str(e).replace(f"{repo}{os.sep}", "")
+            continue
+        commit = fields.get("commit", "")
+        changed = changed_sources(fields, repo)
+        if changed is None:
+            stale[rel] = "no source fingerprint (made before provenance v2, or recorded with --no-run)"
+        elif changed:
+            stale[rel] = f"{_few(changed)} changed since it was made"
+        elif "+dirty" in commit or not re.fullmatch(r"[0-9a-f]{7,40}", commit):
+            stale[rel] = f"commit {commit!r} is not a clean commit (made from uncommitted code)"
+        elif "environment" not in fields:
+            stale[rel] = "no environment line (package versions, CPU, threads, load)"
+    return stale
+
+
+def results_problems(repo: Path = REPO) -> list[str]:
+    """One line per results file that --check rejects (stale, unincluded or without a docsync source), and a
+    last line saying how to regenerate the stale ones."""
+    stale = stale_results(repo)
+    dests = {s.dest: n for n, s in SOURCES.items()}
+    included = included_sources(repo)
+    problems = []
+    for f in results_files(repo):
+        rel = f.relative_to(repo).as_posix()
+        if rel not in included:
+            problems.append(f"{rel}: nothing includes it (delete it, or include it in a page)")
+        elif rel in stale:
+            how = f"generate {dests[rel]}" if rel in dests else "no docsync source: add one to SOURCES"
+            problems.append(f"{rel}: stale: {stale[rel]} ({how})")
+    if any(rel in included for rel in stale):
+        problems.append(f"{sum(rel in included for rel in stale)} results file(s) stale: regenerate them all with "
+                        "`python -m medse.utils.docsync generate --stale` (on a clean, committed tree; "
+                        "`--skip-timing` leaves the benchmarks for a quiet machine)")
+    return problems
+
+
+# ----------------------------------------------------------------------------- numbers in prose
+PROSE_GLOBS = ("README.md", "docs/*.md", "benchmarks/README.md")
+# pages written whole by a command and checked by their own test (not prose)
+GENERATED_PAGES = {"docs/blocks.md": "medse blocks --docs --output docs/blocks.md (tests/test_attention_registry.py)"}
+PROSE_MARK_RE = re.compile(r"<!-- medse:prose-number (definition|setting|paper): *[^ \-][^>]*-->")
+_ANY_MARK_RE = re.compile(r"<!-- medse:prose-number\b[^>]*-->")
+_NUMBER_RE = re.compile(
+    r"(?<![\w.])(?:\d{1,3}(?:,\d{3})+|\d+\.\d+(?:\.\d+)*|\d+)"
+    r"(?:\s?(%|ms|s|min|h|MiB|GiB|KiB|MB|GB|kB|seconds|minutes|hours)\b|(?=%))?")
+# a version number, an arXiv id or a figure/issue reference is not a measurement
+_NOT_A_FIGURE_BEFORE = re.compile(r"(?i)(python|torch|pytorch|monai|numpy|scipy|nibabel|simpleitk|torchio|nnunetv2|"
+                                  r"nnu-net|cuda|version|release|v|issue|arxiv:|doi:?|section|table|figure|eq\.?)\s*$")
+_VERDICT_RE = re.compile(r"(?i)\b(met|missed)\b")
+_TARGET_RE = re.compile(r"(?i)\btargets?\b")  # a verdict word counts in a paragraph about targets
+
+
+def _blank(text: str, a: int, b: int) -> str:
+    """``text`` with [a, b) replaced by spaces, newlines kept (so line numbers stay)."""
+    return text[:a] + re.sub(r"[^\n]", " ", text[a:b]) + text[b:]
+
+
+def _prose_only(page: Path, text: str) -> str:
+    """The page with include blocks, fenced code, inline code, link targets and HTML comments blanked."""
+    for blk in reversed(find_blocks(page, text)):
+        text = _blank(text, blk.start, blk.stop)
+    code_span = re.compile(r"`(?:[^`\n]|\n(?![ \t]*\n))+`")  # may wrap lines, never a paragraph
+    for rx in (re.compile(r"^```.*?^```", re.S | re.M), re.compile(r"<!--.*?-->", re.S), code_span,
+               re.compile(r"\]\([^)\s]*\)")):
+        for m in reversed(list(rx.finditer(text))):
+            text = _blank(text, m.start(), m.end())
+    return text
+
+
+def measured_numbers(line: str) -> list[str]:
+    """The figures in a prose line that look measured: decimals, percentages, thousands-grouped counts and
+    numbers with a unit of time or memory (not versions, arXiv ids, plain integers, shapes or ``3x3``)."""
+    found = []
+    for m in _NUMBER_RE.finditer(line):
+        tok = m.group(0)
+        if not ("." in tok or "," in tok or m.group(1) or line[m.end():m.end() + 1] == "%"):
+            continue
+        if re.fullmatch(r"\d+\.\d+\.\d+.*", tok) or _NOT_A_FIGURE_BEFORE.search(line[:m.start()]):
+            continue
+        if (line[m.end():].lstrip().startswith(("% CI", "CI")) or re.match(r"-75%", line[m.end():])
+                or line[:m.start()].endswith("25-")):
+            continue  # "95% CI" and "25-75%" name a statistic, they do not report one
+        found.append(tok + ("%" if line[m.end():m.end() + 1] == "%" else ""))
+    return found
+
+
+def prose_problems(repo: Path = REPO) -> list[str]:
+    """Hand-typed figures and verdict words in README/docs prose (see the module's "Prose numbers")."""
+    problems = []
+    found: set[Path] = set()
+    for pattern in PROSE_GLOBS:
+        found.update(p for p in repo.glob(pattern) if p.is_file())
+    for page in sorted(found):
+        rel = page.relative_to(repo)
+        if rel.as_posix() in GENERATED_PAGES or any(rel.as_posix().startswith(d + "/") for d in SOURCE_DIRS):
+            continue
+        text = page.read_text(encoding="utf-8")
+        try:
+            prose = _prose_only(rel, text)
+        except MedseError:
+            continue  # reported by sync
+        raw_lines, lines = text.splitlines(), prose.splitlines()
+        para_start = 0
+        for i, line in enumerate(lines + [""]):
+            if line.strip() or (i < len(raw_lines) and raw_lines[i].strip()):
+                continue
+            para = range(para_start, i)  # one paragraph: lines up to a blank line
+            para_start = i + 1
+            marked = any((m := _ANY_MARK_RE.search(raw_lines[j])) and PROSE_MARK_RE.fullmatch(m.group(0))
+                         for j in para)
+            about_targets = any(_TARGET_RE.search(lines[j]) for j in para)
+            for j in para:
+                m = _ANY_MARK_RE.search(raw_lines[j])
+                if m and not PROSE_MARK_RE.fullmatch(m.group(0)):
+                    problems.append(f"{rel}:{j + 1}: malformed marker {m.group(0)!r} (use '<!-- medse:prose-number "
+                                    "definition|setting|paper: reason -->')")
+                if not marked:
+                    nums = measured_numbers(lines[j])
+                    if nums:
+                        problems.append(f"{rel}:{j + 1}: hand-typed figure(s) {', '.join(nums)} in prose: include "
+                                        "them from a results file, or mark the paragraph '<!-- medse:prose-number "
+                                        "definition|setting|paper: reason -->'")
+                v = _VERDICT_RE.search(lines[j])
+                if v and about_targets:
+                    problems.append(f"{rel}:{j + 1}: verdict word {v.group(0)!r} outside an include block: verdicts "
+                                    "come from the benchmark's verdict cells (include the table that holds them)")
+    return problems
+
+
 # ----------------------------------------------------------------------------- making results files
 @dataclass
 class Source:
@@ -273,6 +538,16 @@ class Source:
     copies: dict[str, str] = field(default_factory=dict)
     note: str = ""
     wall_json: str | None = None  # with --no-run: a JSON file in the work folder whose "wall_s" is the wall time
+    timing: bool = False  # its numbers are timings (besides every benchmarks/ file): run it on a quiet machine
+    sources: tuple[str, ...] = ()  # fingerprinted besides what the commands import (e.g. docsync's own formatter)
+
+    @property
+    def is_timing(self) -> bool:
+        return self.timing or self.dest.startswith("benchmarks/")
+
+    @property
+    def needs_nnunet(self) -> bool:
+        return any(".venv-nnunet" in c for c in self.commands)
 
 
 def _demo_configs_table(work: Path) -> str:
@@ -348,7 +623,7 @@ SOURCES: dict[str, Source] = {
         ["{medse} synth --out {work}/data",
          "{medse} train --config configs/demo.yaml --output {work}/demo data.root={work}/data",
          "{medse} train --config configs/demo_2d.yaml --output {work}/demo_2d data.root={work}/data"],
-        formatter=_demo_configs_table),
+        formatter=_demo_configs_table, sources=("medse/utils/docsync.py",)),
     "classifier_seed0": _classifier(0),
     "classifier_seed1": _classifier(1),
     "models_2d": Source(
@@ -369,7 +644,8 @@ SOURCES: dict[str, Source] = {
         ["{medse} models --size 64 --dims 3 --networks swinunetr,unetr --attention cse,scse --attention tokens=cse "
          "--attention encoder=scse,decoder=scse,tokens=cse --markdown"]),
     "resnet50v2_counts": Source(
-        "docs/results/resnet50v2_counts.md", ["{py} -m medse.utils.docsync table resnet50v2_counts"]),
+        "docs/results/resnet50v2_counts.md", ["{py} -m medse.utils.docsync table resnet50v2_counts"],
+        sources=("medse/utils/docsync.py",)),
     "blocks_list": Source(
         "docs/results/blocks_list.md", ["{medse} blocks --list --markdown"],
         note="Every registered attention block, from the registry (medse.attention.list_attention)."),
@@ -381,6 +657,10 @@ SOURCES: dict[str, Source] = {
     "networks_cpu_1thread": Source(
         "benchmarks/results/networks_cpu_1thread.md",
         ["{py} benchmarks/bench_networks.py --networks unet --threads 1 --repeats 9 --blocks 'scse (max)' ca simam "
+         "--output {work}/out.md"], output="{work}/out.md"),
+    "networks_cpu_run2": Source(
+        "benchmarks/results/networks_cpu_run2.md",
+        ["{py} benchmarks/bench_networks.py --repeats 5 --compile --blocks 'scse (max)' ca simam "
          "--output {work}/out.md"], output="{work}/out.md"),
     "search_demo": Source(
         "docs/results/search_demo.md",
@@ -456,10 +736,19 @@ def _recorded_commit(work: Path) -> str | None:
     return ", ".join(sorted(commits)) if commits else None
 
 
+def _dirty_error(dirty: Sequence[str], when: str) -> MedseError:
+    return MedseError(f"{when} the working tree differs from the last commit in {_few(list(dirty))}: commit "
+                      "first (a results file records the commit its numbers came from), or pass --allow-dirty "
+                      "(the file is then marked +dirty and --check rejects it)")
+
+
 def generate(name: str, repo: Path = REPO, work: Path | None = None, run: bool = True,
-             log: Callable[[str], None] = print) -> Path:
+             log: Callable[[str], None] = print, allow_dirty: bool = False) -> Path:
     """Run the commands of ``SOURCES[name]`` (or, ``run=False``, reuse their output in ``work``) and write the
-    results file with its provenance header; return its path."""
+    results file with its provenance header; return its path. Refuses (``MedseError``) to run from, or record,
+    uncommitted code unless ``allow_dirty``."""
+    from medse.utils.runinfo import FINGERPRINT_ENV, SITECUSTOMIZE, environment_description, read_sources_log
+
     if name not in SOURCES:
         from medse.utils.errors import did_you_mean
 
@@ -467,9 +756,16 @@ def generate(name: str, repo: Path = REPO, work: Path | None = None, run: bool =
                          f"Known: {', '.join(SOURCES)}.")
     src = SOURCES[name]
     work = (work or repo / "runs" / "docsync" / name).resolve()
-    commit = current_commit(repo)
+    head_before, dirty = code_commit(repo)
+    if dirty and not allow_dirty:
+        raise _dirty_error(dirty, f"generate {name}:")
     walls = []
     stdout = ""
+    used: list[str] = []
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    threads = os.environ.get("OMP_NUM_THREADS")
+    environment = environment_description(threads=f"OMP_NUM_THREADS={threads}" if threads else "torch default",
+                                          load=load)
     if run:
         if work.exists() and any(work.iterdir()):
             if not (work / MARKER).is_file():
@@ -477,22 +773,30 @@ def generate(name: str, repo: Path = REPO, work: Path | None = None, run: bool =
             shutil.rmtree(work)  # a previous docsync run of the same results: start clean
         work.mkdir(parents=True, exist_ok=True)
         (work / MARKER).write_text(f"{name}\n")
+        hook = work / ".medse-hook"
+        hook.mkdir()
+        (hook / "sitecustomize.py").write_text(SITECUSTOMIZE)
+        sources_log = work / ".medse-sources"
+        env = {**os.environ, FINGERPRINT_ENV: str(sources_log),
+               "PYTHONPATH": os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH", "")) if p)}
         for cmd in src.commands:
             line = _expand(cmd, work)
             log(f"$ {_display(cmd, work)}")
             t0 = time.perf_counter()
-            proc = subprocess.run(line, shell=True, cwd=repo, stdout=subprocess.PIPE, text=True)
+            proc = subprocess.run(line, shell=True, cwd=repo, stdout=subprocess.PIPE, text=True, env=env)
             walls.append(time.perf_counter() - t0)
             if proc.returncode:
                 raise MedseError(f"command failed with exit code {proc.returncode}: {_display(cmd, work)}", work)
             stdout = proc.stdout
+        used = read_sources_log(sources_log, repo)
+        if not used:
+            raise MedseError("the commands imported no repository file (was the sitecustomize hook shadowed?): "
+                             "no source fingerprint to record", sources_log)
     else:
         if not work.is_dir():
             raise MedseError("work folder does not exist (run without --no-run first)", work)
-        commit = _recorded_commit(work) or commit
         if src.output is None and src.formatter is None:
             raise MedseError(f"'{name}' is taken from the command's stdout: it cannot be recorded with --no-run", work)
-    machine = machine_description()
     if src.formatter is not None:
         body = src.formatter(work)
     elif src.output is not None:
@@ -502,21 +806,29 @@ def generate(name: str, repo: Path = REPO, work: Path | None = None, run: bool =
         body = out.read_text(encoding="utf-8")
         if body.startswith(HEADER_START):  # a results file with a header of its own: keep the inner body
             inner, body = parse_result(out)
-            # a benchmark's machine line says more (threads, device, the load average at its start)
-            if inner["machine"].startswith(machine_description()):
-                machine = inner["machine"]
+            # a benchmark's environment line says more (its torch threads, the load average at its start)
+            environment = inner.get("environment", environment)
+            used = sorted(set(used) | {f.rsplit("@", 1)[0] for f in inner.get("source_files", "").split()})
     else:
         body = stdout
-    fields = {
-        "command": " && ".join(_display(c, work) for c in src.commands),
-        "commit": commit,
-        "machine": machine,
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-    }
-    if walls:
-        fields["wall"] = ", ".join(f"{w:.0f} s" for w in walls)
+    command = " && ".join(_display(c, work) for c in src.commands)
+    if run:
+        fields = provenance_fields(command, used, environment, repo,
+                                   wall=", ".join(f"{w:.0f} s" for w in walls), extra=src.sources)
+        moved = fields["commit"].split("+")[0] != head_before.split("+")[0]
+        if (fields["commit"].endswith("+dirty") or moved) and not allow_dirty:
+            changed = code_commit(repo, [f.rsplit("@", 1)[0] for f in fields["source_files"].split()])[1]
+            raise _dirty_error(changed or ["HEAD (a commit was made during the run)"],
+                               f"generate {name}: after the run,")
     else:
-        fields["recorded"] = f"from the existing output in {_shown(work)} (commands not rerun)"
+        commit = _recorded_commit(work) or current_commit(repo)
+        if "+dirty" in commit and not allow_dirty:
+            raise MedseError(f"the run in this folder recorded commit {commit} (uncommitted code): rerun it from a "
+                             "clean tree, or pass --allow-dirty", work)
+        fields = {"command": command, "commit": commit, "environment": environment,
+                  "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                  "recorded": f"from the existing output in {_shown(work)} (commands not rerun, so no source "
+                              "fingerprint: --check reports it until it is regenerated)"}
         if src.wall_json and (work / src.wall_json).is_file():
             wall_s = json.loads((work / src.wall_json).read_text()).get("wall_s")
             if isinstance(wall_s, (int, float)):
@@ -538,16 +850,36 @@ def generate(name: str, repo: Path = REPO, work: Path | None = None, run: bool =
     return dest
 
 
+def check(repo: Path = REPO) -> list[str]:
+    """Everything --check reports: stale blocks, stale or unincluded results files, hand-typed prose figures."""
+    return sync(repo, check=True) + prose_problems(repo) + results_problems(repo)
+
+
+def stale_names(repo: Path = REPO, skip_timing: bool = False, skip_nnunet: bool = False) -> list[str]:
+    """The SOURCES names whose results file is stale, or missing while a page includes it, in SOURCES order."""
+    stale = stale_results(repo)
+    included = included_sources(repo)
+    return [n for n, s in SOURCES.items()
+            if (s.dest in stale or (s.dest in included and not (repo / s.dest).is_file()))
+            and not (skip_timing and s.is_timing) and not (skip_nnunet and s.needs_nnunet)]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m medse.utils.docsync", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--check", action="store_true", help="only compare; exit 1 naming each stale block")
+    ap.add_argument("--check", action="store_true",
+                    help="only compare; exit 1 naming each stale block, stale results file and prose figure")
     ap.add_argument("--repo", type=Path, default=REPO, help=argparse.SUPPRESS)
     sub = ap.add_subparsers(dest="cmd")
     g = sub.add_parser("generate", help="run a results file's commands and write it (then syncs the pages)")
-    g.add_argument("names", nargs="+", metavar="NAME", help=f"one of: {', '.join(SOURCES)}")
+    g.add_argument("names", nargs="*", metavar="NAME", help=f"one of: {', '.join(SOURCES)}")
+    g.add_argument("--stale", action="store_true", help="every results file --check calls stale (or missing)")
+    g.add_argument("--skip-timing", action="store_true", help="with --stale: leave the timing benchmarks out")
+    g.add_argument("--skip-nnunet", action="store_true", help="with --stale: leave out what needs .venv-nnunet")
+    g.add_argument("--allow-dirty", action="store_true",
+                   help="run from uncommitted code (the file is marked +dirty and --check rejects it)")
     g.add_argument("--work", type=Path, help="work folder (default runs/docsync/NAME)")
     g.add_argument("--no-run", action="store_true", help="record the existing output in --work")
-    sub.add_parser("list", help="list the results files and their commands")
+    sub.add_parser("list", help="list the results files, their commands, and which are timings or need nnU-Net")
     t = sub.add_parser("table", help="print one of the tables computed here (no files written)")
     t.add_argument("table", choices=sorted(TABLES))
     args = ap.parse_args(argv)
@@ -555,17 +887,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.cmd == "list":
             for n, s in SOURCES.items():
-                print(f"{n}: {s.dest}\n    " + "\n    ".join(_display(c, Path('runs/docsync') / n) for c in s.commands))
+                tags = ", ".join(t for t, on in (("timing", s.is_timing), ("nnU-Net env", s.needs_nnunet)) if on)
+                print(f"{n}: {s.dest}{f' [{tags}]' if tags else ''}\n    "
+                      + "\n    ".join(_display(c, Path('runs/docsync') / n) for c in s.commands))
             return 0
         if args.cmd == "table":
             print(TABLES[args.table](), end="")
             return 0
         if args.cmd == "generate":
-            if args.work and len(args.names) > 1:
+            names = list(args.names)
+            if args.stale:
+                names += [n for n in stale_names(repo, args.skip_timing, args.skip_nnunet) if n not in names]
+                print(f"stale: {', '.join(names) or 'nothing'}")
+            elif not names:
+                raise MedseError("generate: give NAME(s) or --stale")
+            if args.work and len(names) > 1:
                 raise MedseError("--work takes one results name at a time", args.work)
-            for n in args.names:
-                generate(n, repo, args.work, run=not args.no_run)
-        problems = sync(repo, check=args.check)
+            failed = []
+            for n in names:
+                try:
+                    generate(n, repo, args.work, run=not args.no_run, allow_dirty=args.allow_dirty)
+                except MedseError as e:
+                    if len(names) == 1:
+                        raise
+                    print(f"error: {n}: {e}", file=sys.stderr)  # keep going; reported at the end
+                    failed.append(n)
+            if failed:
+                sync(repo)
+                print(f"error: {len(failed)} of {len(names)} failed: {', '.join(failed)}", file=sys.stderr)
+                return 2
+        problems = check(repo) if args.check else sync(repo)
     except MedseError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
