@@ -13,28 +13,104 @@ Blocks whose kernel saves its output (``se``/``cse``, ``eca``, ``sse``, ``scse``
 ``forward_cat(skip, x)``, equal to ``torch.cat([skip, block(x)], 1)``: on the fast path the kernel writes its
 output into the concatenation directly and saves that (see :func:`medse.attention.kernels.core.output_buffer`);
 :func:`medse.networks._common.forward_then_cat` calls it where a network concatenates a block's output.
+
+Graph capture
+-------------
+``forward`` tests ``not torch.jit.is_scripting() and self.takes_fast_path(x)``: under any capture
+(``torch.compile``, ``torch.export``, ONNX export, ``torch.jit.trace``, ``torch.func``) ``takes_fast_path`` is False
+(:func:`medse.attention.kernels.core.capturing`) and the plain formula is recorded, which is valid at every batch
+and spatial size. ``takes_fast_path`` and ``_fused`` are :func:`eager_only` (``torch.jit.unused``), so
+``torch.jit.script`` compiles the plain formula only; the blocks' plain code is written in TorchScript's subset
+(lists instead of star-unpacking, ``Optional`` attributes declared on the class with :func:`scriptable`).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+import sys
+import typing
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
+import torch.nn.functional as F
 
 from medse.attention.kernels import channel_attention, fast_path_applies
-from medse.attention.kernels.core import skip_fits
+from medse.attention.kernels.core import capturing, skip_fits
+
+_T = TypeVar("_T")
 
 
-def spatial_axes(x: torch.Tensor) -> tuple[int, ...]:
-    """The spatial axes of a (B, C, *spatial) tensor: ``(2, ..., x.ndim - 1)``."""
-    return tuple(range(2, x.ndim))
+def scriptable(cls: type[_T]) -> type[_T]:
+    """Class decorator: resolve the class's own annotations (strings under ``from __future__ import
+    annotations``) so that ``torch.jit.script`` reads the types of attributes such as ``last_gate: Tensor | None``
+    (TorchScript cannot evaluate a string annotation)."""
+    namespace = vars(sys.modules[cls.__module__])
+    own = cls.__dict__.get("__annotations__", {})
+    cls.__annotations__ = {k: eval(v, namespace) if isinstance(v, str) else v for k, v in own.items()}  # noqa: S307
+    return cls
+
+
+def eager_only(fn: Callable) -> Callable:
+    """``torch.jit.unused`` for a method (or function) that only eager code reaches, typically a block's fast path
+    guarded by ``not torch.jit.is_scripting()``: TorchScript compiles a stub that raises instead of the body. The
+    annotations are resolved first (TorchScript reads the stub's signature and cannot evaluate string
+    annotations); arguments of such a function must not have defaults."""
+    fn.__annotations__ = typing.get_type_hints(fn)
+    return torch.jit.unused(fn)
+
+
+def spatial_axes(x: torch.Tensor) -> list[int]:
+    """The spatial axes of a (B, C, *spatial) tensor: ``[2, ..., x.ndim - 1]``."""
+    return list(range(2, x.dim()))
 
 
 def channel_view(s: torch.Tensor, spatial_dims: int) -> torch.Tensor:
     """Reshape a (B, C) descriptor to (B, C, 1, ..., 1) so it broadcasts over ``spatial_dims`` axes."""
-    return s.reshape(s.shape[0], s.shape[1], *([1] * spatial_dims))
+    return s.reshape([s.shape[0], s.shape[1]] + [1] * spatial_dims)
+
+
+@eager_only
+def in_capture(x: torch.Tensor) -> bool:
+    """:func:`medse.attention.kernels.core.capturing` for the blocks' plain code; guard it with
+    ``not torch.jit.is_scripting()`` (TorchScript compiles a stub that raises)."""
+    return capturing(x)
+
+
+@eager_only
+def _torch_adaptive_pool(x: torch.Tensor, output_size: list[int]) -> torch.Tensor:
+    pool = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)[len(output_size) - 1]
+    return pool(x, output_size)
+
+
+def adaptive_avg_pool(x: torch.Tensor, output_size: list[int]) -> torch.Tensor:
+    """Adaptive average pooling of a (B, C, *spatial) tensor to ``output_size`` (one size per spatial axis).
+
+    Eager: PyTorch's ``adaptive_avg_pool{1,2,3}d``. Under a graph capture (ONNX export, ``torch.export``,
+    ``torch.jit.trace``/``script``) the same numbers (up to float rounding) in operators every exporter knows:
+    adaptive pooling averages rectangular bins, bin i of an axis of length n spanning ``[floor(i n / m),
+    ceil((i + 1) n / m))``, so it is separable; each axis is contracted with an (m, n) averaging matrix built
+    from ``arange(n)``, valid for every input size (``aten::_adaptive_avg_pool3d`` has no ONNX function, and a
+    pooling with a kernel computed from the traced size would freeze that size).
+    """
+    nd = len(output_size)
+    if not torch.jit.is_scripting() and not in_capture(x):
+        return _torch_adaptive_pool(x, output_size)
+    y = x
+    for k in range(nd):
+        axis = y.dim() - nd + k
+        n = y.shape[axis]
+        m = output_size[k]
+        i = torch.arange(m, device=x.device)
+        start = torch.div(i * n, m, rounding_mode="floor")
+        end = torch.div((i + 1) * n + m - 1, m, rounding_mode="floor")
+        j = torch.arange(n, device=x.device).unsqueeze(0)
+        inside = (j >= start.unsqueeze(1)) & (j < end.unsqueeze(1))
+        w = inside.to(x.dtype) / (end - start).to(x.dtype).unsqueeze(1)  # (m, n), rows average one bin
+        last = y.dim() - 1
+        y = torch.matmul(y.transpose(axis, last), w.t()).transpose(axis, last)
+    return y
 
 
 def check_spatial_dims(block: str, spatial_dims: object, supported: Sequence[int]) -> int:
@@ -84,6 +160,7 @@ class ConcatOutput:
         return torch.cat([skip, self(x)], 1)  # type: ignore[operator]
 
 
+@scriptable
 class ChannelGateBlock(ConcatOutput, torch.nn.Module):
     """Base of the blocks that rescale each channel by a gate computed from the spatial mean (SE, cSE, ECA).
 
@@ -100,17 +177,19 @@ class ChannelGateBlock(ConcatOutput, torch.nn.Module):
 
     def channel_gate(self, x: torch.Tensor) -> torch.Tensor:
         """The gate s as a (B, C, 1, ..., 1) tensor (plain code)."""
-        return channel_view(self.excite(x.mean(dim=spatial_axes(x))), x.ndim - 2)
+        return channel_view(self.excite(x.mean(dim=spatial_axes(x))), x.dim() - 2)
 
+    @eager_only
     def takes_fast_path(self, x: torch.Tensor) -> bool:
         """Whether ``forward(x)`` runs the fused kernel."""
         return self.fused and fast_path_applies(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.takes_fast_path(x):
+        if not torch.jit.is_scripting() and self.takes_fast_path(x):
             return self._fused(x, None)
         return x * self.channel_gate(x)
 
+    @eager_only
     def _fused(self, x: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
         return channel_attention(x, self.excite, tuple(self.parameters()), skip=skip)
 

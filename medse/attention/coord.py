@@ -19,10 +19,11 @@ import torch
 from monai.networks.layers.factories import Conv, Norm
 from torch import nn
 
-from medse.attention._base import check_channels, check_spatial_dims
+from medse.attention._base import check_channels, check_spatial_dims, eager_only, scriptable
 from medse.attention.kernels import coord_attention, fast_path_applies
 
 
+@scriptable
 class CoordAttention(nn.Module):
     """Coordinate Attention (Hou et al., CVPR 2021), 2D as in the paper, 3D as medse's extension.
 
@@ -43,6 +44,8 @@ class CoordAttention(nn.Module):
         fused: use the fused kernel (:func:`medse.attention.kernels.coord_attention`; same numbers) when
             ``record_gate`` is off. Defaults to True.
     """
+
+    last_gate: torch.Tensor | None
 
     def __init__(
         self,
@@ -74,40 +77,53 @@ class CoordAttention(nn.Module):
         self.fused = bool(fused)
         self.last_gate: torch.Tensor | None = None
 
-    def strip_gates(self, *strips: torch.Tensor) -> list[torch.Tensor]:
+    def strip_gates(self, strips: list[torch.Tensor]) -> list[torch.Tensor]:
         """The gate network: one (B, C, L_i) strip mean per spatial axis i -> one (B, C, L_i) gate per axis.
 
         The strips are concatenated along the length axis, passed through ``conv1``, ``bn`` and ``act`` (one
         BatchNorm over all strips, as the authors'), split back and mapped by ``conv_gates[i]`` and a sigmoid.
         """
         nd = self.spatial_dims
-        b, c = strips[0].shape[:2]
+        b, c = strips[0].shape[0], strips[0].shape[1]
         ones = [1] * (nd - 1)
-        cat = torch.cat([s.reshape(b, c, s.shape[2], *ones) for s in strips], dim=2)  # (B, C, sum L_i, 1, ...)
+        cat = torch.cat([s.reshape([b, c, s.shape[2]] + ones) for s in strips], dim=2)  # (B, C, sum L_i, 1, ...)
         y = self.act(self.bn(self.conv1(cat)))
         parts = torch.split(y, [s.shape[2] for s in strips], dim=2)
-        return [torch.sigmoid(conv(p)).reshape(b, c, -1) for p, conv in zip(parts, self.conv_gates, strict=True)]
+        gates: list[torch.Tensor] = []
+        for i, conv in enumerate(self.conv_gates):
+            gates.append(torch.sigmoid(conv(parts[i])).reshape(b, c, -1))
+        return gates
 
     def gates(self, x: torch.Tensor) -> list[torch.Tensor]:
         """One gate per spatial axis i, shaped (B, C, 1, .., L_i, .., 1) so that it broadcasts against x."""
         nd = self.spatial_dims
-        b, c = x.shape[:2]
-        sizes = x.shape[2:]
-        strips = [x.mean(dim=tuple(2 + j for j in range(nd) if j != i)) for i in range(nd)]  # (B, C, L_i)
-        out = []
-        for i, g in enumerate(self.strip_gates(*strips)):
+        b, c = x.shape[0], x.shape[1]
+        strips: list[torch.Tensor] = []
+        for i in range(nd):
+            other: list[int] = []
+            for j in range(nd):
+                if j != i:
+                    other.append(2 + j)
+            strips.append(x.mean(dim=other))  # (B, C, L_i)
+        out: list[torch.Tensor] = []
+        for i, g in enumerate(self.strip_gates(strips)):
             shape = [b, c] + [1] * nd
-            shape[2 + i] = sizes[i]
+            shape[2 + i] = x.shape[2 + i]
             out.append(g.reshape(shape))
         return out
 
+    @eager_only
     def takes_fast_path(self, x: torch.Tensor) -> bool:
         """Whether ``forward(x)`` runs the fused kernel."""
         return self.fused and not self.record_gate and x.ndim == self.spatial_dims + 2 and fast_path_applies(x)
 
+    @eager_only
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+        return coord_attention(x, lambda *strips: self.strip_gates(list(strips)), tuple(self.parameters()))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.takes_fast_path(x):
-            return coord_attention(x, self.strip_gates, tuple(self.parameters()))
+        if not torch.jit.is_scripting() and self.takes_fast_path(x):
+            return self._fused(x)
         gates = self.gates(x)
         y = x
         for g in gates:

@@ -4,7 +4,7 @@ Reference code: https://github.com/cfzd/FcaNet (``MultiSpectralAttentionLayer``)
 
 Descriptor: if x's spatial size differs from the DCT size, a copy of x is adaptive-average-pooled to it; then
 ``y_c = sum_p x[c, p] * F[c, p]`` with F a fixed DCT filter bank (persistent, non-learnable buffer
-``dct_filter``). The C channels are split into n equal groups; group i uses frequency i of the selected list.
+``dct_filter``, stored as (C, prod(dct_size)) so that ``.to(memory_format=...)`` leaves it alone). The C channels are split into n equal groups; group i uses frequency i of the selected list.
 Excitation: ``fc1`` Linear(C, C // r, no bias) -> ReLU -> ``fc2`` Linear(C // r, C, no bias) -> sigmoid.
 """
 
@@ -14,10 +14,16 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from medse.attention._base import channel_view, check_channels, check_spatial_dims, reduced_channels
+from medse.attention._base import (
+    adaptive_avg_pool,
+    channel_view,
+    check_channels,
+    check_spatial_dims,
+    in_capture,
+    reduced_channels,
+)
 from medse.utils.errors import unknown_option_error
 
 # Frequencies on the authors' 7x7 grid (u indexes H, v indexes W), from their get_freq_indices.
@@ -110,6 +116,7 @@ class FcaAttention(nn.Module):
                 f"got {dct_size!r}."
             )
         self.dct_size = size
+        self._pool_size = list(size)  # the same as a list: TorchScript has no variadic tuples
         if frequencies is None:
             pairs = freq_indices(freq_method)
             freqs = [(0, u, v) if nd == 3 else (u, v) for u, v in pairs]
@@ -131,18 +138,30 @@ class FcaAttention(nn.Module):
             )
         self.reduction = reduction
         hidden = reduced_channels("FcaAttention", self.in_channels, reduction)
-        self.register_buffer("dct_filter", dct_filter(size, self.frequencies, self.in_channels), persistent=True)
+        # flattened: a (C, 7, 7, 7) buffer is 4-D, and Module.to(memory_format=torch.channels_last_3d) would try
+        # (and fail) to give it a 5-D layout; checkpoints with the (C, *dct_size) shape load (_load_from_state_dict)
+        filt = dct_filter(size, self.frequencies, self.in_channels).flatten(1)
+        self.register_buffer("dct_filter", filt, persistent=True)
         self.fc1 = nn.Linear(self.in_channels, hidden, bias=False)
         self.act = nn.ReLU(inplace=True)
         self.fc2 = nn.Linear(hidden, self.in_channels, bias=False)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        """Accept checkpoints that stored ``dct_filter`` unflattened, (C, *dct_size)."""
+        key = prefix + "dct_filter"
+        filt = state_dict.get(key)
+        if isinstance(filt, torch.Tensor) and filt.dim() == self.spatial_dims + 1:
+            state_dict[key] = filt.flatten(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def descriptor(self, x: torch.Tensor) -> torch.Tensor:
         """The multi-spectral descriptor y, shape (B, C)."""
         pooled = x
-        if tuple(x.shape[2:]) != self.dct_size:
-            pool = F.adaptive_avg_pool2d if self.spatial_dims == 2 else F.adaptive_avg_pool3d
-            pooled = pool(x, self.dct_size)
-        return (pooled * self.dct_filter.to(pooled.dtype)).flatten(2).sum(dim=2)
+        # a captured graph pools at every size (to the DCT size itself that is the identity): a size test would be
+        # frozen into a trace, or become a guard of torch.export
+        if (not torch.jit.is_scripting() and in_capture(x)) or list(x.shape[2:]) != self._pool_size:
+            pooled = adaptive_avg_pool(x, self._pool_size)
+        return (pooled.flatten(2) * self.dct_filter.to(pooled.dtype)).sum(dim=2)
 
     def channel_gate(self, x: torch.Tensor) -> torch.Tensor:
         """The gate s as a (B, C, 1, ..., 1) tensor."""

@@ -16,9 +16,10 @@ import torch
 from monai.networks.layers.factories import Conv
 from torch import nn
 
-from medse.attention._base import check_channels, reduced_channels
+from medse.attention._base import check_channels, reduced_channels, scriptable
 
 
+@scriptable
 class ProjectExcite(nn.Module):
     """Project & Excite (Rickmann et al., MICCAI 2019), a full (C x D x H x W) gate for volumes.
 
@@ -31,6 +32,8 @@ class ProjectExcite(nn.Module):
         reduction: reduction ratio r. Defaults to 2 (authors' code).
         record_gate: store the gate (B, C, D, H, W), detached, in ``self.last_gate``. Defaults to False.
     """
+
+    last_gate: torch.Tensor | None
 
     def __init__(self, spatial_dims: int, in_channels: int, *, reduction: float = 2, record_gate: bool = False) -> None:
         super().__init__()

@@ -19,13 +19,14 @@ import torch
 from monai.networks.layers.factories import Conv
 from torch import nn
 
-from medse.attention._base import ConcatOutput, check_channels, check_spatial_dims
+from medse.attention._base import ConcatOutput, check_channels, check_spatial_dims, eager_only, scriptable
 from medse.attention.kernels import fast_path_applies, scse_attention, spatial_attention
 from medse.attention.kernels.spatial import AGGREGATIONS
 from medse.attention.se import ChannelSE
 from medse.utils.errors import unknown_option_error
 
 
+@scriptable
 class SpatialSE(ConcatOutput, nn.Module):
     """Spatial squeeze-and-excitation, sSE (Roy et al., MICCAI 2018).
 
@@ -42,6 +43,8 @@ class SpatialSE(ConcatOutput, nn.Module):
             Defaults to True.
     """
 
+    last_gate: torch.Tensor | None
+
     def __init__(self, spatial_dims: int, in_channels: int, *, record_gate: bool = False, fused: bool = True) -> None:
         super().__init__()
         self.spatial_dims = check_spatial_dims("SpatialSE", spatial_dims, (1, 2, 3))
@@ -55,18 +58,20 @@ class SpatialSE(ConcatOutput, nn.Module):
         """The gate q as a (B, 1, *spatial) tensor."""
         return torch.sigmoid(self.conv(x))
 
+    @eager_only
     def takes_fast_path(self, x: torch.Tensor) -> bool:
         """Whether ``forward(x)`` runs the fused kernel."""
         return self.fused and fast_path_applies(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.takes_fast_path(x):
+        if not torch.jit.is_scripting() and self.takes_fast_path(x):
             return self._fused(x, None)
         q = self.spatial_gate(x)
         if self.record_gate:
             self.last_gate = q.detach()
         return x * q
 
+    @eager_only
     def _fused(self, x: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
         y, q = spatial_attention(x, self.conv.weight, self.conv.bias, skip=skip)
         if self.record_gate:
@@ -81,6 +86,7 @@ class SpatialSE(ConcatOutput, nn.Module):
         return f"spatial_dims={self.spatial_dims}, in_channels={self.in_channels}"
 
 
+@scriptable
 class SCSE(ConcatOutput, nn.Module):
     """Concurrent spatial and channel squeeze-and-excitation, scSE (Roy et al., MICCAI 2018 / TMI 2019).
 
@@ -100,6 +106,8 @@ class SCSE(ConcatOutput, nn.Module):
         fused: use the fused kernel (:func:`medse.attention.kernels.scse_attention`; same numbers).
             Defaults to True.
     """
+
+    last_gate: torch.Tensor | None
 
     def __init__(
         self,
@@ -124,12 +132,13 @@ class SCSE(ConcatOutput, nn.Module):
         self.fused = bool(fused)
         self.last_gate: torch.Tensor | None = None
 
+    @eager_only
     def takes_fast_path(self, x: torch.Tensor) -> bool:
         """Whether ``forward(x)`` runs the fused kernel."""
         return self.fused and fast_path_applies(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.takes_fast_path(x):
+        if not torch.jit.is_scripting() and self.takes_fast_path(x):
             return self._fused(x, None)
         c = self.cse.channel_gate(x)
         q = self.sse.spatial_gate(x)
@@ -141,6 +150,7 @@ class SCSE(ConcatOutput, nn.Module):
             return x * c + x * q
         return x * c * q
 
+    @eager_only
     def _fused(self, x: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
         y, q = scse_attention(
             x, self.cse.excite, tuple(self.cse.parameters()), self.sse.conv.weight, self.sse.conv.bias,

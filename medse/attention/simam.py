@@ -14,10 +14,11 @@ import math
 import torch
 from torch import nn
 
-from medse.attention._base import check_channels, check_spatial_dims, spatial_axes
+from medse.attention._base import check_channels, check_spatial_dims, eager_only, scriptable, spatial_axes
 from medse.attention.kernels import fast_path_applies, simam_attention
 
 
+@scriptable
 class SimAM(nn.Module):
     """SimAM (Yang et al., ICML 2021): a full 3D (C x space) gate from an energy function, no parameters.
 
@@ -38,6 +39,8 @@ class SimAM(nn.Module):
             and float64 inputs without ``record_gate`` (half types: the plain code, energy in float32). Defaults
             to True.
     """
+
+    last_gate: torch.Tensor | None
 
     def __init__(
         self,
@@ -62,11 +65,15 @@ class SimAM(nn.Module):
         """The gate sigmoid(e) in float32 (float64 for float64 inputs), shape of x."""
         axes = spatial_axes(x)
         xf = x if x.dtype == torch.float64 else x.float()
-        n = max(math.prod(x.shape[2:]) - 1, 1)
+        positions = 1
+        for size in x.shape[2:]:
+            positions = positions * size
+        n = max(positions - 1, 1)
         d = (xf - xf.mean(dim=axes, keepdim=True)).pow(2)
         e = d / (4 * (d.sum(dim=axes, keepdim=True) / n + self.e_lambda)) + 0.5
         return torch.sigmoid(e)
 
+    @eager_only
     def takes_fast_path(self, x: torch.Tensor) -> bool:
         """Whether ``forward(x)`` runs the fused kernel."""
         return (
@@ -77,7 +84,7 @@ class SimAM(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.takes_fast_path(x):
+        if not torch.jit.is_scripting() and self.takes_fast_path(x):
             return simam_attention(x, self.e_lambda)
         g = self.gate(x)
         if self.record_gate:

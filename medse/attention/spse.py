@@ -15,16 +15,36 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.networks.layers.factories import Conv, Pool
+from monai.networks.layers.factories import Conv
 from torch import nn
 
-from medse.attention._base import channel_view, check_channels, check_spatial_dims, reduced_channels
+from medse.attention._base import adaptive_avg_pool, channel_view, check_channels, check_spatial_dims, reduced_channels
+
+
+class AdaptiveAvgPool(nn.Module):
+    """Adaptive average pooling to ``size`` cells along each of ``spatial_dims`` axes
+    (:func:`medse.attention._base.adaptive_avg_pool`: PyTorch's pooling in eager code, exportable operators under
+    a graph capture). No parameters or buffers: checkpoints are those of ``nn.AdaptiveAvgPool{1,2,3}d``."""
+
+    def __init__(self, size: int, spatial_dims: int) -> None:
+        super().__init__()
+        self.output_size = [int(size)] * spatial_dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return adaptive_avg_pool(x, self.output_size)
+
+    def extra_macs(self, input_shape: tuple[int, ...]) -> int:
+        """One add per input element, as :func:`medse.utils.complexity.count_ops` counts PyTorch's pools."""
+        return math.prod(input_shape)
+
+    def extra_repr(self) -> str:
+        return f"output_size={tuple(self.output_size)}"
 
 
 class SPSE(nn.Module):
     """Spatial-pyramid SE (Jin et al., Pattern Recognition 2022), 1D, 2D and 3D.
 
-    Layers (parameter names): ``pools`` (adaptive average pools), ``fuse`` (``ModuleList`` of depthwise convs,
+    Layers (parameter names): ``pools`` (adaptive average pools, :class:`AdaptiveAvgPool`), ``fuse`` (``ModuleList`` of depthwise convs,
     one per level, kernel = level in every spatial axis), ``bn`` (``BatchNorm1d(C)``), ``fc1``, ``fc2``.
     Learnable parameters: ``C * sum_l (l**d + 1) + 2C + 2*C*(C//r) + C//r + C``; in 2D with levels (1, 2, 4) this
     is the paper's ``2C*(C//16) + C//16 + 27C``.
@@ -54,9 +74,8 @@ class SPSE(nn.Module):
         self.reduction = reduction
         hidden = reduced_channels("SPSE", self.in_channels, reduction)
         c = self.in_channels
-        pool = Pool[Pool.ADAPTIVEAVG, self.spatial_dims]
         conv = Conv[Conv.CONV, self.spatial_dims]
-        self.pools = nn.ModuleList([pool(level) for level in levels])
+        self.pools = nn.ModuleList([AdaptiveAvgPool(level, self.spatial_dims) for level in levels])
         self.fuse = nn.ModuleList([conv(c, c, kernel_size=level, groups=c, bias=True) for level in levels])
         self.bn = nn.BatchNorm1d(c)
         self.act = nn.ReLU(inplace=True)
@@ -64,15 +83,19 @@ class SPSE(nn.Module):
         self.fc2 = nn.Linear(hidden, c, bias=True)
 
     def _bn(self, z: torch.Tensor) -> torch.Tensor:
-        if self.training and z.shape[0] == 1 and self.bn.running_mean is not None:
-            bn = self.bn
-            return F.batch_norm(z, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        mean, var = self.bn.running_mean, self.bn.running_var
+        if self.training and z.shape[0] == 1 and mean is not None and var is not None:
+            return F.batch_norm(z, mean, var, self.bn.weight, self.bn.bias, False, 0.0, self.bn.eps)
         return self.bn(z)
 
     def channel_gate(self, x: torch.Tensor) -> torch.Tensor:
         """The gate s as a (B, C, 1, ..., 1) tensor."""
-        b, c = x.shape[:2]
-        z = sum(f(p(x)).reshape(b, c) for p, f in zip(self.pools, self.fuse, strict=True))
+        b, c = x.shape[0], x.shape[1]
+        pooled = [p(x) for p in self.pools]
+        z = torch.zeros(0)  # replaced by the first level (TorchScript needs the variable typed before the loop)
+        for i, f in enumerate(self.fuse):
+            zi = f(pooled[i]).reshape(b, c)
+            z = zi if i == 0 else z + zi
         z = self.act(self._bn(z))
         s = torch.sigmoid(self.fc2(self.act(self.fc1(z))))
         return channel_view(s, self.spatial_dims)

@@ -379,6 +379,16 @@ class UnpoolingEncoderDecoder(PadCropMixin, nn.Module):
         """Applied after every encoder and decoder block's attention (QuickNAT: channel dropout)."""
         return x
 
+    def _unpool(self, x: torch.Tensor, indices: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """Max-unpool ``x`` to the skip's size. Under ``torch.jit.trace`` the same scatter written out: MaxUnpool's
+        size checks fail on the traced sizes (``cond must be a bool, but got a Tensor``), and an ``output_size``
+        read there would freeze the traced size into the graph. Every encoder block has ``num_filters`` maps, so
+        the output has the skip's shape."""
+        if not torch.jit.is_tracing():
+            return self.unpool(x, indices, output_size=skip.shape[2:])
+        flat = torch.zeros_like(skip).flatten(2).scatter(2, indices.flatten(2), x.flatten(2))
+        return flat.view_as(skip)
+
     def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
         skips: list[torch.Tensor] = []
         indices: list[torch.Tensor] = []
@@ -390,7 +400,7 @@ class UnpoolingEncoderDecoder(PadCropMixin, nn.Module):
         x = self.bottleneck_attention(self.bottleneck(x))
         for i, (dec, att) in enumerate(zip(self.decoders, self.decoder_attention, strict=True)):
             skip = skips[-1 - i]
-            x = self.unpool(x, indices[-1 - i], output_size=skip.shape[2:])
+            x = self._unpool(x, indices[-1 - i], skip)
             x = self._after_block(att(dec(torch.cat([skip, x], dim=1))))
         return self.classifier(x)
 
@@ -604,8 +614,10 @@ class AttentionPlan:
         site = position if stage is None else f"{position}.{stage}"
         block = self.block_for(position, stage)
         self.sites[site] = block
-        return make_attention(block, self.spatial_dims, channels, self._kwargs_for(block),
-                              f"{self.owner} {where}")
+        module = make_attention(block, self.spatial_dims, channels, self._kwargs_for(block), f"{self.owner} {where}")
+        if module is not None:
+            module._medse_site = site  # the position name ("encoder.0", "bottleneck") medse explain shows
+        return module
 
     def __call__(self, position: str, channels: int, where: str, stage: int | None = None) -> nn.Module:
         m = self.make(position, channels, where, stage)

@@ -32,7 +32,7 @@ module                     functional form                                     b
 :mod:`.coord`              ``coord_attention(x, strip_fn, params)``            ``ca``
 =========================  ==================================================  ===============================
 
-:mod:`.core` holds what they share: :func:`~.core.fast_path_applies` (the size/dtype/compiling test every block
+:mod:`.core` holds what they share: :func:`~.core.fast_path_applies` (the size/dtype/capture test every block
 asks first), the thresholds ``MIN_ELEMENTS``, ``CHUNK_ELEMENTS``, ``SCRATCH_ELEMENTS``, ``COMPILE_MIN_ELEMENTS``,
 and the backend switch. The gate sub-networks are passed in as callables, so a block with another activation or gate network
 (or a user block of the same family) reuses the kernel unchanged.
@@ -40,6 +40,14 @@ and the backend switch. The gate sub-networks are passed in as callables, so a b
 ``channel_attention``, ``spatial_attention`` and ``scse_attention`` take ``skip=``: they then return
 ``torch.cat([skip, y], 1)``, written once, and save that instead of y (:func:`~.core.output_buffer`; the blocks'
 ``forward_cat``), for a block whose output a network concatenates with a skip connection.
+
+Graph captures: the blocks run these kernels only in eager execution. Under ``torch.compile``, ``torch.export``,
+ONNX export of either kind, ``torch.jit.trace`` and ``torch.func`` transforms (:func:`~.core.capturing`, asked by
+:func:`~.core.fast_path_applies`) they record their plain formula instead, and ``torch.jit.script`` compiles only
+the plain formula (:mod:`medse.attention._base`). Stepping aside was chosen over custom ops with export rules: the
+plain formula has the same numbers and every exporter knows its operators, while the kernels' ``out=`` writes
+into preallocated buffers are invisible to a trace (the legacy ONNX exporter wrote graphs that ignored their
+input) and their loops over cache blocks freeze the traced sizes.
 
 Double backward (gradients of gradients) is not supported by the fused paths (``once_differentiable``); use
 ``fused=False`` for that. NOTE: not in any paper: these are implementation details with identical numbers.

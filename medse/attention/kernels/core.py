@@ -50,11 +50,43 @@ _compiled: dict[str, Callable] = {}
 _compile_failed: bool = False
 
 
+def capturing(x: Tensor | None = None) -> bool:
+    """Whether the current call is being recorded into a graph rather than just run: ``torch.compile``,
+    ``torch.export`` and the dynamo ONNX exporter (``torch.compiler.is_compiling()``), ``torch.jit.trace`` and the
+    legacy ONNX exporter (``torch.jit.is_tracing()``, ``torch.onnx.is_in_onnx_export()``), ``torch.func``
+    transforms (a functorch level is active) or an input that is not a plain tensor (an FX proxy, a fake or
+    functional tensor).
+
+    The fused kernels must then step aside: their ``out=`` writes into preallocated buffers are side effects a
+    trace does not connect to the output (the legacy ONNX exporter wrote a graph without inputs), their Python
+    loops over cache blocks freeze the traced shape, and their ``autograd.Function`` has no ``setup_context`` for
+    ``torch.func``. The plain formulas compute the same numbers with operators every capture understands.
+    ``torch.jit.script`` never reaches this test: the blocks guard their fast path with
+    ``torch.jit.is_scripting()``, which TorchScript resolves at compile time.
+    """
+    if torch.compiler.is_compiling():  # first: the checks below would break dynamo's graph
+        return True
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return True
+    if torch._C._functorch.maybe_current_level() is not None:  # inside torch.func.grad / vmap / jacrev ...
+        return True
+    if x is None:
+        return False
+    if not isinstance(x, Tensor):  # an FX Proxy (torch.fx.symbolic_trace)
+        return True
+    return bool(
+        torch._C._functorch.is_functorch_wrapped_tensor(x)
+        or torch._is_functional_tensor(x)
+        or torch._subclasses.fake_tensor.is_fake(x)
+    )
+
+
 def fast_path_applies(x: Tensor) -> bool:
     """Whether a block should run its fused kernel on ``x``: a floating-point (B, C, *spatial) tensor of at least
-    :data:`MIN_ELEMENTS` elements, outside ``torch.compile`` (under a compiled model the plain formula is traced
-    and fused by the compiler itself)."""
-    if torch.compiler.is_compiling():
+    :data:`MIN_ELEMENTS` elements, outside any graph capture (:func:`capturing`: ``torch.compile``, ``torch.export``,
+    ONNX export, ``torch.jit.trace``, ``torch.func``). Under a capture the plain formula is recorded instead
+    (a compiler fuses it itself; an exported graph stays valid at every batch and spatial size)."""
+    if capturing(x):
         return False
     return x.is_floating_point() and x.ndim >= 3 and x.numel() >= max(MIN_ELEMENTS, 1)
 
