@@ -52,6 +52,11 @@ BLOCKS: list[tuple[str, str, dict]] = [
     ("eca", "eca", {}),
     ("simam", "simam", {}),
     ("ca", "ca", {}),
+    # blocks since 2021 (issue 25): plain PyTorch only, so "fused" runs the same code as "plain"
+    ("grn", "grn", {}),
+    ("cbam", "cbam", {}),
+    ("ela", "ela", {}),
+    ("ema", "ema", {}),
 ]
 
 

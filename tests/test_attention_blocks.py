@@ -41,6 +41,12 @@ def test_shape_dtype_finite(name: str, d: int) -> None:
     if name == "none":
         assert isinstance(block, torch.nn.Identity)
         assert torch.equal(y, x)
+    elif getattr(block, "identity_at_init", False):  # GRN: gamma = beta = 0 at construction (the authors')
+        assert torch.equal(y, x)
+        with torch.no_grad():
+            for p in block.parameters():
+                p.add_(0.5)
+        assert not torch.allclose(block(x), x), "trained parameters must change the input"
     else:
         assert not torch.allclose(y, x), "a gate in (0, 1) must change the input"
 

@@ -121,7 +121,8 @@ def test_decorator_metadata_matches_the_builtins() -> None:
     """The built-ins go through the same decorator: fused / spatial_gate come from the signature."""
     infos = list_attention()
     assert {n for n, i in infos.items() if i.fused} == {"se", "cse", "sse", "scse", "scse_smp", "eca", "ca", "simam"}
-    assert {n for n, i in infos.items() if i.spatial_gate} == {"sse", "scse", "scse_smp", "ca", "simam", "pe"}
+    assert {n for n, i in infos.items() if i.spatial_gate} == {"sse", "scse", "scse_smp", "ca", "simam", "pe", "cbam",
+                                                               "cbam_spatial", "ela", "ema"}
     assert infos["scse"].cls is infos["scse_smp"].cls  # one class, two names
 
 

@@ -12,8 +12,9 @@ from medse.attention import AttentionInfo, create_attention, list_attention, min
 from medse.attention.kernels import core as kernels_core
 from medse.attention.se import ChannelSE
 
-REQUIRED = {"none", "se", "cse", "sse", "scse", "scse_smp", "eca", "fca", "ca", "simam", "spse", "pe"}
-GATED = {"sse", "scse", "scse_smp", "ca", "simam", "pe"}
+REQUIRED = {"none", "se", "cse", "sse", "scse", "scse_smp", "eca", "fca", "ca", "simam", "spse", "pe", "grn", "cbam",
+            "cbam_channel", "cbam_spatial", "ela", "ema"}
+GATED = {"sse", "scse", "scse_smp", "ca", "simam", "pe", "cbam", "cbam_spatial", "ela", "ema"}
 FUSED = {"scse", "scse_smp", "sse", "se", "cse", "simam", "ca", "eca"}
 
 
@@ -26,7 +27,7 @@ def test_registered_names_and_metadata() -> None:
         assert isinstance(info.defaults, dict) and isinstance(info.extension, str)
         if name != "none":
             assert info.paper and info.year >= 2018 and info.params_formula
-            assert (name == "spse") or info.repo.startswith("https://github.com/")
+            assert name in ("spse", "ela") or info.repo.startswith("https://github.com/")  # no official code
     assert {n for n, i in infos.items() if i.spatial_gate} == GATED
     assert infos["pe"].spatial_dims == (3,)
     assert infos["fca"].extension and infos["ca"].extension  # 3D extensions are declared

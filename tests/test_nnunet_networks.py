@@ -205,3 +205,153 @@ def test_dna_squeeze_excite_is_not_a_channel_gate_on_5d() -> None:
     assert spread_dna > 1e-3  # DNA: the gate changes along W inside a channel
     # along D and H it is constant (it did average those), along W not
     assert (gate_dna.amax(dim=(2, 3)) - gate_dna.amin(dim=(2, 3))).max() < 1e-5
+
+
+# ------------------------------------------------------------------------------ residual position (ResEnc only)
+def _resenc_kwargs(dims: int, features: list[int]) -> dict:
+    kw = _kwargs("resenc", dims)
+    kw["features_per_stage"] = features
+    return kw
+
+
+def _residual_blocks(net: nn.Module) -> list[nn.Module]:
+    from dynamic_network_architectures.building_blocks.residual import BasicBlockD
+
+    return [m for m in net.encoder.stages.modules() if isinstance(m, BasicBlockD)]
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_residual_position_is_dna_squeeze_excitation_slot_and_squeezes_every_axis(dims: int) -> None:
+    """``residual`` puts the block where dynamic-network-architectures' ``BasicBlockD(squeeze_excitation=True)``
+    puts its SqueezeExcite: same state-dict keys. In 2D both SEs are the same function (equal outputs); in 3D
+    DNA's averages over D and H only, medse's over every axis (its gate is constant over the volume)."""
+    from dynamic_network_architectures.building_blocks.regularization import SqueezeExcite
+
+    features = [16, 32, 64]  # DNA rounds its hidden width to a multiple of 8: C/2 matches medse's reduction 2
+    kw = _resenc_kwargs(dims, features)
+    torch.manual_seed(0)
+    ours = AttentionResidualEncoderUNet(**kw, attention="se", attention_positions=["residual"],
+                                        attention_kwargs={"reduction": 2}).eval()
+    torch.manual_seed(0)
+    ref = dna_unet.ResidualEncoderUNet(**kw).eval()
+    for blk in _residual_blocks(ref):  # what BasicBlockD(squeeze_excitation=True, ratio 1/2) builds
+        blk.squeeze_excitation = SqueezeExcite(blk.output_channels, kw["conv_op"], rd_ratio=1 / 2, rd_divisor=8)
+        blk.apply_se = True
+    sd_o, sd_r = ours.state_dict(), ref.state_dict()
+    assert list(sd_o) == list(sd_r)  # the same keys, in the same order
+    se_keys = [k for k in sd_o if k.startswith("encoder.") and k.endswith(".squeeze_excitation.fc1.weight")]
+    assert len(se_keys) == sum(kw["n_blocks_per_stage"])  # (the decoder's reference to the encoder repeats them)
+    ref.load_state_dict({k: v.reshape(sd_r[k].shape) for k, v in sd_o.items()})
+    mods = attention_modules(ours)
+    assert len(mods) == sum(kw["n_blocks_per_stage"]) and all(type(m).__name__ == "SqueezeExcitation" for m in mods)
+    assert [m.in_channels for m in mods] == [16, 32, 32, 64, 64]
+    ratios: list[torch.Tensor] = []
+    for m in mods:
+        m.register_forward_hook(lambda mod, i, o: ratios.append(o / i[0]))
+    x = _x(dims)
+    with torch.no_grad():
+        yo, yr = ours(x), ref(x)
+    assert len(ratios) == len(mods)
+    for r in ratios:  # one gate value per channel over the whole map (2D and 3D)
+        flat = r.flatten(2)
+        torch.testing.assert_close(flat, flat[..., :1].expand_as(flat), rtol=1e-5, atol=1e-6)
+    if dims == 2:
+        for a, b in zip(yo, yr, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    else:
+        assert not torch.allclose(yo[0], yr[0], atol=1e-4)  # DNA's 3D "channel" gate varies along W
+
+
+def test_residual_position_choice_estimate_init_and_errors() -> None:
+    n_blocks = _kwargs("resenc", 3)["n_blocks_per_stage"]
+    both = _build("resenc", 3, attention={"residual": "cbam", "decoder": "ema"},
+                  attention_kwargs={"residual": {"reduction": 4}})
+    assert both.attention == {"decoder": "ema", "residual": "cbam"}
+    assert len(attention_modules(both)) == sum(n_blocks) + len(FEATURES) - 1
+    assert isinstance(both.bottleneck_attention, nn.Identity)
+    assert not _build("resenc", 3, attention="se", attention_kwargs={"reduction": 4}).attention.get("residual")
+    out = both(_x(3))
+    assert out[0].shape == (2, 3, SIZE, SIZE, SIZE)
+    sum(o.mean() for o in out).backward()
+    assert all(p.grad is not None for m in attention_modules(both) for p in m.parameters())
+
+    # nnU-Net's initialisation: residual blocks' last norm zeroed, the attention blocks left alone
+    torch.manual_seed(0)
+    net = AttentionResidualEncoderUNet(**_kwargs("resenc", 3), attention="grn", attention_positions="residual")
+    for m in attention_modules(net):
+        with torch.no_grad():
+            m.gamma.fill_(0.5)
+    net.apply(net.initialize)
+    blocks = _residual_blocks(net)
+    assert all(torch.all(b.conv2.norm.weight == 0) for b in blocks)
+    assert all(torch.all(b.squeeze_excitation.gamma == 0.5) for b in blocks)
+
+    # the estimate adds one output map per residual block at its stage's resolution
+    base = _build("resenc", 3, attention="none")
+    se = _build("resenc", 3, attention="cse", attention_positions=["residual"])
+    size = (SIZE,) * 3
+    extra = se.compute_conv_feature_map_size(size) - base.compute_conv_feature_map_size(size)
+    assert extra == sum(n * c * r**3 for n, c, r in zip(n_blocks, FEATURES, [SIZE, SIZE // 2, SIZE // 4], strict=True))
+    # nnU-Net weights load, only the residual attention keys missing
+    missing, unexpected = se.load_state_dict(base.state_dict(), strict=False)
+    assert not unexpected and missing and all(".squeeze_excitation." in k for k in missing)
+
+    with pytest.raises(ValueError, match="Unknown attention position for AttentionPlainConvUNet 'residual'"):
+        _build("plain", 3, attention="cse", attention_positions=["residual"])
+    with pytest.raises(ValueError, match="residual block 0 of encoder stage 0 \\(8 channels\\)"):
+        _build("resenc", 3, attention="se", attention_positions=["residual"])
+
+
+def _write_plans(root, network: str) -> None:
+    import json
+
+    folder = root / "Dataset503_Res"
+    folder.mkdir(parents=True)
+    kw = _kwargs("resenc" if network == "ResidualEncoderUNet" else "plain", 3, deep_supervision=False)
+    for key in ("conv_op", "norm_op", "nonlin"):
+        kw[key] = f"{kw[key].__module__}.{kw[key].__name__}"
+    for key in ("input_channels", "num_classes", "deep_supervision"):
+        kw.pop(key)
+    plans = {"dataset_name": "Dataset503_Res", "plans_name": "P", "configurations": {"3d_fullres": {
+        "data_identifier": "d", "patch_size": [SIZE] * 3,
+        "architecture": {"network_class_name": f"dynamic_network_architectures.architectures.unet.{network}",
+                         "arch_kwargs": kw, "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}}}}
+    (folder / "P.json").write_text(json.dumps(plans))
+
+
+def test_cli_plans_residual_position(tmp_path, capsys) -> None:
+    import json
+
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    from medse.cli import main
+
+    _write_plans(tmp_path / "res", "ResidualEncoderUNet")
+    assert main(["nnunet", "plans", "503", "-a", "cse,residual=cbam/decoder=cse", "--positions", "residual", "-p", "P",
+                 "--reduction", "4", "--preprocessed", str(tmp_path / "res")]) == 0
+    folder = tmp_path / "res" / "Dataset503_Res"
+    arch = json.loads((folder / "P_medse_cse.json").read_text())["configurations"]["3d_fullres"]["architecture"]
+    assert arch["arch_kwargs"]["attention_positions"] == ["residual"]
+    net = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"], 2, 3,
+                                 deep_supervision=False)
+    assert type(net).__name__ == "AttentionResidualEncoderUNet"
+    assert [type(b.squeeze_excitation).__name__ for b in _residual_blocks(net)] == ["ChannelSE"] * 5
+    assert net(_x(3)).shape == (2, 3, SIZE, SIZE, SIZE)
+    # --positions filters the per-position dict too; without it the dict's own positions are written
+    assert main(["nnunet", "plans", "503", "-a", "residual=cbam/decoder=cse", "-p", "P", "--reduction", "4",
+                 "--preprocessed", str(tmp_path / "res")]) == 0
+    kw = json.loads((folder / "P_medse_dec-cse_res-cbam.json").read_text())[
+        "configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    assert kw["attention_positions"] == ["decoder", "residual"]
+    capsys.readouterr()
+    # options are checked against every block before anything is written (ela takes no reduction)
+    assert main(["nnunet", "plans", "503", "-a", "residual=ela", "-p", "P", "--reduction", "4",
+                 "--preprocessed", str(tmp_path / "res")]) == 2
+    assert "unknown argument 'reduction'" in capsys.readouterr().err
+
+    _write_plans(tmp_path / "plain", "PlainConvUNet")
+    assert main(["nnunet", "plans", "503", "-a", "se", "--positions", "residual", "-p", "P",
+                 "--preprocessed", str(tmp_path / "plain")]) == 2
+    err = capsys.readouterr().err
+    assert "position 'residual' needs residual blocks" in err and "PlainConvUNet" in err
+    assert not list((tmp_path / "plain" / "Dataset503_Res").glob("P_medse_*"))

@@ -26,9 +26,13 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from medse.attention.cbam import CBAM, CBAMChannelGate, CBAMSpatialGate
 from medse.attention.coord import CoordAttention
 from medse.attention.eca import ECA, eca_kernel_size
+from medse.attention.ela import EfficientLocalAttention, group_count
+from medse.attention.ema import EfficientMultiScaleAttention
 from medse.attention.fca import FcaAttention, freq_indices
+from medse.attention.grn import GlobalResponseNorm
 from medse.attention.pe import ProjectExcite
 from medse.attention.scse import SCSE, SpatialSE
 from medse.attention.se import ChannelSE, SqueezeExcitation
@@ -400,6 +404,126 @@ register_attention(
     spatial_gate=True,
     params_fn=lambda c, d, reduction=2, **kw: _se_params(c, d, reduction),
 )(ProjectExcite)
+
+
+# --- blocks since 2021 (REFERENCE.md "Blocks since 2021") ---------------------------------------------------
+
+
+def _cbam_spatial_params(c: int, d: int, kernel_size: int = 7, **_: Any) -> int:
+    return 2 * kernel_size**d + 2
+
+
+def _ela_params(c: int, d: int, kernel_size: int = 7, groups: int | None = None, **_: Any) -> int:
+    return c * (c // (groups or c)) * kernel_size + 2 * c
+
+
+def _ela_rule(groups: int | None = None, **_: Any) -> tuple[int, int]:
+    """ELA: any width (GroupNorm groups adapt), a multiple of the convolution's groups when they are given."""
+    return 1, (groups or 1)
+
+
+def _ema_params(c: int, d: int, factor: int = 32, **_: Any) -> int:
+    cg = c // group_count(factor, c)
+    return cg * cg * (1 + 3**d) + 4 * cg
+
+
+_WOO_CBAM = "Woo, Park, Lee, Kweon. CBAM: Convolutional Block Attention Module. ECCV 2018 (arXiv:1807.06521)"
+_CBAM_REPO = "https://github.com/Jongchan/attention-module"
+_CBAM_3D = ("1D and 3D: pools over all spatial axes and a k^d spatial convolution (7x7x7 in 3D, as requested on "
+            "the authors' repository, issue #46 / PR #53).")
+
+register_attention(
+    "grn",
+    paper="Woo, Debnath, Hu, Chen, Liu, Kweon, Xie. ConvNeXt V2: Co-designing and Scaling ConvNets with Masked "
+    "Autoencoders. CVPR 2023 (arXiv:2301.00808)",
+    year=2023,
+    repo="https://github.com/facebookresearch/ConvNeXt-V2",
+    params_formula="2C",
+    spatial_dims=(1, 2, 3),
+    defaults={"eps": 1e-6},
+    extension="1D (ConvNeXt V2 is 2D; 3D is MONAI's MedNeXt global_resp_norm, which medse equals).",
+    departures=(
+        "Channels-first (B, C, *spatial) where the authors' GRN is channels-last (same numbers); the norm is "
+        "accumulated in float32 for half-precision inputs. gamma = beta = 0 at construction, as the authors': the "
+        "block starts as the identity."
+    ),
+    params_fn=lambda c, d, **_: 2 * c,
+)(GlobalResponseNorm)
+register_attention(
+    "cbam",
+    paper=_WOO_CBAM,
+    year=2018,
+    repo=_CBAM_REPO,
+    params_formula="2*C*(C//r) + C//r + C + 2*k^d + 2, r=16, k=7",
+    spatial_dims=(1, 2, 3),
+    defaults={"reduction": 16, "pool_types": ("avg", "max"), "kernel_size": 7},
+    extension=_CBAM_3D,
+    departures=(
+        "Training with one value per BatchNorm channel in the spatial gate (batch 1, one position) normalises "
+        "with the running statistics (BatchNorm is undefined there)."
+    ),
+    params_fn=lambda c, d, reduction=16, kernel_size=7, **_: _se_params(c, d, reduction)
+    + _cbam_spatial_params(c, d, kernel_size),
+)(CBAM)
+register_attention(
+    "cbam_channel",
+    paper=_WOO_CBAM + "; its channel attention (ChannelGate)",
+    year=2018,
+    repo=_CBAM_REPO,
+    params_formula="2*C*(C//r) + C//r + C, r=16",
+    spatial_dims=(1, 2, 3),
+    defaults={"reduction": 16, "pool_types": ("avg", "max")},
+    extension="1D and 3D: average and maximum over all spatial axes.",
+    params_fn=lambda c, d, reduction=16, **_: _se_params(c, d, reduction),
+)(CBAMChannelGate)
+register_attention(
+    "cbam_spatial",
+    paper=_WOO_CBAM + "; its spatial attention (SpatialGate)",
+    year=2018,
+    repo=_CBAM_REPO,
+    params_formula="2*k^d + 2, k=7",
+    spatial_dims=(1, 2, 3),
+    defaults={"kernel_size": 7},
+    extension=_CBAM_3D,
+    departures="As cbam's spatial gate (running statistics for a single value per BatchNorm channel in training).",
+    params_fn=_cbam_spatial_params,
+)(CBAMSpatialGate)
+register_attention(
+    "ela",
+    paper="Xu, Wan. ELA: Efficient Local Attention for Deep Convolutional Neural Networks. arXiv:2403.01123 (2024)",
+    year=2024,
+    repo="",
+    params_formula="C*(C/groups)*k + 2C; default (depthwise, k=7): 9C",
+    spatial_dims=(2, 3),
+    defaults={"kernel_size": 7, "groups": None, "gn_groups": 16},
+    extension="3D: one strip per axis (D, H, W) through the same 1D convolution and GroupNorm, three gates.",
+    departures=(
+        "No official code: the paper's equations and listing (kernel 7, depthwise, no bias, GroupNorm(16), "
+        "convolution and GroupNorm shared by the strips, statistics per strip). GroupNorm groups are "
+        "gcd(gn_groups, C) where C is not a multiple of gn_groups. timm's EfficientLocalAttn differs (one "
+        "convolution per axis, one GroupNorm group)."
+    ),
+    params_fn=_ela_params,
+    channel_rule=_ela_rule,
+)(EfficientLocalAttention)
+register_attention(
+    "ema",
+    paper="Ouyang, He, Zhang, Luo, Guo, Zhan, Huang. Efficient Multi-Scale Attention Module with Cross-Spatial "
+    "Learning. ICASSP 2023 (arXiv:2305.13563)",
+    year=2023,
+    repo="https://github.com/YOLOonMe/EMA-attention-module",
+    params_formula="c^2*(1 + 3^d) + 4c, c = C/G, G = gcd(32, C) groups",
+    spatial_dims=(2, 3),
+    defaults={"factor": 32},
+    extension="3D: strips along D, H, W through the shared 1x1x1 conv, three gates, 3x3x3 conv, softmax weighting "
+    "over all voxels.",
+    departures=(
+        "G = gcd(factor, C) groups, so any width works; for C a multiple of factor (32) this is the authors' "
+        "grouping (their code fails for other widths)."
+    ),
+    params_fn=_ema_params,
+    channel_rule=_free_rule,
+)(EfficientMultiScaleAttention)
 
 
 def list_attention() -> dict[str, AttentionInfo]:

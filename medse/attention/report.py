@@ -255,6 +255,8 @@ def blocks_markdown(channels: int = 64, size: int = 32) -> str:
         "(paper: 80).",
         "- cSE, r=2: equal to `monai.networks.blocks.ChannelSELayer(spatial_dims, C, r=2)` to 1e-6 with copied "
         "weights in 1D, 2D and 3D.",
+        f"- CBAM on ResNet-50, r=16, 7x7 spatial gate: +{resnet50_params('cbam'):,} parameters, "
+        f"{(RESNET50_PARAMS + resnet50_params('cbam')) / 1e6:.2f}M in all (paper: 28.09M).",
         "",
     ]
     return "\n".join(out)

@@ -8,12 +8,18 @@ nnU-Net's. The attention modules live beside them, in three module lists of the 
   path going deeper (position ``"encoder"``);
 - ``bottleneck_attention`` after the last encoder stage (position ``"bottleneck"``);
 - ``decoder_attention[s]`` after decoder stage ``s`` (lowest resolution first), before its segmentation
-  layer and the next stage (position ``"decoder"``).
+  layer and the next stage (position ``"decoder"``);
+- ``AttentionResidualEncoderUNet`` only: inside every residual block of the encoder, on the residual branch
+  before the addition (position ``"residual"``, SE-ResNet's placement). The block goes where
+  dynamic-network-architectures puts its own ``SqueezeExcite`` when ``squeeze_excitation=True``
+  (``BasicBlockD``/``BottleneckD.squeeze_excitation``, switched on with ``apply_se``), so its keys are
+  ``encoder.stages.<s>.blocks.<b>.squeeze_excitation.*``; unlike that ``SqueezeExcite``, which averages over two
+  of the three axes of a 5D tensor, medse's blocks squeeze over every spatial axis.
 
 Where a position has no attention the entry is ``nn.Identity()`` (no parameters), so with ``attention="none"``
-the state dict and the outputs equal nnU-Net's class built with the same seed. The attention keys have their
-own prefixes, so nnU-Net weights load into an attention network with ``strict=False`` (only attention keys
-missing). ``forward`` runs the parent's encoder and decoder modules in nnU-Net's order and reads
+the state dict and the outputs equal nnU-Net's class built with the same seed. The attention keys are extra keys
+(own prefixes, or ``squeeze_excitation`` inside the residual blocks), so nnU-Net weights load into an attention
+network with ``strict=False`` (only attention keys missing). ``forward`` runs the parent's encoder and decoder modules in nnU-Net's order and reads
 ``self.decoder.deep_supervision`` (nnU-Net's switch); ``compute_conv_feature_map_size`` is the parent's
 estimate plus the attention feature maps; ``initialize`` is nnU-Net's and leaves the attention blocks with
 their own initialisation.
@@ -31,29 +37,39 @@ import numpy as np
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
+from dynamic_network_architectures.building_blocks.residual import BasicBlockD, BottleneckD
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He, init_last_bn_before_add_to_0
 from torch import nn
 
 from medse.networks._common import POSITIONS, make_attention, normalize_positions
 from medse.utils.errors import unknown_option_error
 
-__all__ = ["AttentionPlainConvUNet", "AttentionResidualEncoderUNet", "attention_feature_map_size"]
+__all__ = ["AttentionPlainConvUNet", "AttentionResidualEncoderUNet", "attention_feature_map_size", "RESIDUAL"]
 
 AttentionSpec = str | dict[str, str]
 
+#: ``AttentionResidualEncoderUNet``'s extra position: inside each residual block, before the addition.
+RESIDUAL = "residual"
 
-def _attention_per_position(owner: str, attention: object, positions: object) -> dict[str, str]:
+
+def _attention_per_position(owner: str, attention: object, positions: object,
+                            offered: tuple[str, ...] = POSITIONS) -> dict[str, str]:
     """``{position: block name}`` for the positions that get a block (``"none"`` entries dropped).
 
     ``attention`` is one block name (or composition ``"a+b"``) for every position in ``positions``, or a dict
     ``{position: name}``; with a dict, positions missing from it get nothing and ``positions`` still filters.
+    ``positions=None``: the three after-stage positions for a name, every position the dict names for a dict.
+    ``offered``: the positions the network has (``POSITIONS``, plus ``"residual"`` for the residual encoder).
     """
-    allowed = normalize_positions(owner, positions)
+    if positions is None:
+        allowed = offered if isinstance(attention, dict) else POSITIONS
+    else:
+        allowed = normalize_positions(owner, positions, offered)
     if isinstance(attention, dict):
         for key in attention:
-            if key not in POSITIONS:
-                raise unknown_option_error(f"attention position for {owner}", str(key), POSITIONS)
-        chosen = {p: attention[p] for p in POSITIONS if p in attention and p in allowed}
+            if key not in offered:
+                raise unknown_option_error(f"attention position for {owner}", str(key), offered)
+        chosen = {p: attention[p] for p in offered if p in attention and p in allowed}
     elif isinstance(attention, str):
         chosen = {p: attention for p in allowed}
     else:
@@ -72,7 +88,7 @@ def _attention_per_position(owner: str, attention: object, positions: object) ->
 def _kwargs_for_position(kwargs: dict[str, Any] | None, position: str) -> dict[str, Any]:
     """Block options for one position: ``kwargs[position]`` if that is a dict, plus the shared options."""
     kwargs = dict(kwargs or {})
-    shared = {k: v for k, v in kwargs.items() if k not in POSITIONS}
+    shared = {k: v for k, v in kwargs.items() if k not in (*POSITIONS, RESIDUAL)}
     own = kwargs.get(position)
     if own is not None and not isinstance(own, dict):
         raise ValueError(f"attention_kwargs['{position}'] must be a dict of block options, got {own!r}.")
@@ -117,12 +133,12 @@ class _AttentionUNetMixin:
     spatial_dims: int
 
     def _add_attention(self, attention: object, attention_positions: object,
-                       attention_kwargs: dict[str, Any] | None) -> None:
+                       attention_kwargs: dict[str, Any] | None, offered: tuple[str, ...] = POSITIONS) -> None:
         owner = type(self).__name__
         if attention_kwargs is not None and not isinstance(attention_kwargs, dict):
             raise ValueError(f"{owner}: attention_kwargs must be a dict, got {attention_kwargs!r}.")
         self.spatial_dims = convert_conv_op_to_dim(self.encoder.conv_op)
-        self.attention = _attention_per_position(owner, attention, attention_positions)
+        self.attention = _attention_per_position(owner, attention, attention_positions, offered)
         self.attention_positions = tuple(self.attention)
         self.attention_kwargs = dict(attention_kwargs or {})
         channels = list(self.encoder.output_channels)
@@ -144,6 +160,18 @@ class _AttentionUNetMixin:
         self.bottleneck_attention = build("bottleneck", channels[-1], f"bottleneck (stage {n - 1})")
         self.decoder_attention = nn.ModuleList(build("decoder", channels[-(s + 2)], f"decoder stage {s}")
                                                for s in range(n - 1))
+        if RESIDUAL in self.attention:  # dynamic-network-architectures' own SE slot, switched on per block
+            for s, blocks in enumerate(self.residual_blocks()):
+                for b, blk in enumerate(blocks):
+                    blk.squeeze_excitation = build(RESIDUAL, blk.output_channels, f"residual block {b} of encoder "
+                                                   f"stage {s}")
+                    blk.apply_se = True
+
+    def residual_blocks(self) -> list[list[nn.Module]]:
+        """The residual blocks (``BasicBlockD``/``BottleneckD``) of each encoder stage; empty lists for plain
+        stages."""
+        return [[m for m in stage.modules() if isinstance(m, (BasicBlockD, BottleneckD))]
+                for stage in self.encoder.stages]
 
     def _attention_after_stage(self, s: int) -> nn.Module:
         return self.bottleneck_attention if s == len(self.encoder.stages) - 1 else self.encoder_attention[s]
@@ -189,6 +217,9 @@ class _AttentionUNetMixin:
         if "decoder" in self.attention:
             for s in range(n - 1):  # decoder stage s works at the resolution of encoder stage n - 2 - s
                 total += attention_feature_map_size(self.attention["decoder"], channels[-(s + 2)], sizes[-(s + 2)])
+        if RESIDUAL in self.attention:  # every residual block of stage s works at that stage's resolution
+            for s, blocks in enumerate(self.residual_blocks()):
+                total += len(blocks) * attention_feature_map_size(self.attention[RESIDUAL], channels[s], sizes[s])
         return total
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
@@ -209,7 +240,7 @@ class AttentionPlainConvUNet(_AttentionUNetMixin, PlainConvUNet):
             or a dict ``{"encoder": ..., "bottleneck": ..., "decoder": ...}`` choosing per position (missing
             positions get nothing). Defaults to ``"none"``.
         attention_positions: where to insert, a subset of ``("encoder", "bottleneck", "decoder")`` (names as
-            in ``medse.networks``). Defaults to all three.
+            in ``medse.networks``). Defaults to None: all three for a block name, the positions a dict names.
         attention_kwargs: block options for every block (e.g. ``{"reduction": 4}``); a key named after a
             position with a dict value applies to that position only. Defaults to ``None``.
 
@@ -223,7 +254,7 @@ class AttentionPlainConvUNet(_AttentionUNetMixin, PlainConvUNet):
                  norm_op_kwargs: dict | None = None, dropout_op: type[nn.Module] | None = None,
                  dropout_op_kwargs: dict | None = None, nonlin: type[nn.Module] | None = None,
                  nonlin_kwargs: dict | None = None, deep_supervision: bool = False, nonlin_first: bool = False,
-                 attention: AttentionSpec = "none", attention_positions: Sequence[str] | str | None = POSITIONS,
+                 attention: AttentionSpec = "none", attention_positions: Sequence[str] | str | None = None,
                  attention_kwargs: dict[str, Any] | None = None):
         super().__init__(input_channels, n_stages, features_per_stage, conv_op, kernel_sizes, strides,
                          n_conv_per_stage, num_classes, n_conv_per_stage_decoder, conv_bias, norm_op,
@@ -242,8 +273,12 @@ class AttentionPlainConvUNet(_AttentionUNetMixin, PlainConvUNet):
 class AttentionResidualEncoderUNet(_AttentionUNetMixin, ResidualEncoderUNet):
     """nnU-Net's ``ResidualEncoderUNet`` (ResEnc M/L/XL presets; 2D or 3D) with medse attention blocks.
 
-    Attention sits after each residual encoder stage (not after the stem) and each decoder stage. Arguments
-    as :class:`AttentionPlainConvUNet`, the others exactly ``ResidualEncoderUNet``'s.
+    Attention sits after each residual encoder stage (not after the stem) and each decoder stage, and, with the
+    position ``"residual"``, inside every residual block of the encoder before the addition (SE-ResNet's
+    placement; see the module docstring). ``"residual"`` is chosen explicitly (``attention_positions``
+    naming it, or a dict ``{"residual": ...}``); ``attention_positions=None`` with a block name means the three
+    after-stage positions. Arguments as :class:`AttentionPlainConvUNet`, the others exactly
+    ``ResidualEncoderUNet``'s.
     """
 
     def __init__(self, input_channels: int, n_stages: int, features_per_stage: Any, conv_op: type[nn.Module],
@@ -253,14 +288,14 @@ class AttentionResidualEncoderUNet(_AttentionUNetMixin, ResidualEncoderUNet):
                  dropout_op_kwargs: dict | None = None, nonlin: type[nn.Module] | None = None,
                  nonlin_kwargs: dict | None = None, deep_supervision: bool = False, block: Any = None,
                  bottleneck_channels: Any = None, stem_channels: int | None = None,
-                 attention: AttentionSpec = "none", attention_positions: Sequence[str] | str | None = POSITIONS,
+                 attention: AttentionSpec = "none", attention_positions: Sequence[str] | str | None = None,
                  attention_kwargs: dict[str, Any] | None = None):
         extra: dict[str, Any] = {} if block is None else {"block": block}
         super().__init__(input_channels, n_stages, features_per_stage, conv_op, kernel_sizes, strides,
                          n_blocks_per_stage, num_classes, n_conv_per_stage_decoder, conv_bias, norm_op,
                          norm_op_kwargs, dropout_op, dropout_op_kwargs, nonlin, nonlin_kwargs, deep_supervision,
                          bottleneck_channels=bottleneck_channels, stem_channels=stem_channels, **extra)
-        self._add_attention(attention, attention_positions, attention_kwargs)
+        self._add_attention(attention, attention_positions, attention_kwargs, (*POSITIONS, RESIDUAL))
 
     @staticmethod
     def initialize(module: nn.Module) -> None:

@@ -9,7 +9,8 @@
 - the ``architecture`` block of the chosen configurations, written in full (``inherits_from`` is a shallow
   update): ``network_class_name`` ``medse.integrations.nnunet.AttentionPlainConvUNet`` (for ``PlainConvUNet``)
   or ``...AttentionResidualEncoderUNet`` (for ``ResidualEncoderUNet``), the same ``arch_kwargs`` plus
-  ``attention``, ``attention_positions`` and ``attention_kwargs``;
+  ``attention``, ``attention_positions`` and ``attention_kwargs``; the position ``residual`` (ResEnc plans only)
+  puts the block inside every residual block of the encoder, before the addition (SE-ResNet's placement);
 - a top-level ``medse`` key recording the source plans, the block and the configurations changed (nnU-Net
   ignores it).
 
@@ -41,7 +42,10 @@ NETWORK_CLASSES: dict[str, str] = {
     "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet":
         "medse.integrations.nnunet.AttentionResidualEncoderUNet",
 }
-_POSITIONS = ("encoder", "bottleneck", "decoder")
+#: Where a block can go; ``residual`` (inside each residual block) only in ``ResidualEncoderUNet`` configurations.
+_POSITIONS = ("encoder", "bottleneck", "decoder", "residual")
+_STAGE_POSITIONS = _POSITIONS[:3]
+_RESIDUAL_NETWORK = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
 _DATASET_RE = re.compile(r"^Dataset(\d{3})_(.+)$")
 
 
@@ -124,7 +128,10 @@ def attention_tag(attention: str | dict[str, str]) -> str:
     return attention
 
 
-def _check_block(name: object, spatial_dims: int, min_width: int, where: str, path: Path) -> str:
+def _check_block(name: object, spatial_dims: int, min_width: int, where: str, path: Path,
+                 kwargs: dict[str, Any] | None = None) -> str:
+    """The block name, checked: registered, defined in this dimension, fits the narrowest stage with the options
+    shared by every position (``kwargs`` minus per-position dicts)."""
     from medse.attention import list_attention, min_channels
 
     blocks = list_attention()
@@ -142,7 +149,11 @@ def _check_block(name: object, spatial_dims: int, min_width: int, where: str, pa
         if spatial_dims not in blocks[part].spatial_dims:
             raise MedseError(f"{where}: block '{part}' supports {spatial_dims_text(blocks[part].spatial_dims)} "
                              f"only, the configuration is {spatial_dims}D", path)
-    need = min_channels(name)
+    shared = {k: v for k, v in (kwargs or {}).items() if k not in _POSITIONS}
+    try:
+        need = min_channels(name, **shared)
+    except ValueError as e:
+        raise MedseError(f"{where}: {e}", path) from None
     if need > min_width:
         raise MedseError(f"{where}: block '{name}' needs at least {need} channels, the narrowest stage has "
                          f"{min_width}", path)
@@ -177,7 +188,9 @@ def derive_plans(
         dataset: dataset id (``501``) or folder name (``Dataset501_Tiny``) under ``preprocessed``.
         attention: block names (``"scse"``, compositions ``"eca+ca"``) or per-position dicts
             (``{"encoder": "cse", "decoder": "scse"}``); one plans file each.
-        positions: where to insert (``encoder``, ``bottleneck``, ``decoder``). Defaults to all three.
+        positions: where to insert (``encoder``, ``bottleneck``, ``decoder``; ``residual``: inside every residual
+            block of a ResEnc encoder). Defaults to: the three after-stage positions for a block name, the
+            positions a per-position dict names.
         configurations: the configurations that get attention (others are copied unchanged).
             Defaults to ``("3d_fullres",)``.
         plans: the source plans identifier (``nnUNetPlans``, ``nnUNetResEncUNetMPlans``, ...). Defaults to
@@ -190,7 +203,8 @@ def derive_plans(
 
     Raises:
         MedseError: missing dataset or plans file, unknown block, position or configuration, a network class
-            medse cannot wrap, or a plans file that is itself derived by medse. Nothing is written then.
+            medse cannot wrap, ``residual`` for a configuration without residual blocks, or a plans file that is
+            itself derived by medse. Nothing is written then.
     """
     folder = find_dataset(dataset, preprocessed)
     did = dataset_id(folder)
@@ -207,10 +221,9 @@ def derive_plans(
         raise MedseError("is already a medse-derived plans file; derive from the original nnU-Net plans", src)
     if not attention:
         raise MedseError("no attention block given", src)
-    if positions is None:
-        positions = _POSITIONS
-    positions = [positions] if isinstance(positions, str) else list(positions)
-    for p in positions:
+    if positions is not None:
+        positions = [positions] if isinstance(positions, str) else list(positions)
+    for p in positions or []:
         if p not in _POSITIONS:
             raise MedseError(f"unknown attention position '{p}'.{did_you_mean(p, _POSITIONS)} "
                              f"Available: {', '.join(_POSITIONS)}", src)
@@ -234,27 +247,40 @@ def derive_plans(
 
     # check every block against every configuration before writing anything
     choices: list[str | dict[str, str]] = []
+    choice_positions: list[list[str]] = []
     for item in attention:
+        if positions is not None:
+            where_to = list(positions)
+        elif isinstance(item, dict):
+            where_to = [p for p in _POSITIONS if p in item]
+        else:
+            where_to = list(_STAGE_POSITIONS)
         for cfg, conf in resolved.items():
             arch = conf["architecture"]
             d = _spatial_dims(arch)
             widths = arch["arch_kwargs"].get("features_per_stage") or [1]
             widths = [widths] if isinstance(widths, int) else widths
             where = f"configuration '{cfg}'"
+            if "residual" in where_to and arch["network_class_name"] != _RESIDUAL_NETWORK:
+                raise MedseError(f"{where}: position 'residual' needs residual blocks (ResidualEncoderUNet, the "
+                                 f"ResEnc plans such as nnUNetResEncUNetMPlans); this configuration uses "
+                                 f"{arch['network_class_name'].rsplit('.', 1)[-1]}", src)
             if isinstance(item, dict):
                 for pos in item:
                     if pos not in _POSITIONS:
                         raise MedseError(f"unknown attention position '{pos}'.{did_you_mean(pos, _POSITIONS)} "
                                          f"Available: {', '.join(_POSITIONS)}", src)
                 checked: str | dict[str, str] = {
-                    pos: _check_block(item[pos], d, min(widths), where, src) for pos in _POSITIONS if pos in item
+                    pos: _check_block(item[pos], d, min(widths), where, src, attention_kwargs)
+                    for pos in _POSITIONS if pos in item
                 }
             else:
-                checked = _check_block(item, d, min(widths), where, src)
+                checked = _check_block(item, d, min(widths), where, src, attention_kwargs)
         choices.append(checked)
+        choice_positions.append(where_to)
 
     out: list[DerivedPlans] = []
-    for choice in choices:
+    for choice, where_to in zip(choices, choice_positions, strict=True):
         tag = attention_tag(choice)
         name = f"{plans}_medse_{tag}"
         derived = copy.deepcopy(source)
@@ -263,13 +289,13 @@ def derive_plans(
             arch = copy.deepcopy(conf["architecture"])
             arch["network_class_name"] = NETWORK_CLASSES[arch["network_class_name"]]
             arch["arch_kwargs"]["attention"] = choice
-            arch["arch_kwargs"]["attention_positions"] = list(positions)
+            arch["arch_kwargs"]["attention_positions"] = list(where_to)
             arch["arch_kwargs"]["attention_kwargs"] = dict(attention_kwargs or {})
             derived["configurations"][cfg]["architecture"] = arch
         derived["medse"] = {
             "source_plans": plans,
             "attention": choice,
-            "attention_positions": list(positions),
+            "attention_positions": list(where_to),
             "attention_kwargs": dict(attention_kwargs or {}),
             "configurations": list(resolved),
         }
