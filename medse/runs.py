@@ -27,7 +27,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from medse.utils.atomic import atomic_write_text
+from medse.utils.atomic import DiskFullError, atomic_write_text
 from medse.utils.errors import MedseError
 
 if TYPE_CHECKING:
@@ -260,6 +260,10 @@ class Run:
             if target.exists():  # an empty folder the user made beforehand
                 target.rmdir()
             os.replace(tmp, target)
+        except DiskFullError as e:  # name the file as it would have been, not the temporary folder's
+            shutil.rmtree(tmp, ignore_errors=True)
+            name = Path(e.filename or "")
+            raise DiskFullError(target / name.relative_to(tmp) if name.is_relative_to(tmp) else target) from e
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -42,7 +42,9 @@ from medse.training.engine import (
     check_output,
     device_type,
     resolve_device,
+    start_command,
     start_run,
+    stop_on_signals_during,
 )
 from medse.utils.config import apply_overrides, from_dict, load_yaml, to_dict
 from medse.utils.errors import MedseError
@@ -134,7 +136,9 @@ def load_config(config: dict | str | Path, overrides: tuple[str, ...] | list[str
     """Load (``_base_`` inheritance), override (``key.sub=value``) and validate a classifier config."""
     src = None
     if isinstance(config, (str, Path)):
-        src = Path(config)
+        from medse._shipped import find
+
+        src = find(config, "configs")  # a local file, else a shipped config (classifier_se)
         data = load_yaml(src)
     else:
         data = copy.deepcopy(config)
@@ -391,9 +395,17 @@ def train(config: dict | str | Path, output: str | Path, overrides: tuple[str, .
     before its first checkpoint removes what it made.
     """
     cfg = load_config(config, overrides)
+    rerun = start_command("medse classify train", config, output, overrides)
     out = Path(output).expanduser().resolve()
     check_output(out, "medse classify train --resume")
     check_device(cfg.train.device)
+    # a signal while reading the images or creating the folder: Run.create cleans up, nothing is left
+    with stop_on_signals_during(f"setup, before training started (nothing left in {out})", rerun):
+        return _train(cfg, out, rerun)
+
+
+def _train(cfg: ClassifierConfig, out: Path, rerun: str | None) -> Run:
+    """:func:`train` after the checks, under ``stop_on_signals`` (``rerun``: the command that starts it again)."""
     dist = init_distributed(device_type(cfg.train.device))
     try:
         barrier(dist)  # every rank has looked before rank 0 creates the folder
@@ -413,6 +425,7 @@ def train(config: dict | str | Path, output: str | Path, overrides: tuple[str, .
                 create=lambda: Run.create(out, config=config_dict(cfg), dataset=dataset, split=split,
                                           run_info={"task": "classification"}),
                 fit=lambda run: _fit(cfg, run, data, split.to_dict(), None, dist),
+                rerun=rerun,
             )
     finally:
         cleanup(dist)
@@ -423,16 +436,17 @@ def resume(run_dir: str | Path | Run, overrides: tuple[str, ...] | list[str] = (
     run = Run.open(run_dir)
     cfg = load_config(run.raw_config, overrides)
     check_device(cfg.train.device)
-    dist = init_distributed(device_type(cfg.train.device))
-    try:
-        if overrides and dist.is_main:
-            run.write_config(config_dict(cfg))
-        state = run.checkpoint("last")
-        data = load_classification_data(cfg.data.root, run.dataset.class_names)
-        with torch_threads(cfg.train.num_threads):
-            return _fit(cfg, run, data, run.split.to_dict(), state, dist)
-    finally:
-        cleanup(dist)
+    with stop_on_signals_during(f"setup of the resumed run {run.path}", f"medse classify train --resume {run.path}"):
+        dist = init_distributed(device_type(cfg.train.device))
+        try:
+            if overrides and dist.is_main:
+                run.write_config(config_dict(cfg))
+            state = run.checkpoint("last")
+            data = load_classification_data(cfg.data.root, run.dataset.class_names)
+            with torch_threads(cfg.train.num_threads):
+                return _fit(cfg, run, data, run.split.to_dict(), state, dist)
+        finally:
+            cleanup(dist)
 
 
 def _fit(cfg: ClassifierConfig, run: Run, data: ClassificationData, splits: dict, state: dict | None,
@@ -448,7 +462,8 @@ def _fit(cfg: ClassifierConfig, run: Run, data: ClassificationData, splits: dict
                                   "n_val": len(task.val_ds) if task.val_ds else 0,
                                   "skipped": [s[0] for s in task.skipped], "resumed_at_epoch": resumed_at},
                        name="run_info.json" if state is None else f"run_info_resume_epoch{resumed_at}.json")
-    Engine(run, task, task.settings(resolve_device(cfg.train.device, dist)), dist).fit(state)
+    Engine(run, task, task.settings(resolve_device(cfg.train.device, dist)), dist,
+           resume_command="medse classify train --resume").fit(state)
     if dist.is_main and not run.has_checkpoint("best") and run.has_checkpoint("last"):  # nothing monitored
         run.save_checkpoint("best", run.checkpoint("last"))
     barrier(dist)

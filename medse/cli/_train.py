@@ -17,21 +17,26 @@ def register(app: typer.Typer) -> None:
         ),
         config: Path = typer.Option(None, "--config", "-c", help="YAML config (see configs/)."),
         output: Path = typer.Option(None, "--output", "-o", help="Run folder to create."),
-        resume: Path = typer.Option(None, "--resume", help="Continue the run in this folder from its last checkpoint."),
+        resume: Path = typer.Option(
+            None, "--resume", help="Continue the run in this folder from its last checkpoint; train.epochs=N "
+            "(the only override it takes) extends a finished or stopped run."),
     ) -> None:
         """Train a segmentation network (DistributedDataParallel when started by torchrun).
 
         medse train --config configs/demo.yaml --output runs/demo data.root=DIR [train.epochs=2 ...]
-        medse train --resume runs/demo
+        medse train --resume runs/demo [train.epochs=N]
+
+        SIGINT (Ctrl-C) and SIGTERM stop it with one line saying where, and the command that resumes (exit 130).
         """
         from medse.utils.errors import MedseError
 
         if resume is not None:
-            if config is not None or output is not None or overrides:
-                raise MedseError("--resume takes only the run folder (the config is the one stored in it)")
+            if config is not None or output is not None:
+                raise MedseError("--resume takes the run folder and optionally train.epochs=N (the config is the "
+                                 "one stored in the run folder)")
             from medse.training import resume as resume_run
 
-            run_dir = resume_run(resume)
+            run_dir = resume_run(resume, list(overrides or ()))
         else:
             if config is None or output is None:
                 raise MedseError("medse train needs --config CONFIG and --output RUN_DIR (or --resume RUN_DIR)")

@@ -415,7 +415,9 @@ def complexity_table(
     ``medse.utils.complexity.count_ops`` for one input of shape ``(1, in_channels, size, ..., size)``
     (conv, linear and norm layers; ``elementwise`` counts pooling and the blocks' own element-wise work). A
     block that does not fit a network (unsupported ``spatial_dims``, a width the block cannot take) gets a
-    row with ``error`` set and no numbers. Models are built on the meta device, so nothing is computed.
+    row with ``error`` set and no numbers; so does a network that cannot run at this size (SwinUNETR below 64
+    voxels per side) or fails otherwise: one network never aborts the table. Models are built on the meta
+    device where they can be, so nothing is computed; the +params/+MACs columns stay empty when ``none`` failed.
 
     Args:
         size: spatial size of the input along every axis. Defaults to 64.
@@ -455,11 +457,10 @@ def complexity_table(
                                        "macs_overhead_pct": None, "elementwise": None, "error": ""}
                 try:
                     params, ops = _count(net, d, in_channels, out_channels, block, kwargs, size)
-                except ValueError as e:
-                    row["error"] = str(e)
+                except Exception as e:  # noqa: BLE001 - any failure of one network is its n/a row, not the table's
+                    first = (str(e).strip().splitlines() or [""])[0]
+                    row["error"] = first if isinstance(e, ValueError) and first else f"{type(e).__name__}: {first}"
                     rows.append(row)
-                    if block == "none":
-                        raise
                     continue
                 row.update(params=params, macs=ops["macs"], elementwise=ops["elementwise"])
                 if block == "none":
@@ -483,16 +484,19 @@ def format_complexity_table(rows: Sequence[dict[str, Any]], markdown: bool = Fal
             notes.append(f"{r['network']} {r['dims']}D {r['attention']}: {r['error']}")
             lines.append([r["network"], f"{r['dims']}D", r["attention"], "n/a", "", "", "", "", ""])
             continue
+        def fmt(spec: str, key: str, scale: float = 1.0, r: dict[str, Any] = r) -> str:
+            return "" if r[key] is None else format(r[key] / scale if scale != 1.0 else r[key], spec)
+
         lines.append([
             r["network"],
             f"{r['dims']}D",
             r["attention"],
-            f"{r['params']:,}",
-            f"{r['params_overhead']:+,}",
-            f"{r['params_overhead_pct']:+.2f}",
-            f"{r['macs'] / 1e9:.3f}",
-            f"{r['macs_overhead_pct']:+.2f}",
-            f"{r['elementwise'] / 1e6:.1f}",
+            fmt(",", "params"),
+            fmt("+,", "params_overhead"),
+            fmt("+.2f", "params_overhead_pct"),
+            fmt(".3f", "macs", 1e9),
+            fmt("+.2f", "macs_overhead_pct"),
+            fmt(".1f", "elementwise", 1e6),
         ])
     if markdown:
         out = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if i >= 3 else "---"

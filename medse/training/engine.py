@@ -8,7 +8,11 @@ the :class:`Engine` owns everything else, the same way for every task:
 * the checkpoint (``model``, ``optimizer``, ``scheduler``, ``scaler``, ``epoch`` = epochs completed,
   ``global_step``, ``rng``, ``history``, ``step_losses``, ``best_metric``, ``best_epoch``, ``stale``,
   ``timing``, plus the task's own keys), ``checkpoints/last.pt`` every epoch and ``best.pt`` when the
-  monitored value improves, resume from ``last.pt``;
+  monitored value improves, resume from ``last.pt``. Each epoch writes ``best.pt`` first, then the records,
+  then ``last.pt`` (each atomically), so a failed write (a full disk: ``no space left on device, <path>``)
+  leaves the previous epoch's complete set: ``best.pt`` never goes missing while ``last.pt`` exists;
+* SIGINT/SIGTERM (inside :func:`medse.utils.interrupt.stop_on_signals`) end :meth:`Engine.fit` with
+  :class:`~medse.utils.interrupt.Interrupted` saying the epoch, step and run folder and the resume command;
 * per-epoch records (``metrics.csv``, ``curves.png``, TensorBoard), ``timing.json`` (mean step time, the first
   :data:`TIMING_WARMUP_STEPS` steps of a process excluded), progress bars and the one-line epoch summary;
 * DistributedDataParallel (the task shards its batches over ``engine.dist``; the engine wraps the model,
@@ -23,19 +27,22 @@ from ``(seed, epoch, index)``, so a run killed at any point and resumed ends wit
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from medse.runs import Run
 from medse.training.distributed import DistInfo, all_reduce_sum, barrier
+from medse.utils.atomic import raise_if_disk_full
 from medse.utils.errors import MedseError
+from medse.utils.interrupt import Interrupted
 
 if TYPE_CHECKING:
     import torch
@@ -50,10 +57,14 @@ __all__ = [
     "check_device",
     "check_num_classes",
     "check_output",
+    "check_resume_overrides",
     "remove_if_no_checkpoint",
     "start_run",
+    "stop_on_signals_during",
     "device_type",
     "resolve_device",
+    "start_command",
+    "torch_global_state",
 ]
 
 #: environment variable: stop (raise :class:`TrainingInterrupted`) after this many global iterations.
@@ -152,11 +163,12 @@ class Engine:
     """Train ``task`` into ``run``; :meth:`fit` returns the run. See the module docstring."""
 
     def __init__(self, run: Run, task: TrainingTask, settings: EngineSettings, dist: DistInfo,
-                 stop_after: int | None = None) -> None:
+                 stop_after: int | None = None, resume_command: str = "medse train --resume") -> None:
         self.run = run
         self.task = task
         self.settings = settings
         self.dist = dist
+        self.resume_command = resume_command
         env = os.environ.get(STOP_ENV)
         self.stop_after = stop_after if stop_after is not None else (int(env) if env else None)
 
@@ -269,6 +281,8 @@ class Engine:
         self.tb = TensorBoardLogger(
             self.run / Run.TENSORBOARD, enabled=s.tensorboard and self.dist.is_main, purge_step=self.start_epoch + 1
         )
+        self.saved_epoch = self.start_epoch if checkpoint is not None else None
+        epoch = self.start_epoch
         try:
             for epoch in range(self.start_epoch, s.epochs):
                 self._epoch(epoch)
@@ -278,9 +292,23 @@ class Engine:
                         print(f"early stopping: no improvement of {self.task.monitor_key} for {self.stale} epochs",
                               file=sys.stderr)
                     break
+        except Interrupted:
+            raise
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM under stop_on_signals
+            raise self.interrupted(epoch) from None
         finally:
             self.tb.close()
         return self.run
+
+    def interrupted(self, epoch: int) -> Interrupted:
+        """Where a signal stopped training in ``epoch`` (0-based), and the command that resumes the run."""
+        saved = getattr(self, "saved_epoch", None)
+        last = "no checkpoint yet" if saved is None else f"last checkpoint: epoch {saved}"
+        position = f"epoch {epoch + 1}/{self.settings.epochs}, global step {self.global_step}"
+        err = Interrupted(f"{position} ({last}), run folder {self.run.path}",
+                          resume=f"{self.resume_command} {self.run.path}")
+        err.position = position  # for start_run's message when it removes a run without checkpoint
+        return err
 
     def _epoch(self, epoch: int) -> None:
         import torch
@@ -370,12 +398,20 @@ class Engine:
         return float(loss.detach()), counts
 
     def _write(self, epoch: int, row: dict[str, Any]) -> None:
-        from medse.training.recording import write_metrics_csv, write_timing
-
+        """``best.pt`` (when improved), the records, then ``last.pt``: ``last.pt`` is written only once the rest of
+        the epoch is on disk, so a write that fails (a full disk) leaves the previous epoch's complete, resumable
+        set (and a run without ``last.pt`` is one to remove, :func:`remove_if_no_checkpoint`)."""
         state = self._state(epoch)
-        self.run.save_checkpoint("last", state)
         if self.best_epoch == epoch:
             self.run.save_checkpoint("best", state)
+        with raise_if_disk_full(self.run.path):  # the records' writers name no file of their own
+            self._write_records(epoch, row)
+        self.run.save_checkpoint("last", state)
+        self.saved_epoch = epoch
+
+    def _write_records(self, epoch: int, row: dict[str, Any]) -> None:
+        from medse.training.recording import write_metrics_csv, write_timing
+
         write_metrics_csv(self.history, self.run / Run.METRICS)
         self.task.plot_curves(self.history, self.run / Run.CURVES)
         self.tb.log(row, epoch)
@@ -450,11 +486,12 @@ def check_output(output: Path, resume_command: str) -> None:
     ensure_writable_dir(output, "output folder", create=False)
 
 
-def remove_if_no_checkpoint(output: Path, existed: bool) -> None:
+def remove_if_no_checkpoint(output: Path, existed: bool, *, quiet: bool = False) -> bool:
     """A run that failed before its first checkpoint leaves nothing: the folder it made is removed (an empty
-    folder the user made beforehand is emptied, not removed), so a retry with a fixed config can use it."""
+    folder the user made beforehand is emptied, not removed), so a retry with a fixed config can use it.
+    Returns whether anything was removed (``quiet``: without saying so on stderr)."""
     if Run(output).has_checkpoint("last") or not output.is_dir():
-        return
+        return False
     if existed:
         for child in output.iterdir():
             if child.is_dir() and not child.is_symlink():
@@ -463,13 +500,30 @@ def remove_if_no_checkpoint(output: Path, existed: bool) -> None:
                 child.unlink(missing_ok=True)
     else:
         shutil.rmtree(output, ignore_errors=True)
-    print(f"medse: the run failed before its first checkpoint; removed what it wrote in {output}", file=sys.stderr)
+    if not quiet:
+        print(f"medse: the run failed before its first checkpoint; removed what it wrote in {output}",
+              file=sys.stderr)
+    return True
 
 
-def start_run(output: Path, dist: DistInfo, create: Callable[[], object], fit: Callable[[Run], Run]) -> Run:
+def start_command(command: str, config: object, output: object, overrides: Iterable[str]) -> str | None:
+    """The shell command that starts a run again (``medse train --config C --output O KEY=VALUE...``), for an
+    :class:`Interrupted` that removed the run; ``None`` when the config is not a file (the Python API)."""
+    import shlex
+
+    if not isinstance(config, (str, os.PathLike)):
+        return None
+    return shlex.join([*shlex.split(command), "--config", os.fspath(config), "--output", os.fspath(output),
+                       *map(str, overrides)])
+
+
+def start_run(output: Path, dist: DistInfo, create: Callable[[], object], fit: Callable[[Run], Run],
+              rerun: str | None = None) -> Run:
     """Create the run folder on rank 0 (``create``; its failure is shared with the other ranks instead of hanging
     them), then train it (``fit``). A run that fails with an error before its first checkpoint removes what it
-    made (:func:`remove_if_no_checkpoint`); an interrupted one keeps its folder for resume."""
+    made (:func:`remove_if_no_checkpoint`), and so does one stopped by SIGINT/SIGTERM before it (the
+    :class:`Interrupted` then says so and gives ``rerun``, the command that starts it again); a run
+    with a checkpoint keeps its folder for resume, and so does the ``stop_after`` hook's simulated kill."""
     from medse.training.distributed import broadcast_object
 
     existed = output.exists()
@@ -489,10 +543,82 @@ def start_run(output: Path, dist: DistInfo, create: Callable[[], object], fit: C
         return fit(Run(output))
     except TrainingInterrupted:
         raise  # a simulated kill: the folder stays for resume
+    except KeyboardInterrupt as e:
+        if not (dist.is_main and remove_if_no_checkpoint(output, existed, quiet=True)):
+            raise
+        position = getattr(e, "position", "the start of training")
+        kept = "emptied" if existed else "removed"
+        raise Interrupted(f"{position}, before the first checkpoint: {kept} {output}", resume=rerun) from None
     except Exception:
         if dist.is_main:
             remove_if_no_checkpoint(output, existed)
         raise
+
+
+@contextlib.contextmanager
+def stop_on_signals_during(setup: str, resume: str | None) -> Iterator[None]:
+    """:func:`~medse.utils.interrupt.stop_on_signals` around a train or resume call: a signal during the epochs
+    is the engine's :class:`Interrupted` (epoch, step, run folder); one before them (reading the data, creating
+    the folder) becomes ``Interrupted(setup, resume=resume)``."""
+    from medse.utils.interrupt import stop_on_signals
+
+    with stop_on_signals():
+        try:
+            yield
+        except Interrupted:
+            raise
+        except KeyboardInterrupt:
+            raise Interrupted(setup, resume=resume) from None
+
+
+@contextlib.contextmanager
+def torch_global_state(num_threads: int | None = None) -> Iterator[None]:
+    """Restore, on leaving (returning or raising), the process-wide state training changes: torch's CPU
+    thread count (set here to ``num_threads`` when given), the Python, NumPy, torch and CUDA random states
+    (seeded for the weights and every epoch) and the current CUDA device. ``train()`` called from a notebook
+    leaves the notebook as it found it."""
+    import torch
+
+    from medse.utils.seed import get_rng_states, set_rng_states
+
+    threads = torch.get_num_threads()
+    cuda_device = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    rng = get_rng_states()
+    try:
+        if num_threads is not None and num_threads != threads:
+            torch.set_num_threads(num_threads)
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        set_rng_states(rng)
+        if cuda_device is not None:
+            torch.cuda.set_device(cuda_device)
+
+
+#: the config keys ``--resume RUN KEY=VALUE`` may change: the number of epochs (extending a finished run)
+RESUME_KEYS = ("train.epochs",)
+
+
+def check_resume_overrides(overrides: Iterable[str], command: str = "medse train --resume RUN") -> list[str]:
+    """The ``KEY=VALUE`` overrides a resume accepts (``train.epochs=N``); any other key is refused in one line.
+
+    The rest of a run's config (data, model, schedule shape, patch) is what its checkpoints were trained with,
+    so it cannot change halfway; ``train.epochs`` extends (or ends sooner) a run, its schedule re-derived from
+    the new length (the engine's resume sets the next step's rate from the new schedule).
+    """
+    out = []
+    for item in overrides:
+        key, sep, _ = str(item).partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise MedseError(f"{command}: expected KEY=VALUE ({', '.join(k + '=N' for k in RESUME_KEYS)}), "
+                             f"got {item!r}")
+        if key not in RESUME_KEYS:
+            raise MedseError(f"{command}: config key '{key}' cannot change on resume (the run keeps the config "
+                             f"it was trained with); only {', '.join(k + '=N' for k in RESUME_KEYS)} can")
+        out.append(str(item))
+    return out
 
 
 def check_num_classes(ck: dict[str, Any], num_classes: int, where: Run | Path) -> None:

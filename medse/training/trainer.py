@@ -34,9 +34,13 @@ from medse.training.engine import (
     check_device,
     check_num_classes,
     check_output,
+    check_resume_overrides,
     device_type,
     resolve_device,
+    start_command,
     start_run,
+    stop_on_signals_during,
+    torch_global_state,
 )
 from medse.utils.errors import MedseError
 
@@ -63,8 +67,11 @@ def train(
     channels, sizes). The folder is then created under a temporary name and renamed into place once
     config.yaml, run_info.json, dataset.json and splits.json are written. A run that fails with an error
     before its first checkpoint removes the folder again (or empties it, when it existed before as an empty
-    folder), so a retry with a fixed config can use the same output; an interrupted run (Ctrl-C, kill) keeps
-    it for ``resume``.
+    folder), so a retry with a fixed config can use the same output. SIGINT (Ctrl-C) and SIGTERM (a job
+    scheduler's time limit) end it with :class:`~medse.utils.interrupt.Interrupted` (epoch, step, run folder and
+    the resume command); stopped before its first checkpoint, it removes what it wrote as a failure does. A
+    killed run (SIGKILL, the ``stop_after_iterations`` hook) keeps its folder for ``resume``. Torch's thread
+    count and the random states are restored on return (:func:`~medse.training.engine.torch_global_state`).
 
     Args:
         config: YAML path, mapping or :class:`Config`.
@@ -77,26 +84,33 @@ def train(
         The run (its folder is ``run.path``; a :class:`~medse.runs.Run` joins like a path: ``run / "x"``).
     """
     cfg = load_config(config, overrides)
+    rerun = start_command("medse train", config, output, overrides)
     output = Path(output).expanduser().resolve()
     check_output(output, "medse train --resume")  # an occupied or unwritable output fails before any work
     check_device(cfg.train.device)
-    dist = init_distributed(device_type(cfg.train.device))
-    try:
-        barrier(dist)  # every rank has looked before rank 0 creates the folder
-        prep = _data.prepare_data(cfg)
-        check_model(cfg, len(prep.channel_names), prep.num_classes, dist.world_size)
-        return start_run(
-            output, dist, create=lambda: _create_run_dir(output, cfg, prep),
-            fit=lambda run: _engine(run, cfg, prep, dist, stop_after_iterations).fit(checkpoint=None),
-        )
-    finally:
-        cleanup(dist)
+    # a signal while reading the data or creating the folder: Run.create cleans up, nothing is left
+    with stop_on_signals_during(f"setup, before training started (nothing left in {output})", rerun), \
+            torch_global_state(cfg.train.num_threads):
+        dist = init_distributed(device_type(cfg.train.device))
+        try:
+            barrier(dist)  # every rank has looked before rank 0 creates the folder
+            prep = _data.prepare_data(cfg)
+            check_model(cfg, len(prep.channel_names), prep.num_classes, dist.world_size)
+            return start_run(
+                output, dist, create=lambda: _create_run_dir(output, cfg, prep),
+                fit=lambda run: _engine(run, cfg, prep, dist, stop_after_iterations).fit(checkpoint=None),
+                rerun=rerun,
+            )
+        finally:
+            cleanup(dist)
 
 
 def check_model(cfg: Config, in_channels: int, out_channels: int, world_size: int = 1) -> None:
-    """Build the network on the meta device (no memory, no compute) and run one training-mode forward pass
-    of a batch of training patches, so that an unknown model or block, too few channels for a block or a
-    patch the network cannot take fails now, with the config key, instead of after the run folder exists.
+    """Build the network on the meta device (no memory, no compute; on the CPU where a network cannot be built
+    there) and run one training-mode forward pass of a batch of training patches on the meta device, so that
+    an unknown model or block, too few channels for a block or a patch the network cannot take fails now,
+    with the config key, instead of after the run folder exists. Where the check itself cannot run, it is
+    skipped, never the run.
 
     Raises:
         MedseError: naming ``model`` or ``train.patch_size`` and the network's own message.
@@ -105,10 +119,11 @@ def check_model(cfg: Config, in_channels: int, out_channels: int, world_size: in
 
     m, t = cfg.model, cfg.train
     try:
-        with torch.device("meta"):
-            model = build_model(cfg, in_channels, out_channels)
+        model = _build_for_check(cfg, in_channels, out_channels)
     except (ValueError, TypeError, MedseError) as e:
         raise MedseError(f"config key 'model' (name {m.name!r}, attention {m.attention!r}): {e}") from None
+    if model is None:
+        return  # the network cannot be built for a check: the real run builds it and tells
     batch = max(1, t.batch_size // max(1, world_size))
     x = torch.empty((batch, in_channels, *t.patch_size), device="meta")
     try:
@@ -125,29 +140,66 @@ def check_model(cfg: Config, in_channels: int, out_channels: int, world_size: in
         ) from None
 
 
-def resume(run_dir: str | Path | Run, *, stop_after_iterations: int | None = None) -> Run:
+def _build_for_check(cfg: Config, in_channels: int, out_channels: int) -> nn.Module | None:
+    """The network on the meta device, for :func:`check_model`.
+
+    Some networks cannot be built there (MONAI's ``SwinTransformer.__init__`` calls ``.item()``): those are
+    built on the CPU, as the run itself builds them (so the check needs no more memory than the run), and
+    moved to the meta device for the forward pass. A network that does not build on the CPU either for a
+    reason other than its configuration gives ``None``: the check is skipped, never the run. Configuration
+    errors (``ValueError``, ``TypeError``, :class:`MedseError`) propagate.
+    """
+    import torch
+
+    try:
+        with torch.device("meta"):
+            return build_model(cfg, in_channels, out_channels)
+    except (NotImplementedError, RuntimeError):  # a meta-device limitation (e.g. .item() on a meta tensor)
+        pass
+    try:
+        return build_model(cfg, in_channels, out_channels).to("meta")
+    except (NotImplementedError, RuntimeError):
+        return None
+
+
+def resume(run_dir: str | Path | Run, overrides: list[str] | tuple[str, ...] = (), *,
+           stop_after_iterations: int | None = None) -> Run:
     """Continue the run in ``run_dir`` from ``checkpoints/last.pt`` (schedule, RNG and history included).
 
     A run killed before its first checkpoint restarts from epoch 0 in the same folder; a finished run
-    returns at once. The config, classes and split are those stored in the run folder.
+    returns at once. The config, classes and split are those stored in the run folder; ``overrides`` may only
+    be ``train.epochs=N`` (:func:`~medse.training.engine.check_resume_overrides`), which extends a finished or
+    stopped run: the learning-rate schedule is re-derived for the new length (from the next step on) and the
+    run's ``config.yaml`` records it. Signals and global state as for :func:`train`.
     """
     run = Run.open(Path(run_dir).expanduser().resolve())
+    overrides = check_resume_overrides(overrides)
     cfg = run.config
+    if overrides:
+        cfg = load_config(config_to_dict(cfg), overrides)
     check_device(cfg.train.device)
-    dist = init_distributed(device_type(cfg.train.device))
-    try:
-        prep = _data.prepare_data(cfg)
-        stored = run.dataset.class_values
-        if stored != prep.class_values:
-            raise MedseError(f"the dataset's labels {prep.class_values} differ from the run's {stored}",
-                             run / Run.DATASET)
-        ckpt = run.checkpoint("last") if run.has_checkpoint("last") else None
-        if ckpt is None and dist.is_main:
-            print(f"no checkpoint in {run.checkpoint_dir} yet: starting at epoch 0 of {cfg.train.epochs}",
-                  file=sys.stderr)
-        return _engine(run, cfg, prep, dist, stop_after_iterations).fit(checkpoint=ckpt)
-    finally:
-        cleanup(dist)
+    with stop_on_signals_during(f"setup of the resumed run {run.path}", f"medse train --resume {run.path}"), \
+            torch_global_state(cfg.train.num_threads):
+        dist = init_distributed(device_type(cfg.train.device))
+        try:
+            prep = _data.prepare_data(cfg)
+            stored = run.dataset.class_values
+            if stored != prep.class_values:
+                raise MedseError(f"the dataset's labels {prep.class_values} differ from the run's {stored}",
+                                 run / Run.DATASET)
+            ckpt = run.checkpoint("last") if run.has_checkpoint("last") else None
+            if ckpt is not None and int(ckpt["epoch"]) > cfg.train.epochs:
+                raise MedseError(f"config key 'train.epochs': {cfg.train.epochs} is fewer than the "
+                                 f"{int(ckpt['epoch'])} epochs the run has trained", run.path)
+            if overrides and dist.is_main and cfg.train.epochs != run.config.train.epochs:
+                run.write_config(config_to_dict(cfg))
+            barrier(dist)
+            if ckpt is None and dist.is_main:
+                print(f"no checkpoint in {run.checkpoint_dir} yet: starting at epoch 0 of {cfg.train.epochs}",
+                      file=sys.stderr)
+            return _engine(run, cfg, prep, dist, stop_after_iterations).fit(checkpoint=ckpt)
+        finally:
+            cleanup(dist)
 
 
 def _create_run_dir(output: Path, cfg: Config, prep: _data.PreparedData) -> Run:
@@ -354,10 +406,7 @@ class SegmentationTask:
 
 
 def _engine(run: Run, cfg: Config, prep: _data.PreparedData, dist: DistInfo, stop_after: int | None) -> Engine:
-    import torch
-
-    if cfg.train.num_threads is not None:  # this process only, and only when the config asks for it
-        torch.set_num_threads(cfg.train.num_threads)
+    # train.num_threads: set (and restored) by torch_global_state around train() / resume()
     task = SegmentationTask(cfg, prep, run.split.to_dict())
     return Engine(run, task, task.settings(resolve_device(cfg.train.device, dist)), dist, stop_after)
 

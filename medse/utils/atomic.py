@@ -8,23 +8,69 @@ applied by the kernel): the temporary file is created with ``os.open(..., 0o666)
 (which always uses ``0o600``). With ``fsync=True`` the file's data are flushed to disk before the rename
 and the folder entry after it, so that a crash right after the call cannot leave an empty or truncated
 file under the final name (checkpoints and masks use it).
+
+A full disk (``ENOSPC``, or a full quota, ``EDQUOT``) while writing, flushing or renaming becomes a
+:class:`DiskFullError`: one line, ``no space left on device, <final path>`` (not the temporary name), still an
+``OSError`` with that ``errno`` for callers that catch those. :func:`raise_if_disk_full` does the same for
+writes that do not go through :func:`atomic_path`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-__all__ = ["TEMP_PREFIX", "atomic_path", "atomic_write_bytes", "atomic_write_text", "ensure_writable_dir",
-           "fsync_dir", "fsync_file", "stale_temp_files", "temp_name_parts"]
+from medse.utils.errors import MedseError
+
+__all__ = ["TEMP_PREFIX", "DiskFullError", "atomic_path", "atomic_write_bytes", "atomic_write_text",
+           "ensure_writable_dir", "fsync_dir", "fsync_file", "is_disk_full", "raise_if_disk_full", "stale_temp_files",
+           "temp_name_parts"]
 
 TEMP_PREFIX = ".tmp-"
 # the 8 random characters: tempfile.mkstemp's alphabet (older medse versions used mkstemp), hex today
 _RANDOM_RE = "[a-z0-9_]{8}"
+
+
+#: errno values of a full file system or quota
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
+
+
+class DiskFullError(MedseError, OSError):
+    """No space left on the device (or quota) while writing ``path``: a one-line :class:`MedseError` that is
+    also an ``OSError`` with ``errno`` ``ENOSPC`` (or ``EDQUOT``) and ``filename`` the final path."""
+
+    def __init__(self, path: str | os.PathLike, code: int = errno.ENOSPC):
+        super().__init__(f"no space left on device, {path}", path)
+        self.errno = code
+        self.strerror = os.strerror(code)
+        self.filename = str(path)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """True for an ``OSError`` of a full file system or quota."""
+    return isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS
+
+
+@contextlib.contextmanager
+def raise_if_disk_full(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a full-disk ``OSError`` raised in the block into :class:`DiskFullError` naming ``path``
+    (a :class:`DiskFullError` raised inside keeps the path it names)."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except OSError as e:
+        if is_disk_full(e):
+            raise DiskFullError(path, e.errno) from e
+        raise
 
 
 def temp_name_parts(path: str | os.PathLike, suffix: str | None = None) -> tuple[str, str]:
@@ -84,16 +130,21 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None, *, fsync: bo
             that libraries choosing a format from the file name (nibabel, SimpleITK, matplotlib) write the
             right format.
         fsync: flush the file to disk before the rename and the folder after it. Defaults to False.
+
+    Raises:
+        DiskFullError: the disk (or quota) filled up; the temporary file is removed, ``path`` is untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     prefix, suffix = temp_name_parts(path, suffix)
-    tmp_path = _create_temp(path.parent, prefix, suffix)
+    with raise_if_disk_full(path):
+        tmp_path = _create_temp(path.parent, prefix, suffix)
     try:
-        yield tmp_path
-        if fsync:
-            fsync_file(tmp_path)
-        os.replace(tmp_path, path)
+        with raise_if_disk_full(path):
+            yield tmp_path
+            if fsync:
+                fsync_file(tmp_path)
+            os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
@@ -150,8 +201,6 @@ def ensure_writable_dir(folder: str | os.PathLike, what: str = "output folder", 
     Raises:
         MedseError: naming the folder, when it (or a parent) is a file, or cannot be created or written.
     """
-    from medse.utils.errors import MedseError
-
     folder = Path(folder).expanduser().absolute()
     missing = []
     p = folder
