@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from medse.data.config import AugmentConfig, DataConfig
-from medse.utils.config import apply_overrides, from_dict, load_yaml, to_dict
+from medse.utils.config import apply_overrides, blame, from_dict, load_yaml, to_dict
 from medse.utils.errors import MedseError
 
 __all__ = ["Config", "InferConfig", "ModelConfig", "TrainConfig", "load_config", "config_to_dict"]
@@ -122,7 +122,7 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.fg_ratio <= 1.0:
             raise ValueError(f"train.fg_ratio must be in [0, 1], got {self.fg_ratio}")
-        if self.lr <= 0:
+        if not self.lr > 0:  # nan too
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
         if self.warmup < 0 or self.num_workers < 0:
             raise ValueError("train.warmup and train.num_workers must be >= 0")
@@ -206,7 +206,10 @@ def load_config(
         The validated :class:`Config`.
 
     Raises:
-        MedseError: unknown key, wrong type or inconsistent values, naming the dotted key (and the file).
+        MedseError: unknown key, wrong type or inconsistent values, naming the dotted key and the file, or the
+            command-line override that set it (:func:`medse.utils.config.blame`); a run folder's ``config.yaml``
+            naming a block that is not registered (a plugin block without ``MEDSE_PLUGINS``), with the plugin
+            the run recorded.
     """
     path: Path | None = None
     if isinstance(config, Config):
@@ -214,13 +217,20 @@ def load_config(
     elif isinstance(config, dict):
         data = config
     else:
-        path = Path(config)
+        from medse._shipped import find
+
+        path = find(config, "configs")  # a local file, else a shipped config (demo, configs/demo.yaml)
         data = load_yaml(path)
-    data = apply_overrides(data, list(overrides))
+    merged = apply_overrides(data, list(overrides))
     try:
-        return from_dict(Config, data)
+        cfg = from_dict(Config, merged)
     except MedseError as e:
-        raise MedseError(str(e), path) from None
+        raise blame(e, Config, data, list(overrides), path) from None
+    if path is not None and path.name == "config.yaml" and (path.parent / "run_info.json").is_file():
+        from medse.plugins import check_run_blocks  # a run folder's config: its blocks must be registered
+
+        check_run_blocks(cfg.model.attention, path.parent)
+    return cfg
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

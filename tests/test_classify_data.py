@@ -235,3 +235,31 @@ def test_3d_rotation_is_axial_and_flip_is_left_right():
     flip = AugmentConfig(flip=FlipAug(p=1.0, axes=default_augment(3).flip.axes, flip_probability=1.0))
     v = torch.randn(1, 5, 6, 7)
     torch.testing.assert_close(_augment(v, flip), torch.flip(v, dims=(1,)))
+
+
+def _small_set(counts: dict[int, int]):
+    from medse.classify.data import ClassificationData, Sample
+
+    names = ["glioma", "meningioma", "notumor", "pituitary"]
+    samples = [Sample(f"{names[c]}/{i}.png", None, c, f"{names[c]}/{i}.png") for c, n in counts.items()
+               for i in range(n)]
+    return ClassificationData(samples, names, "mem"), {s.image_id: s.label for s in samples}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 4])
+def test_small_set_every_class_in_every_split(seed, recwarn):
+    """22 images, 4 glioma: before, seed 0 gave a test split without glioma (seen only in the evaluation table)."""
+    d, lab = _small_set({0: 4, 1: 6, 2: 6, 3: 6})
+    sp = make_splits(d, 0.15, 0.15, seed=seed)
+    for k in ("train", "val", "test"):
+        assert {lab[i] for i in sp[k]} == {0, 1, 2, 3}, (k, sp[k])
+    assert sorted(len(v) for v in sp.values()) == [4, 4, 14]
+    assert make_splits(d, 0.15, 0.15, seed=seed) == sp  # deterministic for a seed
+    assert not [w for w in recwarn if "no image in the" in str(w.message)]
+
+
+def test_class_that_cannot_be_in_every_split_is_warned_at_split_time():
+    d, lab = _small_set({0: 2, 1: 6, 2: 6, 3: 6})  # two glioma images cannot cover train, val and test
+    with pytest.warns(UserWarning, match=r"class 'glioma' has no image in the (val|train) split\(s\)"):
+        sp = make_splits(d, 0.15, 0.15, seed=0)
+    assert {lab[i] for i in sp["test"]} == {0, 1, 2, 3} and 0 in {lab[i] for i in sp["train"]}

@@ -283,3 +283,72 @@ def test_os_errors_name_the_path(monkeypatch, capsys):
         assert c.main([f"fail{i}"]) == 2
         err = capsys.readouterr().err
         assert err == f"error: {text}\n", err
+
+
+# ----------------------------------------------------------------------------- messages that mislead (issue 22, item 7)
+def test_command_line_typo_is_blamed_on_the_override_not_the_file(cfg_path, tmp_path, capsys):
+    from medse.cli import main
+
+    assert main(["train", "-c", str(cfg_path), "-o", str(tmp_path / "r"), "train.epoch=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: command-line override 'train.epoch=2': unknown config key 'train.epoch'. "
+                   "Did you mean 'epochs'?"), err
+    bad = tmp_path / "bad.yaml"  # the same typo in the file is the file's
+    bad.write_text(yaml.safe_dump({**_config(Path("/nowhere")), "train": {"epoch": 2}}))
+    assert main(["train", "-c", str(bad), "-o", str(tmp_path / "r"), "train.epochs=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(bad) in err and "unknown config key 'train.epoch'" in err and "override" not in err, err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("value", ["nan", ".nan", "inf", ".inf", "-1", "0"])
+def test_non_finite_or_negative_lr_refused_by_the_config_check(cfg_path, tmp_path, capsys, value):
+    from medse.cli import main
+
+    assert main(["train", "-c", str(cfg_path), "-o", str(tmp_path / "r"), f"train.lr={value}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "train.lr" in err and f"override 'train.lr={value}'" in err, err
+    assert "Invalid learning rate" not in err and not (tmp_path / "r").exists()
+
+
+_GATE_PLUGIN = '''
+import torch
+from torch import nn
+
+from medse.attention import register_attention
+
+
+@register_attention("my_gate", paper="Doe. A gate. 2025", year=2025, repo="https://example.org/gate",
+                    params_formula="C", spatial_dims=(2, 3), defaults={}, extension="none",
+                    params_fn=lambda c, d, **_: c)
+class MyGate(nn.Module):
+    def __init__(self, spatial_dims: int, in_channels: int, **kwargs) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(in_channels))
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.w).reshape(1, -1, *([1] * (x.ndim - 2)))
+'''
+
+
+def test_predict_plugin_run_without_medse_plugins_says_which_plugin(cfg_path, data, tmp_path, monkeypatch, capsys):
+    from medse import plugins
+    from medse.attention import registry as attention_registry
+    from medse.cli import main
+
+    monkeypatch.setattr(attention_registry, "_REGISTRY", dict(attention_registry._REGISTRY))
+    monkeypatch.setattr(plugins, "_loaded", {})
+    plugin = tmp_path / "my_gate.py"
+    plugin.write_text(_GATE_PLUGIN)
+    monkeypatch.setenv(plugins.ENV_VAR, str(plugin))
+    run = tmp_path / "run"
+    assert main(["train", "-c", str(cfg_path), "-o", str(run), "model.attention=my_gate"]) == 0
+    capsys.readouterr()
+    # the user predicts later, in a new shell without MEDSE_PLUGINS
+    env = _env()
+    env.pop(plugins.ENV_VAR)
+    proc = subprocess.run([*MEDSE, "predict", "--run", str(run), "-i", str(data / "images"), "-o",
+                           str(tmp_path / "pred")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    line = assert_one_line_error(proc, "Unknown attention block 'my_gate'", "trained with a plugin block",
+                                 f"set MEDSE_PLUGINS={plugin}")
+    assert str(run / "config.yaml") in line and not (tmp_path / "pred").exists()

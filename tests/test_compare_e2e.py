@@ -90,6 +90,13 @@ def test_demo_end_to_end_and_resume(tmp_path, capsys):
     assert ck.stat().st_mtime_ns == mtime
     assert len(pd.read_csv(out / "table.csv")) == 2
 
+    # the cells were trained with train.epochs=1: asking for 2 refuses them (naming the key) before any training
+    capsys.readouterr()
+    assert main(["compare", "--config", str(pipe), "--output", str(out), "-t", "train.epochs=2"]) == 2
+    captured = capsys.readouterr()
+    assert "train.epochs: 1 -> 2" in captured.err and "skipped" not in captured.out
+    assert ck.stat().st_mtime_ns == mtime
+
     # CLI: table-only rebuild and explain with a layer selection
     capsys.readouterr()
     assert main(["compare", "--config", str(pipe), "--output", str(out), "--table-only"]) == 0

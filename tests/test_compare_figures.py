@@ -92,3 +92,71 @@ def test_overlay_from_files(tmp_path):
         overlay_figure(img, ref, {}, tmp_path / "x.png", slice_index=99)
     with pytest.raises(MedseError, match="not found"):
         load_volume(tmp_path / "missing.nii.gz")
+
+
+# ----------------------------------------------------------------------------- figures that agree (issue 21, item 7)
+def _legend(ax) -> dict[str, str]:
+    """Legend label -> facecolour (hex) of an axes."""
+    from matplotlib.colors import to_hex
+
+    leg = ax.get_legend()
+    return {t.get_text(): to_hex(h.get_facecolor(), keep_alpha=False)
+            for t, h in zip(leg.get_texts(), leg.legend_handles, strict=True)}
+
+
+def test_one_colour_per_block_in_table_order_across_figures(monkeypatch):
+    import test_compare_table as tct
+
+    from medse.compare.figures import block_colors, boxplot_figure, gain_figure
+
+    for table, value in ((tct.SHIFT, 0.03), (tct.PARAMS, 1020), (tct.STEP, 0.12)):
+        monkeypatch.setitem(table, "sse", value)
+
+    # records in the order the cells finished (alphabetical cell ids: scse before sse); the table's order is the
+    # grid's, as in the demo (none, cse, sse, scse)
+    rec = make_records(blocks=("none", "scse", "sse", "cse"))
+    order = ["none", "cse", "sse", "scse"]
+    table = build_table(rec, n_boot=50, block_order=order)
+    assert table.header["blocks"] == order
+    palette = block_colors(order)
+    assert palette["none"] == "#7f7f7f" and len(set(palette.values())) == 4
+    box = boxplot_figure(rec, block_order=table.header["blocks"])
+    gain = gain_figure(table)
+    box_legend, gain_legend = _legend(box.axes[0]), _legend(gain.axes[0])
+    assert list(box_legend) == order and list(gain_legend) == order[1:]  # legends in table order
+    assert box_legend == {b: palette[b] for b in order}  # was: sse and scse swapped between the two figures
+    assert gain_legend == {b: palette[b] for b in order[1:]}
+    # the drawn boxes and bars carry the same colours, in table order
+    from matplotlib.colors import to_hex
+
+    boxes = [to_hex(p.get_facecolor(), keep_alpha=False) for p in box.axes[0].patches]
+    assert boxes == [palette[b] for b in order]
+    bars = [to_hex(p.get_facecolor(), keep_alpha=False) for p in gain.axes[0].patches]
+    assert bars == [palette[b] for b in order[1:]]
+    # a block without a finite gain does not shift the others' colours
+    rows = table.rows.copy()
+    rows.loc[rows["block"] == "cse", "gain"] = float("nan")
+    table.rows = rows
+    assert _legend(gain_figure(table).axes[0]) == {b: palette[b] for b in ("sse", "scse")}
+
+
+def test_overlay_uses_the_voxel_aspect_and_titles(tmp_path):
+    """A 3 x 3.84 mm case: every panel is drawn with aspect 3.84 / 3, not square pixels."""
+    from medse.compare.figures import overlay_panels
+
+    shape = (20, 16, 6)
+    img = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    ref = np.zeros(shape, np.uint8)
+    ref[5:12, 4:10, 3] = 1
+    affine = np.diag([3.0, 3.84, 5.0, 1.0])
+    paths = {}
+    for name, arr in (("img", img), ("ref", ref)):
+        paths[name] = tmp_path / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(arr, affine), paths[name])
+    fig = overlay_panels(paths["img"], paths["ref"], {"none": paths["ref"], "scse": ref})
+    axes = [a for a in fig.axes if a.images]
+    assert [a.get_title() for a in axes] == ["scan", "reference", "none", "scse"]
+    assert all(a.get_aspect() == pytest.approx(3.84 / 3.0) for a in axes)  # was: 1 for every panel
+    fig = overlay_panels(paths["img"], paths["ref"], {}, axis=0)
+    assert all(a.get_aspect() == pytest.approx(5.0 / 3.84) for a in fig.axes if a.images)
+    assert overlay_panels(img, ref, {}).axes[0].get_aspect() == 1.0  # arrays without spacing: square

@@ -258,3 +258,74 @@ def test_output_folder_checked_before_any_work(tmp_path: Path, monkeypatch) -> N
     with pytest.raises(MedseError, match="prediction folder not found"):  # wrong inputs create no output folder
         evaluate(tmp_path / "nope", tmp_path / "ref", tmp_path / "never")
     assert not (tmp_path / "never").exists()
+
+
+# ----------------------------------------------------------------------------- labels that make numbers lie (issue 21)
+def _save_int(path: Path, arr: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(arr.astype(np.int16), np.eye(4)), str(path))
+    return path
+
+
+def _two_cases(tmp_path: Path, extra_ref_values: dict[int, int] | None = None) -> None:
+    """Two cases with label 1 (prediction shifted by one voxel); ``extra_ref_values``: value -> voxels painted
+    into the first reference only (labels present in references that may not be scored)."""
+    for i, cid in enumerate(("a", "b")):
+        ref = np.zeros((10, 10, 10), np.int16)
+        ref[2:6, 2:6, 2:6] = 1
+        pred = np.zeros_like(ref)
+        pred[3:7, 2:6, 2:6] = 1
+        if i == 0:
+            for k, (v, n) in enumerate((extra_ref_values or {}).items()):
+                ref[8, k, :n] = v
+        _save_int(tmp_path / "ref" / f"{cid}.nii.gz", ref)
+        _save_int(tmp_path / "pred" / f"{cid}.nii.gz", pred)
+
+
+def _cli_eval(tmp_path: Path, *extra: str) -> int:
+    from medse.cli import main
+
+    return main(["evaluate", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"), "--output",
+                 str(tmp_path / "ev"), "--no-progress", *extra])
+
+
+def test_cli_label_in_no_mask_is_an_error_not_dice_1(tmp_path: Path, capsys) -> None:
+    _two_cases(tmp_path)
+    assert _cli_eval(tmp_path, "--labels", "1,9") == 2  # was: exit 0, Dice 1 for label 9, mean 0.375 -> 0.69
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "9" in lines[0] and "no reference and no prediction" in lines[0], err
+    assert "Traceback" not in err
+    assert not (tmp_path / "ev" / "metrics.csv").exists() and not (tmp_path / "ev" / "summary.json").exists()
+    assert _cli_eval(tmp_path, "--labels", "1") == 0
+    assert "mean foreground Dice 0.7500" in capsys.readouterr().out
+
+
+def test_cli_unscored_reference_labels_listed_and_fail_unless_allowed(tmp_path: Path, capsys) -> None:
+    _two_cases(tmp_path, {9: 5, -1: 3})
+    assert _cli_eval(tmp_path, "--labels", "1") == 1  # was: exit 0, labels 9 and -1 ignored silently
+    err = capsys.readouterr().err
+    assert "not scored" in err and "9 (5 voxels in 1 case)" in err and "-1 (3 voxels in 1 case)" in err, err
+    summary = json.loads((tmp_path / "ev" / "summary.json").read_text())
+    assert summary["unscored_labels"] == {"-1": {"voxels": 3, "cases": 1}, "9": {"voxels": 5, "cases": 1}}
+    assert _cli_eval(tmp_path, "--labels", "1", "--allow-unscored-labels") == 0
+    assert "warning: references hold label value(s) that are not scored" in capsys.readouterr().err
+    with pytest.raises(MedseError, match=r"not scored: -1 \(3 voxels in 1 case\), 9 \(5 voxels"):
+        evaluate(tmp_path / "pred", tmp_path / "ref", None, labels=[1])
+
+
+def test_cli_summary_counts_cases_absent_from_both_masks(tmp_path: Path, capsys) -> None:
+    _two_cases(tmp_path, {2: 4})  # label 2 only in case a's reference: absent from both masks in case b
+    assert _cli_eval(tmp_path, "--labels", "1,2") == 0
+    out = capsys.readouterr().out
+    assert "label 2 (2): mean Dice 0.5000 over 2 cases; absent from both masks in 1 (Dice 1 by convention)" in out
+    assert "label 1 (1): mean Dice 0.7500 over 2 cases; absent from both masks in 0" in out
+
+
+def test_declared_label_in_no_mask_is_dropped_with_a_warning(tmp_path: Path) -> None:
+    _two_cases(tmp_path)
+    (tmp_path / "ref" / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "organ": 1, "gone": 7}}))
+    with pytest.warns(UserWarning, match="7 \\('gone'\\) occur in no reference"):
+        df = evaluate(tmp_path / "pred", tmp_path / "ref", tmp_path / "ev")
+    assert set(df.label) == {"organ"}
+    assert json.loads((tmp_path / "ev" / "summary.json").read_text())["foreground"]["dice"]["mean"] == 0.75

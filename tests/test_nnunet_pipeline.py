@@ -229,7 +229,7 @@ def test_compare_pairs_cases_and_lists_what_is_missing(nnunet_root: Path, tmp_pa
     out = tmp_path / "cmp"
     rc, stdout, err = _cli(["nnunet", "compare", str(DATASET_ID), "--plans", "nnUNetPlans,nnUNetPlans_medse_scse",
                             "--folds", "0-2", "-o", str(out), "--results", str(res), "--preprocessed",
-                            str(tmp_path / "pre"), "--n-boot", "200"], capsys)
+                            str(tmp_path / "pre"), "--n-boot", "200", "--allow-incomplete"], capsys)
     assert rc == 0, err
     rows = __import__("pandas").read_csv(out / "table.csv")
     assert list(rows["block"]) == ["none", "scse"]
@@ -245,7 +245,8 @@ def test_compare_pairs_cases_and_lists_what_is_missing(nnunet_root: Path, tmp_pa
     assert "nnUNetPlans: no predictions for fold(s) 2" in md
     assert "nnUNetPlans_medse_scse: missing cases fold 1: case_003" in md
     assert "left out (not present for every plans): case_003, case_004, case_005" in md
-    assert "none 1.150 ± 0.058 s (n=4 epochs)" in md
+    # step times on the folds timed for both plans (0, 1), as paired ratios per fold
+    assert "scse vs none on fold(s) 0, 1: 1.350 s vs 1.150 s, paired overhead median +17.4%" in md
     missing = json.loads((out / "missing.json").read_text())
     assert missing["folds"] == {"nnUNetPlans": [2]}
     assert {d["case_id"] for d in missing["dropped_cases"]} == {"case_003", "case_004", "case_005"}

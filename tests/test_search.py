@@ -365,3 +365,72 @@ def test_tiny_search_on_phantoms(tmp_path: Path) -> None:
     lines: list[str] = []
     run_search(p, out, resume=True, log=lines.append)
     assert not any(": running" in line for line in lines)
+
+
+# ------------------------------------------------------------------ fresh cells, incomplete tables, interruptions
+
+
+def test_stale_candidates_are_refused_naming_the_key_then_retrained(tmp_path: Path, monkeypatch, capsys) -> None:
+    from medse.cli import main
+    from medse.compare import pipeline as pl
+
+    p = write_search(tmp_path, table="{n_boot: 100}", figures="false")
+    out = tmp_path / "out"
+    runner = FakeRunner()
+    monkeypatch.setattr(pl, "run_cell", runner)
+    args = ["search", "-c", str(p), "-o", str(out)]
+    assert main([*args, "-t", "train.lr=0.01"]) == 0
+    n = len(runner.calls)
+    capsys.readouterr()
+    assert main([*args, "--resume", "-t", "train.lr=0.02"]) == 2  # the decisions rest on lr 0.01
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train.lr: 0.01 -> 0.02" in err and "--retrain-stale" in err, err
+    assert len(runner.calls) == n
+    assert main([*args, "--resume", "-t", "train.lr=0.02", "--retrain-stale"]) == 0
+    assert len(runner.calls) == 2 * n  # every rung and the test set again (the copied last-rung run included)
+    stamp = json.loads((out / "rung0" / "cells" / "unet-none-holdout-seed0" / "cell.json").read_text())
+    assert stamp["config"]["train.lr"] == 0.02
+
+
+def test_incomplete_test_table_exits_1_unless_allowed(tmp_path: Path, monkeypatch, capsys) -> None:
+    from medse.cli import main
+    from medse.compare import pipeline as pl
+
+    inner = FakeRunner()
+
+    def runner(cell: Cell, cell_dir: Path, cfg: CompareConfig) -> pd.DataFrame:
+        rec = inner(cell, cell_dir, cfg)
+        if cfg.evaluate_on == "test" and cell.block == "none":  # c1 failed to evaluate for the baseline
+            rec = rec[~((rec["case_id"] == "c1") & (rec["metric"] == "dice"))]
+        return rec
+
+    monkeypatch.setattr(pl, "run_cell", runner)
+    p = write_search(tmp_path, table="{n_boot: 100}", figures="false")
+    out = tmp_path / "out"
+    assert main(["search", "-c", str(p), "-o", str(out)]) == 1
+    captured = capsys.readouterr().out
+    assert "incomplete: winner encoder=cse,decoder=cse" in captured and "case c1 not scored for none" in captured
+    assert "## Incomplete test-set table" in (out / "report.md").read_text()
+    assert main(["search", "-c", str(p), "-o", str(out), "--resume", "--allow-incomplete"]) == 0
+    assert json.loads((out / "report.json").read_text())["status"] == "done"
+
+
+def test_interrupted_search_names_the_cell_and_the_resume_command(tmp_path: Path) -> None:
+    from medse.utils.interrupt import Interrupted
+
+    p = write_search(tmp_path, table="{n_boot: 100}", figures="false")
+    out = tmp_path / "out"
+    inner = FakeRunner()
+
+    def runner(cell: Cell, cell_dir: Path, cfg: CompareConfig) -> pd.DataFrame:
+        if cfg.name.endswith("rung1"):
+            raise KeyboardInterrupt
+        return inner(cell, cell_dir, cfg)
+
+    with pytest.raises(Interrupted) as e:
+        run_search(p, out, runner=runner, log=None, train_overrides=["train.lr=0.01"])
+    assert e.value.where.startswith("cell unet-encoder=cse-holdout-seed0 (1 of 2) of ") and "rung1" in e.value.where
+    assert e.value.resume == f"medse search -c {p} -o {out} --resume -t train.lr=0.01"
+    again = FakeRunner()
+    rep = run_search(p, out, runner=again, resume=True, log=None, train_overrides=["train.lr=0.01"])
+    assert rep.status == "done" and all(c[0] == "test" or c[2] == 2 for c in again.calls)  # rung 0 is reused

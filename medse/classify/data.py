@@ -7,8 +7,12 @@ Inputs
   * a CSV manifest with columns ``path, label`` and optionally ``patient_id``; paths are relative to the
     manifest's folder; ``label`` is a class name (or an integer index when ``class_names`` is given).
 
-Splits are stratified by class and grouped by patient (scikit-learn ``StratifiedGroupKFold``; when a class has
-too few groups, ``GroupShuffleSplit``), so one patient never sits on both sides of a split.
+Splits are stratified by class and grouped by patient, so one patient never sits on both sides of a split:
+scikit-learn's ``StratifiedGroupKFold`` when every class has enough patient groups for it; otherwise (small sets)
+a per-class shuffle of the patient groups (seeded, deterministic) that holds out ``round(fraction x groups)`` of
+each class, at least one and never all, so every class with two or more groups is on both sides. A class that
+cannot be in every split (a single patient group left) is warned about when the split is made, naming the class
+and the split (NOTE: the per-class allocation is medse's, not sklearn's).
 
 Images are read as float32 ``(C, *spatial)``: raster images as grey (1 channel) or RGB (3 channels; grey
 replicated), NIfTI 2D slices transposed to (Y, X) so that the width is X (left-right, as in exported PNGs), NIfTI
@@ -193,10 +197,23 @@ def _split_once(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: i
     if min(per_class_groups.values()) >= n_splits:
         sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed % (2**32))
         keep, held = next(sgkf.split(idx, labels, groups))
-    else:  # too few patients in some class to stratify: plain grouped shuffle
+        if len(np.unique(labels[held])) == len(per_class_groups):
+            return np.sort(keep), np.sort(held)
+    # too few patients in some class for k folds: shuffle each class's patient groups and hold out a share of them
+    rng = np.random.default_rng(seed % (2**32))
+    group_label = {g: Counter(labels[groups == g].tolist()).most_common(1)[0][0] for g in group_labels}
+    held_groups: list[Any] = []
+    for y in sorted(set(group_label.values())):
+        gs = sorted((g for g, gy in group_label.items() if gy == y), key=str)
+        order = rng.permutation(len(gs))
+        k = min(max(1, int(round(fraction * len(gs)))), len(gs) - 1) if len(gs) > 1 else 0
+        held_groups += [gs[i] for i in order[:k]]
+    if not held_groups:  # every class a single group: hold out whole groups, unstratified
         gss = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed % (2**32))
         keep, held = next(gss.split(idx, labels, groups))
-    return np.sort(keep), np.sort(held)
+        return np.sort(keep), np.sort(held)
+    mask = np.isin(groups, np.array(held_groups, dtype=groups.dtype))
+    return idx[~mask], idx[mask]
 
 
 def make_splits(
@@ -231,7 +248,24 @@ def make_splits(
     out = {"train": ids[rest].tolist(), "val": ids[val].tolist(), "test": ids[test].tolist()}
     sets = {k: set(groups[np.isin(ids, v)]) for k, v in out.items()}
     assert not (sets["train"] & sets["val"] or sets["train"] & sets["test"] or sets["val"] & sets["test"])
+    _warn_missing_classes(data, {"train": rest, "val": val, "test": test})
     return out
+
+
+def _warn_missing_classes(data: ClassificationData, splits: dict[str, np.ndarray]) -> None:
+    """Warn, when the split is made, for each class that is not in every non-empty split (too few patient groups):
+    otherwise it shows only as an empty row of the evaluation table."""
+    import warnings
+
+    labels, groups = data.labels, data.groups
+    used = {k: v for k, v in splits.items() if len(v)}
+    for c, name in enumerate(data.class_names):
+        n_groups = len(np.unique(groups[labels == c]))
+        lacking = [k for k, v in used.items() if not np.any(labels[v] == c)]
+        if n_groups and lacking:
+            warnings.warn(f"class '{name}' has no image in the {' and '.join(lacking)} split(s): its "
+                          f"{n_groups} patient group(s) cannot cover the {len(used)} splits; add data or lower "
+                          f"data.val_fraction / data.test_fraction", UserWarning, stacklevel=3)
 
 
 def class_weights(labels: np.ndarray, num_classes: int, mode: str = "balanced") -> np.ndarray:

@@ -283,7 +283,8 @@ def plot_roc(preds: dict[str, dict], path: Path, classes: list[str] | None = Non
             ax.plot(fpr, tpr, label=f"{label}: AUC {auc.auc:.3f} [{ci}]")
         ax.plot([0, 1], [0, 1], ":", color="grey", lw=0.8)
         ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=name, xlim=(0, 1), ylim=(0, 1.01))
-        ax.legend(loc="lower right", fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # a class absent from y_true draws no curve: nothing to list
+            ax.legend(loc="lower right", fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     _save(fig, path)

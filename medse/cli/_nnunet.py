@@ -45,7 +45,8 @@ def register(app: typer.Typer) -> None:
                                             help="Blocks, one derived plans each: scse,cse,sse (compositions: eca+ca; "
                                                  "per position: encoder=eca/decoder=scse)."),
         positions: list[str] = typer.Option(None, "--positions",
-                                            help="Where: encoder,bottleneck,decoder. Default: all three."),
+                                            help="Where: encoder,bottleneck,decoder; residual (ResEnc plans: "
+                                                 "inside each residual block). Default: the first three."),
         configuration: list[str] = typer.Option(["3d_fullres"], "--configuration", "-c",
                                                 help="Configurations that get attention (comma-separated)."),
         plans: str = typer.Option("nnUNetPlans", "--plans", "-p",
@@ -86,8 +87,14 @@ def register(app: typer.Typer) -> None:
         preprocessed: Path = typer.Option(None, "--preprocessed", help="Default: $nnUNet_preprocessed."),
         n_boot: int = typer.Option(10000, "--n-boot", help="Bootstrap resamples of the CIs."),
         no_figures: bool = typer.Option(False, "--no-figures", help="Skip the box plot and gain chart."),
+        allow_incomplete: bool = typer.Option(False, "--allow-incomplete",
+                                              help="Exit 0 even when folds or cases are missing for some plans."),
     ) -> None:
-        """Re-score nnU-Net's cross-validation predictions with medse's evaluator; write the paired Dice-gain table."""
+        """Re-score nnU-Net's cross-validation predictions with medse's evaluator; write the paired Dice-gain table.
+
+        Exactly each fold's validation cases (splits_final.json) are scored; other files there are listed as extra.
+        Folds or cases missing for some plans are listed and make the exit code 1 unless --allow-incomplete.
+        """
         from medse.integrations.nnunet.compare import compare_nnunet
 
         report = compare_nnunet(dataset, _split(plans), configuration=configuration, trainer=trainer, folds=folds,
@@ -97,5 +104,9 @@ def register(app: typer.Typer) -> None:
         typer.echo(report.table_markdown)
         for k, v in report.outputs.items():
             typer.echo(f"  {k:24s} {v}")
+        if report.incomplete:
+            from medse.cli._compare import _exit_if_incomplete
+
+            _exit_if_incomplete(report.incomplete, allow_incomplete)
 
     app.add_typer(nn, name="nnunet")

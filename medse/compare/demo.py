@@ -30,13 +30,12 @@ __all__ = ["default_pipeline", "run_demo"]
 
 
 def default_pipeline() -> Path:
-    """``pipelines/demo.yaml`` of the medse checkout."""
-    import medse
+    """The shipped ``pipelines/demo.yaml`` (the checkout's, or the installed package's: :mod:`medse._shipped`)."""
+    from medse._shipped import shipped_root
 
-    path = Path(medse.__file__).resolve().parents[1] / "pipelines" / "demo.yaml"
+    path = shipped_root() / "pipelines" / "demo.yaml"
     if not path.is_file():
-        raise MedseError("pipelines/demo.yaml not found next to the medse package (run the demo from a medse "
-                         "checkout, or pass --pipeline)", path)
+        raise MedseError("the shipped pipelines/demo.yaml is missing: reinstall medse, or pass --pipeline", path)
     return path
 
 
@@ -54,6 +53,7 @@ def run_demo(
     train_overrides: Sequence[str] = (),
     explain_maps: bool = True,
     log: Callable[[str], None] | None = print,
+    retrain_stale: bool = False,
 ) -> dict[str, Any]:
     """Run the demo grid and print the table.
 
@@ -65,6 +65,8 @@ def run_demo(
             Defaults to none.
         explain_maps: also save the gate maps of the scSE model on the example case. Defaults to True.
         log: progress lines. Defaults to ``print``.
+        retrain_stale: retrain the cells made with other settings (e.g. an earlier ``-t train.epochs=1``) instead
+            of refusing them. Defaults to False.
 
     Returns:
         summary dict (also written to ``OUT/demo_summary.json``): wall and CPU seconds, the table, outputs.
@@ -79,7 +81,12 @@ def run_demo(
     if cfg.synthetic is None:
         raise MedseError("the demo pipeline must have a 'synthetic' section (the demo generates its data)",
                          cfg.source)
-    report = run_compare(cfg, out, train_overrides=train_overrides, log=say)
+    import shlex
+
+    resume = ["medse", "demo", "-o", str(out), *([] if pipeline is None else ["--pipeline", str(pipeline)]),
+              *overrides, *[x for t in train_overrides for x in ("-t", t)]]
+    report = run_compare(cfg, out, train_overrides=train_overrides, log=say, retrain_stale=retrain_stale,
+                         resume_command=" ".join(shlex.quote(str(x)) for x in resume))
     outputs = dict(report.outputs)
     if explain_maps:
         try:
@@ -131,7 +138,7 @@ def _explain_example(cfg: CompareConfig, out: Path, say: Callable[[str], None]) 
         case_id = pick_example_case(records, cell.arch, cfg.table.baseline, cell.block, metric=cfg.table.metric)
         spec = _dataset_of_run(cdir / "run")
         case = next(c for c in spec.cases if c.case_id == case_id)
-        res = explain(cdir / "run", case.images, out / "figures" / "gates")
+        res = explain(cdir / "run", case.images, out / "figures" / "gates", block_order=cfg.blocks)
         say(f"gate maps of {cell.cell_id} on case {case_id}: {res.output_dir}")
         return {"gates_montage": str(res.montage), "gates_dir": str(res.output_dir)}
     raise MedseError("no finished cell with a spatial-gate block")

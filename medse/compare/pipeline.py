@@ -3,10 +3,14 @@
 Every cell is trained with :func:`medse.training.train` in its own run folder, then the held-out test cases
 of its split (``splits.json`` ``test``) are predicted (timed per case) and evaluated with
 :func:`medse.evaluation.evaluate`. The cell's per-case records (:mod:`medse.compare.records`) are written
-atomically to ``cells/<cell_id>/records.csv``: that file marks the cell as finished, so a rerun skips it.
-A cell killed mid-training resumes from its last checkpoint (:func:`medse.training.resume`). A failing
-cell is reported (``cells/<cell_id>/error.txt``) and the rest go on. At the end the table and figures are
-rebuilt from all records available in the output folder (all shards).
+atomically to ``cells/<cell_id>/records.csv``: that file marks the cell as finished, and ``cell.json`` records
+what it was made with (resolved config, data fingerprint, medse version), so a rerun skips it only when the grid
+still asks for exactly that (:func:`stale_cells`; otherwise refused until ``retrain_stale``/``overwrite``).
+Every cell's config and network are checked before the first cell trains (:func:`check_grid`). A cell killed
+mid-training resumes from its last checkpoint (:func:`medse.training.resume`); SIGINT/SIGTERM stop with the cell
+and the command that resumes. A failing cell is reported (``cells/<cell_id>/error.txt``) and the rest go on. At
+the end the table and figures are rebuilt from all records available in the output folder (all shards), each row
+on the runs present for both it and the baseline; failed cells and unmatched runs or cases are in its notes.
 
 Output folder::
 
@@ -15,6 +19,7 @@ Output folder::
                                       /pred/      predicted masks of the test cases
                                       /eval/      metrics.csv, summary.json
                                       /records.csv   per-case records (finished marker)
+                                      /cell.json     what the cell was made with (freshness check)
                                       /error.txt     traceback of a failed attempt
     OUT/table.{csv,md,tex,json}, OUT/table_structures.*  (when per-structure rows are requested)
     OUT/figures/dice_boxplot.png, gain.png, overlay.png
@@ -58,6 +63,7 @@ __all__ = [
     "rebuild_outputs",
     "run_cell",
     "run_compare",
+    "stale_cells",
 ]
 
 
@@ -220,6 +226,7 @@ class CompareReport:
     outputs: dict[str, str] = field(default_factory=dict)
     table_markdown: str = ""
     unmatched: list[str] = field(default_factory=list)
+    incomplete: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -274,7 +281,9 @@ def load_validated(config: str | Path | dict[str, Any] | Any, overrides: Sequenc
     if isinstance(config, dict):
         data = dict(config)
     else:
-        path = Path(config).expanduser().resolve()
+        from medse._shipped import find
+
+        path = find(config, "pipelines").expanduser().resolve()  # a local file, else a shipped pipeline
         data = load_yaml(path)
     data = normalise(apply_overrides(data, list(overrides)))
     if path is not None:
@@ -434,6 +443,175 @@ def _link_reference(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
+#: config keys that change how a run is shown or scheduled on the machine, not what it learns: a change of them
+#: leaves a finished cell fresh
+NON_RESULT_KEYS = ("train.progress", "train.tensorboard", "train.num_threads", "train.num_workers")
+CELL_STAMP = "cell.json"
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def _data_fingerprint(source: str | None, layout: str | None) -> str | None:
+    """sha256 over the dataset's case files (path, size, modification time), as predict's skip rule does."""
+    import hashlib
+
+    from medse.data.datasets import load_dataset
+
+    if not source or not Path(source).exists():
+        return None
+    try:
+        spec = load_dataset(source, layout=layout or "auto")
+    except MedseError:
+        return None
+    items = []
+    for c in spec.cases:
+        for f in [*c.images, *([c.label] if c.label is not None else [])]:
+            st = Path(f).stat()
+            items.append([c.case_id, str(Path(f).resolve()), st.st_size, st.st_mtime_ns])
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()
+
+
+def cell_identity(cfg: CompareConfig, cell: Cell, *, data: dict[str, str | None] | None = None) -> dict[str, Any]:
+    """What a cell's results depend on: its resolved training config (less :data:`NON_RESULT_KEYS`), a fingerprint
+    of its data files and the medse version. A finished cell is reused only when this equals what it recorded.
+
+    Args:
+        data: a cache of data fingerprints by data source (shared across the cells of a grid).
+    """
+    import medse
+    from medse.config import config_to_dict, load_config
+
+    resolved = config_to_dict(load_config(cfg.train_config_path(), cell_overrides(cfg, cell)))
+    flat = {k: v for k, v in _flatten(resolved).items() if k not in NON_RESULT_KEYS}
+    source = flat.get("data.manifest") or flat.get("data.root")
+    cache = data if data is not None else {}
+    if str(source) not in cache:
+        cache[str(source)] = _data_fingerprint(source, flat.get("data.layout"))
+    return {"config": flat, "data": cache[str(source)], "medse_version": medse.__version__}
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key old -> new`` for every config key, the data and the medse version that differ."""
+
+    def show(v: Any) -> str:
+        return json.dumps(v, default=str)
+
+    diffs = []
+    oc, nc = old.get("config") or {}, new.get("config") or {}
+    for k in sorted(set(oc) | set(nc)):
+        if show(oc.get(k)) != show(nc.get(k)):
+            diffs.append(f"{k}: {show(oc.get(k))} -> {show(nc.get(k))}")
+    if old.get("data") != new.get("data"):
+        diffs.append("data: the dataset's files changed")
+    if old.get("medse_version") != new.get("medse_version"):
+        diffs.append(f"medse version: {old.get('medse_version')} -> {new.get('medse_version')}")
+    return diffs
+
+
+def stale_cells(cfg: CompareConfig, out: Path, cells: Sequence[Cell] | None = None) -> dict[str, list[str]]:
+    """Cells under ``out`` whose finished records (or partly trained run) were made with other settings than the
+    grid now asks: ``cell_id -> differences`` (``key: old -> new``). Cells not started are not stale."""
+    from medse.config import config_to_dict
+
+    cache: dict[str, str | None] = {}
+    stale: dict[str, list[str]] = {}
+    for cell in cells if cells is not None else grid_cells(cfg):
+        cell_dir = out / "cells" / cell.cell_id
+        if (cell_dir / "records.csv").is_file():
+            want = cell_identity(cfg, cell, data=cache)
+            try:
+                have = json.loads((cell_dir / CELL_STAMP).read_text())
+            except (OSError, ValueError):
+                stale[cell.cell_id] = [f"{CELL_STAMP} missing or unreadable: the settings it was made with are "
+                                       "unknown"]
+                continue
+            diffs = _differences(have, want)
+        elif (cell_dir / "run" / Run.CONFIG).is_file():  # a killed cell would resume with its stored config
+            want = cell_identity(cfg, cell, data=cache)
+            try:
+                have_cfg = _flatten(config_to_dict(Run.open(cell_dir / "run").config))
+            except MedseError:
+                continue
+            have = {"config": {k: v for k, v in have_cfg.items() if k not in NON_RESULT_KEYS}}
+            diffs = _differences(have, {"config": want["config"]})
+        else:
+            continue
+        if diffs:
+            stale[cell.cell_id] = diffs
+    return stale
+
+
+def refuse_stale(stale: dict[str, list[str]], out: Path, flags: str = "--retrain-stale to retrain the stale "
+                 "cells, or --overwrite to retrain every cell") -> None:
+    """Raise the one-line refusal of stale cells (see :func:`stale_cells`): the first cell and its differences."""
+    first, diffs = next(iter(stale.items()))
+    more = f" (and {len(stale) - 1} more cell(s))" if len(stale) > 1 else ""
+    raise MedseError(f"cell {first}{more} was made with other settings than the grid now asks: "
+                     f"{'; '.join(diffs[:4])}{' ...' if len(diffs) > 4 else ''}; pass {flags}",
+                     out / "cells" / first / CELL_STAMP)
+
+
+def check_grid(cfg: CompareConfig, cells: Sequence[Cell], source: str | Path | None = None) -> None:
+    """Validate every cell's config and build every cell's network (on the meta device, with the dataset's channels
+    and classes) before the first cell trains, so that a typo fails at once, not after hours of earlier cells.
+
+    Raises:
+        MedseError: one line naming the grid file, the key (``blocks``, or the cell and the config key) and what is
+            wrong, with a did-you-mean for an unknown block.
+    """
+    from medse.attention import list_attention
+    from medse.config import load_config
+    from medse.training.trainer import check_model
+    from medse.utils.errors import did_you_mean
+
+    known = set(list_attention())
+    for b in cfg.blocks:
+        for part in str(b).split(","):
+            for name in part.split("=")[-1].split("+"):
+                name = name.strip()
+                if name and name != "none" and name not in known:
+                    raise MedseError(f"blocks: unknown block '{name}' in '{b}'.{did_you_mean(name, known)} Available: "
+                                     f"none, {', '.join(sorted(known))} (see medse blocks)", source)
+    shapes: dict[str, tuple[int, int]] = {}
+    for cell in cells:
+        try:
+            run_cfg = load_config(cfg.train_config_path(), cell_overrides(cfg, cell))
+        except MedseError as e:
+            raise MedseError(f"cell {cell.cell_id}: {e}", source) from None
+        data_src = str(run_cfg.data.manifest or run_cfg.data.root or "")
+        if data_src not in shapes:
+            shapes[data_src] = _channels_and_classes(run_cfg)
+        try:
+            check_model(run_cfg, *shapes[data_src])
+        except MedseError as e:
+            raise MedseError(f"cell {cell.cell_id}: {e}", source) from None
+
+
+def _channels_and_classes(run_cfg: Any) -> tuple[int, int]:
+    """Input channels and classes of the run's dataset (1 and 2 where the data cannot be read yet: the cell's own
+    training will say why)."""
+    from medse.data.datasets import load_dataset
+
+    src = run_cfg.data.manifest or run_cfg.data.root
+    labels = dict(run_cfg.data.labels or {})
+    n_in = 1
+    if src and Path(src).exists():
+        try:
+            spec = load_dataset(src, layout=run_cfg.data.layout or "auto")
+            n_in = spec.num_channels
+            labels = labels or dict(spec.labels)
+        except MedseError:
+            pass
+    return n_in, max(2, len({0, *(int(v) for v in labels.values())}))
+
+
 def run_compare(
     config: str | Path | dict[str, Any] | CompareConfig,
     output: str | Path | None = None,
@@ -443,70 +621,133 @@ def run_compare(
     train_overrides: Sequence[str] = (),
     runner: CellRunner | None = None,
     log: Callable[[str], None] | None = print,
+    retrain_stale: bool = False,
+    overwrite: bool = False,
+    resume_command: str | None = None,
 ) -> CompareReport:
     """Run (or continue) a comparison grid and rebuild its table and figures.
+
+    Before any cell trains, every cell's config is validated and its network built (:func:`check_grid`), and the
+    finished cells are checked against what the grid now asks (:func:`stale_cells`): a finished cell is reused
+    only when its recorded resolved config (less :data:`NON_RESULT_KEYS`), data and medse version are the same.
 
     Args:
         config: pipeline YAML path, mapping or :class:`CompareConfig`.
         output: output folder. Defaults to ``runs/compare/<name>``.
         shard: ``"i/n"``: run only cells ``i, i+n, i+2n, ...`` of the grid (0-based). Defaults to all.
         overrides: ``key=value`` overrides of the pipeline config (e.g. ``seeds=[0,1]``).
-        train_overrides: training-config overrides appended to every cell's (e.g. ``train.epochs=1``).
-            Changing them does not invalidate finished cells. Defaults to none.
+        train_overrides: training-config overrides appended to every cell's (e.g. ``train.epochs=1``). A finished
+            cell made with other values is stale (see ``retrain_stale``). Defaults to none.
         runner: the function that runs one cell and returns its records. Defaults to :func:`run_cell`.
         log: where progress lines go. Defaults to ``print``; None for silence.
+        retrain_stale: retrain the stale cells (their folders are removed first) instead of refusing.
+            Defaults to False.
+        overwrite: retrain every cell of this invocation, finished or not. Defaults to False.
+        resume_command: the command printed when SIGINT/SIGTERM stops the grid. Defaults to the ``medse compare``
+            command of these arguments.
 
     Returns:
         :class:`CompareReport` (also written to ``OUT/report.json``).
+
+    Raises:
+        MedseError: a cell's config or network is invalid, or finished cells are stale (naming the differing
+            keys) and neither ``retrain_stale`` nor ``overwrite`` is set.
+        Interrupted: SIGINT/SIGTERM; says which cell it stopped in and the command that resumes.
     """
+    import shutil
+
+    from medse.utils.interrupt import Interrupted, stop_on_signals
+
     cfg = load_pipeline(config, overrides)
+    source = cfg.source
     if train_overrides:
         cfg = dataclasses.replace(cfg, overrides=[*cfg.overrides, *train_overrides])
     out = Path(output) if output is not None else Path("runs") / "compare" / cfg.name
     out = out.expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
     say = log or (lambda _m: None)
     runner = runner or run_cell
     sh = parse_shard(shard)
-    atomic_write_text(out / "pipeline.yaml", dump_yaml(cfg))
+    if resume_command is None:
+        resume_command = grid_command("compare", config, out, overrides, train_overrides, shard)
     if cfg.synthetic is not None:
-        data_dir = ensure_synthetic(cfg.synthetic, out / "data", log=say)
+        data_dir = (out / "data").resolve()
         cfg = dataclasses.replace(cfg, overrides=[*cfg.overrides, f"data.root={data_dir}"])
     cells = grid_cells(cfg)
     mine = cells if sh is None else cells[sh[0]:: sh[1]]
+    check_grid(cfg, cells, source)  # every cell's config and network (all shards'), before the first one trains
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "pipeline.yaml", dump_yaml(cfg))
+    if cfg.synthetic is not None:
+        ensure_synthetic(cfg.synthetic, out / "data", log=say)
+    stale = {} if overwrite else stale_cells(cfg, out, mine)
+    if stale and not retrain_stale:
+        refuse_stale(stale, out)
     report = CompareReport(output=out, cells=[c.cell_id for c in mine])
+    fingerprints: dict[str, str | None] = {}  # data fingerprints by source, computed once per invocation
     say(f"compare '{cfg.name}': {len(mine)} of {len(cells)} cells" + (f" (shard {sh[0]}/{sh[1]})" if sh else "")
         + f" -> {out}")
-    for k, cell in enumerate(mine, 1):
-        cell_dir = out / "cells" / cell.cell_id
-        rec_path = cell_dir / "records.csv"
-        if rec_path.is_file():
-            report.skipped.append(cell.cell_id)
-            say(f"[{k}/{len(mine)}] {cell.cell_id}: finished earlier, skipped")
-            continue
-        say(f"[{k}/{len(mine)}] {cell.cell_id}: running")
-        t0 = time.perf_counter()
-        try:
-            cell_dir.mkdir(parents=True, exist_ok=True)
-            records = runner(cell, cell_dir, cfg)
-            atomic_write_text(rec_path, records.to_csv(index=False))
-        except Exception as e:  # a failed cell is reported; the rest go on (KeyboardInterrupt stops the run)
-            msg = f"{type(e).__name__}: {e}".replace("\n", " ")
-            report.failed[cell.cell_id] = msg
-            atomic_write_text(cell_dir / "error.txt", traceback.format_exc())
-            say(f"[{k}/{len(mine)}] {cell.cell_id}: FAILED ({msg}); see {cell_dir / 'error.txt'}")
-            continue
-        err = cell_dir / "error.txt"
-        if err.is_file():
-            err.unlink()
-        report.ran.append(cell.cell_id)
-        say(f"[{k}/{len(mine)}] {cell.cell_id}: done in {time.perf_counter() - t0:.1f} s{_times(cell_dir)}")
-    report.outputs, report.table_markdown = rebuild_outputs(cfg, out, log=say)
+    with stop_on_signals():
+        for k, cell in enumerate(mine, 1):
+            cell_dir = out / "cells" / cell.cell_id
+            rec_path = cell_dir / "records.csv"
+            if cell_dir.exists() and (overwrite or cell.cell_id in stale):
+                why = "--overwrite" if overwrite else "stale: " + "; ".join(stale[cell.cell_id][:3])
+                say(f"[{k}/{len(mine)}] {cell.cell_id}: retraining ({why})")
+                shutil.rmtree(cell_dir)
+            if rec_path.is_file():
+                report.skipped.append(cell.cell_id)
+                say(f"[{k}/{len(mine)}] {cell.cell_id}: finished earlier with the same settings, skipped")
+                continue
+            say(f"[{k}/{len(mine)}] {cell.cell_id}: running")
+            t0 = time.perf_counter()
+            try:
+                cell_dir.mkdir(parents=True, exist_ok=True)
+                identity = cell_identity(cfg, cell, data=fingerprints)
+                records = runner(cell, cell_dir, cfg)
+                atomic_write_text(cell_dir / CELL_STAMP, json.dumps(identity, indent=2, default=str) + "\n")
+                atomic_write_text(rec_path, records.to_csv(index=False))
+            except KeyboardInterrupt as e:  # SIGINT/SIGTERM (train's own Interrupted included): say where
+                where = f"cell {cell.cell_id} ({k} of {len(mine)}) of {out}"
+                if isinstance(e, Interrupted):
+                    where += f", in {e.where}"
+                raise Interrupted(where, resume=resume_command) from None
+            except Exception as e:  # a failed cell is reported; the rest go on
+                msg = f"{type(e).__name__}: {e}".replace("\n", " ")
+                report.failed[cell.cell_id] = msg
+                atomic_write_text(cell_dir / "error.txt", traceback.format_exc())
+                say(f"[{k}/{len(mine)}] {cell.cell_id}: FAILED ({msg}); see {cell_dir / 'error.txt'}")
+                continue
+            err = cell_dir / "error.txt"
+            if err.is_file():
+                err.unlink()
+            report.ran.append(cell.cell_id)
+            say(f"[{k}/{len(mine)}] {cell.cell_id}: done in {time.perf_counter() - t0:.1f} s{_times(cell_dir)}")
+        report.outputs, report.table_markdown = rebuild_outputs(cfg, out, log=say)
     report.unmatched = _unmatched(out)
+    report.incomplete = _incomplete(out, waiting_ok=sh is not None)
     atomic_write_text(out / "report.json", json.dumps(report.to_dict(), indent=2) + "\n")
     if report.failed:
-        say(f"{len(report.failed)} cell(s) failed: {', '.join(report.failed)} (rerun to retry them)")
+        say(f"{len(report.failed)} cell(s) failed: {', '.join(report.failed)} (rerun to retry them); the table "
+            "was rebuilt without them")
     return report
+
+
+def grid_command(command: str, config: Any, out: Path, overrides: Sequence[str], train_overrides: Sequence[str],
+                 shard: Any, *flags: str) -> str:
+    """The ``medse compare`` / ``medse search`` command line that continues a grid in ``out`` (finished cells are
+    reused): the pipeline file, the output folder, ``flags`` (e.g. ``--resume``), the overrides and the shard."""
+    import shlex
+
+    from medse._shipped import find
+
+    cfg_arg = (str(find(config, "pipelines").expanduser().resolve()) if isinstance(config, (str, Path))
+               else "PIPELINE.yaml")  # a shipped name (demo) as the file it resolved to
+    parts = ["medse", command, "-c", cfg_arg, "-o", str(out), *flags, *overrides]
+    for t in train_overrides:
+        parts += ["-t", t]
+    if shard:
+        parts += ["--shard", shard if isinstance(shard, str) else f"{shard[0]}/{shard[1]}"]
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 def ensure_synthetic(spec: SynthSpec, data_dir: Path, *, log: Callable[[str], None] | None = None) -> Path:
@@ -559,13 +800,23 @@ def rebuild_outputs(
 
     records = load_records(paths)
     t = cfg.table
+    folds = list(cfg.folds) if cfg.folds is not None else [-1]
     common = dict(baseline=t.baseline, metric=t.metric, confidence=t.confidence, n_boot=t.n_boot, seed=t.seed,
-                  dataset=cfg.dataset, arch_order=[a.key for a in cfg.architectures], block_order=cfg.blocks)
+                  dataset=cfg.dataset, arch_order=[a.key for a in cfg.architectures], block_order=cfg.blocks,
+                  expected_runs=[(f, s) for f in folds for s in cfg.seeds])
+    not_done = _unfinished(cfg, out)
     outputs: dict[str, str] = {}
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # unmatched cases: said once below, listed in table.json
+        warnings.simplefilter("ignore", UserWarning)  # unmatched cases and runs: said once below, in table.json
         table = build_table(records, **common)
         st = build_table(records, structures=True, **common) if t.structures else None
+    for tab in (table, st):
+        if tab is not None:
+            tab.header["failed_runs"] = not_done
+    for line in not_done:
+        say(f"warning: not in the table: {line}")
+    for line in table.header.get("unmatched_runs", []):
+        say(f"warning: unmatched run, left out of the rows that lack it: {line}")
     for line in table.header.get("unmatched", []):
         say(f"warning: unmatched, left out of the paired comparison: {line}")
     for kind, p in table.write(out, "table").items():
@@ -579,6 +830,34 @@ def rebuild_outputs(
     if cfg.figures:
         outputs.update(_figures(cfg, out, records, table, say))
     return outputs, table.to_markdown()
+
+
+def _unfinished(cfg: CompareConfig, out: Path) -> list[str]:
+    """Grid cells without records: ``<cell_id>: failed (<last line of error.txt>)`` or ``<cell_id>: not finished``."""
+    lines = []
+    for cell in grid_cells(cfg):
+        d = out / "cells" / cell.cell_id
+        if (d / "records.csv").is_file():
+            continue
+        try:
+            last = [ln for ln in (d / "error.txt").read_text().splitlines() if ln.strip()][-1].strip()
+            lines.append(f"{cell.cell_id}: failed ({last[:200]})")
+        except (OSError, IndexError):
+            lines.append(f"{cell.cell_id}: not finished")
+    return lines
+
+
+def _incomplete(out: Path, *, waiting_ok: bool = False) -> list[str]:
+    """What keeps the written table from resting on the whole grid (``table.json``): unmatched runs, failed or
+    unfinished cells, unmatched cases. ``waiting_ok`` (a shard): cells not yet run by other shards, and the runs
+    they leave unmatched, do not count."""
+    try:
+        h = json.loads((out / "table.json").read_text())
+    except (OSError, ValueError):
+        return []
+    failed = [x for x in h.get("failed_runs") or [] if not (waiting_ok and x.endswith(": not finished"))]
+    runs = [] if waiting_ok and len(failed) == 0 else list(h.get("unmatched_runs") or [])
+    return [*runs, *failed, *_unmatched(out)]
 
 
 def _unmatched(out: Path) -> list[str]:
@@ -600,7 +879,8 @@ def _figures(cfg: CompareConfig, out: Path, records: pd.DataFrame, table: Any,
     outputs: dict[str, str] = {}
     try:
         outputs["fig_boxplot"] = str(dice_boxplot(records, fig_dir / "dice_boxplot.png",
-                                                  baseline=cfg.table.baseline, metric=cfg.table.metric))
+                                                  baseline=cfg.table.baseline, metric=cfg.table.metric,
+                                                  block_order=table.header.get("blocks")))
     except MedseError as e:
         say(f"box plot skipped: {e}")
     try:

@@ -32,6 +32,7 @@ __all__ = [
     "cell_rows",
     "load_records",
     "run_level",
+    "run_scores",
     "validate_records",
 ]
 
@@ -131,8 +132,8 @@ def cell_rows(
     return validate_records(ev)
 
 
-def case_scores(records: pd.DataFrame, *, metric: str = "dice", structure: str | None = None) -> pd.DataFrame:
-    """Per-case scores per architecture x block, averaged over the runs (folds x seeds) a case appears in.
+def run_scores(records: pd.DataFrame, *, metric: str = "dice", structure: str | None = None) -> pd.DataFrame:
+    """Per-case scores of every run (``arch, block, fold, seed, case_id, value``): the units that are paired.
 
     Args:
         records: validated records.
@@ -141,9 +142,8 @@ def case_scores(records: pd.DataFrame, *, metric: str = "dice", structure: str |
             (``label_value > 0``) of each case. Defaults to None.
 
     Returns:
-        frame with columns ``arch, block, case_id, value`` (one row per case). A case with a NaN value for some
-        label (or in some run) has no score: it is dropped rather than averaged over the remaining labels, so that
-        a failure is never averaged away (the table lists it as unmatched).
+        one row per run and case; a case with a NaN value for some label keeps NaN (it has no score in that run,
+        rather than the mean of its remaining labels), so that a failure is never averaged away.
     """
     import pandas as pd
 
@@ -153,12 +153,40 @@ def case_scores(records: pd.DataFrame, *, metric: str = "dice", structure: str |
     else:
         r = r[r["label"] == str(structure)]
     if r.empty:
-        return pd.DataFrame(columns=["arch", "block", "case_id", "value"])
-    def mean_keep_nan(v: pd.Series) -> float:
-        return float(v.to_numpy(dtype=float).mean())
+        return pd.DataFrame(columns=[*CELL_COLUMNS, "case_id", "value"])
+    return r.groupby([*CELL_COLUMNS, "case_id"], sort=False)["value"].agg(_mean_keep_nan).reset_index()
 
-    per_run = r.groupby([*CELL_COLUMNS, "case_id"], sort=False)["value"].agg(mean_keep_nan).reset_index()
-    per_case = per_run.groupby(["arch", "block", "case_id"], sort=False)["value"].agg(mean_keep_nan).reset_index()
+
+def _mean_keep_nan(v: pd.Series) -> float:
+    return float(v.to_numpy(dtype=float).mean())
+
+
+def case_scores(records: pd.DataFrame, *, metric: str = "dice", structure: str | None = None,
+                runs: Iterable[tuple[int, int]] | None = None) -> pd.DataFrame:
+    """Per-case scores per architecture x block, averaged over the runs (folds x seeds) a case appears in.
+
+    Args:
+        records: validated records.
+        metric: metric name in the evaluation. Defaults to ``"dice"``.
+        structure: a label name for one structure; None for the mean over foreground labels
+            (``label_value > 0``) of each case. Defaults to None.
+        runs: only these ``(fold, seed)`` runs; a case must then be scored in every one of them that it appears
+            in. Defaults to None (every run).
+
+    Returns:
+        frame with columns ``arch, block, case_id, value`` (one row per case). A case with a NaN value for some
+        label (or in some run) has no score: it is dropped rather than averaged over the remaining labels, so that
+        a failure is never averaged away (the table lists it as unmatched).
+    """
+    import pandas as pd
+
+    per_run = run_scores(records, metric=metric, structure=structure)
+    if runs is not None:
+        keep = {(int(f), int(s)) for f, s in runs}
+        per_run = per_run[[(int(f), int(s)) in keep for f, s in zip(per_run["fold"], per_run["seed"], strict=True)]]
+    if per_run.empty:
+        return pd.DataFrame(columns=["arch", "block", "case_id", "value"])
+    per_case = per_run.groupby(["arch", "block", "case_id"], sort=False)["value"].agg(_mean_keep_nan).reset_index()
     return per_case.dropna(subset=["value"]).reset_index(drop=True)
 
 

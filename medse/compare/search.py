@@ -47,9 +47,12 @@ from medse.compare.pipeline import (
     TableSpec,
     ensure_synthetic,
     grid_cells,
+    grid_command,
     load_validated,
     parse_shard,
+    refuse_stale,
     run_compare,
+    stale_cells,
 )
 from medse.runs import Run
 from medse.utils.atomic import atomic_write_text
@@ -357,7 +360,8 @@ class SearchReport:
     """What :func:`run_search` found (also ``OUT/report.json``).
 
     ``status``: ``done``; ``waiting`` (a rung or the final stage has cells of other shards still unfinished:
-    rerun after they finish); ``failed`` (cells failed in this invocation: rerun to retry them).
+    rerun after they finish); ``failed`` (cells failed in this invocation: rerun to retry them); ``incomplete``
+    (the test-set table has unmatched runs or cases, listed in ``incomplete``).
     """
 
     output: Path
@@ -376,6 +380,7 @@ class SearchReport:
     test_table_markdown: str = ""
     reused: list[str] = field(default_factory=list)
     outputs: dict[str, str] = field(default_factory=dict)
+    incomplete: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -510,6 +515,8 @@ def run_search(
     train_overrides: Sequence[str] = (),
     runner: CellRunner | None = None,
     log: Callable[[str], None] | None = print,
+    retrain_stale: bool = False,
+    allow_incomplete: bool = False,
 ) -> SearchReport:
     """Run (or continue) a successive-halving search, then score the winner and the baseline on the test cases.
 
@@ -520,14 +527,43 @@ def run_search(
             unfinished by the others stops (status ``waiting``); rerunning continues.
         resume: continue the search already in ``output`` (required when it holds one; implied by ``shard``).
         overrides: ``key=value`` overrides of the search config.
-        train_overrides: training-config overrides for every run (e.g. ``train.num_threads=1``); they do not
-            invalidate finished candidates. Defaults to none.
+        train_overrides: training-config overrides for every run (e.g. ``train.num_threads=1``). A finished
+            candidate trained with other values of a key that changes results (not ``train.num_threads``,
+            ``train.progress``, ...: :data:`medse.compare.pipeline.NON_RESULT_KEYS`) is stale. Defaults to none.
         runner: cell runner passed to :func:`medse.compare.pipeline.run_compare` (tests). Defaults to compare's.
         log: where progress lines go. Defaults to ``print``; None for silence.
+        retrain_stale: retrain the cells made with other settings than the search now asks, and redo the rung
+            decisions from the first rung that holds one; otherwise such cells are refused (one line naming the
+            keys). Defaults to False.
+        allow_incomplete: accept a test-set table with unmatched runs or cases (status ``done``, not
+            ``incomplete``). Defaults to False.
 
     Returns:
         :class:`SearchReport` (also ``OUT/report.json`` and ``OUT/report.md``).
+
+    Raises:
+        Interrupted: SIGINT/SIGTERM; names the stage and cell it stopped in and the ``--resume`` command.
     """
+    from medse.utils.interrupt import Interrupted, stop_on_signals
+
+    with stop_on_signals():
+        try:
+            return _run_search(config, output, shard=shard, resume=resume, overrides=overrides,
+                               train_overrides=train_overrides, runner=runner, log=log, retrain_stale=retrain_stale,
+                               allow_incomplete=allow_incomplete)
+        except Interrupted:
+            raise  # inside a cell: run_compare said which one, with the --resume command
+        except KeyboardInterrupt:
+            cfg = load_search(config, overrides)
+            out = (Path(output) if output is not None else Path("runs") / "search" / cfg.name).expanduser().resolve()
+            raise Interrupted(f"search {out}, between cells",
+                              resume=grid_command("search", config, out, overrides, train_overrides, shard, "--resume")) from None
+
+
+def _run_search(
+    config: Any, output: Any, *, shard: Any, resume: bool, overrides: Sequence[str], train_overrides: Sequence[str],
+    runner: CellRunner | None, log: Callable[[str], None] | None, retrain_stale: bool, allow_incomplete: bool,
+) -> SearchReport:
     cfg = load_search(config, overrides)
     sh = parse_shard(shard)
     out = (Path(output) if output is not None else Path("runs") / "search" / cfg.name).expanduser().resolve()
@@ -539,6 +575,7 @@ def run_search(
     stored = cfg if not train_overrides else dataclasses.replace(
         cfg, overrides=cfg.overrides[: len(cfg.overrides) - len(train_overrides)])
     atomic_write_text(out / "search.yaml", dump_yaml(stored))
+    resume_cmd = grid_command("search", config, out, overrides, train_overrides, shard, "--resume")
     if cfg.synthetic is not None:
         data_dir = ensure_synthetic(cfg.synthetic, out / "data", log=say)
         cfg = dataclasses.replace(cfg, overrides=[*cfg.overrides, f"data.root={data_dir}"])
@@ -570,10 +607,19 @@ def run_search(
         decision_path = stage_dir / "decision.json"
         for c in alive:
             rows[c].update(rung=rung.index, budget=rung.budget, status="running")
+        if decision_path.is_file():
+            stale = stale_cells(ccfg, stage_dir)
+            if stale and not retrain_stale:
+                refuse_stale(stale, stage_dir, "--retrain-stale to retrain them (the rung decisions are redone)")
+            if stale:  # this rung's decision and every later one rest on stale runs
+                for later in out.glob("rung*/decision.json"):
+                    if int(later.parent.name[4:]) >= rung.index:
+                        later.unlink()
         if not decision_path.is_file():
             say(f"rung {rung.index}: {len(alive)} candidate(s), {cfg.budget_key}={rung.budget}, keep "
                 f"{rung.n_survivors}")
-            rep = run_compare(ccfg, stage_dir, shard=sh, runner=runner, log=say)
+            rep = run_compare(ccfg, stage_dir, shard=sh, runner=runner, log=say, retrain_stale=retrain_stale,
+                              resume_command=resume_cmd)
             report.failed.update({f"rung{rung.index}/{k}": v for k, v in rep.failed.items()})
             done, failed, pending = _stage_state(ccfg, stage_dir)
             if rep.failed or failed:
@@ -618,7 +664,8 @@ def run_search(
     if schedule and cfg.final_budget_value() == schedule[-1].budget:
         last = schedule[-1].index
         report.reused = _reuse_runs(out / f"rung{last}", final_dir, fcfg, alive_last, say)
-    rep = run_compare(fcfg, final_dir, shard=sh, runner=runner, log=say)
+    rep = run_compare(fcfg, final_dir, shard=sh, runner=runner, log=say, retrain_stale=retrain_stale,
+                      resume_command=resume_cmd)
     report.failed.update({f"final/{k}": v for k, v in rep.failed.items()})
     done, failed, pending = _stage_state(fcfg, final_dir)
     if rep.failed or failed:
@@ -639,6 +686,10 @@ def run_search(
     report.test_cases = scored
     report.test_table_markdown = rep.table_markdown
     report.outputs = {**rep.outputs, "report_md": str(out / "report.md"), "report_json": str(out / "report.json")}
+    report.incomplete = list(rep.incomplete)
+    if rep.incomplete and not allow_incomplete:
+        return finish("incomplete", f"winner {winner}; the test-set table does not rest on every run and case "
+                                    f"({'; '.join(rep.incomplete[:3])}); pass --allow-incomplete to accept it")
     return finish("done", f"winner {winner}; scored with {cfg.baseline} on {len(scored)} test case(s)")
 
 
@@ -695,7 +746,7 @@ def _write_report(cfg: SearchConfig, out: Path, report: SearchReport, say: Calla
     lines += ["", f"Budget: `{cfg.budget_key}` of the candidate's last rung; the rung columns are the validation "
               "scores at each rung (also in `report.json`, `candidates[].scores`).", "", OPTIMISM_NOTE, ""]
     lines += ["## Test set", ""]
-    if report.status == "done":
+    if report.status in ("done", "incomplete"):
         how = ("" if not report.reused else
                f" (the last rung's runs, reused rather than retrained: {', '.join(report.reused)})")
         if report.winner != report.baseline:
@@ -715,6 +766,9 @@ def _write_report(cfg: SearchConfig, out: Path, report: SearchReport, say: Calla
                          else "There is no other candidate to compare with."), ""]
     else:
         lines += ["(not yet: the search is not finished)", ""]
+    if report.incomplete:
+        lines += ["## Incomplete test-set table", "", "Left out of the paired comparison (the table's notes):", "",
+                  *[f"- {x}" for x in report.incomplete], ""]
     if report.failed:
         lines += ["## Failed cells", "", *[f"- {k}: {v}" for k, v in report.failed.items()], ""]
     atomic_write_text(out / "report.md", "\n".join(lines))

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medse.compare.records import case_scores, run_level, validate_records
+from medse.compare.records import CELL_COLUMNS, run_scores, validate_records
 from medse.compare.stats import bootstrap_ci, holm, relative_gain, wilcoxon_paired
 from medse.utils.atomic import atomic_write_text
 from medse.utils.errors import MedseError
@@ -45,7 +45,7 @@ from medse.utils.errors import MedseError
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-__all__ = ["ComparisonTable", "FOREGROUND", "METRIC_INFO", "MIN_TIMING_N", "MIN_TIMING_RUNS", "TimingOverhead",
+__all__ = ["ComparisonTable", "FOREGROUND", "format_runs", "METRIC_INFO", "MIN_TIMING_N", "MIN_TIMING_RUNS", "TimingOverhead",
            "build_table", "timing_overhead"]
 
 FOREGROUND = "foreground"
@@ -62,7 +62,7 @@ MIN_TIMING_N = 5
 MIN_TIMING_RUNS = 2
 
 TABLE_COLUMNS = [
-    "arch", "block", "structure", "metric", "n_cases", "n_unmatched", "mean", "std",
+    "arch", "block", "structure", "metric", "n_cases", "n_unmatched", "n_runs", "runs", "mean", "std",
     "gain", "gain_pct", "ci_low", "ci_high", "wilcoxon_stat", "p_value", "p_holm",
     "params", "param_overhead_pct",
     "train_step_s", "train_time_overhead_pct", "train_time_iqr_low", "train_time_iqr_high", "train_time_n",
@@ -152,11 +152,23 @@ class ComparisonTable:
         name, higher, scale, unit = METRIC_INFO.get(metric, (metric, True, 1.0, ""))
         scaled = " (x100)" if scale == 100 else ""
         direction = "block - baseline (higher is better)" if higher else "baseline - block (lower is better)"
+        runs_by_row = h.get("runs_by_row") or {}
+        distinct = {tuple(tuple(r) for r in v) for v in runs_by_row.values()}
+        if len(distinct) <= 1 and not h.get("unmatched_runs"):
+            runs_text = f"runs per row: {h.get('runs_per_cell', '-')}"
+            per_row = []
+        else:
+            runs_text = "runs per row: see below"
+            per_row = ["Runs per row (a row rests only on the runs present for both it and the baseline): "
+                       + "; ".join(f"{k.replace('/', ' ')}: {format_runs([tuple(r) for r in v])}"
+                                   for k, v in runs_by_row.items()) + "."]
         lines = [
             f"Dataset: {h.get('dataset') or 'unnamed'}; test cases: {h.get('n_cases', 0)}; "
-            f"folds: {folds}; seeds: {seeds}; runs per cell: {h.get('runs_per_cell', '-')}.",
+            f"folds: {folds}; seeds: {seeds}; {runs_text}.",
+            *per_row,
             f"Metric: {name}: mean ± std over cases of the per-case foreground mean (each case averaged over the "
-            f"runs it was tested in); all rows of an architecture on the same paired cases."
+            f"row's runs); each row paired with the baseline on the same cases and runs (case, fold, seed); all "
+            f"rows of an architecture on the same cases."
             + ("" if higher else " A structure missed entirely counts as the worst distance (the image diagonal)."),
             f"Gain over '{h.get('baseline', 'none')}': {direction}, in {unit}{scaled} and %; p: two-sided paired "
             f"Wilcoxon signed-rank over cases, Holm-corrected across the blocks of each architecture; CI: {conf}% "
@@ -165,11 +177,20 @@ class ComparisonTable:
             f"[IQR] of paired relative differences, shown only with >= {MIN_TIMING_N} measurements from >= "
             f"{MIN_TIMING_RUNS} paired runs and an IQR narrower than the effect, else n/a.",
         ]
-        unmatched = h.get("unmatched") or []
-        if unmatched:
-            shown = "; ".join(unmatched[:5]) + (f"; ... ({len(unmatched)} in all)" if len(unmatched) > 5 else "")
-            lines.append(f"Unmatched cases, left out of the paired comparison: {shown}.")
+        for key, what in (("unmatched_runs", "Unmatched runs, left out of the rows that lack them"),
+                          ("failed_runs", "Failed or unfinished cells"),
+                          ("unmatched", "Unmatched cases, left out of the paired comparison")):
+            items = h.get(key) or []
+            if items:
+                shown = "; ".join(items[:5]) + (f"; ... ({len(items)} in all)" if len(items) > 5 else "")
+                lines.append(f"{what}: {shown}.")
         return lines
+
+    def incomplete(self) -> list[str]:
+        """Everything that keeps the table from resting on the full grid: unmatched runs, failed or unfinished
+        cells, unmatched cases (empty when complete)."""
+        h = self.header
+        return [*(h.get("unmatched_runs") or []), *(h.get("failed_runs") or []), *(h.get("unmatched") or [])]
 
     def _display_rows(self) -> list[dict[str, str]]:
         per_structure = self.rows["structure"].nunique() > 1
@@ -311,6 +332,7 @@ def build_table(
     dataset: str | None = None,
     arch_order: Sequence[str] | None = None,
     block_order: Sequence[str] | None = None,
+    expected_runs: Sequence[tuple[int, int]] | None = None,
 ) -> ComparisonTable:
     """Build the comparison table from per-case records (see :mod:`medse.compare.records`).
 
@@ -326,6 +348,8 @@ def build_table(
         seed: bootstrap seed. Defaults to 0.
         dataset: dataset name for the header. Defaults to the records' ``dataset`` column, if any.
         arch_order, block_order: display order. Defaults to first appearance, baseline first.
+        expected_runs: the ``(fold, seed)`` runs every architecture x block should have (the grid); those without
+            records are listed as unmatched runs. Defaults to None (the runs found in the records).
 
     Returns:
         :class:`ComparisonTable`; ``header["unmatched"]`` lists the cases left out of the paired sets (also
@@ -356,45 +380,99 @@ def build_table(
 
     archs = _order(rec["arch"].tolist(), arch_order)
     blocks = _order(rec["block"].tolist(), block_order, first=baseline)
-    params = {(a, b): v for a, b, v in run_level(rec, "params").itertuples(index=False)}
-    tstep = {(a, b): v for a, b, v in run_level(rec, "train_step_s").itertuples(index=False)}
-    tinf = {(a, b): v for a, b, v in run_level(rec, "infer_s").itertuples(index=False)}
-    timing = {(a, b): _timings(rec, a, b, baseline) for a in archs for b in blocks if b != baseline}
+    # the runs of each cell: a (fold, seed) with per-case records of the metric; a row rests on the runs present
+    # for both its block and the baseline (the baseline row: the runs it is paired on with any block)
+    per_run_all = run_scores(rec, metric=metric)
+    runs_of = {(a, b): set() for a in archs for b in blocks}
+    for (a, b, f, s_), _ in per_run_all.groupby(CELL_COLUMNS, sort=False):
+        runs_of.setdefault((a, b), set()).add((int(f), int(s_)))
+    row_runs: dict[tuple[str, str], list[tuple[int, int]]] = {}
+    unmatched_runs: list[str] = []
+    for arch in archs:
+        base_runs = runs_of.get((arch, baseline), set())
+        paired_any: set[tuple[int, int]] = set()
+        for block in blocks:
+            if block == baseline:
+                continue
+            mine = runs_of.get((arch, block), set())
+            row_runs[(arch, block)] = sorted(mine & base_runs if base_runs else mine)
+            paired_any |= mine & base_runs
+        row_runs[(arch, baseline)] = sorted(paired_any or base_runs)
+        expected = set(expected_runs) if expected_runs is not None else set()
+        every_run = expected.union(*(runs_of.get((arch, b), set()) for b in blocks))
+        for run in sorted(every_run):
+            lacking = [b for b in blocks if run not in runs_of.get((arch, b), set())]
+            if lacking:
+                unmatched_runs.append(f"{arch}: run {format_runs([run])} has no records for {', '.join(lacking)}")
+
+    has_records = set(zip(rec["arch"], rec["block"], strict=True))
+
+    def rec_of(arch: str, block: str) -> pd.DataFrame:
+        runs = set(row_runs.get((arch, block), []))
+        r = rec[(rec["arch"] == arch) & (rec["block"] == block)]
+        return r[[(int(f), int(s_)) in runs for f, s_ in zip(r["fold"], r["seed"], strict=True)]]
+
+    params = {(a, b): _mean_of_runs(rec_of(a, b), "params") for a in archs for b in blocks}
+    tstep = {(a, b): _mean_of_runs(rec_of(a, b), "train_step_s") for a in archs for b in blocks}
+    tinf = {(a, b): _mean_of_runs(rec_of(a, b), "infer_s") for a in archs for b in blocks}
+    timing = {(a, b): _timings(rec_of(a, b), rec_of(a, baseline) if baseline in blocks else rec_of(a, b))
+              for a in archs for b in blocks if b != baseline}
 
     rows: list[dict[str, Any]] = []
     all_cases: set[str] = set()
     unmatched: list[str] = []
     for structure in struct_list:
-        scores = case_scores(rec, metric=metric, structure=structure)
-        if structure is None and scores.empty:
+        per_run = run_scores(rec, metric=metric, structure=structure)
+        if structure is None and per_run["value"].notna().sum() == 0:
             raise MedseError(f"records hold no per-case '{metric}' values of foreground labels")
         for arch in archs:
-            sa = scores[scores["arch"] == arch]
-            per_block = {b: sa[sa["block"] == b].set_index("case_id")["value"] for b in blocks}
+            sa = per_run[per_run["arch"] == arch]
+            # the (case, run) units: a case evaluated in a run by any block of the architecture (every case once
+            # per seed; under cross-validation, in the one fold that validates it)
+            present = sa.groupby(["case_id", "fold", "seed"]).size().unstack(["fold", "seed"]).notna()
+
+            def over(block: str, runs: Sequence[tuple[int, int]], sa: pd.DataFrame = sa,
+                     present: pd.DataFrame = present) -> pd.Series:
+                """Per case: the mean over its units in ``runs``; no score (dropped) unless scored in every one."""
+                sb = sa[sa["block"] == block]
+                if sb.empty or not runs:
+                    return pd.Series(dtype=float)
+                cols = pd.MultiIndex.from_tuples(list(runs), names=["fold", "seed"])
+                units = present.reindex(columns=cols, fill_value=False).fillna(False).astype(bool)
+                wide = sb.groupby(["case_id", "fold", "seed"])["value"].mean().unstack(["fold", "seed"])
+                wide = wide.reindex(index=units.index, columns=cols)
+                ok = units.any(axis=1) & ~(units & wide.isna()).any(axis=1)
+                return wide.where(units).mean(axis=1)[ok]
+
+            per_block = {b: over(b, row_runs.get((arch, b), [])) for b in blocks}
+            base_for = {b: over(baseline, row_runs.get((arch, b), [])) for b in blocks if b != baseline}
             scored = [b for b in blocks if not per_block[b].empty]
-            shared = sorted(set.intersection(*(set(per_block[b].index) for b in scored))) if scored else []
+            sets = [set(per_block[b].index) for b in scored]
+            sets += [set(base_for[b].index) for b in scored if b != baseline and baseline in scored]
+            shared = sorted(set.intersection(*sets)) if sets else []
             every = sorted(set().union(*(set(per_block[b].index) for b in scored))) if scored else []
             all_cases.update(shared)
             where = arch + (f"/{structure}" if structure else "")
             for cid in every:
                 if cid not in shared:
-                    lacking = [b for b in scored if cid not in per_block[b].index]
+                    lacking = [b for b in scored if cid not in per_block[b].index] or [baseline]
                     unmatched.append(f"{where}: case {cid} not scored for {', '.join(lacking)}")
-            base = per_block[baseline].reindex(shared) if baseline in scored else None
             arch_rows = []
             for block in blocks:
                 sb = per_block[block]
-                if sb.empty and (arch, block) not in params:
+                if sb.empty and (arch, block) not in has_records:
                     continue
                 vals = sb.reindex(shared).to_numpy(dtype=float) if block in scored else np.array([])
+                runs = row_runs.get((arch, block), [])
                 row: dict[str, Any] = {
                     "arch": arch, "block": block, "structure": structure or FOREGROUND, "metric": metric,
                     "n_cases": int(vals.size), "n_unmatched": int(len(sb) - vals.size),
+                    "n_runs": len(runs), "runs": format_runs(runs),
                     "mean": float(vals.mean()) if vals.size else float("nan"),
                     "std": float(vals.std(ddof=1)) if vals.size > 1 else float("nan"),
                 }
-                if block != baseline and base is not None and vals.size > 0:
-                    x = base.to_numpy(dtype=float)
+                if block != baseline and baseline in scored and vals.size > 0:
+                    x = base_for[block].reindex(shared).to_numpy(dtype=float)
                     y = vals
                     w = wilcoxon_paired(x, y)
                     d = sign * (y - x)  # improvement: positive is better for every metric
@@ -430,19 +508,26 @@ def build_table(
         if c not in df.columns:
             df[c] = np.nan
     df = df[TABLE_COLUMNS]
-    for c in ("train_time_note", "infer_time_note"):
+    for c in ("train_time_note", "infer_time_note", "runs"):
         df[c] = df[c].fillna("").astype(str)
     if unmatched:
         warnings.warn(f"{len(unmatched)} case(s) left out of the paired comparison (not scored for every block): "
                       f"{'; '.join(unmatched[:3])}{' ...' if len(unmatched) > 3 else ''}", UserWarning, stacklevel=2)
-    runs = rec[rec["metric"] == metric].groupby(["arch", "block"])[["fold", "seed"]].apply(
-        lambda g: len(g.drop_duplicates()))
+    if unmatched_runs:
+        warnings.warn(f"{len(unmatched_runs)} run(s) not present for every block, left out of the rows that lack "
+                      f"them: {'; '.join(unmatched_runs[:3])}{' ...' if len(unmatched_runs) > 3 else ''}",
+                      UserWarning, stacklevel=2)
+    n_runs = {len(r) for k, r in row_runs.items() if k in has_records}
     header = {
         "dataset": dataset,
         "n_cases": len(all_cases),
-        "folds": sorted(int(f) for f in rec["fold"].unique() if f >= 0),
-        "seeds": sorted(int(s) for s in rec["seed"].unique() if s >= 0),
-        "runs_per_cell": int(runs.max()) if len(runs) else 0,
+        # the folds and seeds of the runs the rows rest on (unmatched runs are listed in "unmatched_runs")
+        "folds": sorted({int(f) for k, r in row_runs.items() if k in has_records for f, _ in r if f >= 0}),
+        "seeds": sorted({int(s_) for k, r in row_runs.items() if k in has_records for _, s_ in r if s_ >= 0}),
+        "runs_per_cell": max(n_runs) if n_runs else 0,
+        "runs_by_row": {f"{a}/{b}": [list(r) for r in row_runs[(a, b)]] for a in archs for b in blocks
+                        if (a, b) in has_records and (a, b) in row_runs},
+        "unmatched_runs": unmatched_runs,
         "metric": metric,
         "higher_is_better": higher,
         "gain_unit": METRIC_INFO[metric][3],
@@ -459,10 +544,34 @@ def build_table(
     return ComparisonTable(rows=df, header=header)
 
 
-def _timings(rec: pd.DataFrame, arch: str, block: str, baseline: str) -> tuple[TimingOverhead, TimingOverhead]:
-    """Paired training-step (per run) and inference (per case and run) overheads of ``block`` over ``baseline``."""
-    mine = rec[(rec["arch"] == arch) & (rec["block"] == block)]
-    base = rec[(rec["arch"] == arch) & (rec["block"] == baseline)]
+def _mean_of_runs(r: pd.DataFrame, metric: str) -> float:
+    """Mean of a run-level or per-case measurement: within each run first, then over the runs."""
+    r = r[r["metric"] == metric]
+    if r.empty:
+        return float("nan")
+    return float(r.groupby(["fold", "seed"])["value"].mean().mean())
+
+
+def format_runs(runs: Sequence[tuple[int, int]]) -> str:
+    """``[(-1, 0), (-1, 1)]`` -> ``"seeds 0, 1"``; ``[(0, 0), (1, 0)]`` -> ``"folds 0, 1 x seed 0"``; otherwise each
+    run as ``fold f/seed s`` (fold -1, the config's own split, is not named). ``"none"`` for no run."""
+    runs = sorted({(int(f), int(s)) for f, s in runs})
+    if not runs:
+        return "none"
+    folds = sorted({f for f, _ in runs})
+    seeds = sorted({s for _, s in runs})
+
+    def part(word: str, values: list[int]) -> str:
+        return f"{word}{'s' if len(values) > 1 else ''} {', '.join(map(str, values))}"
+
+    if len(runs) == len(folds) * len(seeds):
+        bits = ([part("fold", folds)] if folds != [-1] else []) + ([part("seed", seeds)] if seeds != [-1] else [])
+        return " x ".join(bits) or "1 run"
+    return ", ".join("/".join(([f"fold {f}"] if f >= 0 else []) + ([f"seed {s}"] if s >= 0 else [])) for f, s in runs)
+
+
+def _timings(mine: pd.DataFrame, base: pd.DataFrame) -> tuple[TimingOverhead, TimingOverhead]:
+    """Paired training-step (per run) and inference (per case and run) overheads of ``mine`` over ``base``."""
 
     def paired(metric: str, by: list[str]) -> tuple[list[tuple[float, float]], int]:
         a = base[base["metric"] == metric].groupby(by)["value"].mean()

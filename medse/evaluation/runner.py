@@ -17,6 +17,15 @@ one of reference and prediction is empty, see :data:`medse.evaluation.metrics.EM
 ``n_both_empty`` and ``n_missing``. ``foreground`` gives the same statistics of the per-case mean over the
 foreground labels (NaN values skipped). Prediction and reference grids must match (shape and affine within
 1e-3 mm): a mismatch is a :class:`~medse.utils.errors.MedseError` naming both files.
+
+Labels that would make the numbers lie (a label absent from both masks scores Dice 1 by convention):
+
+* a label asked for with ``labels=`` that occurs in no reference and no prediction is an error (nothing is
+  written): it would score Dice 1 in every case and raise the foreground mean; a declared label (dataset.json,
+  sidecar) that occurs nowhere is dropped with a warning, for the same reason;
+* label values present in references but not scored (e.g. 9, or -1 when only 1, 2 are scored) are listed with
+  their voxel and case counts in ``summary.json`` (``unscored_labels``), and :func:`evaluate` raises after
+  writing the results unless ``allow_unscored=True``.
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ from medse.evaluation.metrics import EMPTY_RULE, HD95_MODES, METRICS, case_metri
 from medse.utils.atomic import atomic_path, atomic_write_text, ensure_writable_dir
 from medse.utils.errors import MedseError
 
-__all__ = ["evaluate", "summarise", "collect_pairs", "check_writable_folder"]
+__all__ = ["evaluate", "summarise", "collect_pairs", "check_writable_folder", "format_unscored"]
 
 COLUMNS = ["case_id", "label", "label_value", "metric", "value"]
 
@@ -211,6 +220,12 @@ def summarise(df: Any, missing: Sequence[str] = ()) -> dict[str, Any]:
     return out
 
 
+def format_unscored(unscored: Mapping[Any, Mapping[str, int]]) -> str:
+    """``"9 (1200 voxels in 3 cases), -1 (..."`` from ``summary.json``'s ``unscored_labels``."""
+    return ", ".join(f"{v} ({c['voxels']} voxels in {c['cases']} case{'s' if c['cases'] != 1 else ''})"
+                     for v, c in unscored.items())
+
+
 def _json_safe(obj: Any) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
@@ -231,6 +246,7 @@ def evaluate(
     allow_missing: bool = False,
     hd95_mode: str = "max",
     progress: bool = False,
+    allow_unscored: bool = False,
 ) -> Any:
     """Compare every reference with its prediction; write ``metrics.csv`` and ``summary.json``.
 
@@ -250,6 +266,8 @@ def evaluate(
             the 95th percentile of both directed distance sets pooled), see :mod:`medse.evaluation.metrics`.
             Defaults to ``"max"``.
         progress: tqdm bar over the cases. Defaults to False.
+        allow_unscored: do not raise when references hold label values that are not scored (they are listed in
+            ``summary.json``'s ``unscored_labels`` either way). Defaults to False.
 
     Returns:
         pandas DataFrame with columns ``case_id, label, label_value, metric, value`` (one row per case x
@@ -257,7 +275,9 @@ def evaluate(
 
     Raises:
         MedseError: no matching cases, output folder not writable, mismatched grids (naming both files),
-            unreadable files (with ``strict``), references without a prediction (unless ``allow_missing``).
+            unreadable files (with ``strict``), references without a prediction (unless ``allow_missing``), a
+            label of ``labels`` found in no reference and no prediction (nothing written), references holding
+            label values that are not scored (unless ``allow_unscored``; after writing the results).
     """
     import pandas as pd
 
@@ -278,14 +298,21 @@ def evaluate(
     resolved = _resolve_labels(labels, declared, pdir, pairs[0][1], lambda: _values_in(pairs))
     jobs = [(cid, p, r) for cid, p, r in pairs] + [(cid, None, r) for cid, r in missing.items()]
     jobs.sort(key=lambda j: j[0])
+    ref_voxels: dict[int, list[int]] = {}  # label value -> [voxels over all references, cases holding it]
+    pred_values: set[int] = set()
     for cid, ppath, rpath in progress_bar(jobs, desc="evaluate", unit="case", disable=not progress, file=sys.stderr):
         try:
             r = _read_label(rpath)
+            for v, n in zip(*np.unique(r.array, return_counts=True), strict=True):
+                acc = ref_voxels.setdefault(int(v), [0, 0])
+                acc[0] += int(n)
+                acc[1] += 1
             spacing = [float(s) for s in np.linalg.norm(np.asarray(r.affine)[:3, :3], axis=0)]
             if ppath is None:
                 case_rows = missing_case_rows(r.array, spacing, resolved)
             else:
                 p = _read_label(ppath)
+                pred_values.update(int(v) for v in np.unique(p.array))
                 if p.array.shape != r.array.shape or not np.allclose(p.affine, r.affine, rtol=1e-4, atol=1e-3):
                     what = "shape" if p.array.shape != r.array.shape else "affine"
                     raise MedseError(f"prediction {ppath} and reference {rpath} are on different voxel grids "
@@ -296,6 +323,21 @@ def evaluate(
                 rows.append((cid, name, value, metric, v))
         except MedseError as e:
             errors.append(f"{cid}: {e}")
+    absent = {name: v for name, v in resolved.items() if v not in ref_voxels and v not in pred_values}
+    if absent and not errors:
+        what = ", ".join(f"{v}" + (f" ('{n}')" if n != str(v) else "") for n, v in absent.items())
+        if labels is not None:
+            raise MedseError(f"labels: {what} occur(s) in no reference and no prediction of the {len(jobs)} case(s); "
+                             f"absent from both masks it would score Dice 1 in every case and raise the mean: "
+                             f"leave it out of the labels", pdir)
+        warnings.warn(f"declared label(s) {what} occur in no reference and no prediction; not scored (absent from "
+                      f"both masks they would score Dice 1 in every case)", UserWarning, stacklevel=2)
+        rows = [row for row in rows if row[1] not in absent]
+        if len(absent) == len(resolved):
+            raise MedseError("no declared foreground label occurs in any reference or prediction", pdir)
+    scored = set(resolved.values())
+    unscored = {v: {"voxels": n, "cases": k} for v, (n, k) in sorted(ref_voxels.items())
+                if v != 0 and v not in scored}
     df = pd.DataFrame(rows, columns=COLUMNS)
     missing_ids = sorted(missing)
     if out is not None:
@@ -310,6 +352,9 @@ def evaluate(
             "missing_rule": "a reference without a prediction scores dice 0 and hd95/assd the worst value "
                             "(the image diagonal in mm) for every label",
             "extra_predictions": extra,
+            "unscored_labels": {str(v): c for v, c in unscored.items()},
+            "unscored_rule": "label values present in references but not scored; evaluate fails unless "
+                             "allow_unscored (--allow-unscored-labels)",
             "errors": errors,
             "empty_rule": EMPTY_RULE,
             "hd95_mode": hd95_mode,
@@ -320,6 +365,9 @@ def evaluate(
     if errors and strict:
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise MedseError(f"{len(errors)} case(s) could not be evaluated; {errors[0]}{more}")
+    if unscored and not allow_unscored:
+        raise MedseError(f"references hold label value(s) that are not scored: {format_unscored(unscored)}; pass "
+                         f"them in labels, or allow_unscored=True (--allow-unscored-labels) to accept that", ref)
     if missing_ids and not allow_missing:
         more = " ..." if len(missing_ids) > 5 else ""
         raise MedseError(f"{len(missing_ids)} reference case(s) have no prediction ({', '.join(missing_ids[:5])}{more})"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -135,14 +136,19 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return value
         raise MedseError(f"config key '{key}': expected an integer, got {value!r}")
     if tp is float:
+        number: float | None = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise MedseError(f"config key '{key}': expected a number, got {value!r}")
+        if number is None:
+            raise MedseError(f"config key '{key}': expected a number, got {value!r}")
+        if not math.isfinite(number):  # nan/inf would pass every range check below (nan > 0 is False, inf > 0)
+            raise MedseError(f"config key '{key}': expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -150,6 +156,40 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return str(value)
         raise MedseError(f"config key '{key}': expected a string, got {value!r}")
     return value
+
+
+def override_key(key: str, overrides: list[str] | tuple[str, ...]) -> str | None:
+    """The last override (``a.b=value``) that sets dotted ``key`` or a section holding it, else None."""
+    for item in reversed(list(overrides or ())):
+        k = item.split("=", 1)[0].strip()
+        if k and (k == key or key.startswith(k + ".") or key.startswith(k + "[")):
+            return item
+    return None
+
+
+def blame(error: MedseError, schema: type, data: dict[str, Any], overrides: list[str] | tuple[str, ...],
+          path: Path | None) -> MedseError:
+    """``error`` (raised by ``from_dict(schema, data + overrides)``) blamed on what caused it.
+
+    A command-line override that sets a key the message names gets the blame (``command-line override
+    'train.epoch=2': unknown config key 'train.epoch'. Did you mean 'epochs'?``); so do the overrides as a whole
+    when ``data`` alone validates; otherwise the config file ``path`` does.
+    """
+    import re
+
+    msg = str(error)
+    if overrides:
+        for key in re.findall(r"[A-Za-z_]\w*(?:\.[A-Za-z_0-9]\w*)+", msg):
+            item = override_key(key, overrides)
+            if item is not None:
+                return MedseError(f"command-line override '{item}': {msg}")
+        try:
+            from_dict(schema, data)
+        except MedseError:
+            pass
+        else:
+            return MedseError(f"command-line overrides ({' '.join(overrides)}): {msg}")
+    return MedseError(msg, path)
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, prefix: str = "") -> T:

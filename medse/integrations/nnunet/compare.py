@@ -2,18 +2,20 @@
 
 For each plans identifier, :func:`compare_nnunet` reads
 ``$nnUNet_results/DatasetXXX_Name/<trainer>__<plans>__<configuration>/fold_<f>/validation/*.nii.gz`` (the
-predictions nnU-Net writes for each fold's validation cases at the end of training) and re-scores every one
-against its reference (``$nnUNet_preprocessed/DatasetXXX_Name/gt_segmentations``, the copies nnU-Net itself
+predictions nnU-Net writes for each fold's validation cases at the end of training) and re-scores exactly the
+fold's validation cases of ``splits_final.json`` (other files there are listed as extra, never scored) against its reference (``$nnUNet_preprocessed/DatasetXXX_Name/gt_segmentations``, the copies nnU-Net itself
 evaluates against; ``$nnUNet_raw/.../labelsTr`` as a fallback) with medse's evaluator, so Dice, HD95 and ASSD
 come from one code path (:func:`medse.evaluation.evaluate`), not from nnU-Net's ``summary.json``.
 
-Cases are paired across plans: a table row rests only on the cases present for every plans compared; cases or
-folds missing for some plans are listed in the table header and in ``missing.json``, never dropped silently.
+Cases are paired across plans by fold (a run) and case, as in :func:`medse.compare.table.build_table`: a table
+row rests only on the folds present for both it and the baseline and the cases present for every plans compared;
+cases or folds missing for some plans are listed in the table header and in ``missing.json``, never dropped
+silently, and the header names only the folds that contribute paired cases.
 The baseline is the plans without medse attention (no ``medse`` key). Parameters are counted on the networks
 nnU-Net builds from each results folder's ``plans.json``; the training-step time is taken from nnU-Net's training
 logs (``Epoch time: ... s`` divided by the training iterations per epoch from ``debug.json``; the epoch time
-includes that epoch's validation iterations; the first epoch of a fold is left out when a fold has more), with
-its spread over epochs stated in the header.
+includes that epoch's validation iterations; the first epoch of a fold is left out when a fold has more),
+compared on the folds timed for both plans as paired per-fold ratios (median and range in the header).
 
 Outputs (as ``medse compare``): ``records.csv``, ``table.{md,csv,tex,json}``,
 ``table_structures.{md,csv,tex,json}``, ``figures/dice_boxplot.png``, ``figures/gain.png``, ``missing.json``,
@@ -25,6 +27,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +54,7 @@ class NNUNetCompareReport:
     n_cases: int
     folds: list[int]
     missing: dict[str, Any] = field(default_factory=dict)
+    incomplete: list[str] = field(default_factory=list)
 
 
 def parse_folds(text: str | Sequence[int]) -> list[int]:
@@ -94,8 +100,73 @@ def _iterations_per_epoch(fold_dir: Path) -> int:
         return 250  # nnU-Net's default
 
 
+def _recorded_plans(fold_dir: Path) -> dict[str, Any] | None:
+    """The plans the fold was trained with, as nnU-Net recorded them at the fold's start (``debug.json``'s
+    ``plans_manager``: the repr of the plans dict); None when the fold has no such record.
+
+    The results folder's ``plans.json`` is rewritten by every fold's start, so it only tells the plans of the fold
+    trained last; ``debug.json`` sits in the fold's own folder.
+    """
+    import ast
+
+    try:
+        text = json.loads((fold_dir / "debug.json").read_text()).get("plans_manager")
+        plans = ast.literal_eval(text) if isinstance(text, str) else None
+    except (OSError, ValueError, SyntaxError, TypeError, AttributeError, MemoryError, RecursionError):
+        return None
+    return plans if isinstance(plans, dict) else None
+
+
+def _json_differences(old: Any, new: Any) -> list[str]:
+    """``key old -> new`` for every (flattened) key of two JSON documents that differs (long values shortened:
+    a fingerprint holds per-case lists)."""
+    from medse.compare.pipeline import _differences, _flatten
+
+    return [d if len(d) <= 160 else d[:157] + "..."
+            for d in _differences({"config": _flatten(old)}, {"config": _flatten(new)})]
+
+
+def _check_fresh(res_folder: Path, pre_folder: Path, plans: Sequence[str], folds: Sequence[int], *, trainer: str,
+                 configuration: str) -> None:
+    """Refuse (one line) folds trained with other plans than their results folder's ``plans.json`` (the plans the
+    table's header names), and results trained on another dataset fingerprint than the preprocessed one.
+
+    medse does not train nnU-Net folds itself (the user runs ``nnUNetv2_train``): a fold trained before its plans
+    were re-derived would be scored under the new plans' block name, so it is refused until it is retrained (or
+    left out with ``--folds``). Folds without a recorded plans (no ``debug.json``) cannot be checked and pass.
+    """
+    did = dataset_id(pre_folder)
+    stale: list[tuple[Path, str, list[str]]] = []
+    for p in plans:
+        model_dir = res_folder / f"{trainer}__{p}__{configuration}"
+        claimed = json.loads((model_dir / "plans.json").read_text())
+        fp_used, fp_now = model_dir / "dataset_fingerprint.json", pre_folder / "dataset_fingerprint.json"
+        if fp_used.is_file() and fp_now.is_file():
+            try:
+                diffs = _json_differences(json.loads(fp_used.read_text()), json.loads(fp_now.read_text()))
+            except ValueError as e:
+                raise MedseError(f"unreadable dataset fingerprint ({e})", fp_used) from None
+            if diffs:
+                stale.append((fp_used, f"plans {p} was trained on another dataset fingerprint than {fp_now}", diffs))
+        for f in folds:
+            recorded = _recorded_plans(model_dir / f"fold_{f}")
+            if recorded is None:
+                continue
+            diffs = _json_differences(recorded, claimed)
+            if diffs:
+                stale.append((model_dir / f"fold_{f}" / "debug.json",
+                              f"plans {p}: fold {f} was trained with other plans than {model_dir.name}/plans.json "
+                              f"(the plans the table names; retrain: nnUNetv2_train {did} {configuration} {f} "
+                              f"-tr {trainer} -p {p}, or leave the fold out with --folds)", diffs))
+    if stale:
+        where, what, diffs = stale[0]
+        more = f" (and {len(stale) - 1} more stale fold(s) or plans)" if len(stale) > 1 else ""
+        raise MedseError(f"{what}{more}: {'; '.join(diffs[:4])}{' ...' if len(diffs) > 4 else ''}", where)
+
+
 def _count_params(model_dir: Path, configuration: str) -> float:
-    """Learnable parameters of the network nnU-Net builds from ``model_dir/plans.json`` (NaN without nnunetv2)."""
+    """Learnable parameters of the network nnU-Net builds from ``model_dir/plans.json`` (NaN without nnunetv2, or
+    when nnU-Net cannot read the plans back)."""
     try:
         from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
         from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
@@ -104,11 +175,14 @@ def _count_params(model_dir: Path, configuration: str) -> float:
         return float("nan")
     from medse.utils.complexity import count_params
 
-    plans = json.loads((model_dir / "plans.json").read_text())
-    dataset_json = json.loads((model_dir / "dataset.json").read_text())
-    pm = PlansManager(plans)
-    cm = pm.get_configuration(configuration)
-    lm = pm.get_label_manager(dataset_json)
+    try:
+        plans = json.loads((model_dir / "plans.json").read_text())
+        dataset_json = json.loads((model_dir / "dataset.json").read_text())
+        pm = PlansManager(plans)
+        cm = pm.get_configuration(configuration)
+        lm = pm.get_label_manager(dataset_json)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError):
+        return float("nan")  # plans nnU-Net cannot read back: the table shows n/a for the parameters
     net = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
                                  cm.network_arch_init_kwargs_req_import,
                                  determine_num_input_channels(pm, cm, dataset_json), lm.num_segmentation_heads,
@@ -232,43 +306,66 @@ def compare_nnunet(
     if len(set(blocks.values())) != len(blocks):
         raise MedseError(f"two plans carry the same attention: {blocks}")
 
+    _check_fresh(res_folder, pre_folder, plans, wanted_folds, trainer=trainer, configuration=configuration)
+
     dataset_json = json.loads((pre_folder / "dataset.json").read_text())
     labels = _labels(dataset_json, pre_folder / "dataset.json")
     file_ending = str(dataset_json.get("file_ending", ".nii.gz"))
     refs = _references(pre_folder, pre_folder.name, raw)
     splits_path = pre_folder / "splits_final.json"
-    splits = json.loads(splits_path.read_text()) if splits_path.is_file() else None
+    if not splits_path.is_file():
+        raise MedseError("no splits_final.json: the folds' validation cases (the only files scored) are unknown",
+                         splits_path)
+    try:
+        splits = json.loads(splits_path.read_text())
+        val_cases = {i: {str(c) for c in fold["val"]} for i, fold in enumerate(splits)}
+    except (ValueError, KeyError, TypeError) as e:
+        raise MedseError(f"unreadable splits_final.json ({type(e).__name__}: {e})", splits_path) from None
+    beyond = [f for f in wanted_folds if f not in val_cases]
+    if beyond:
+        raise MedseError(f"--folds {', '.join(map(str, beyond))}: splits_final.json has {len(val_cases)} folds",
+                         splits_path)
 
     frames = []
-    missing: dict[str, Any] = {"folds": {}, "cases": {}, "dropped_cases": []}
+    missing: dict[str, Any] = {"folds": {}, "cases": {}, "extra": {}, "dropped_cases": []}
     found: dict[str, dict[int, set[str]]] = {p: {} for p in plans}
-    times: dict[str, list[float]] = {p: [] for p in plans}
+    fold_steps: dict[str, dict[int, list[float]]] = {p: {} for p in plans}
     arch = f"nnU-Net {configuration}"
     for p in plans:
         model_dir = res_folder / f"{trainer}__{p}__{configuration}"
         params = _count_params(model_dir, configuration)
         for f in wanted_folds:
             val = model_dir / f"fold_{f}" / "validation"
-            preds = sorted(val.glob(f"*{file_ending}")) if val.is_dir() else []
-            if not preds:
+            files = {_case_id(x, file_ending): x for x in sorted(val.glob(f"*{file_ending}"))} if val.is_dir() else {}
+            expected = val_cases[f]
+            # exactly the fold's validation cases are scored; any other file there is listed, never scored
+            extra = sorted(set(files) - expected)
+            if extra:
+                missing["extra"].setdefault(p, {})[str(f)] = extra
+                say(f"{p}: fold {f}: {len(extra)} file(s) that are not validation cases of the fold, not scored: "
+                    f"{', '.join(extra[:5])}")
+            got = set(files) & expected
+            if not got:
                 missing["folds"].setdefault(p, []).append(f)
                 say(f"{p}: fold {f} has no validation predictions ({val})")
                 continue
-            expected = set(splits[f]["val"]) if splits is not None and f < len(splits) else set()
-            got = {_case_id(x, file_ending) for x in preds}
             if expected - got:
                 missing["cases"].setdefault(p, {})[str(f)] = sorted(expected - got)
             found[p][f] = got
             ev_dir = out / "evaluations" / p / f"fold_{f}"
-            # the references hold every case of the dataset, the fold's folder only its validation cases: score
-            # those (a fold's own missing cases are listed above, never scored as zeros here)
-            df = evaluate(val, refs, ev_dir, labels=labels, strict=False, allow_missing=True, progress=False)
+            with tempfile.TemporaryDirectory(prefix=".medse-val-") as tmp:
+                for cid in sorted(got):  # only the validation cases, linked into a folder of their own
+                    _link(files[cid], Path(tmp) / files[cid].name)
+                # the references hold every case of the dataset: score the fold's own cases (missing ones are
+                # listed above, never scored as zeros here)
+                df = evaluate(tmp, refs, ev_dir, labels=labels, strict=False, allow_missing=True, progress=False)
             df = df[df["case_id"].isin(got)]
             ep = epoch_times(model_dir / f"fold_{f}")
             if len(ep) > 1:
                 ep = ep[1:]
             per_step = [t / _iterations_per_epoch(model_dir / f"fold_{f}") for t in ep]
-            times[p] += per_step
+            if per_step:
+                fold_steps[p][f] = per_step
             frames.append(cell_rows(df, arch=arch, block=blocks[p], fold=f, seed=-1, params=params,
                                     train_step_s=float(np.mean(per_step)) if per_step else None,
                                     dataset=pre_folder.name))
@@ -288,31 +385,20 @@ def compare_nnunet(
                                                                           if cid not in per_plans_cases[p]]})
     if not common:
         raise MedseError(f"no case has validation predictions for every plans ({', '.join(plans)})", res_folder)
-    keep = records["case_id"].isin(common) | (records["case_id"] == "__run__")
-    records = records[keep].reset_index(drop=True)
-    folds_used = sorted({f for p in plans for f in found[p]})
+    # the folds that contribute paired cases (each case is a validation case of one fold)
+    folds_used = sorted(f for f in wanted_folds if all(found[p].get(f, set()) & common for p in plans))
 
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "records.csv") as tmp:
-        records.to_csv(tmp, index=False)
+    with atomic_path(out / "records.csv") as tmp_csv:
+        records.to_csv(tmp_csv, index=False)
     notes = [
         f"nnU-Net: trainer {trainer}, configuration {configuration}; baseline plans {baseline}; "
         + "; ".join(f"{blocks[p]} = plans {p}" for p in plans if p != baseline) + ".",
-        f"Paired over the {len(common)} validation cases present for every plans (folds "
+        f"Paired over the {len(common)} validation cases (from splits_final.json) present for every plans (folds "
         f"{', '.join(map(str, folds_used))}; one nnU-Net run per fold, nnU-Net training is not seeded); "
         f"scores re-computed by medse's evaluator against {refs.name}/.",
+        _step_note(plans, baseline, blocks, fold_steps),
     ]
-    step_bits = []
-    for p in plans:
-        t = times[p]
-        if len(t) > 1:
-            step_bits.append(f"{blocks[p]} {np.mean(t):.3f} ± {np.std(t, ddof=1):.3f} s (n={len(t)} epochs)")
-        elif t:
-            step_bits.append(f"{blocks[p]} {t[0]:.3f} s (n=1 epoch, no spread)")
-        else:
-            step_bits.append(f"{blocks[p]} n/a")
-    notes.append("Training step (epoch time / training iterations, validation iterations included; mean ± std "
-                 "over epochs): " + "; ".join(step_bits) + ".")
     gaps = []
     for p, fl in missing["folds"].items():
         gaps.append(f"{p}: no predictions for fold(s) {', '.join(map(str, fl))}")
@@ -322,20 +408,27 @@ def compare_nnunet(
         gaps.append(f"left out (not present for every plans): {', '.join(dropped)}")
     notes.append("Missing: " + (" | ".join(gaps) if gaps else "nothing (every requested fold and case present)")
                  + ".")
+    if missing["extra"]:
+        notes.append("Extra files in validation folders, not validation cases of their fold (not scored): "
+                     + " | ".join(f"{p}: " + "; ".join(f"fold {f}: {', '.join(c)}" for f, c in per_fold.items())
+                                  for p, per_fold in missing["extra"].items()) + ".")
     mixed = {sources[p] for p in plans}
     if len(mixed) > 1:
         notes.append(f"Note: the plans derive from different nnU-Net plans ({', '.join(sorted(mixed))}).")
 
     block_order = [blocks[p] for p in plans]
-    common_kw = dict(baseline="none", dataset=pre_folder.name, n_boot=n_boot, block_order=block_order)
+    common_kw = dict(baseline="none", dataset=pre_folder.name, n_boot=n_boot, block_order=block_order,
+                     expected_runs=[(f, -1) for f in wanted_folds])
     outputs: dict[str, str] = {"records": str(out / "records.csv")}
-    table = build_table(records, **common_kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # unmatched runs and cases: in the notes and missing.json
+        table = build_table(records, **common_kw)
+        st = build_table(records, structures=True, **common_kw)
     table.header["nnunet"] = {"trainer": trainer, "configuration": configuration, "plans": dict(blocks),
                               "baseline_plans": baseline, "notes": notes}
     _NNUNetTable(table, notes)
     for kind, path in table.write(out, "table").items():
         outputs[f"table_{kind}"] = str(path)
-    st = build_table(records, structures=True, **common_kw)
     st.header["nnunet"] = table.header["nnunet"]
     _NNUNetTable(st, notes)
     for kind, path in st.write(out, "table_structures").items():
@@ -349,7 +442,46 @@ def compare_nnunet(
         except MedseError as e:
             say(f"figures skipped: {e}")
     missing["n_cases_paired"] = len(common)
+    missing["folds_paired"] = folds_used
     atomic_write_text(out / "missing.json", json.dumps(missing, indent=2) + "\n")
     outputs["missing"] = str(out / "missing.json")
+    incomplete = [*table.incomplete(), *gaps]
+    for line in incomplete:
+        say(f"warning: {line}")
     return NNUNetCompareReport(output=out, outputs=outputs, table_markdown=table.to_markdown(),
-                               n_cases=len(common), folds=folds_used, missing=missing)
+                               n_cases=len(common), folds=folds_used, missing=missing,
+                               incomplete=list(dict.fromkeys(incomplete)))
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.symlink(src.resolve(), dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _step_note(plans: Sequence[str], baseline: str, blocks: dict[str, str],
+               fold_steps: dict[str, dict[int, list[float]]]) -> str:
+    """Training step on the folds measured for both the baseline and each plans: the mean step time per plans over
+    those folds, and the paired ratio block / baseline per fold (median and range over folds)."""
+    import numpy as np
+
+    bits = []
+    base = fold_steps[baseline]
+    for p in plans:
+        if p == baseline:
+            continue
+        paired = sorted(set(base) & set(fold_steps[p]))
+        if not paired:
+            bits.append(f"{blocks[p]}: n/a (no fold timed for both it and {blocks[baseline]})")
+            continue
+        t_base = [float(np.mean(base[f])) for f in paired]
+        t_mine = [float(np.mean(fold_steps[p][f])) for f in paired]
+        ratios = [100.0 * (m / b - 1.0) for b, m in zip(t_base, t_mine, strict=True)]
+        spread = (f", range [{min(ratios):+.1f}%, {max(ratios):+.1f}%]" if len(ratios) > 1
+                  else " (one fold, no spread)")
+        bits.append(f"{blocks[p]} vs {blocks[baseline]} on fold(s) {', '.join(map(str, paired))}: "
+                    f"{np.mean(t_mine):.3f} s vs {np.mean(t_base):.3f} s, paired overhead median "
+                    f"{float(np.median(ratios)):+.1f}%{spread}")
+    return ("Training step (epoch time / training iterations, validation iterations included, first epoch left "
+            "out; per fold the mean over epochs; only folds timed for both plans): " + "; ".join(bits) + ".")
