@@ -15,6 +15,14 @@ Public API
     ``affine`` (codes copied from ``like`` when given, else 1 = scanner).
 ``image_affine_from_itk(direction, spacing, origin) -> np.ndarray``
     The RAS affine of an ITK geometry.
+``dicom_series_files(folder) -> list[str]`` / ``is_dicom_file(path)``
+    DICOM in: ``read_image(folder)`` reads the one DICOM series a folder holds with SimpleITK's
+    ``ImageSeriesReader`` (files sorted by GDCM along the slice normal; a folder with several series, slices of
+    different sizes or orientations, two slices at one position or a gap in the positions is refused in one
+    line). DICOM is LPS+ like every ITK format, so the affine is the same LPS -> RAS conversion; a single
+    ``.dcm`` file is a one-file series (a single slice or a multi-frame object) read the same way.
+``describe_image(image) -> str``
+    What an image is, in words, for messages (``RGBA colour 2D image (32x32 pixels, 4 channels)``).
 
 Every failure to read raises :class:`~medse.utils.errors.MedseError` naming the file (missing,
 unreadable, truncated gzip, wrong dimensionality).
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import threading
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,11 +52,23 @@ __all__ = [
     "image_affine_from_itk",
     "split_suffix",
     "is_image_file",
+    "is_dicom_file",
+    "is_raster_file",
+    "dicom_series_files",
+    "dicom_series_geometry",
+    "describe_image",
+    "wrong_channels_message",
+    "DICOM_SUFFIXES",
+    "RASTER_SUFFIXES",
 ]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd", ".nia", ".hdr", ".img", ".img.gz", ".vtk")
 IMAGE_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
+#: DICOM files by name; files without a suffix are recognised by the ``DICM`` marker at byte 128.
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+#: 2D raster formats SimpleITK reads: single slices, for 2D networks only.
+RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -70,6 +91,31 @@ def is_image_file(path: str | os.PathLike) -> bool:
     if name.startswith("."):
         return False
     return name.endswith(IMAGE_SUFFIXES) and not name.endswith((".img", ".img.gz"))
+
+
+def is_raster_file(path: str | os.PathLike) -> bool:
+    """True for 2D raster images (``.png``, ``.jpg``, ``.bmp``, ``.tif``): one slice, for 2D networks."""
+    name = Path(path).name.lower()
+    return not name.startswith(".") and name.endswith(RASTER_SUFFIXES)
+
+
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """True for a DICOM file: a ``.dcm``/``.dicom``/``.ima`` name, or the ``DICM`` marker at byte 128 (DICOM
+    Part 10) in a file without a known image suffix. ``DICOMDIR`` (an index, no pixels) is not counted."""
+    p = Path(path)
+    name = p.name.lower()
+    if name.startswith(".") or name == "dicomdir":
+        return False
+    if name.endswith(DICOM_SUFFIXES):
+        return True
+    if name.endswith(IMAGE_SUFFIXES + RASTER_SUFFIXES):
+        return False
+    try:
+        with open(p, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
 
 
 @dataclass
@@ -120,7 +166,32 @@ def _normalise_dtype(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-def _check_dims(arr: np.ndarray, path: Path, expect_3d: bool) -> np.ndarray:
+_COLOUR = {2: "grey + alpha", 3: "RGB colour", 4: "RGBA colour"}
+
+
+def _describe(shape: tuple[int, ...], info: dict[str, Any]) -> str:
+    comps = int(info.get("components", 1))
+    if info.get("dimension") == 2 and comps > 1:
+        kind = _COLOUR.get(comps, "multi-component")
+        return f"{kind} 2D image ({shape[0]}x{shape[1]} pixels, {comps} channels per pixel)"
+    return f"{len(shape)}D image (shape {tuple(shape)})"
+
+
+def describe_image(image: Image) -> str:
+    """What ``image`` is, for messages: ``RGBA colour 2D image (32x32 pixels, 4 channels per pixel)`` for a
+    colour picture, ``4D image (shape (x, y, z, t))`` for a time series or vector volume."""
+    return _describe(image.shape, image.header)
+
+
+def wrong_channels_message(image: Image) -> str:
+    """Why a multi-channel image cannot be one single-channel case, and what medse accepts instead."""
+    if image.header.get("dimension") == 2 and int(image.header.get("components", 1)) > 1:
+        return (f"{describe_image(image)} where a single-channel image is expected: medse segments grayscale "
+                "scans (NIfTI, NRRD, MHA, DICOM series; grayscale PNG/TIFF for 2D runs); convert it to grayscale")
+    return f"{describe_image(image)} where a 3D volume is expected"
+
+
+def _check_dims(arr: np.ndarray, path: Path, expect_3d: bool, info: dict[str, Any] | None = None) -> np.ndarray:
     # NIfTI vector images are (x, y, z, 1, c): drop the singleton time axis.
     if arr.ndim == 5 and arr.shape[3] == 1:
         arr = arr[:, :, :, 0, :]
@@ -131,7 +202,7 @@ def _check_dims(arr: np.ndarray, path: Path, expect_3d: bool) -> np.ndarray:
     if arr.ndim not in (3, 4):
         raise MedseError(f"expected a 3D or 4D image, got {arr.ndim}D with shape {tuple(arr.shape)}", path)
     if expect_3d and arr.ndim != 3:
-        raise MedseError(f"4D image (shape {tuple(arr.shape)}) where a 3D volume is expected", path)
+        raise MedseError(f"{_describe(tuple(arr.shape), info or {})} where a 3D volume is expected", path)
     return arr
 
 
@@ -272,6 +343,14 @@ def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...], di
         img = sitk.ReadImage(str(path))
     except Exception as e:
         raise MedseError(f"unreadable image file ({_detail(e, path)})", path) from e
+    return _from_sitk(img, path)
+
+
+def _from_sitk(img: Any, path: Path, fmt: str = "itk") -> tuple[np.ndarray, np.ndarray, tuple[float, ...],
+                                                                dict[str, Any]]:
+    """Array (x, y, z[, c]), RAS affine, spacing and format information of a SimpleITK image (LPS+)."""
+    import SimpleITK as sitk
+
     dim = img.GetDimension()
     arr = sitk.GetArrayFromImage(img)  # (z, y, x[, c])
     ncomp = img.GetNumberOfComponentsPerPixel()
@@ -291,16 +370,153 @@ def _read_itk(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...], di
     else:
         raise MedseError(f"unsupported {dim}D image with {ncomp} components", path)
     affine = image_affine_from_itk(direction, spacing, origin)
-    info = {"format": "itk", "dtype": str(arr.dtype)}
+    info = {"format": fmt, "dtype": str(arr.dtype), "dimension": dim, "components": ncomp}
     return np.ascontiguousarray(arr), affine, tuple(float(s) for s in spacing[:3]), info
+
+
+# ------------------------------------------------------------------------------------------------ DICOM
+def _series_problem(files: list[str]) -> str | None:
+    """Why the (GDCM-sorted) files of one series do not make one regular volume, or None.
+
+    Mixed: slices of different sizes or orientations (``ImageOrientationPatient``). Incomplete: two slices at
+    one position, or a gap between neighbouring slices above 1.5 times the smallest step (missing slices); a
+    series of several files without ``ImagePositionPatient`` cannot be ordered."""
+    import SimpleITK as sitk
+
+    if len(files) < 2:
+        return None
+    sizes: dict[tuple[int, ...], list[str]] = {}
+    orients: list[np.ndarray] = []
+    pos: list[np.ndarray] = []
+    for f in files:
+        r = sitk.ImageFileReader()
+        r.SetFileName(f)
+        try:
+            r.ReadImageInformation()
+        except RuntimeError as e:
+            return f"unreadable slice {Path(f).name} ({_detail(e, Path(f))})"
+        sizes.setdefault(tuple(int(v) for v in r.GetSize()[:2]), []).append(Path(f).name)
+        keys = set(r.GetMetaDataKeys())
+        if "0020|0032" not in keys or "0020|0037" not in keys:
+            return (f"slice {Path(f).name} has no ImagePositionPatient/ImageOrientationPatient: the "
+                    f"{len(files)} slices cannot be ordered")
+        try:
+            pos.append(np.array([float(v) for v in r.GetMetaData("0020|0032").split("\\")], dtype=np.float64))
+            orients.append(np.array([float(v) for v in r.GetMetaData("0020|0037").split("\\")], dtype=np.float64))
+        except ValueError:
+            return f"slice {Path(f).name} has an unreadable ImagePositionPatient/ImageOrientationPatient"
+    if len(sizes) > 1:
+        parts = ", ".join(f"{'x'.join(map(str, k))} ({len(v)} files, e.g. {v[0]})" for k, v in sizes.items())
+        return f"mixed series: slices of different sizes {parts}"
+    if any(o.shape != (6,) or not np.allclose(o, orients[0], atol=1e-4) for o in orients):
+        return "mixed series: slices with different orientations (ImageOrientationPatient)"
+    normal = np.cross(orients[0][:3], orients[0][3:])
+    d = np.array([float(p @ normal) if p.shape == (3,) else np.nan for p in pos])
+    if not np.all(np.isfinite(d)):
+        return "a slice has an unreadable ImagePositionPatient"
+    order = np.argsort(d)
+    d = d[order]
+    steps = np.diff(d)
+    names = [Path(files[i]).name for i in order]
+    if steps.min() < 1e-3:
+        i = int(np.argmin(steps))
+        return f"incomplete or mixed series: two slices at position {d[i]:.3f} mm ({names[i]}, {names[i + 1]})"
+    if steps.max() > 1.5 * steps.min():
+        i = int(np.argmax(steps))
+        return (f"incomplete series: a gap of {steps[i]:.3g} mm between slices at {d[i]:.3f} and {d[i + 1]:.3f} mm "
+                f"({names[i]}, {names[i + 1]}) where the smallest step is {steps.min():.3g} mm (missing slices?)")
+    return None
+
+
+def dicom_series_files(folder: str | os.PathLike) -> list[str]:
+    """The files of the one DICOM series in ``folder``, in slice order (GDCM sorts them by position along the
+    slice normal).
+
+    Raises:
+        MedseError: naming the folder when it holds no DICOM series or several (mixed series), or when the
+            series is not one regular volume (slices of different sizes or orientations, duplicate positions,
+            a gap: missing slices).
+    """
+    import SimpleITK as sitk
+
+    folder = Path(folder)
+    try:
+        ids = list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    except RuntimeError as e:
+        raise MedseError(f"cannot list DICOM series ({_detail(e, folder)})", folder) from e
+    if not ids:
+        raise MedseError("no readable DICOM series in the folder", folder)
+    if len(ids) > 1:
+        shown = ", ".join(ids[:3]) + (", ..." if len(ids) > 3 else "")
+        raise MedseError(f"mixed DICOM series: the folder holds {len(ids)} series (SeriesInstanceUID {shown}); "
+                         "put each series in its own folder", folder)
+    files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), ids[0]))
+    problem = _series_problem(files)
+    if problem:
+        raise MedseError(f"DICOM series {ids[0]}: {problem}", folder)
+    return files
+
+
+#: geometry of the DICOM series read last (by folder and files with their sizes and mtimes), so that writing a
+#: mask like a series does not read its pixels again; a few entries, as the next case is read (another thread)
+#: while the last one is written
+_SERIES_GEOMETRY: dict[tuple[str, tuple[tuple[str, int, int], ...]], dict[str, Any]] = {}
+_SERIES_LOCK = threading.Lock()
+
+
+def _series_key(folder: Path, files: list[str]) -> tuple[str, tuple[tuple[str, int, int], ...]]:
+    stats = []
+    for f in files:
+        st = os.stat(f)
+        stats.append((f, st.st_size, st.st_mtime_ns))
+    return str(folder.resolve()), tuple(stats)
+
+
+def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...], dict[str, Any]]:
+    import SimpleITK as sitk
+
+    files = dicom_series_files(folder)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        img = reader.Execute()
+    except RuntimeError as e:
+        raise MedseError(f"unreadable DICOM series ({_detail(e, folder)})", folder) from e
+    geom = {"format": "itk", "shape": tuple(int(v) for v in img.GetSize()), "affine": None,
+            "origin": tuple(float(v) for v in img.GetOrigin()), "spacing": tuple(float(v) for v in img.GetSpacing()),
+            "direction": tuple(float(v) for v in img.GetDirection()), "dimension": int(img.GetDimension())}
+    with _SERIES_LOCK:
+        _SERIES_GEOMETRY[_series_key(folder, files)] = geom
+        while len(_SERIES_GEOMETRY) > 4:
+            _SERIES_GEOMETRY.pop(next(iter(_SERIES_GEOMETRY)))
+    arr, affine, spacing, info = _from_sitk(img, folder, fmt="dicom")
+    info["dicom_files"] = len(files)
+    return arr, affine, spacing, info
+
+
+def dicom_series_geometry(folder: str | os.PathLike) -> dict[str, Any]:
+    """Size, origin, spacing and direction (ITK, LPS+) of the DICOM series in ``folder``, in the form of
+    ``medse.inference.writer.reference_geometry`` (``format`` ``"itk"``). Taken from the last
+    :func:`read_image` of the same unchanged files, else read."""
+    folder = Path(folder)
+    files = dicom_series_files(folder)
+    key = _series_key(folder, files)
+    with _SERIES_LOCK:
+        geom = _SERIES_GEOMETRY.get(key)
+    if geom is None:
+        _read_dicom_series(folder)
+        with _SERIES_LOCK:
+            geom = _SERIES_GEOMETRY[key]
+    return dict(geom)
 
 
 def read_image(path: str | os.PathLike, *, expect_3d: bool = False) -> Image:
     """Read a NIfTI or ITK image into an :class:`Image` (voxel order (x, y, z[, c]), RAS affine).
 
     Args:
-        path: ``.nii``, ``.nii.gz`` (NIfTI-1 or NIfTI-2, through nibabel) or any format SimpleITK
-            reads (``.nrrd``, ``.mha``, ``.mhd``, ...).
+        path: ``.nii``, ``.nii.gz`` (NIfTI-1 or NIfTI-2, through nibabel), any format SimpleITK
+            reads (``.nrrd``, ``.mha``, ``.mhd``, a ``.dcm`` file, 2D ``.png``, ...), or a folder holding
+            one DICOM series (:func:`dicom_series_files`).
         expect_3d: raise when the image has several channels/time points. Defaults to False.
 
     Raises:
@@ -309,17 +525,20 @@ def read_image(path: str | os.PathLike, *, expect_3d: bool = False) -> Image:
     path = Path(path)
     if not path.exists():
         raise MedseError("file not found", path)
-    if not path.is_file():
-        raise MedseError("not a file", path)
-    if path.stat().st_size == 0:
-        raise MedseError("empty file (0 bytes)", path)
     lower = path.name.lower()
-    raw = _gunzip(path) if lower.endswith(".gz") else None
-    if lower.endswith(NIFTI_SUFFIXES):
-        arr, affine, spacing, info = _read_nifti(path, raw)
+    if path.is_dir():  # a DICOM series folder
+        arr, affine, spacing, info = _read_dicom_series(path)
+    elif not path.is_file():
+        raise MedseError("not a file", path)
+    elif path.stat().st_size == 0:
+        raise MedseError("empty file (0 bytes)", path)
     else:
-        arr, affine, spacing, info = _read_itk(path)
-    arr = _check_dims(np.asarray(arr), path, expect_3d)
+        raw = _gunzip(path) if lower.endswith(".gz") else None  # reading it through finds truncation
+        if lower.endswith(NIFTI_SUFFIXES):
+            arr, affine, spacing, info = _read_nifti(path, raw)
+        else:
+            arr, affine, spacing, info = _read_itk(path)
+    arr = _check_dims(np.asarray(arr), path, expect_3d, info)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise MedseError("invalid (singular or non-finite) affine in the header", path)
     return Image(array=_normalise_dtype(arr), affine=affine, spacing=spacing, path=path, header=info)

@@ -239,7 +239,9 @@ def _read_channels(image_paths: Sequence[str | os.PathLike], expected_channels: 
     assert ref is not None
     if expected_channels is not None and len(chans) != expected_channels:
         if len(paths) == 1 and ref.array.ndim == 4 and expected_channels == 1:
-            raise MedseError(f"4D image (shape {ref.shape}) where a 3D volume is expected", paths[0])
+            from medse.data.io import wrong_channels_message
+
+            raise MedseError(wrong_channels_message(ref), paths[0])
         raise MedseError(f"{len(chans)} channels where {expected_channels} are expected", paths[0])
     return (chans[0][None] if len(chans) == 1 else np.stack(chans)), ref, replaced  # one channel: a view, no copy
 

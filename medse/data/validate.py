@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from medse.data.datasets import DatasetSpec
-from medse.data.io import Image, read_image
+from medse.data.io import Image, read_image, wrong_channels_message
 from medse.utils.errors import MedseError
 
 __all__ = ["ValidationReport", "validate_dataset", "resolve_labels"]
@@ -111,7 +111,7 @@ def validate_dataset(
             if img is None:
                 continue
             if img.array.ndim == 4 and (len(case.images) > 1 or (n_channels_declared or 1) == 1):
-                rep.errors.append(f"{p}: 4D image (shape {img.shape}) where a 3D volume is expected")
+                rep.errors.append(f"{p}: {wrong_channels_message(img)}")
                 continue
             n_ch += img.num_channels
             if img.header.get("format") == "nifti" and not img.header.get("qform_code") \

@@ -381,7 +381,8 @@ def iter_slice_slabs(
         axis: spatial axis (0, 1 or 2) the slices are taken across. Defaults to 2 (axial in RAS).
         batch_size: slices per forward pass. Defaults to 4.
         roi_size: 2D window; when given and smaller than a slice, each slice batch goes through MONAI's
-            ``sliding_window_inference``. Defaults to None (whole slices; networks pad internally).
+            ``sliding_window_inference``; a slice smaller than the window is padded up to it (MONAI's symmetric
+            zero padding) and the scores cropped back. Defaults to None (whole slices; networks pad internally).
         overlap, mode, sigma_scale, sw_batch_size: MONAI sliding-window settings for ``roi_size``.
         device: device the network runs on. Defaults to the image's.
     """
@@ -397,8 +398,16 @@ def iter_slice_slabs(
         sl = image.narrow(axis + 1, s0, s1 - s0)  # (C, ..., b, ...)
         x = sl.movedim(axis + 1, 0).to(device)  # (b, C, H, W)
         if roi_size is not None and any(r < s for r, s in zip(roi_size, x.shape[2:], strict=True)):
+            # MONAI pads an axis smaller than the window up to it itself
             out = sliding_window_inference(x, tuple(roi_size), sw_batch_size, predictor, overlap=overlap,
                                            mode=mode, sigma_scale=sigma_scale)
+        elif roi_size is not None and tuple(roi_size) != tuple(x.shape[2:]):
+            # a slice smaller than the window: padded up to the window as MONAI does (a network that normalises
+            # per instance may have no spatial extent left at the slice's own size), cropped back after
+            size = tuple(int(v) for v in x.shape[2:])
+            _, pads = _padded_size(size, roi_size)
+            x = torch.nn.functional.pad(x, [p for pair in reversed(pads) for p in pair], mode="constant", value=0.0)
+            out = predictor(x)[(..., *(slice(a, a + s) for (a, _), s in zip(pads, size, strict=True)))]
         else:
             out = predictor(x)
         out = out.to(torch.float32).movedim(0, axis + 1)  # (K, ..., b, ...)

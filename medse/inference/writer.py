@@ -17,24 +17,35 @@ and only then renamed into place, so a half-written or misaligned mask never exi
 The sidecar ``<stem>.json`` (with the mask file's sha256) is written after the check and *before* the
 mask is renamed into place, so a mask under its final name always has the sidecar that describes it (a
 killed run leaves at most a sidecar without a mask). Inputs are only read.
+
+DICOM inputs (a series folder or a ``.dcm`` file) get a NIfTI mask (``.nii.gz``) written through SimpleITK with
+the series' origin, spacing and direction, so that it overlays the series in 3D Slicer; never a DICOM file
+(writing pixel data into a new DICOM object would invent a Secondary Capture with new UIDs). A write that
+fails because the disk or quota is full raises :class:`medse.utils.atomic.DiskFullError` (``no space left on
+device, <mask path>``) and leaves nothing under the final name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Callable, Mapping
+import shutil
+import traceback
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from medse.utils.atomic import atomic_path, atomic_write_text
+from medse.utils.atomic import DiskFullError, atomic_path, atomic_write_text, is_disk_full
 from medse.utils.errors import MedseError
 
 __all__ = [
+    "DiskFullError",
     "NIFTI_SUFFIXES",
+    "disk_full_error",
     "file_sha256",
     "label_dtype",
     "mask_file_problem",
@@ -55,9 +66,39 @@ def _is_nifti(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
+#: free bytes below which a failed write is taken for a full disk (ITK's writers do not always say so)
+_FULL_BELOW = 64 * 1024
+
+
+def disk_full_error(e: BaseException, path: str | os.PathLike) -> DiskFullError | None:
+    """A :class:`~medse.utils.atomic.DiskFullError` naming ``path`` when ``e`` (raised while writing ``path``)
+    comes from a full disk, else None. Full: ``ENOSPC``/``EDQUOT``, an ITK message saying so, or any write error
+    while fewer than 64 KiB are free in the target folder (ITK's NRRD and NIfTI writers report a full disk as a
+    short write, or not at all, and the read-back check fails); call it before the partial file is removed."""
+    if isinstance(e, DiskFullError):
+        return e
+    if is_disk_full(e):
+        return DiskFullError(path, e.errno)  # type: ignore[union-attr]
+    full = "no space left on device" in str(e).lower()
+    if not full:
+        with contextlib.suppress(OSError):
+            full = shutil.disk_usage(Path(path).parent).free < _FULL_BELOW
+    return DiskFullError(path) if full else None
+
+
+def is_dicom_reference(reference_path: str | os.PathLike) -> bool:
+    """True for a DICOM series folder or a DICOM file: their masks are written as NIfTI."""
+    from medse.data.io import is_dicom_file
+
+    p = Path(reference_path)
+    return p.is_dir() or is_dicom_file(p)
+
+
 def output_suffix(reference_path: str | os.PathLike) -> str:
     """The file ending a mask written like ``reference_path`` gets: the reference's own
-    (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``, ...)."""
+    (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``, ...), ``.nii.gz`` for DICOM (a series folder or ``.dcm``)."""
+    if is_dicom_reference(reference_path):
+        return ".nii.gz"
     name = Path(reference_path).name
     lower = name.lower()
     for suf in (".nii.gz", ".nii", ".img.gz"):
@@ -85,6 +126,10 @@ def reference_geometry(reference_path: str | os.PathLike) -> dict[str, Any]:
     ``qform_code``/``sform_code`` (NIfTI) or ``origin``/``spacing``/``direction`` (ITK).
     """
     path = Path(reference_path)
+    if path.is_dir():  # a DICOM series: the geometry ITK's series reader gives (LPS+)
+        from medse.data.io import dicom_series_geometry
+
+        return dicom_series_geometry(path)
     if not path.is_file():
         raise MedseError("reference image not found", path)
     if _is_nifti(path):
@@ -206,6 +251,24 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def _full_disk_named(out_path: Path) -> Iterator[None]:
+    """Inside :func:`atomic_path` (so that the partial file still takes its space when the free space is
+    measured): a write error caused by a full disk becomes :class:`DiskFullError` naming ``out_path``."""
+    try:
+        yield
+    except Exception as e:
+        full = disk_full_error(e, out_path)
+        if full is None:
+            raise
+        # nibabel leaves the half-written file open in the frames of the traceback: clear them, so that the
+        # file is closed and its space is free again once atomic_path has removed it (the next case may fit)
+        traceback.clear_frames(e.__traceback__)
+        if full is e:
+            raise
+        raise full from e
+
+
 def _write(data: np.ndarray, reference_path: Path, out_path: Path, intent: str, extra: int,
            check_values: bool, before_rename: Callable[[Path], None] | None = None) -> Path:
     geom = reference_geometry(reference_path)
@@ -223,7 +286,7 @@ def _write(data: np.ndarray, reference_path: Path, out_path: Path, intent: str, 
         img = type(ref_img)(data, None, header=hdr)
         if not _is_nifti(out_path):
             raise MedseError("a mask written like a NIfTI input must have a .nii or .nii.gz name", out_path)
-        with atomic_path(out_path, fsync=True) as tmp:
+        with atomic_path(out_path, fsync=True) as tmp, _full_disk_named(out_path):
             save_nifti(img, tmp)
             _check_nifti(tmp, geom, data, reference_path, check_values)
             if before_rename is not None:
@@ -238,7 +301,7 @@ def _write(data: np.ndarray, reference_path: Path, out_path: Path, intent: str, 
     img.SetOrigin(geom["origin"])
     img.SetSpacing(geom["spacing"])
     img.SetDirection(geom["direction"])
-    with atomic_path(out_path, fsync=True) as tmp:
+    with atomic_path(out_path, fsync=True) as tmp, _full_disk_named(out_path):
         sitk.WriteImage(img, str(tmp), useCompression=True)
         _check_itk(tmp, geom, data_zyx, reference_path, check_values)
         if before_rename is not None:
