@@ -43,13 +43,30 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-_COMMAND_MODULES = ("blocks", "models", "data", "train", "predict", "compare", "classify", "nnunet")
+_COMMAND_MODULES = ("blocks", "models", "data", "train", "predict", "compare", "classify", "nnunet", "export")
 _state: dict = {"debug": False}
+
+
+def _print_version(requested: bool) -> None:
+    """``medse --version``: the installed distribution's version (``importlib.metadata``), else the package's."""
+    if not requested:
+        return
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        v = dist_version("medse")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from medse import __version__ as v
+    typer.echo(f"medse {v}")
+    raise typer.Exit(0)
 
 
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help=f"Print the full traceback of an error (or set {DEBUG_ENV}=1)."),
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                 help="Print medse's version and exit."),
 ) -> None:
     """medse: SE-family attention blocks, networks, training, inference, evaluation and comparison."""
     if debug and not _state["debug"]:
@@ -108,6 +125,12 @@ def _run(argv: list[str] | None) -> int:
         # standalone mode: Typer prints usage errors itself and ends every run with SystemExit(code)
         app(args=argv, prog_name="medse", standalone_mode=True)
     except SystemExit as e:
+        stop = _interruption(e)  # Typer turns a KeyboardInterrupt into a silent exit 130: print where it stopped
+        if isinstance(stop, Interrupted):
+            for line in stop.lines():
+                typer.echo(line, err=True)
+        elif stop is not None:
+            typer.echo("interrupted", err=True)
         return _exit_code(e.code)
     except Interrupted as e:
         for line in e.lines():
@@ -131,6 +154,22 @@ def _run(argv: list[str] | None) -> int:
         typer.echo(f"error: unexpected {type(e).__name__}: {msg}{hint}", err=True)
         return 1
     return 0
+
+
+def _interruption(e: BaseException) -> KeyboardInterrupt | None:
+    """The stop behind an exit (Typer raises ``Exit(130) from`` the ``KeyboardInterrupt``): the
+    :class:`Interrupted` if the chain holds one, else the plain ``KeyboardInterrupt``, else ``None``."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    plain: KeyboardInterrupt | None = None
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, Interrupted):
+            return cur
+        if isinstance(cur, KeyboardInterrupt) and plain is None:
+            plain = cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return plain
 
 
 def _traceback_if_debug() -> None:

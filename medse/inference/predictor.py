@@ -8,7 +8,8 @@
    unreadable files raise :class:`~medse.utils.errors.MedseError` naming the file);
 2. 3D networks: sliding windows (:func:`medse.inference.sliding.iter_window_slabs`, MONAI's window
    placement and Gaussian blending, streamed so that no float32 ``(K, X, Y, Z)`` is held);
-   2D networks: slice by slice along the run's ``train.slice_axis``; optional flip TTA;
+   2D networks: slice by slice along the run's ``train.slice_axis``; an image or slice smaller than the window
+   is padded up to the window (as MONAI does) and cropped back; optional flip TTA;
 3. argmax per slab, then ``medse.data.preprocess.invert_to_original`` (nearest neighbour for the label
    map; with ``probabilities=True`` the class probabilities are inverted one class at a time, linearly,
    and the label map is their argmax);
@@ -18,8 +19,12 @@
 :func:`medse.inference.writer.write_label_like` (input header copied, round-trip checked, atomic, fsync'd),
 skips only masks its sidecar traces to the same run, checkpoint (sha256), settings and inputs, redoes this
 run's own broken ones and refuses any other existing mask unless ``overwrite`` (docs/inference.md),
-checks settings and the output folder before loading anything, records failures in ``failures.csv`` and
-shards the cases over ``torchrun`` ranks (rank r takes ``cases[r::world]``).
+checks settings, the window against the network (UNETR's fixed ``img_size``) and the output folder before
+loading anything, records failures in ``failures.csv`` (a full disk: ``no space left on device, <mask>``, the
+batch goes on), lists every file of an input folder that is not an image among the failures (DICOM series
+folders are cases), stops cleanly on SIGINT/SIGTERM (:class:`~medse.utils.interrupt.Interrupted`: where it
+stopped, the command that resumes) and shards the cases over ``torchrun`` ranks (rank r takes
+``cases[r::world]``).
 """
 
 from __future__ import annotations
@@ -66,19 +71,120 @@ def _split_suffix(path: Path) -> tuple[str, str]:
 
 
 def _is_image(path: Path) -> bool:
-    from medse.data.io import is_image_file
+    from medse.data.io import is_image_file, is_raster_file
 
-    return path.is_file() and is_image_file(path)
+    return path.is_file() and (is_image_file(path) or is_raster_file(path))
+
+
+#: what an input folder may hold, for the one-line message about a file that is not one of them
+SUPPORTED_INPUTS = ("NIfTI (.nii, .nii.gz), NRRD, MHA/MHD, DICOM series folders and, for 2D runs, PNG/JPEG/BMP/TIFF")
+
+
+def _unsupported_case(f: Path, case_id: str | None = None) -> InputCase:
+    suffix = _split_suffix(f)[1] or "no suffix"
+    return InputCase(case_id or f.name, [f], f"not a supported image file ({suffix}): medse reads {SUPPORTED_INPUTS}")
+
+
+def _companions(files: Sequence[Path], image_stems: set[str]) -> set[Path]:
+    """Files that belong to an image without being one: the data halves of header/data pairs (``.img`` of
+    ``.hdr``, ``.raw``/``.zraw`` of ``.mhd``/``.nhdr``), JSON sidecars of an image (BIDS ``case.json``),
+    ``dataset.json`` and ``DICOMDIR`` (an index)."""
+    headers = {_split_suffix(f)[0] for f in files if f.name.lower().endswith((".hdr", ".mhd", ".nhdr"))}
+    out = set()
+    for f in files:
+        stem, suffix = _split_suffix(f)
+        low = f.name.lower()
+        if low in ("dataset.json", "dicomdir") or (suffix.lower() == ".json" and stem in image_stems):
+            out.add(f)
+        elif stem.split(".")[0] in headers and low.endswith((".img", ".img.gz", ".raw", ".raw.gz", ".zraw")):
+            out.add(f)
+    return out
+
+
+def _dicom_file_case(f: Path) -> InputCase:
+    """A single DICOM file given as the input: a one-file series (one slice or a multi-frame object), unless it
+    is one slice of a larger series in its folder (then the folder must be given)."""
+    import SimpleITK as sitk
+
+    cid = _split_suffix(f)[0]
+    with contextlib.suppress(RuntimeError):
+        for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(f.parent)):
+            names = [Path(n).resolve() for n in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(f.parent), uid)]
+            if f.resolve() in names and len(names) > 1:
+                return InputCase(cid, [f], f"one slice of a DICOM series of {len(names)} files: give its folder "
+                                           f"{f.parent} (medse reads the whole series)")
+    return InputCase(cid, [f])
+
+
+def _folder_cases(p: Path) -> list[InputCase]:
+    """The cases of an input folder (see :func:`collect_cases`); every file that is not an image is a case with
+    an error, so that it is listed among the failures, never skipped silently."""
+    from medse.data.io import is_dicom_file
+
+    entries = sorted(x for x in p.iterdir() if not x.name.startswith("."))
+    files = [f for f in entries if f.is_file()]
+    images = [f for f in files if _is_image(f)]
+    dicoms = [f for f in files if is_dicom_file(f)]
+    series_dirs = [d for d in entries if d.is_dir() and any(is_dicom_file(f) for f in d.iterdir() if f.is_file())]
+    if not images and not dicoms and not series_dirs:
+        if (p / "dataset.json").is_file() or any((p / d).is_dir() for d in ("images", "imagesTr", "imagesTs")):
+            from medse.data.datasets import load_dataset
+
+            spec = load_dataset(p)
+            return sorted((InputCase(c.case_id, [Path(x) for x in c.images]) for c in spec.cases),
+                          key=lambda c: c.case_id)
+        found = f" (found: {', '.join(f.name for f in files[:5])}{', ...' if len(files) > 5 else ''})" if files else ""
+        raise MedseError(f"no image files or DICOM series in the input folder{found}; medse reads {SUPPORTED_INPUTS}",
+                         p)
+    cases: list[InputCase] = []
+    if dicoms and not images:  # the folder is itself one series: one case, named after the folder
+        cases.append(InputCase(p.name, [p]))
+    else:
+        cases += [InputCase(f.name, [f], "stray DICOM file among other images: put each DICOM series in a folder "
+                                         "of its own") for f in dicoms]
+    for d in series_dirs:  # a folder of series folders: one case per folder, named after it
+        cases.append(InputCase(d.name, [d]))
+        inner = [f for f in d.iterdir() if f.is_file() and not f.name.startswith(".")]
+        skip = _companions(inner, set())
+        cases += [_unsupported_case(f, f"{d.name}/{f.name}") for f in sorted(inner)
+                  if not is_dicom_file(f) and f not in skip]
+    groups: dict[str, list[tuple[int, Path]]] = {}
+    for f in images:
+        stem = _split_suffix(f)[0]
+        m = _CHANNEL_RE.match(stem)
+        if m:
+            groups.setdefault(m["case"], []).append((int(m["ch"]), f))
+        else:
+            groups.setdefault(stem, []).append((-1, f))
+    for cid, items in groups.items():
+        items.sort()
+        files_ = [f for _, f in items]
+        chans = [ch for ch, _ in items]
+        error = None
+        if len(items) > 1 and (-1 in chans or len(set(chans)) != len(chans)):
+            error = f"several files for case '{cid}': {', '.join(f.name for f in files_)}"
+        cases.append(InputCase(cid, files_, error))
+    skip = _companions(files, {_split_suffix(f)[0] for f in images})
+    cases += [_unsupported_case(f) for f in files if f not in skip and f not in images and f not in dicoms]
+    return sorted(cases, key=lambda c: c.case_id)
 
 
 def collect_cases(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[InputCase]:
     """The cases named by ``inputs``, sorted by case id.
 
     ``inputs`` may be a folder of images (``case.nii.gz`` single-channel, or nnU-Net channel files
-    ``case_0000.nii.gz``, ``case_0001.nii.gz`` grouped into one case), a dataset root or manifest
-    (``medse.data.datasets.load_dataset``: JSON/CSV manifest, nnU-Net, MSD or folder layout), a single
-    image file, a list of image files (one single-channel case each), or a list of :class:`InputCase`
-    (case id and its channel files, e.g. the test cases of a run's split).
+    ``case_0000.nii.gz``, ``case_0001.nii.gz`` grouped into one case; 2D ``.png``/``.jpg``/``.bmp``/``.tif``
+    for 2D runs), a folder holding one DICOM series (one case named after the folder), a folder of DICOM series
+    folders (one case per folder, named after it), a dataset root or manifest
+    (``medse.data.datasets.load_dataset``: JSON/CSV manifest, nnU-Net, MSD or folder layout), a single image
+    file (a ``.dcm`` file: a one-file series, refused when it is one slice of a larger series), a list of image
+    files (one single-channel case each), or a list of :class:`InputCase` (case id and its channel files, e.g.
+    the test cases of a run's split).
+
+    Files of an input folder that are not images (``.txt``, a stray ``.dcm`` among NIfTI files, ...) become
+    cases with an ``error``, so that :func:`predict_folder` lists them among the failures; hidden files, JSON
+    sidecars named like an image, ``dataset.json``, ``DICOMDIR`` and the data halves of header/data pairs are
+    not listed.
 
     Raises:
         MedseError: the path does not exist, or no image was found.
@@ -98,34 +204,12 @@ def collect_cases(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> li
         return sorted((InputCase(c.case_id, [Path(x) for x in c.images]) for c in spec.cases),
                       key=lambda c: c.case_id)
     if p.is_file():
-        return [InputCase(_split_suffix(p)[0], [p])]
-    files = sorted(f for f in p.iterdir() if _is_image(f))
-    if not files:
-        if (p / "dataset.json").is_file() or any((p / d).is_dir() for d in ("images", "imagesTr", "imagesTs")):
-            from medse.data.datasets import load_dataset
+        from medse.data.io import is_dicom_file
 
-            spec = load_dataset(p)
-            return sorted((InputCase(c.case_id, [Path(x) for x in c.images]) for c in spec.cases),
-                          key=lambda c: c.case_id)
-        raise MedseError("no image files (.nii, .nii.gz, .nrrd, .mha, ...) in the input folder", p)
-    groups: dict[str, list[tuple[int, Path]]] = {}
-    for f in files:
-        stem = _split_suffix(f)[0]
-        m = _CHANNEL_RE.match(stem)
-        if m:
-            groups.setdefault(m["case"], []).append((int(m["ch"]), f))
-        else:
-            groups.setdefault(stem, []).append((-1, f))
-    cases = []
-    for cid, items in groups.items():
-        items.sort()
-        files_ = [f for _, f in items]
-        chans = [ch for ch, _ in items]
-        error = None
-        if len(items) > 1 and (-1 in chans or len(set(chans)) != len(chans)):
-            error = f"several files for case '{cid}': {', '.join(f.name for f in files_)}"
-        cases.append(InputCase(cid, files_, error))
-    return sorted(cases, key=lambda c: c.case_id)
+        if is_dicom_file(p):
+            return [_dicom_file_case(p)]
+        return [InputCase(_split_suffix(p)[0], [p])]  # named explicitly: whatever SimpleITK reads is tried
+    return _folder_cases(p)
 
 
 # ------------------------------------------------------------------------------------------ settings
@@ -179,6 +263,22 @@ def check_inference_settings(spatial_dims: int, *, roi_size: Any = None, overlap
 
 
 # --------------------------------------------------------------------------------------- predictor
+def _load_weights(spec: _RunSpec, ck: Path) -> Any:
+    """The run's network with the weights of checkpoint ``ck``."""
+    from medse.utils.checkpoint import load_checkpoint
+
+    state = load_checkpoint(ck)
+    if "model" not in state:
+        raise MedseError("checkpoint has no 'model' entry", ck)
+    model = build_model(spec.cfg, spec.in_channels, spec.num_classes)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise MedseError(f"weights do not fit the configured model ({first[0] if first else e})", ck) from e
+    return model
+
+
 def _resolve_device(device: Any) -> Any:
     import torch
 
@@ -225,14 +325,18 @@ class _RunSpec:
     in_channels: int
     kwargs: dict[str, Any]
     checkpoint: Path
+    #: a line to show the user about the checkpoint chosen (``last.pt`` used because ``best.pt`` is missing)
+    note: str | None = None
 
 
 _OVERRIDES = ("roi_size", "overlap", "blend", "sw_batch_size", "tta_flips", "largest_component", "slice_axis",
               "amp", "stream_axis", "engine", "strict_nonfinite")
 
 
-def _read_run(run_dir: str | os.PathLike, checkpoint: str, overrides: Mapping[str, Any]) -> _RunSpec:
-    """Config, dataset.json and the inference settings (run's ``infer`` section + ``overrides``, checked)."""
+def _read_run(run_dir: str | os.PathLike, checkpoint: str, overrides: Mapping[str, Any],
+              model_file: str | os.PathLike | None = None) -> _RunSpec:
+    """Config, dataset.json and the inference settings (run's ``infer`` section + ``overrides``, checked);
+    ``model_file`` (an exported network, ``medse predict --model``) takes the checkpoint's place."""
     unknown = set(overrides) - set(_OVERRIDES)
     if unknown:
         from medse.utils.errors import unknown_option_error
@@ -262,10 +366,61 @@ def _read_run(run_dir: str | os.PathLike, checkpoint: str, overrides: Mapping[st
     check_inference_settings(dims, **{k: given[k] for k in ("roi_size", "overlap", "blend", "sw_batch_size")
                                       if k in given})
     run_kwargs.update(given)
+    _check_window_fits(cfg, run_kwargs["roi_size"], "roi_size" in given, run.config_path)
+    ck, note = (Path(model_file), None) if model_file is not None else _choose_checkpoint(run, checkpoint)
+    return _RunSpec(run.path, cfg, labels, [int(v) for v in class_values], num_classes, in_channels, run_kwargs, ck,
+                    note)
+
+
+def _choose_checkpoint(run: Run, checkpoint: str) -> tuple[Path, str | None]:
+    """The checkpoint file to load and a note when it is not the one asked for.
+
+    ``best`` in a run without ``best.pt`` but with ``last.pt`` (training stopped, or the disk filled, before a
+    validation made a best one) uses ``last.pt`` with a note; any other missing checkpoint is a one-line error
+    naming the checkpoints the run has and how to pick one."""
     ck = run.checkpoint_path(checkpoint)
-    if not ck.is_file():
-        raise MedseError("checkpoint not found", ck)
-    return _RunSpec(run.path, cfg, labels, [int(v) for v in class_values], num_classes, in_channels, run_kwargs, ck)
+    if ck.is_file():
+        return ck, None
+    last = run.checkpoint_path("last")
+    if str(checkpoint) == "best" and last.is_file():
+        return last, f"{ck.name} not found in {ck.parent}; using {last.name} (the latest weights)"
+    have = sorted(p.name for p in run.checkpoint_dir.glob("*.pt")) if run.checkpoint_dir.is_dir() else []
+    if have:
+        pick = " or ".join(f"--checkpoint {Path(n).stem if Path(n).stem in ('best', 'last') else run.checkpoint_dir / n}"
+                           for n in have)
+        hint = f"the run has {', '.join(have)}: pick it with {pick}"
+    else:
+        hint = "the run has no checkpoint (training stopped before it saved one)"
+    raise MedseError(f"checkpoint not found; {hint}", ck)
+
+
+def _check_window_fits(cfg: Any, roi: Sequence[int] | None, from_override: bool, config_path: Path) -> None:
+    """Refuse a sliding window the run's network cannot take, before any model or case is loaded.
+
+    Networks with a fixed input size (a ``ModelInfo.run_context`` holding ``img_size``: UNETR, whose position
+    embeddings fix it) need the window to equal ``img_size``; the others pad any window to their size divisor
+    (``size_divisor``), so every window fits them."""
+    from medse.networks import list_models, run_context_kwargs
+
+    m = cfg.model
+    name = str(m.name).strip().lower().replace("-", "_")
+    info = list_models().get(name)
+    if roi is None or info is None or "img_size" not in info.run_context:
+        return
+    img = {**run_context_kwargs(name, cfg.train.patch_size), **dict(m.kwargs)}.get("img_size")
+    if img is None:
+        return
+    dims = int(m.spatial_dims)
+    img_t = tuple(int(v) for v in ((img,) * dims if isinstance(img, int) else img))
+    if tuple(int(v) for v in roi) == img_t:
+        return
+    want = ",".join(map(str, img_t))
+    got = ",".join(str(int(v)) for v in roi)
+    where = "--roi-size" if from_override else f"infer.roi_size / train.patch_size of {config_path}"
+    raise InferenceSettingsError(
+        f"{where} {got} does not fit the run's network {name}: its input size is fixed to img_size {want} "
+        f"(the transformer's position embeddings); use --roi-size {want}"
+        + (" or leave --roi-size out" if from_override else ""))
 
 
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
@@ -412,22 +567,28 @@ class Predictor:
             MedseError: naming the missing/invalid file (config, dataset.json, checkpoint) or key, or an
                 inference setting out of range (checked before the checkpoint is read).
         """
-        return cls._from_spec(_read_run(run_dir, checkpoint, overrides), device)
+        spec = _read_run(run_dir, checkpoint, overrides)
+        if spec.note:
+            import warnings
+
+            warnings.warn(spec.note, UserWarning, stacklevel=2)
+        return cls._from_spec(spec, device)
 
     @classmethod
-    def _from_spec(cls, spec: _RunSpec, device: Any) -> Predictor:
-        from medse.utils.checkpoint import load_checkpoint
-
+    def _from_spec(cls, spec: _RunSpec, device: Any, exported: bool = False) -> Predictor:
         ck = spec.checkpoint
-        state = load_checkpoint(ck)
-        if "model" not in state:
-            raise MedseError("checkpoint has no 'model' entry", ck)
-        model = build_model(spec.cfg, spec.in_channels, spec.num_classes)
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()
-            raise MedseError(f"weights do not fit the configured model ({first[0] if first else e})", ck) from e
+        if exported:  # an exported network (medse.export) in the network's place; the run gives the rest
+            from medse.export.runtime import check_window, load_network, network_format
+
+            if network_format(ck) == "onnx":
+                if str(device) not in ("auto", "cpu"):
+                    raise MedseError(f"an ONNX model runs on onnxruntime's CPU provider; use --device cpu, not "
+                                     f"{device}", ck)
+                device = "cpu"
+            check_window(ck, spec.kwargs.get("roi_size"))
+            model = load_network(ck, in_channels=spec.in_channels, num_classes=spec.num_classes)
+        else:
+            model = _load_weights(spec, ck)
         pred = cls(
             model, spatial_dims=spec.cfg.model.spatial_dims, in_channels=spec.in_channels,
             class_values=spec.class_values, label_names=spec.labels or None,
@@ -570,7 +731,14 @@ class Predictor:
         return finish
 
     def _read(self, image_paths: Sequence[Path]) -> tuple[np.ndarray, dict[str, Any]]:
+        from medse.data.io import is_raster_file
         from medse.data.preprocess import PreprocessConfig, preprocess_case
+
+        if self.spatial_dims == 3:
+            for p in image_paths:
+                if is_raster_file(p) and not str(p).lower().endswith((".tif", ".tiff")):
+                    raise MedseError(f"2D image ({_split_suffix(Path(p))[1]}) but the run's network is 3D: 3D runs "
+                                     "predict volumes (NIfTI, NRRD, MHA, DICOM series); 2D images need a 2D run", p)
 
         cfg = self.preprocess if self.preprocess is not None else PreprocessConfig()
         image, _, props = preprocess_case(list(image_paths), None, cfg, expected_channels=self.in_channels)
@@ -747,10 +915,18 @@ _SETTINGS_ORDER = ("roi_size", "overlap", "blend", "tta_flips", "largest_compone
 
 
 def _input_stats(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    """Resolved path, size and mtime of each input (a DICOM series folder: its files' total size and newest
+    mtime, so that a slice replaced in place makes the mask stale)."""
     out = []
     for p in paths:
-        st = Path(p).stat()
-        out.append({"path": str(Path(p).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+        p = Path(p)
+        if p.is_dir():
+            sts = [f.stat() for f in p.iterdir() if f.is_file()]
+            size, mtime = sum(st.st_size for st in sts), max((st.st_mtime_ns for st in sts), default=0)
+        else:
+            st = p.stat()
+            size, mtime = st.st_size, st.st_mtime_ns
+        out.append({"path": str(p.resolve()), "size": size, "mtime_ns": mtime})
     return out
 
 
@@ -807,6 +983,28 @@ def _existing_output(target: Path, case: InputCase, identity: Mapping[str, Any],
         if file_sha256(prob_target) != side.get("probabilities_sha256"):
             return "redo", "probabilities file differs from the one recorded in the sidecar"
     return "skip", ""
+
+
+def _stopped(report: PredictReport, pending: tuple[_Prepared, Any] | None, cases: Sequence[InputCase], at: int,
+             out: Path, created: Sequence[Path], resume: str | None) -> None:
+    """Raise :class:`~medse.utils.interrupt.Interrupted` for a batch stopped at case ``at``; the write that was in
+    flight counts as done when it finished. Folders this call created are removed again while still empty."""
+    from medse.utils.interrupt import Interrupted
+
+    if pending is not None:
+        job, fut = pending
+        with contextlib.suppress(Exception):
+            fut.result()
+            assert job.target is not None
+            report.written.append(job.target)
+    done = len(report.written) + len(report.skipped) + len(report.failed)
+    for d in reversed(created):
+        with contextlib.suppress(OSError):
+            d.rmdir()  # only an empty folder goes
+    n = len(cases)
+    current = f"case {at + 1} of {n} ({cases[at].case_id})" if cases else "the start"
+    raise Interrupted(f"{current}: {done} of {n} cases done ({len(report.written)} masks written"
+                      f"{f', {len(report.failed)} failed' if report.failed else ''}) in {out}", resume=resume)
 
 
 def _failure_message(e: BaseException) -> str:
@@ -895,6 +1093,8 @@ def predict_folder(
     echo: Any = None,
     warmup: bool = False,
     prefetch: bool = True,
+    resume: str | None = None,
+    model_file: str | os.PathLike | None = None,
     **overrides: Any,
 ) -> PredictReport:
     """Predict every case of ``inputs`` into ``output_dir``; failures don't stop the batch.
@@ -925,8 +1125,18 @@ def predict_folder(
             ``report`` entries and echoed lines are those of ``prefetch=False``; a failure in either thread
             is that case's failure. Costs the memory of one more preprocessed image and one more label map.
             Defaults to True.
+        resume: the command that continues the batch, for the message of an interruption. Defaults to None.
+        model_file: an exported network (``model.onnx``, run by onnxruntime on the CPU, or ``model.ts``;
+            :mod:`medse.export`) in place of the checkpoint; the run still gives the preprocessing, windows and
+            labels. Defaults to None.
         overrides: inference settings passed to :meth:`Predictor.from_run` (``strict_nonfinite=True``
             refuses NaN/Inf voxels instead of replacing them).
+
+    Raises:
+        Interrupted: on ``KeyboardInterrupt`` (Ctrl-C, or SIGTERM inside
+            :func:`medse.utils.interrupt.stop_on_signals`) during the batch: the mask being written is finished
+            (or nothing is left under its name), and the exception says at which case it stopped, how many were
+            done and where the masks are; rerunning the same command skips the finished cases.
 
     Returns:
         A :class:`PredictReport`. Failures are also in ``output_dir/failures.csv`` (removed when a run has
@@ -954,23 +1164,26 @@ def predict_folder(
             raise ValueError(f"inference overrides ({', '.join(given)}) cannot be applied to a ready Predictor; "
                              "set them on it")
     else:
-        spec = _read_run(run_dir, checkpoint, overrides)  # settings checked, nothing loaded yet
+        spec = _read_run(run_dir, checkpoint, overrides, model_file)  # settings checked, nothing loaded yet
+    if echo is None:
+        def echo(line: str) -> None:
+            tqdm.write(line, file=sys.stderr)
     all_cases = collect_cases(inputs)
     rank, world = _dist_info()
     cases = all_cases[rank::world]
+    if spec is not None and spec.note and rank == 0:
+        echo(f"note: {spec.note}")
     created = ensure_writable_dir(out)
     if save_probabilities:
         created += ensure_writable_dir(out / "probabilities", "probabilities folder")
     try:
-        predictor = run_dir if isinstance(run_dir, Predictor) else Predictor._from_spec(spec, device)  # type: ignore[arg-type]
+        predictor = run_dir if isinstance(run_dir, Predictor) else \
+            Predictor._from_spec(spec, device, exported=model_file is not None)  # type: ignore[arg-type]
     except BaseException:
         for d in reversed(created):  # nothing was written: leave no empty folder behind
             with contextlib.suppress(OSError):
                 d.rmdir()
         raise
-    if echo is None:
-        def echo(line: str) -> None:
-            tqdm.write(line, file=sys.stderr)
     report = PredictReport()
     targets = {c.case_id: out / f"{c.case_id}{output_suffix(c.images[0])}" for c in cases if c.images}
     from medse.inference.writer import sidecar_path
@@ -1021,8 +1234,8 @@ def predict_folder(
         job = _Prepared(case)
         t0 = time.perf_counter()
         try:
-            if problem == "error":
-                raise MedseError(case.error or "", case.images[0].parent)
+            if problem == "error":  # one file: name it; several (a case's channel files): their folder
+                raise MedseError(case.error or "", case.images[0] if len(case.images) == 1 else case.images[0].parent)
             if problem == "duplicate":
                 raise MedseError(f"duplicate case id '{case.case_id}' in the inputs", case.images[0])
             job.target = target = targets[case.case_id]
@@ -1084,13 +1297,14 @@ def predict_folder(
         if pending is None:
             return
         job, fut = pending
-        pending = None
         t0 = time.perf_counter()
         try:
-            seconds = fut.result()
+            seconds = fut.result()  # a stop (SIGINT/SIGTERM) while waiting leaves `pending` for the summary
         except Exception as e:
+            pending = None
             fail(job.case.case_id, _failure_message(e))
         else:
+            pending = None
             report.case_seconds[job.case.case_id] += seconds
             assert job.target is not None
             report.written.append(job.target)
@@ -1100,9 +1314,12 @@ def predict_folder(
     for k in ("background_read", "background_write"):
         predictor.timings.setdefault(k, 0.0)
     bar = progress_bar(cases, desc="predict", unit="case", disable=not progress or rank != 0, file=sys.stderr)
+    at = 0  # the case in progress, for the line an interruption prints
+    stopped = False
     try:
         nxt = reader.submit(prepare, cases[0], checks[0]) if cases else None
         for i, case in enumerate(bar):
+            at = i
             cid = case.case_id
             t0 = time.perf_counter()
             job = nxt.result()  # type: ignore[union-attr]
@@ -1147,16 +1364,26 @@ def predict_folder(
             predictor._add_time("write", time.perf_counter() - t0)
             del finish
         settle()
+    except KeyboardInterrupt:  # SIGINT, or SIGTERM under medse.utils.interrupt.stop_on_signals
+        stopped = True
     finally:
-        reader.close()
+        reader.close()  # the write in flight is finished (atomic either way), queued work dropped
         writer.close()
+    if stopped:
+        _stopped(report, pending, cases, at, out, created, resume)
     gathered = world == 1 or _dist_initialized() or "MASTER_ADDR" in os.environ
     failed = _gather_failures(report.failed, world)
     writer_rank = rank == 0 if gathered else True
     if writer_rank:
         fpath = out / ("failures.csv" if gathered else f"failures.rank{rank}.csv")
         if failed:
-            report.failures_csv = write_failures_csv(fpath, failed, {c.case_id: c.images for c in all_cases})
+            try:
+                report.failures_csv = write_failures_csv(fpath, failed, {c.case_id: c.images for c in all_cases})
+            except OSError as e:  # a full disk: the failures were printed one per line; say why no CSV
+                from medse.inference.writer import disk_full_error
+
+                full = disk_full_error(e, fpath)
+                echo(f"error: {full if full is not None else e}; the failed cases are listed above")
         elif fpath.exists():
             fpath.unlink()
     report.failed = list(failed) if rank == 0 else report.failed
