@@ -222,13 +222,17 @@ def test_monai_bundle_runs_and_writes_medse_predicts_masks(run, scans, torch_mas
               "scripts/medse_transforms.py", "export.json"):
         assert (bundle / f).is_file(), f
     masks = tmp_path / "masks"
-    script = ("import sys\n"
-              "from monai.bundle import run, verify_net_in_out\n"
-              f"run(config_file='configs/inference.json', input_dir={str(scans)!r}, output_dir={str(masks)!r})\n"
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    # the bundle as its users run it: MONAI's command line (needs `fire`, in medse's export extra)
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+                           "--input_dir", str(scans), "--output_dir", str(masks)],
+                          capture_output=True, text=True, timeout=180, cwd=bundle, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    script = ("from monai.bundle import verify_net_in_out\n"
               "verify_net_in_out(net_id='network_def', meta_file='configs/metadata.json', "
               "config_file='configs/inference.json', device='cpu')\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, cwd=bundle,
-                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+                          env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same_masks(torch_masks, masks)
     code, _, err = _export(run, "bundle", bundle, capsys)
