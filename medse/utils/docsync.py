@@ -699,6 +699,9 @@ SOURCES: dict[str, Source] = {
     "inference_cpu": Source(
         "benchmarks/results/inference_cpu.md",
         ["{py} benchmarks/bench_inference.py --monai-large --output {work}/out.md"], output="{work}/out.md"),
+    "export_cpu": Source(
+        "benchmarks/results/export_cpu.md",
+        ["{py} benchmarks/bench_export.py --rounds 5 --output {work}/out.md"], output="{work}/out.md", timing=True),
 }
 
 
