@@ -72,7 +72,7 @@ setup-nnunet: $(NNUNET_STAMP)
 test-nnunet: setup-nnunet
 	OMP_NUM_THREADS=1 nnUNet_n_proc_DA=1 nnUNet_def_n_proc=1 \
 		$(NNUNET_BIN)/python -m pytest -q -m "nnunet and not slow" tests/test_nnunet_networks.py \
-		tests/test_nnunet_pipeline.py $(PYTEST_ARGS)
+		tests/test_nnunet_pipeline.py tests/test_export_nnunet.py $(PYTEST_ARGS)
 
 # the end-to-end CPU run: plan/preprocess -> short training of baseline and scse -> predict -> compare
 test-nnunet-slow: setup-nnunet

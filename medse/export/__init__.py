@@ -31,7 +31,8 @@ from typing import Any
 
 from medse.utils.errors import MedseError
 
-__all__ = ["DEFAULT_OPSET", "DEFAULT_TOLERANCE", "FORMATS", "ExportResult", "export_run", "model_file_name"]
+__all__ = ["DEFAULT_OPSET", "DEFAULT_TOLERANCE", "FORMATS", "ExportResult", "export_nnunet", "export_run",
+           "model_file_name"]
 
 #: the export formats and the model file each writes in the output folder
 FORMATS: dict[str, str] = {"onnx": "model.onnx", "torchscript": "model.ts", "bundle": "configs/inference.json"}
@@ -362,3 +363,7 @@ def _metadata(result: ExportResult, run: Any, pred: Any, example: Any, valid: di
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "medse_version": medse.__version__,
     }
+
+
+# an nnU-Net results folder + fold (medse.export.nnunet reuses the writer and parity check above)
+from medse.export.nnunet import export_nnunet  # noqa: E402
