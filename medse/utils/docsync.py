@@ -702,6 +702,10 @@ SOURCES: dict[str, Source] = {
     "export_cpu": Source(
         "benchmarks/results/export_cpu.md",
         ["{py} benchmarks/bench_export.py --rounds 5 --output {work}/out.md"], output="{work}/out.md", timing=True),
+    "step_cpu_compile": Source(
+        "benchmarks/results/step_cpu_compile.md",
+        ["{py} benchmarks/bench_compile.py --networks realistic --size 32 --threads 1 --rounds 15 "
+         "--output {work}/out.md"], output="{work}/out.md", timing=True),
 }
 
 
