@@ -635,6 +635,10 @@ SOURCES: dict[str, Source] = {
     "networks_excerpt": Source(
         "docs/results/networks_excerpt.md",
         ["{medse} models --size 64 --networks unet,fc_densenet,sdnet,quicknat --attention cse,sse,scse --markdown"]),
+    "models_new_blocks": Source(
+        "docs/results/models_new_blocks.md",
+        ["{medse} models --size 64 --networks unet,fc_densenet,sdnet,quicknat --attention grn,cbam,ela,ema "
+         "--markdown"]),
     "networks_monai_3d": Source(
         "docs/results/networks_monai_3d.md",
         ["{medse} models --size 64 --dims 3 --networks dynunet,segresnet,unetr --attention cse,sse,scse,eca,simam "
