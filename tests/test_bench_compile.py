@@ -4,13 +4,12 @@ with docsync's provenance header; docsync knows it as the ``step_cpu_compile`` t
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _benchload import load_benchmark
 
 from medse.utils import docsync
 
@@ -18,11 +17,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_compile.py"
 
 
 def _load():
-    sys.path.insert(0, str(BENCH.parent))
-    spec = importlib.util.spec_from_file_location("bench_compile", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_compile")
 
 
 def _cells(row: str) -> list[str]:

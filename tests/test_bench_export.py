@@ -4,12 +4,11 @@ docsync's provenance header; docsync knows it as the ``export_cpu`` timing sourc
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
+from _benchload import load_benchmark
 
 from medse.utils import docsync
 
@@ -17,11 +16,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_export.py"
 
 
 def _load():
-    sys.path.insert(0, str(BENCH.parent))
-    spec = importlib.util.spec_from_file_location("bench_export", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_export")
 
 
 def test_bench_export_quick_writes_paired_ratios(tmp_path, capsys):

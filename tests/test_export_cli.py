@@ -101,7 +101,7 @@ def test_torchscript_loads_without_medse_and_matches_torch(run, tmp_path, capsys
     script = ("import sys; sys.modules['medse'] = None\n"
               "import torch\n"
               f"m = torch.jit.load({str(out / 'model.ts')!r})\n"
-              f"xs = torch.load({str(tmp_path / 'inputs.pt')!r})\n"
+              f"xs = torch.load({str(tmp_path / 'inputs.pt')!r}, weights_only=True)\n"
               "with torch.no_grad():\n"
               f"    torch.save([m(x) for x in xs], {str(tmp_path / 'outputs.pt')!r})\n"
               "try:\n    import medse\nexcept ImportError:\n    print('medse not importable')\n")
@@ -109,7 +109,7 @@ def test_torchscript_loads_without_medse_and_matches_torch(run, tmp_path, capsys
                           cwd=tmp_path, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr
     assert "medse not importable" in proc.stdout
-    outs = torch.load(tmp_path / "outputs.pt")
+    outs = torch.load(tmp_path / "outputs.pt", weights_only=True)
     model = _eager(run)
     for x, got in zip(xs, outs, strict=True):
         with torch.no_grad():

@@ -8,11 +8,10 @@ float64 (input and parameters), and checked to save no more bytes for backward t
 from __future__ import annotations
 
 import copy
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
+from _benchload import load_benchmark
 from torch.func import functional_call
 
 import medse.attention.kernels as K
@@ -261,10 +260,7 @@ def test_spans_cover_axis(monkeypatch):
 
 
 def test_bench_blocks_smoke(tmp_path):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_blocks.py"
-    spec = importlib.util.spec_from_file_location("bench_blocks", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_blocks")
     rows = bench.bench_shape(2, (1, 8, 8, 8), [("scse (max)", "scse", {"aggregation": "max"})], 1,
                              torch.device("cpu"), torch.float32, False, lambda m: None)
     assert [r["block"] for r in rows] == ["floor", "conv", "scse (max)", "scse (max)"]
@@ -335,16 +331,7 @@ def test_compile_backend_matches_plain(name, kw, monkeypatch):
 
 @pytest.mark.slow
 def test_bench_networks_smoke(tmp_path):
-    import sys
-
-    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
-    sys.path.insert(0, str(bench_dir))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_networks", bench_dir / "bench_networks.py")
-        bench = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(bench)
-    finally:
-        sys.path.remove(str(bench_dir))
+    bench = load_benchmark("bench_networks")
     out = tmp_path / "net.md"
     assert bench.main(["--quick", "--repeats", "1", "--blocks", "scse", "--networks", "unet", "--output",
                        str(out)]) == 0

@@ -6,14 +6,13 @@ multiple of the input's bytes.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _benchload import load_benchmark
 from torch.profiler import ProfilerActivity, profile
 
 from medse.attention import create_attention
@@ -62,12 +61,7 @@ def test_backward_allocates_few_full_size_buffers(name, kw, most, monkeypatch, t
 
 
 def _load(name: str):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    sys.path.insert(0, str(path.parent))
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark(name)
 
 
 @pytest.mark.slow
