@@ -144,6 +144,19 @@ def test_bad_format_and_bad_run_are_one_line_errors(run, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_fold_is_for_nnunet_results_folders_only(run, tmp_path, capsys):
+    """``--fold`` names a fold of an nnU-Net results folder: refused on a medse run; an nnU-Net folder (plans.json)
+    without it is told to name one; both in one line, before anything is written."""
+    code, _, err = _export(run, "onnx", tmp_path / "o", capsys, "--fold", "0")
+    assert code == 2 and err.count("\n") == 1 and "--fold applies to an nnU-Net results folder" in err, err
+    nn = tmp_path / "Dataset001_X" / "nnUNetTrainer__nnUNetPlans__3d_fullres"
+    (nn / "fold_0").mkdir(parents=True)
+    (nn / "plans.json").write_text("{}")
+    code, _, err = _export(nn, "onnx", tmp_path / "o", capsys)
+    assert code == 2 and err.count("\n") == 1 and "name the fold to export with --fold" in err, err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.fixture(scope="module")
 def scans(run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three scans: a phantom as generated, one stored with its x and y axes flipped (an LPS voxel order), one

@@ -151,7 +151,7 @@ def test_export_both_formats_match_nnunets_predictor_network(results: Path, tmp_
             got = torch.jit.load(str(res.model_path)).eval()(x).detach().numpy()
         assert got.shape == ref.shape
         assert float(np.abs(got - ref).max()) <= 1e-4, fmt
-    with pytest.raises(MedseError, match="already exists; pass overwrite=True"):
+    with pytest.raises(MedseError, match=r"already exists; pass --overwrite \(overwrite=True\)"):
         export_nnunet(results, 0, "onnx", tmp_path / "onnx")
     assert export_nnunet(results, 0, "onnx", tmp_path / "onnx", overwrite=True).max_abs_diff <= 1e-4
 
@@ -179,3 +179,27 @@ def test_missing_fold_checkpoint_and_bundle_are_one_line_errors(results: Path, t
     finally:
         shutil.rmtree(results / "fold_1")
     assert not out.exists()  # nothing written
+
+
+def test_cli_exports_an_nnunet_fold_and_names_the_fold_when_missing(results: Path, tmp_path: Path, capsys) -> None:
+    """``medse export RESULTS --fold 0 --format onnx`` exports the fold as the Python API does; without
+    ``--fold`` it says to name one, and an existing output is refused naming --overwrite, each in one line."""
+    from medse.cli import main
+
+    def export(*args: str) -> tuple[int, str]:
+        code = main(["export", *args])
+        return code, capsys.readouterr().err
+
+    out = tmp_path / "cli"
+    code, err = export(str(results), "--fold", "0", "--format", "onnx", "--output", str(out))
+    assert code == 0, err
+    meta = json.loads((out / "export.json").read_text())
+    assert meta["fold"] == 0 and meta["format"] == "onnx" and meta["parity"]["max_abs_diff"] <= 1e-4
+    assert (out / "model.onnx").is_file()
+    code, err = export(str(results), "--format", "onnx", "--output", str(tmp_path / "x"))
+    assert code == 2 and "name the fold to export with --fold" in err and err.count("\n") == 1, err
+    code, err = export(str(results), "--fold", "0", "--format", "onnx", "--output", str(out))
+    assert code == 2 and "pass --overwrite" in err and err.count("\n") == 1, err
+    code, err = export(str(results), "--fold", "7", "--format", "torchscript", "--output", str(tmp_path / "y"))
+    assert code == 2 and "no fold 7" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

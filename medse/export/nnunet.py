@@ -226,7 +226,7 @@ def export_nnunet(
     if not overwrite:
         for f in (target, meta_path):
             if f.exists() or f.is_symlink():
-                raise MedseError(f"already exists{_other_format(f, fmt)}; pass overwrite=True to replace it", f)
+                raise MedseError(f"already exists{_other_format(f, fmt)}; pass --overwrite (overwrite=True) to replace it", f)
     plans = _read_json(results / "plans.json")
     dataset_json = _read_json(results / "dataset.json")
     ckpt_path = _fold_checkpoint(results, fold, checkpoint)
