@@ -47,16 +47,16 @@ test-all: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: setup
-	$(BIN)/ruff check medse tests benchmarks pipelines
+	$(BIN)/ruff check medse tests benchmarks pipelines tools
 
 bench: setup
 	$(BIN)/python benchmarks/bench_blocks.py
 	$(BIN)/python benchmarks/bench_networks.py
 
-# README and docs/ tables are copied from results files (docs/results/, benchmarks/results/) by medse.utils.docsync;
-# `python -m medse.utils.docsync generate NAME` reruns a results file's commands (`... list` shows them).
+# README and docs/ tables are copied from results files (docs/results/, benchmarks/results/) by tools/docsync.py;
+# `python -m tools.docsync generate NAME` reruns a results file's commands (`... list` shows them).
 docs: setup
-	$(BIN)/python -m medse.utils.docsync
+	$(BIN)/python -m tools.docsync
 
 $(NNUNET_STAMP): pyproject.toml
 	$(call need_disk,$(NNUNET_DISK_GB),$(NNUNET_VENV),nnU-Net environment with the torch 2.14.1 CUDA build)

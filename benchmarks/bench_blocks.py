@@ -415,7 +415,9 @@ def main(argv: list[str] | None = None) -> int:
             sections.append(to_markdown(f"{sd}D, {args.dtype}{', channels_last' if args.channels_last else ''}",
                                         shape, rows, args.repeats))
             print(sections[-1], flush=True)
-    from medse.utils.docsync import benchmark_header
+    if str(ROOT) not in sys.path:  # tools/ (the repository's, not the package's) imports from the root
+        sys.path.append(str(ROOT))
+    from tools.docsync import benchmark_header
 
     provenance = benchmark_header("bench_blocks.py", argv if argv is not None else sys.argv[1:],
                                   device=environment(device) + busy, load=load)

@@ -177,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads < 1:
         ap.error("--threads must be >= 1")
     from medse.utils.atomic import atomic_write_text
-    from medse.utils.docsync import benchmark_header
+    if str(ROOT) not in sys.path:  # tools/ (the repository's, not the package's) imports from the root
+        sys.path.append(str(ROOT))
+    from tools.docsync import benchmark_header
 
     threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)

@@ -20,7 +20,7 @@ Paired rounds: after one untimed warm-up case per engine, every round runs every
 order that rotates from round to round (so no engine always runs first or after the same one). An engine's ratio in
 a round is its time over eager's time on the same case in the same round; the table gives the median ratio over the
 rounds with its 25-75% range (:mod:`medse.utils.benchstats`). Onnxruntime runs with ``torch.get_num_threads()``
-intra-op threads (:class:`medse.export.runtime.OnnxNetwork`), so ``--threads`` / ``OMP_NUM_THREADS`` bound all three
+intra-op threads (:class:`medse.inference.runtime.OnnxNetwork`), so ``--threads`` / ``OMP_NUM_THREADS`` bound all three
 engines alike.
 """
 
@@ -80,11 +80,9 @@ def make_demo_run(run: Path, roi: int, channels: list[int] | None = None) -> dic
 
 def build_predictor(run: Path, model_file: Path | None):
     """The predictor ``medse predict --run RUN [--model FILE] --device cpu`` builds (same run, same settings)."""
-    from medse.inference.predictor import Predictor, _read_run
+    from medse.inference import Predictor
 
-    if model_file is None:
-        return Predictor.from_run(run, device="cpu")
-    return Predictor._from_spec(_read_run(run, "best", {}, model_file), "cpu", exported=True)
+    return Predictor.from_run(run, device="cpu", model_file=model_file)
 
 
 def time_case(pred, scan: Path) -> tuple[float, float, np.ndarray]:
@@ -162,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from medse.export import export_run
     from medse.utils.atomic import atomic_write_text
-    from medse.utils.docsync import benchmark_header
+    if str(ROOT) not in sys.path:  # tools/ (the repository's, not the package's) imports from the root
+        sys.path.append(str(ROOT))
+    from tools.docsync import benchmark_header
 
     engines = ["eager", *[e for e in args.engines if e != "eager"]]
     shapes = {"128^3": (128, 128, 128), "256x256x200": (256, 256, 200)}

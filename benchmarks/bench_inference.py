@@ -86,7 +86,7 @@ def make_scan(path: Path, shape: tuple[int, int, int], seed: int) -> None:
     import nibabel as nib
     import numpy as np
 
-    from medse.data._testing import make_affine
+    from medse.testing import make_affine
 
     rng = np.random.default_rng(seed)
     grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s, dtype=np.float32) for s in shape], indexing="ij"))
@@ -248,7 +248,9 @@ def _analytic_mib(size: tuple[int, ...], k: int, roi: int) -> dict[str, float]:
 def provenance(argv: list[str], load_start: float | None, wall_s: float, worker_sources: set[str]) -> str:
     """docsync's provenance header (``benchmark_header``), with the repository files the workers imported."""
 
-    from medse.utils.docsync import benchmark_header
+    if str(ROOT) not in sys.path:  # tools/ (the repository's, not the package's) imports from the root
+        sys.path.append(str(ROOT))
+    from tools.docsync import benchmark_header
 
     return benchmark_header("bench_inference.py", argv, device="CPU",
                             load=load_start, extra_files=sorted(worker_sources), wall_s=wall_s)

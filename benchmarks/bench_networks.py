@@ -174,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    from medse.utils.docsync import benchmark_header
+    if str(ROOT) not in sys.path:  # tools/ (the repository's, not the package's) imports from the root
+        sys.path.append(str(ROOT))
+    from tools.docsync import benchmark_header
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     head = [

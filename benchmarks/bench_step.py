@@ -236,9 +236,11 @@ def to_markdown(spec: dict, rows: list[dict]) -> str:
 
 def header(title: str, script: str, argv: list[str], device: torch.device, load: float | None = None) -> list[str]:
     """docsync's provenance header (command, clean commit, environment, date, source fingerprint; shared with
-    every benchmark through ``medse.utils.docsync.benchmark_header``), then the title. ``load``: the load
+    every benchmark through ``tools.docsync.benchmark_header``), then the title. ``load``: the load
     average when the run started."""
-    from medse.utils.docsync import benchmark_header
+    if str(ROOT) not in sys.path:  # tools/ (the repository's, not the package's) imports from the root
+        sys.path.append(str(ROOT))
+    from tools.docsync import benchmark_header
 
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     return [benchmark_header(script, argv, device=dev, load=load).rstrip("\n"), "", f"# {title}"]

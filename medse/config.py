@@ -227,7 +227,7 @@ def load_config(
     except MedseError as e:
         raise blame(e, Config, data, list(overrides), path) from None
     if path is not None and path.name == "config.yaml" and (path.parent / "run_info.json").is_file():
-        from medse.plugins import check_run_blocks  # a run folder's config: its blocks must be registered
+        from medse.attention.registry import check_run_blocks  # a run folder's config: its blocks must be registered
 
         check_run_blocks(cfg.model.attention, path.parent)
     return cfg

@@ -27,14 +27,15 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from medse.tasks import get_task, list_tasks
 from medse.utils.atomic import DiskFullError, atomic_write_text
 from medse.utils.errors import MedseError
+from medse.utils.folder import Folder
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from medse.classify.train import ClassifierConfig
     from medse.config import Config
 
 __all__ = ["CHECKPOINTS", "DatasetInfo", "Run", "Split", "build_model"]
@@ -109,7 +110,7 @@ class DatasetInfo:
         if n is not None and int(n) != len(values):
             raise MedseError(f"class_values has {len(values)} entries but num_classes is {n}", path)
         task = d.get("task") or "segmentation"
-        if task not in ("segmentation", "classification"):
+        if task not in list_tasks():
             raise MedseError(f"unknown task '{task}'", path)
         extra = {k: v for k, v in d.items() if k not in cls._KNOWN}
         return cls(labels=labels, class_values=values, channel_names=channels, task=task,
@@ -164,7 +165,7 @@ class Split:
         return list(getattr(self, part))
 
 
-class Run:
+class Run(Folder):
     """A training run folder. Build with :meth:`create` (training) or :meth:`open` (everyone else)."""
 
     CONFIG = "config.yaml"
@@ -177,31 +178,6 @@ class Run:
     TENSORBOARD = "tensorboard"
     CHECKPOINT_DIR = "checkpoints"
 
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path).expanduser().absolute()
-
-    def __repr__(self) -> str:
-        return f"Run({str(self.path)!r})"
-
-    def __str__(self) -> str:
-        return str(self.path)
-
-    def __fspath__(self) -> str:
-        return str(self.path)
-
-    def __truediv__(self, name: str | os.PathLike) -> Path:
-        """``run / "metrics.csv"``: a path inside the run folder (a Run joins like a :class:`Path`)."""
-        return self.path / name
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, Run):
-            return self.path == other.path
-        if isinstance(other, (str, os.PathLike)):
-            return self.path == Path(other).expanduser().absolute()
-        return NotImplemented
-
-    def __hash__(self) -> int:
-        return hash(self.path)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -319,16 +295,11 @@ class Run:
         return self.dataset.task
 
     @cached_property
-    def config(self) -> Config | ClassifierConfig:
-        """The validated config: :class:`medse.config.Config` for segmentation runs, the classifier's
-        :class:`~medse.classify.train.ClassifierConfig` for classification runs."""
-        if self.task == "classification":
-            from medse.classify.train import load_config as load_classifier_config
-
-            return load_classifier_config(self.raw_config)
-        from medse.config import load_config
-
-        return load_config(self.config_path)
+    def config(self) -> Config | Any:
+        """The validated config, read as the run's task reads it (:mod:`medse.tasks`): :class:`medse.config.Config`
+        for segmentation runs, the classifier's :class:`~medse.classify.train.ClassifierConfig` for classification
+        runs."""
+        return get_task(self.task).load_config(self)
 
     def reload(self) -> Run:
         """Forget cached contents (after the config or dataset files were rewritten)."""
@@ -364,12 +335,8 @@ class Run:
 
     # ------------------------------------------------------------------ model
     def build_model(self) -> nn.Module:
-        """The run's network, untrained (load ``checkpoint(...)["model"]`` into it)."""
-        if self.task == "classification":
-            from medse.classify.train import build_model as build_classifier
-
-            return build_classifier(self.config, self.dataset.num_classes)
-        return build_model(self.config, self.dataset.num_channels, self.dataset.num_classes)
+        """The run's network, untrained (load ``checkpoint(...)["model"]`` into it), as its task builds it."""
+        return get_task(self.task).build_model(self.config, self.dataset)
 
     def load_model(self, which: str | os.PathLike = "best", map_location: str | torch.device = "cpu") -> nn.Module:
         """The network with the weights of checkpoint ``which`` (a one-line error when they do not fit)."""
@@ -385,6 +352,20 @@ class Run:
                              self.checkpoint_path(which)) from e
         return model
 
+    def inference_settings(self) -> dict[str, Any]:
+        """How ``medse predict`` runs this run's network unless told otherwise, as keyword arguments of
+        :class:`medse.inference.Predictor`: the ``infer`` section (``train.patch_size`` for a null
+        ``infer.roi_size``), ``train.slice_axis`` and ``train.amp``. The inference checks them together with its
+        caller's overrides (:func:`medse.inference.settings.resolve_settings`)."""
+        if self.task != "segmentation":
+            raise MedseError(f"a {self.task} run has no segmentation inference: medse predict takes segmentation "
+                             "runs (evaluate a classification run with medse classify evaluate)", self.path)
+        cfg = self.config
+        inf = cfg.infer
+        return {"roi_size": cfg.roi_size, "overlap": inf.overlap, "blend": inf.blend,
+                "sw_batch_size": inf.sw_batch_size, "tta_flips": inf.tta_flips,
+                "largest_component": inf.largest_component, "slice_axis": int(cfg.train.slice_axis),
+                "amp": bool(cfg.train.amp)}
 
 def build_model(cfg: Config, in_channels: int, out_channels: int) -> nn.Module:
     """The segmentation network named by ``cfg.model`` (``medse.networks.create_model``).

@@ -12,7 +12,7 @@ Datasets (written once per test session with :mod:`medse.data.synth`, ~1 s):
 
 Random volumes with non-trivial headers (function-scoped, written under ``tmp_path``):
 
-* ``affine_kind`` -> str: parametrised over :data:`medse.data._testing.AFFINE_KINDS`
+* ``affine_kind`` -> str: parametrised over :data:`medse.testing.AFFINE_KINDS`
   ("ras", "lps", "flipped", "permuted", "oblique", "anisotropic"); a test using it runs once per kind.
 * ``random_volume`` -> callable ``(name="img.nii.gz", shape=(20, 22, 24), kind="oblique", seed=0,
   label=False, n_labels=4, foreground_box=True, dtype=None, affine=None) -> (path, array, affine)``:
@@ -24,19 +24,40 @@ Broken datasets (one per validation problem of issue 4; e.g. to show that traini
 one-line error before creating a run folder):
 
 * ``broken_dataset`` -> ``(path, file_fragment, message_fragment)``: parametrised over
-  :data:`medse.data._testing.VALIDATION_PROBLEMS`; a 3-case dataset under ``tmp_path/broken`` (labels
+  :data:`medse.testing.VALIDATION_PROBLEMS`; a 3-case dataset under ``tmp_path/broken`` (labels
   declared in dataset.json, so it is trainable apart from the problem) with one problem injected. The
   validation error names a file containing ``file_fragment`` and contains ``message_fragment``.
   ``path`` is the dataset folder, or a manifest for "duplicate_ids".
+
+Runs and compare cells, made through their owners (:meth:`medse.runs.Run.create`, :class:`medse.compare.cell.Cell`),
+never by writing their files by hand:
+
+* ``tiny_run`` -> callable ``(name="run", config=None, **kwargs) -> Run``: :func:`medse.testing.make_run` under
+  ``tmp_path/<name>`` (a tiny 3D U-Net by default; ``labels``, ``channel_names``, ``checkpoints``, ``seed``).
+* ``tiny_cell`` -> callable ``(cell_id="unet-none-holdout-seed0", **make_run_kwargs) -> Cell``: a cell of the grid
+  folder ``tmp_path/grid`` (``Cell.in_grid``) whose run is ``tiny_run``'s.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from medse.data._testing import AFFINE_KINDS, VALIDATION_PROBLEMS, make_broken_dataset, write_case, write_random_volume
+from medse.testing import (
+    AFFINE_KINDS,
+    VALIDATION_PROBLEMS,
+    make_broken_dataset,
+    make_run,
+    write_case,
+    write_random_volume,
+)
+
+if TYPE_CHECKING:
+    from medse.compare.cell import Cell
+    from medse.runs import Run
 
 
 @pytest.fixture(scope="session")
@@ -86,6 +107,26 @@ def folder_dataset(tmp_path: Path):
 @pytest.fixture(params=VALIDATION_PROBLEMS)
 def broken_dataset(request: pytest.FixtureRequest, tmp_path: Path):
     return make_broken_dataset(tmp_path / "broken", request.param)
+
+
+@pytest.fixture
+def tiny_run(tmp_path: Path) -> Callable[..., Run]:
+    def _make(name: str = "run", config: dict[str, Any] | None = None, **kwargs: Any) -> Run:
+        return make_run(tmp_path / name, config, **kwargs)
+
+    return _make
+
+
+@pytest.fixture
+def tiny_cell(tmp_path: Path) -> Callable[..., Cell]:
+    from medse.compare.cell import Cell
+
+    def _make(cell_id: str = "unet-none-holdout-seed0", **kwargs: Any) -> Cell:
+        cell = Cell.create(Cell.in_grid(tmp_path / "grid", cell_id))
+        make_run(cell.run_dir, **kwargs)
+        return cell
+
+    return _make
 
 
 @pytest.fixture

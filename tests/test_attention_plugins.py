@@ -15,11 +15,11 @@ import pytest
 import torch
 from torch import nn
 
-from medse import plugins
 from medse.attention import create_attention, list_attention, min_channels, register_attention
 from medse.attention import registry as attention_registry
 from medse.networks import create_model, list_models
 from medse.networks import registry as model_registry
+from medse.utils import plugins
 from medse.utils.errors import MedseError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,8 +82,8 @@ def tiny_net(spatial_dims, in_channels, out_channels, attention="none", attentio
 def isolated(monkeypatch, tmp_path):
     """Registries and loaded plugins as they were, after the test; the plugin written to tmp_path."""
     list_models()  # the built-in models in before the snapshot
-    monkeypatch.setattr(attention_registry, "_REGISTRY", dict(attention_registry._REGISTRY))
-    monkeypatch.setattr(model_registry, "_REGISTRY", dict(model_registry._REGISTRY))
+    monkeypatch.setattr(attention_registry, "_REGISTRY", attention_registry._REGISTRY.copy())
+    monkeypatch.setattr(model_registry, "_REGISTRY", model_registry._REGISTRY.copy())
     monkeypatch.setattr(plugins, "_loaded", {})
     monkeypatch.delenv(plugins.ENV_VAR, raising=False)
     log = tmp_path / "plugin.log"

@@ -196,8 +196,8 @@ def test_fast_paths_follow_the_blocks_switch_and_size(monkeypatch) -> None:
 
 def test_docs_blocks_page_is_current() -> None:
     """docs/blocks.md is generated from the registry (``medse blocks --docs --output docs/blocks.md``)."""
-    from medse import plugins
     from medse.attention.report import blocks_markdown
+    from medse.utils import plugins
 
     if plugins.plugin_entries():
         pytest.skip("MEDSE_PLUGINS is set: the page would list the plugin blocks too")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from _benchload import load_benchmark
 
-from medse.utils import docsync
+from tools import docsync
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_compile.py"
 

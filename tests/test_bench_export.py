@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from _benchload import load_benchmark
 
-from medse.utils import docsync
+from tools import docsync
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_export.py"
 
@@ -26,7 +26,7 @@ def test_bench_export_quick_writes_paired_ratios(tmp_path, capsys):
     text = out.read_text()
     assert text.startswith("<!-- medse:result\ncommand: python benchmarks/bench_export.py --quick --rounds 2")
     assert "\ncommit: " in text and "\nenvironment: " in text and "\nsource_files: " in text
-    assert "benchmarks/bench_export.py@" in text and "medse/export/runtime.py@" in text
+    assert "benchmarks/bench_export.py@" in text and "medse/inference/runtime.py@" in text
     assert "torch" in text and "(1 threads)" in text and "(1 intra-op threads)" in text
     rows = [r for r in text.splitlines() if r.startswith("| 24^3 |") or r.startswith("| 32x32x24 |")]
     assert [r.split(" | ")[1] for r in rows] == ["eager", "onnxruntime", "torchscript"] * 2

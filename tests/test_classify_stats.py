@@ -1,4 +1,4 @@
-"""Statistics of medse.classify.stats checked against independent computations and pROC's published example."""
+"""Statistics of medse.evaluation.classification and medse.compare.classifier checked against independent computations and pROC's published example."""
 
 from __future__ import annotations
 
@@ -12,17 +12,14 @@ import pytest
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
-from medse.classify.evaluate import classification_metrics, compare_predictions
-from medse.classify.stats import (
+from medse.compare.classifier import compare_predictions, delong_test, holm, mcnemar_test, two_proportion_ztest
+from medse.evaluation.classification import (
     StatisticsError,
     auc_score,
+    classification_metrics,
     delong_ci,
     delong_covariance,
-    delong_test,
-    holm,
-    mcnemar_test,
     midrank,
-    two_proportion_ztest,
 )
 
 ASAH = Path(__file__).parent / "data" / "aSAH.csv"
@@ -221,7 +218,7 @@ def test_metrics_with_absent_class_are_json_clean():
 
 
 def test_macro_delong_reduces_to_delong_and_matches_paired_bootstrap():
-    from medse.classify.stats import delong_macro_test
+    from medse.compare.classifier import delong_macro_test
 
     rng = np.random.default_rng(4)
     # two classes: probabilities p and 1 - p -> macro AUC == AUC of class 1, variance == DeLong's exactly
@@ -301,8 +298,7 @@ def test_delong_other_degenerate_inputs_have_notes():
 
 
 def test_macro_delong_single_positive_class_and_holm_skip_nan():
-    from medse.classify.evaluate import compare_predictions
-    from medse.classify.stats import delong_macro_test
+    from medse.compare.classifier import compare_predictions, delong_macro_test
 
     rng = np.random.default_rng(6)
     y = np.r_[np.zeros(10, int), np.ones(10, int), 2]  # class 2 has a single image
@@ -317,13 +313,14 @@ def test_macro_delong_single_positive_class_and_holm_skip_nan():
     assert comp["per_class"][0]["delong"]["p_holm"] is not None
     text = json.dumps(comp, allow_nan=False)  # strict JSON: no NaN, no Infinity
     assert "pROC gives NA" in text
-    from medse.classify.evaluate import classification_metrics, comparison_table
+    from medse.compare.classifier import comparison_table
+    from medse.evaluation.classification import classification_metrics
 
     md = comparison_table(comp)
     assert "| c | 1 |" in md and "[n/a]" in md and "pROC gives NA" in md
     m = classification_metrics(y, pa, ["a", "b", "c"])
     assert m["per_class"]["c"]["auc_ci"] == [None, None] and "single positive" in m["per_class"]["c"]["note"]
     json.dumps(m, allow_nan=False)
-    from medse.classify.evaluate import metrics_table
+    from medse.evaluation.classification import metrics_table
 
     assert "[CI n/a]" in metrics_table(m)

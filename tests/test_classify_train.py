@@ -86,7 +86,8 @@ def test_resume_equals_uninterrupted(runs, synth, tmp_path):
 
 
 def test_evaluate_and_compare_write_outputs(runs, tmp_path):
-    from medse.classify.evaluate import compare_runs, evaluate_run
+    from medse.classify.evaluate import evaluate_run
+    from medse.compare.classifier import compare_runs
 
     base, se = runs
     m = evaluate_run(base, tmp_path / "eval", progress=False)

@@ -332,11 +332,11 @@ class MyGate(nn.Module):
 
 
 def test_predict_plugin_run_without_medse_plugins_says_which_plugin(cfg_path, data, tmp_path, monkeypatch, capsys):
-    from medse import plugins
     from medse.attention import registry as attention_registry
     from medse.cli import main
+    from medse.utils import plugins
 
-    monkeypatch.setattr(attention_registry, "_REGISTRY", dict(attention_registry._REGISTRY))
+    monkeypatch.setattr(attention_registry, "_REGISTRY", attention_registry._REGISTRY.copy())
     monkeypatch.setattr(plugins, "_loaded", {})
     plugin = tmp_path / "my_gate.py"
     plugin.write_text(_GATE_PLUGIN)

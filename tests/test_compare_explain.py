@@ -13,31 +13,19 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("medse.networks")
 pytest.importorskip("medse.inference")
 
+from medse import testing  # noqa: E402
 from medse.compare.explain import explain, gate_layers  # noqa: E402
+from medse.runs import Run  # noqa: E402
 from medse.utils.errors import MedseError  # noqa: E402
 
 
-def make_run(tmp_path: Path, attention: str = "scse", spatial_dims: int = 3, name: str = "run") -> Path:
-    """A run folder as training writes it, with randomly initialised (seeded) weights."""
-    import yaml
-
-    from medse.config import config_to_dict, load_config
-    from medse.training.trainer import build_model
-    from medse.utils.checkpoint import save_checkpoint
-
+def make_run(tmp_path: Path, attention: str = "scse", spatial_dims: int = 3, name: str = "run") -> Run:
+    """A tiny U-Net run with randomly initialised (seeded) weights (:func:`medse.testing.make_run`)."""
     patch = [16, 16, 16] if spatial_dims == 3 else [16, 16]
-    cfg = load_config({"model": {"name": "unet", "spatial_dims": spatial_dims, "attention": attention,
-                                 "kwargs": {"channels": [4, 8, 16], "strides": [2, 2]}},
-                       "train": {"patch_size": patch, "device": "cpu"}})
-    run = tmp_path / name
-    (run / "checkpoints").mkdir(parents=True)
-    (run / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg)))
-    (run / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1, "b": 2}, "num_classes": 3,
-                                                  "class_values": [0, 1, 2], "channel_names": ["t1"]}))
-    torch.manual_seed(0)
-    model = build_model(cfg, 1, 3)
-    save_checkpoint(run / "checkpoints" / "best.pt", {"model": model.state_dict()})
-    return run
+    config = {"model": {"name": "unet", "spatial_dims": spatial_dims, "attention": attention,
+                        "kwargs": {"channels": [4, 8, 16], "strides": [2, 2]}},
+              "train": {"patch_size": patch, "device": "cpu"}}
+    return testing.make_run(tmp_path / name, config, labels={"background": 0, "a": 1, "b": 2}, channel_names=["t1"])
 
 
 def make_scan(tmp_path: Path, shape=(20, 17, 13)) -> tuple[Path, np.ndarray]:

@@ -17,14 +17,15 @@ import pytest
 
 from medse.cli import main
 from medse.compare import pipeline as pl
-from medse.compare.pipeline import Cell, CompareConfig
+from medse.compare.cell import Cell
+from medse.compare.pipeline import CellKey, CompareConfig
 from medse.compare.records import cell_rows
 
 REPO = Path(__file__).resolve().parents[1]
 CASES = [f"c{i}" for i in range(8)]
 
 
-def scores(cell: Cell) -> np.ndarray:
+def scores(cell: CellKey) -> np.ndarray:
     """Per-case Dice: scSE +0.05 over none in seed 0; in seed 1 every model is 0.2 worse (a bad seed)."""
     base = 0.6 + 0.02 * np.arange(len(CASES)) - (0.2 if cell.seed == 1 else 0.0)
     return base + (0.05 if cell.block == "scse" else 0.0)
@@ -33,7 +34,7 @@ def scores(cell: Cell) -> np.ndarray:
 def fake_runner(fail: set[str] = frozenset()):  # type: ignore[assignment]
     calls: list[str] = []
 
-    def run(cell: Cell, cell_dir: Path, cfg: CompareConfig) -> pd.DataFrame:
+    def run(cell: CellKey, cell_dir: Cell, cfg: CompareConfig) -> pd.DataFrame:
         calls.append(cell.cell_id)
         if cell.cell_id in fail:
             raise RuntimeError("out of memory in training")
@@ -100,7 +101,7 @@ def test_unmatched_case_in_one_run_makes_the_exit_code_nonzero(tmp_path, monkeyp
     grid, out = write_grid(tmp_path), tmp_path / "cmp"
     inner = fake_runner()
 
-    def runner(cell: Cell, cell_dir: Path, cfg: CompareConfig) -> pd.DataFrame:
+    def runner(cell: CellKey, cell_dir: Cell, cfg: CompareConfig) -> pd.DataFrame:
         rec = inner(cell, cell_dir, cfg)
         if cell.block == "scse" and cell.seed == 1:  # c3 was not evaluated in this run only
             rec = rec[~((rec["case_id"] == "c3") & (rec["metric"] == "dice"))]

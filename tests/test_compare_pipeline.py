@@ -14,8 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from medse.compare.cell import Cell
 from medse.compare.pipeline import (
-    Cell,
+    CellKey,
     CompareConfig,
     cell_overrides,
     grid_cells,
@@ -30,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHIFT = {"none": 0.0, "cse": 0.01, "sse": 0.02, "scse": 0.03}
 
 
-def fake_records(cell: Cell, n_cases: int = 6) -> pd.DataFrame:
+def fake_records(cell: CellKey, n_cases: int = 6) -> pd.DataFrame:
     """Deterministic per-case records standing in for train + predict + evaluate."""
     rng = np.random.default_rng(abs(hash((cell.arch, cell.fold, cell.seed))) % 2**32)
     base = 0.6 + 0.05 * rng.random(n_cases)
@@ -64,7 +65,7 @@ class Counting:
         self.fail = fail or set()
         self.interrupt_at = interrupt_at
 
-    def __call__(self, cell: Cell, cell_dir: Path, cfg: CompareConfig) -> pd.DataFrame:
+    def __call__(self, cell: CellKey, cell_dir: Cell, cfg: CompareConfig) -> pd.DataFrame:
         self.calls.append(cell.cell_id)
         if self.interrupt_at is not None and len(self.calls) == self.interrupt_at:
             (cell_dir / "partial.txt").write_text("half-done")  # a killed cell leaves partial files
@@ -78,13 +79,13 @@ def test_grid_and_overrides(tmp_path):
     cfg = load_pipeline(write_pipeline(tmp_path))
     cells = grid_cells(cfg)
     assert len(cells) == 2 * 3 * 2
-    assert cells[0] == Cell("unet", "none", -1, 0) and cells[0].cell_id == "unet-none-holdout-seed0"
-    ov = cell_overrides(cfg, Cell("unet_wide", "scse", -1, 1))
+    assert cells[0] == CellKey("unet", "none", -1, 0) and cells[0].cell_id == "unet-none-holdout-seed0"
+    ov = cell_overrides(cfg, CellKey("unet_wide", "scse", -1, 1))
     assert ov[:3] == ["model.kwargs.channels=[8,16]", "model.name=unet", "model.attention=scse"]
     assert "train.seed=1" in ov and "train.progress=false" in ov
     assert not any(o.startswith("data.split.fold") for o in ov)
     cfg2 = load_pipeline(write_pipeline(tmp_path, folds="[0, 1]", block_overrides="{cse: [x.y=2]}"))
-    ov2 = cell_overrides(cfg2, Cell("unet", "cse", 1, 0))
+    ov2 = cell_overrides(cfg2, CellKey("unet", "cse", 1, 0))
     assert "data.split.fold=1" in ov2 and "x.y=2" in ov2
     assert grid_cells(cfg2)[1].cell_id == "unet-cse-fold0-seed0"
 
@@ -231,7 +232,7 @@ def test_unmatched_cases_are_warned_and_reported(tmp_path):
     pipe = write_pipeline(tmp_path)
     out = tmp_path / "out"
 
-    def runner(cell: Cell, cell_dir: Path, cfg: CompareConfig) -> pd.DataFrame:
+    def runner(cell: CellKey, cell_dir: Cell, cfg: CompareConfig) -> pd.DataFrame:
         rec = fake_records(cell)
         if cell.block == "scse" and cell.arch == "unet":  # scse of unet never evaluated case c5
             rec = rec[~((rec["case_id"] == "c5") & (rec["metric"] == "dice"))]

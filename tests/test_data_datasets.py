@@ -6,7 +6,6 @@ import shutil
 import numpy as np
 import pytest
 
-from medse.data._testing import make_affine, write_random_volume
 from medse.data.datasets import (
     MANIFEST_FORMAT,
     DatasetSpec,
@@ -17,6 +16,7 @@ from medse.data.datasets import (
 )
 from medse.data.io import write_image
 from medse.data.synth import LABELS
+from medse.testing import make_affine, write_random_volume
 from medse.utils.errors import MedseError
 
 
@@ -178,9 +178,9 @@ def test_dataset_json_label_errors(tmp_path):
 
 @pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
 def test_itk_formats_in_folder_layout(tmp_path, suffix):
-    from medse.data._testing import write_case
     from medse.data.preprocess import PreprocessConfig, invert_to_original, preprocess_case
     from medse.data.validate import validate_dataset
+    from medse.testing import write_case
 
     for i, kind in enumerate(("oblique", "permuted")):
         write_case(tmp_path / "ds", f"k{i}", (9, 10, 11), kind, seed=i, suffix=suffix)

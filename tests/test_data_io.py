@@ -190,8 +190,8 @@ def test_gzip_bytes_is_one_standard_member(n, threads):
 def test_nifti_gz_written_by_medse_reads_in_nibabel_and_simpleitk(tmp_path):
     import SimpleITK as sitk
 
-    from medse.data._testing import make_affine
     from medse.data.io import save_nifti
+    from medse.testing import make_affine
 
     rng = np.random.default_rng(0)
     lab = rng.integers(0, 4, (40, 33, 21), dtype=np.uint8)

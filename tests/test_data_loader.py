@@ -203,7 +203,7 @@ def test_3d_transform_rebuilt_for_2d_slices(store):
 
 
 def test_multichannel_patches(tmp_path):
-    from medse.data._testing import make_affine, write_random_volume
+    from medse.testing import make_affine, write_random_volume
 
     aff = make_affine("oblique")
     for cid in ("a", "b"):
@@ -221,9 +221,9 @@ def test_multichannel_patches(tmp_path):
 def test_non_contiguous_labels_become_class_indices(tmp_path):
     import json
 
-    from medse.data._testing import make_affine
     from medse.data.io import write_image
     from medse.data.preprocess import invert_to_original
+    from medse.testing import make_affine
 
     aff = make_affine("lps")
     rng = np.random.default_rng(0)
@@ -240,8 +240,8 @@ def test_non_contiguous_labels_become_class_indices(tmp_path):
 def test_nonfinite_voxels_replaced_in_training_data_with_one_warning_per_case(tmp_path):
     import warnings
 
-    from medse.data._testing import make_broken_dataset
     from medse.data.preprocess import NonFiniteWarning
+    from medse.testing import make_broken_dataset
 
     root, _, _ = make_broken_dataset(tmp_path / "ds", "nan")  # c01: one NaN and one +Inf voxel
     spec = load_dataset(root)
@@ -267,8 +267,8 @@ def test_training_on_a_dataset_with_nan_voxels_runs_with_a_warning(tmp_path):
     import math
     import warnings
 
-    from medse.data._testing import make_broken_dataset
     from medse.data.preprocess import NonFiniteWarning
+    from medse.testing import make_broken_dataset
     from medse.training import train
 
     root, _, _ = make_broken_dataset(tmp_path / "ds", "nan", n_cases=3, shape=(16, 16, 16))

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from medse.data._testing import make_affine
 from medse.data.io import read_image, write_image
 from medse.data.preprocess import PreprocessConfig, invert_to_original, preprocess_case
 from medse.data.synth import LABELS
+from medse.testing import make_affine
 from medse.utils.config import from_dict
 from medse.utils.errors import MedseError
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from medse.cli import main
-from medse.data._testing import VALIDATION_PROBLEMS, VALIDATION_WARNINGS, make_affine, make_broken_dataset, make_dataset
 from medse.data.datasets import Case, load_dataset
 from medse.data.io import read_image, write_image
 from medse.data.validate import resolve_labels, validate_dataset
+from medse.testing import VALIDATION_PROBLEMS, VALIDATION_WARNINGS, make_affine, make_broken_dataset, make_dataset
 from medse.utils.errors import MedseError
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from medse.utils import docsync
 from medse.utils.errors import MedseError
+from tools import docsync
 
 REPO = Path(__file__).resolve().parents[1]
 HEADER = ("<!-- medse:result\ncommand: medse thing --markdown\ncommit: abc123\n"
@@ -33,7 +33,7 @@ def test_repository_pages_match_their_results_files():
 
 def test_repository_passes_the_full_check(capsys):
     """Blocks, results files (fresh fingerprint, clean commit, environment, included) and prose figures: what
-    CI enforces. Red whenever a producing source changed until `python -m medse.utils.docsync generate --stale`
+    CI enforces. Red whenever a producing source changed until `python -m tools.docsync generate --stale`
     is run on the committed tree."""
     rc = docsync.main(["--check"])
     assert rc == 0, capsys.readouterr().err
@@ -354,7 +354,7 @@ def test_every_source_names_a_results_file_and_a_command():
 def test_module_runs_as_a_script():
     import subprocess
 
-    proc = subprocess.run([sys.executable, "-m", "medse.utils.docsync", "list"], cwd=REPO, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "tools.docsync", "list"], cwd=REPO, capture_output=True,
                           text=True, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0 and "demo_table: docs/results/demo_table.md" in proc.stdout
 

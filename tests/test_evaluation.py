@@ -14,8 +14,8 @@ import torch
 from scipy import ndimage as ndi
 from scipy.spatial.distance import cdist
 
-from medse.data._testing import make_affine
 from medse.evaluation import METRICS, binary_metrics, evaluate
+from medse.testing import make_affine
 from medse.utils import atomic
 from medse.utils.errors import MedseError
 

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from medse.data._testing import make_affine
 from medse.data.preprocess import PreprocessConfig
 from medse.inference import Predictor, collect_cases, predict_folder
 from medse.inference.sliding import (
@@ -23,6 +22,7 @@ from medse.inference.sliding import (
     monai_sliding_window,
     stream_buffer_bytes,
 )
+from medse.testing import make_affine
 from medse.utils.errors import MedseError
 
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from medse.data._testing import make_affine
 from medse.data.preprocess import PreprocessConfig
 from medse.inference import Predictor, keep_largest_component, write_label_like
 from medse.inference.writer import reference_geometry, sidecar_path
+from medse.testing import make_affine
 from medse.utils.errors import MedseError
 
 K = 4

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from medse.data._testing import make_affine
 from medse.inference import Predictor, predict_folder
 from medse.inference.writer import file_sha256, write_label_like
+from medse.testing import make_affine
 from medse.utils.errors import MedseError
 
 
@@ -206,7 +206,7 @@ def test_bad_settings_rejected_before_anything_is_loaded(run_dir: Path, scans: P
     def boom(*a, **k):
         raise AssertionError("loaded before the settings were checked")
 
-    monkeypatch.setattr(Predictor, "_from_spec", classmethod(boom))
+    monkeypatch.setattr(Predictor, "_load", classmethod(boom))
     monkeypatch.setattr(pre, "preprocess_case", boom)
     out = tmp_path / "masks"
     with pytest.raises(MedseError) as e:
@@ -250,7 +250,7 @@ def test_unwritable_output_folder_fails_before_the_model_or_any_case(run_dir: Pa
     def boom(*a, **k):
         raise AssertionError("loaded before the output folder was checked")
 
-    monkeypatch.setattr(Predictor, "_from_spec", classmethod(boom))
+    monkeypatch.setattr(Predictor, "_load", classmethod(boom))
     monkeypatch.setattr(pre, "preprocess_case", boom)
     (tmp_path / "afile").write_text("x")
     bad = tmp_path / "afile" / "masks"  # a parent is a file: cannot be created, even by root

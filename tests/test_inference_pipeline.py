@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from medse.data._testing import make_affine
 from medse.data.preprocess import PreprocessConfig
 from medse.inference import Predictor, predict_folder
 from medse.inference.sliding import iter_window_slabs, sliding_window_labels
+from medse.testing import make_affine
 
 
 def _nifti(path: Path, data: np.ndarray, kind: str = "oblique", seed: int = 0) -> Path:

@@ -327,7 +327,7 @@ def test_unet_blocks_before_a_concatenation_keep_no_activation_of_their_own(name
 def test_forward_then_cat_runs_hooked_blocks_through_their_hooks():
     """A forward hook on a block before a concatenation (``medse.compare.explain`` records gates this way) still
     sees the block's output: hooked modules are called, not bypassed."""
-    from medse.networks._common import forward_then_cat
+    from medse.networks.layers import forward_then_cat
 
     block = create_attention("cse", 3, 8)
     conv = torch.nn.Conv3d(8, 8, 1)

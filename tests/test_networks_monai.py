@@ -18,8 +18,8 @@ from monai.networks.nets import UNETR, DynUNet, SegResNet, SwinUNETR
 
 from medse.attention import list_attention
 from medse.networks import ALL_POSITIONS, attention_modules, create_model, list_models
-from medse.networks._common import ATTACHED
 from medse.networks.dynunet import get_kernels_strides
+from medse.networks.placement import ATTACHED
 
 NETWORKS = ("dynunet", "segresnet", "unetr", "swinunetr")
 

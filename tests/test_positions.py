@@ -151,7 +151,7 @@ def test_config_models_table_and_compare_grid_name_the_assignment(tmp_path, caps
     from medse.cli import main
     from medse.compare.pipeline import cell_overrides, grid_cells, load_pipeline
     from medse.config import load_config
-    from medse.networks.registry import complexity_table, format_complexity_table
+    from medse.networks.report import complexity_table, format_complexity_table
 
     cfg = load_config({"model": {"name": "unet", "attention": {"encoder": "cse", "decoder": "scse"}},
                        "train": {"patch_size": [16, 16, 16]}})

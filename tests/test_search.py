@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medse.compare.pipeline import Cell, CompareConfig, cell_overrides
+from medse.compare.cell import Cell
+from medse.compare.pipeline import CellKey, CompareConfig, cell_overrides
 from medse.compare.records import cell_rows
 from medse.compare.search import (
     OPTIMISM_NOTE,
@@ -154,7 +155,7 @@ class FakeRunner:
         self.split = split or SPLIT
         self.score = score or SCORE
 
-    def __call__(self, cell: Cell, cell_dir: Path, cfg: CompareConfig) -> pd.DataFrame:
+    def __call__(self, cell: CellKey, cell_dir: Cell, cfg: CompareConfig) -> pd.DataFrame:
         ov = cell_overrides(cfg, cell)
         budget = int(next(o for o in reversed(ov) if o.startswith("train.epochs=")).split("=")[1])
         assert f"model.attention={cell.block}" in ov
@@ -398,7 +399,7 @@ def test_incomplete_test_table_exits_1_unless_allowed(tmp_path: Path, monkeypatc
 
     inner = FakeRunner()
 
-    def runner(cell: Cell, cell_dir: Path, cfg: CompareConfig) -> pd.DataFrame:
+    def runner(cell: CellKey, cell_dir: Cell, cfg: CompareConfig) -> pd.DataFrame:
         rec = inner(cell, cell_dir, cfg)
         if cfg.evaluate_on == "test" and cell.block == "none":  # c1 failed to evaluate for the baseline
             rec = rec[~((rec["case_id"] == "c1") & (rec["metric"] == "dice"))]
@@ -422,7 +423,7 @@ def test_interrupted_search_names_the_cell_and_the_resume_command(tmp_path: Path
     out = tmp_path / "out"
     inner = FakeRunner()
 
-    def runner(cell: Cell, cell_dir: Path, cfg: CompareConfig) -> pd.DataFrame:
+    def runner(cell: CellKey, cell_dir: Cell, cfg: CompareConfig) -> pd.DataFrame:
         if cfg.name.endswith("rung1"):
             raise KeyboardInterrupt
         return inner(cell, cell_dir, cfg)

@@ -81,9 +81,16 @@ def _assert_tensorboard_matches(log_dir: Path, rows: list[dict[str, str]]) -> No
 
 
 # ----------------------------------------------------------------------------- end to end
-def test_train_writes_complete_run_folder(synth, tmp_path):
+def test_train_writes_complete_run_folder(synth, tmp_path, monkeypatch):
+    from medse.inference import Predictor
+
+    validated = []  # validation predicts with medse predict's Predictor (as nnU-Net validates with its predictor)
+    real = Predictor.predict_preprocessed
+    monkeypatch.setattr(Predictor, "predict_preprocessed",
+                        lambda self, image, **kw: validated.append(image.shape) or real(self, image, **kw))
     out = tmp_path / "run"
     run = train(tiny_config(synth), out)
+    assert validated and all(len(s) == 4 for s in validated)
     assert run == out.resolve()
     for name in ("config.yaml", "run_info.json", "dataset.json", "splits.json", "metrics.csv", "curves.png",
                  "timing.json", "checkpoints/last.pt", "checkpoints/best.pt"):
@@ -150,8 +157,8 @@ def test_cli_train_2d_network(synth, tmp_path):
 
 # ----------------------------------------------------------------------------- errors leave nothing behind
 def _bad_dataset(tmp: Path, problem: str) -> Path:
-    from medse.data._testing import write_case
     from medse.data.io import write_image
+    from medse.testing import write_case
 
     root = tmp / f"bad_{problem}"
     for i in range(3):

@@ -15,7 +15,7 @@ from medse.config import Config, config_to_dict, load_config
 from medse.training.distributed import DistInfo, shard_indices
 from medse.training.optim import build_optimizer, build_scheduler, lr_multiplier
 from medse.training.recording import plot_curves, write_metrics_csv, write_timing
-from medse.training.validation import dice_per_class, predict_logits, reduce_dice_sums, summarise_dice
+from medse.training.validation import dice_per_class, reduce_dice_sums, summarise_dice
 from medse.utils.errors import MedseError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -174,12 +174,17 @@ class _Const(torch.nn.Module):
 
 
 @pytest.mark.parametrize("dims", [2, 3])
-def test_predict_logits_shapes_and_values(dims):
+def test_validation_predictor_slices_and_windows_like_predict(dims):
+    """Validation predicts with medse predict's Predictor: a 2D network slices along slice_axis, a 3D one slides."""
+    from medse.inference import Predictor
+
     img = torch.randn(1, 12, 10, 9)
     roi = [8, 8, 8] if dims == 3 else [8, 8]
-    out = predict_logits(_Const(), img, spatial_dims=dims, roi_size=roi, overlap=0.25, slice_axis=1, slice_batch=4)
-    assert out.shape == (2, 12, 10, 9)
-    assert torch.equal(out.argmax(0), (img[0] > 0).long())
+    pred = Predictor(_Const(), spatial_dims=dims, in_channels=1, roi_size=roi, overlap=0.25, slice_axis=1,
+                     device="cpu", amp=False)
+    labels, _ = pred.predict_preprocessed(img.numpy())
+    assert labels.shape == (12, 10, 9)
+    assert np.array_equal(labels, (img[0] > 0).numpy().astype(labels.dtype))
 
 
 # ----------------------------------------------------------------------------- records

@@ -12,7 +12,7 @@ what the plain code computes, ``last_gate`` included where the block records it.
 Blocks whose kernel saves its output (``se``/``cse``, ``eca``, ``sse``, ``scse``) also have
 ``forward_cat(skip, x)``, equal to ``torch.cat([skip, block(x)], 1)``: on the fast path the kernel writes its
 output into the concatenation directly and saves that (see :func:`medse.attention.kernels.core.output_buffer`);
-:func:`medse.networks._common.forward_then_cat` calls it where a network concatenates a block's output.
+:func:`medse.networks.layers.forward_then_cat` calls it where a network concatenates a block's output.
 
 Graph capture
 -------------

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,8 @@ from monai.networks.layers.factories import Conv, Norm
 from torch import nn
 
 from medse.attention._base import channel_view, check_channels, check_spatial_dims, reduced_channels, scriptable
+from medse.attention.registry import register_attention
+from medse.attention.se import se_params
 from medse.utils.errors import unknown_option_error
 
 #: The descriptors of the authors' ``ChannelGate``: average, maximum, LP (p=2) and log-sum-exp pooling over space.
@@ -213,3 +216,55 @@ class CBAM(nn.Module):
 
     def extra_repr(self) -> str:
         return f"spatial_dims={self.spatial_dims}, in_channels={self.in_channels}"
+
+
+def _cbam_spatial_params(c: int, d: int, kernel_size: int = 7, **_: Any) -> int:
+    """Learnable parameters of CBAM's spatial gate: the 2 -> 1 k^d convolution (no bias) and BatchNorm's pair."""
+    return 2 * kernel_size**d + 2
+
+
+_WOO_CBAM = "Woo, Park, Lee, Kweon. CBAM: Convolutional Block Attention Module. ECCV 2018 (arXiv:1807.06521)"
+_CBAM_REPO = "https://github.com/Jongchan/attention-module"
+_CBAM_3D = ("1D and 3D: pools over all spatial axes and a k^d spatial convolution (7x7x7 in 3D, as requested on "
+            "the authors' repository, issue #46 / PR #53).")
+
+# Registered after the three classes so that the module is listed before its two gates (``medse blocks``).
+register_attention(
+    "cbam",
+    paper=_WOO_CBAM,
+    year=2018,
+    repo=_CBAM_REPO,
+    params_formula="2*C*(C//r) + C//r + C + 2*k^d + 2, r=16, k=7",
+    spatial_dims=(1, 2, 3),
+    defaults={"reduction": 16, "pool_types": ("avg", "max"), "kernel_size": 7},
+    extension=_CBAM_3D,
+    departures=(
+        "Training with one value per BatchNorm channel in the spatial gate (batch 1, one position) normalises "
+        "with the running statistics (BatchNorm is undefined there)."
+    ),
+    params_fn=lambda c, d, reduction=16, kernel_size=7, **_: se_params(c, d, reduction)
+    + _cbam_spatial_params(c, d, kernel_size),
+)(CBAM)
+register_attention(
+    "cbam_channel",
+    paper=_WOO_CBAM + "; its channel attention (ChannelGate)",
+    year=2018,
+    repo=_CBAM_REPO,
+    params_formula="2*C*(C//r) + C//r + C, r=16",
+    spatial_dims=(1, 2, 3),
+    defaults={"reduction": 16, "pool_types": ("avg", "max")},
+    extension="1D and 3D: average and maximum over all spatial axes.",
+    params_fn=lambda c, d, reduction=16, **_: se_params(c, d, reduction),
+)(CBAMChannelGate)
+register_attention(
+    "cbam_spatial",
+    paper=_WOO_CBAM + "; its spatial attention (SpatialGate)",
+    year=2018,
+    repo=_CBAM_REPO,
+    params_formula="2*k^d + 2, k=7",
+    spatial_dims=(1, 2, 3),
+    defaults={"kernel_size": 7},
+    extension=_CBAM_3D,
+    departures="As cbam's spatial gate (running statistics for a single value per BatchNorm channel in training).",
+    params_fn=_cbam_spatial_params,
+)(CBAMSpatialGate)

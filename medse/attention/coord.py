@@ -14,6 +14,7 @@ axis, ``y = h_swish(BN(conv1(concat)))`` with one BatchNorm over both strips, sp
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from monai.networks.layers.factories import Conv, Norm
@@ -21,8 +22,28 @@ from torch import nn
 
 from medse.attention._base import check_channels, check_spatial_dims, eager_only, scriptable
 from medse.attention.kernels import coord_attention, fast_path_applies
+from medse.attention.registry import free_rule, register_attention
 
 
+def _ca_params(c: int, d: int, reduction: int = 32, min_mip: int = 8, **_: Any) -> int:
+    """Learnable parameters of Coordinate attention with mip = max(min_mip, C // r) hidden channels."""
+    mip = max(min_mip, c // reduction)
+    return (d + 1) * c * mip + 3 * mip + d * c
+
+
+@register_attention(
+    "ca",
+    paper="Hou, Zhou, Feng. Coordinate Attention for Efficient Mobile Network Design. CVPR 2021 (arXiv:2103.02907)",
+    year=2021,
+    repo="https://github.com/houqb/CoordAttention",
+    params_formula="2D: 3*C*mip + 3*mip + 2C; 3D: 4*C*mip + 3*mip + 3C; mip = max(8, C//32)",
+    spatial_dims=(2, 3),
+    defaults={"reduction": 32, "min_mip": 8},
+    extension="3D: one strip per axis (D, H, W), one shared conv/BN/h_swish, three directional gates.",
+    spatial_gate=True,
+    params_fn=_ca_params,
+    channel_rule=free_rule,
+)
 @scriptable
 class CoordAttention(nn.Module):
     """Coordinate Attention (Hou et al., CVPR 2021), 2D as in the paper, 3D as medse's extension.

@@ -9,11 +9,13 @@ padding=(k - 1) // 2, bias=False)`` (zero padding at the channel ends); ``y = x 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
 from medse.attention._base import ChannelGateBlock, check_channels, check_spatial_dims
+from medse.attention.registry import register_attention
 
 
 def eca_kernel_size(channels: int, gamma: float = 2, b: float = 1) -> int:
@@ -25,6 +27,24 @@ def eca_kernel_size(channels: int, gamma: float = 2, b: float = 1) -> int:
     return t if t % 2 else t + 1
 
 
+def _eca_params(c: int, d: int, kernel_size: int | None = None, gamma: float = 2, b: float = 1, **_: Any) -> int:
+    """Learnable parameters of ECA: the 1D convolution's k weights (no bias)."""
+    return kernel_size if kernel_size is not None else eca_kernel_size(c, gamma, b)
+
+
+@register_attention(
+    "eca",
+    paper="Wang, Wu, Zhu, Li, Zuo, Hu. ECA-Net: Efficient Channel Attention for Deep CNNs. CVPR 2020 "
+    "(arXiv:1910.03151)",
+    year=2020,
+    repo="https://github.com/BangguWu/ECANet",
+    params_formula="k, k = adaptive odd(int((log2(C) + 1) / 2)) or given",
+    spatial_dims=(1, 2, 3),
+    defaults={"kernel_size": None},
+    extension="1D and 3D.",
+    departures="Even kernel sizes are rejected (the authors' padding would shorten the channel axis).",
+    params_fn=_eca_params,
+)
 class ECA(ChannelGateBlock):
     """Efficient Channel Attention (Wang et al., CVPR 2020), any number of spatial dimensions.
 

@@ -23,11 +23,13 @@ every size (EMA reuses :func:`strip_means` and :func:`directional`).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
 from medse.attention._base import check_channels, check_spatial_dims, scriptable
+from medse.attention.registry import register_attention
 
 
 def strip_means(x: torch.Tensor) -> list[torch.Tensor]:
@@ -57,6 +59,34 @@ def group_count(wanted: int, channels: int) -> int:
     return math.gcd(int(wanted), int(channels))
 
 
+def _ela_params(c: int, d: int, kernel_size: int = 7, groups: int | None = None, **_: Any) -> int:
+    """Learnable parameters of ELA: the shared 1D convolution (no bias) and GroupNorm's affine pair."""
+    return c * (c // (groups or c)) * kernel_size + 2 * c
+
+
+def _ela_rule(groups: int | None = None, **_: Any) -> tuple[int, int]:
+    """ELA: any width (GroupNorm groups adapt), a multiple of the convolution's groups when they are given."""
+    return 1, (groups or 1)
+
+
+@register_attention(
+    "ela",
+    paper="Xu, Wan. ELA: Efficient Local Attention for Deep Convolutional Neural Networks. arXiv:2403.01123 (2024)",
+    year=2024,
+    repo="",
+    params_formula="C*(C/groups)*k + 2C; default (depthwise, k=7): 9C",
+    spatial_dims=(2, 3),
+    defaults={"kernel_size": 7, "groups": None, "gn_groups": 16},
+    extension="3D: one strip per axis (D, H, W) through the same 1D convolution and GroupNorm, three gates.",
+    departures=(
+        "No official code: the paper's equations and listing (kernel 7, depthwise, no bias, GroupNorm(16), "
+        "convolution and GroupNorm shared by the strips, statistics per strip). GroupNorm groups are "
+        "gcd(gn_groups, C) where C is not a multiple of gn_groups. timm's EfficientLocalAttn differs (one "
+        "convolution per axis, one GroupNorm group)."
+    ),
+    params_fn=_ela_params,
+    channel_rule=_ela_rule,
+)
 @scriptable
 class EfficientLocalAttention(nn.Module):
     """Efficient Local Attention (Xu and Wan, 2024), 2D as in the paper, 3D as medse's extension: per spatial axis

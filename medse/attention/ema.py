@@ -24,6 +24,7 @@ size, so a graph traced or exported at one size is right at every size.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from monai.networks.layers.factories import Conv
@@ -31,6 +32,7 @@ from torch import nn
 
 from medse.attention._base import check_channels, check_spatial_dims, scriptable
 from medse.attention.ela import directional, group_count, strip_means
+from medse.attention.registry import free_rule, register_attention
 
 
 def _spatial_sizes(x: torch.Tensor) -> list[int]:
@@ -41,6 +43,30 @@ def _spatial_sizes(x: torch.Tensor) -> list[int]:
     return sizes
 
 
+def _ema_params(c: int, d: int, factor: int = 32, **_: Any) -> int:
+    """Learnable parameters of EMA with c = C / G channels per group: the 1x1 and 3^d convolutions, GroupNorm."""
+    cg = c // group_count(factor, c)
+    return cg * cg * (1 + 3**d) + 4 * cg
+
+
+@register_attention(
+    "ema",
+    paper="Ouyang, He, Zhang, Luo, Guo, Zhan, Huang. Efficient Multi-Scale Attention Module with Cross-Spatial "
+    "Learning. ICASSP 2023 (arXiv:2305.13563)",
+    year=2023,
+    repo="https://github.com/YOLOonMe/EMA-attention-module",
+    params_formula="c^2*(1 + 3^d) + 4c, c = C/G, G = gcd(32, C) groups",
+    spatial_dims=(2, 3),
+    defaults={"factor": 32},
+    extension="3D: strips along D, H, W through the shared 1x1x1 conv, three gates, 3x3x3 conv, softmax weighting "
+    "over all voxels.",
+    departures=(
+        "G = gcd(factor, C) groups, so any width works; for C a multiple of factor (32) this is the authors' "
+        "grouping (their code fails for other widths)."
+    ),
+    params_fn=_ema_params,
+    channel_rule=free_rule,
+)
 @scriptable
 class EfficientMultiScaleAttention(nn.Module):
     """Efficient Multi-scale Attention (Ouyang et al., ICASSP 2023), 2D as the authors', 3D as medse's extension:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,6 +25,7 @@ from medse.attention._base import (
     in_capture,
     reduced_channels,
 )
+from medse.attention.registry import reduction_rule, register_attention
 from medse.utils.errors import unknown_option_error
 
 # Frequencies on the authors' 7x7 grid (u indexes H, v indexes W), from their get_freq_indices.
@@ -75,6 +77,34 @@ def dct_filter(dct_size: Sequence[int], frequencies: Sequence[Sequence[int]], ch
     return filt.float()
 
 
+def _fca_params(c: int, d: int, reduction: float = 16, **_: Any) -> int:
+    """Learnable parameters of FcaNet's gate: two bias-free linear layers (the DCT filters are a buffer)."""
+    return 2 * c * int(c // reduction)
+
+
+def _fca_rule(reduction: float | None = None, frequencies: Any = None, freq_method: str = "top16",
+              **_: Any) -> tuple[int, int]:
+    """FcaNet: C >= r and C a multiple of the number of frequencies (one DCT frequency per channel group)."""
+    n = len(frequencies) if frequencies else len(freq_indices(freq_method))
+    return reduction_rule(reduction)[0], n
+
+
+@register_attention(
+    "fca",
+    paper="Qin, Zhang, Wu, Li. FcaNet: Frequency Channel Attention Networks. ICCV 2021 (arXiv:2012.11879)",
+    year=2021,
+    repo="https://github.com/cfzd/FcaNet",
+    params_formula="2*C*(C//r), r=16 (DCT filters are a buffer)",
+    spatial_dims=(2, 3),
+    defaults={"reduction": 16, "freq_method": "top16", "dct_size": 7},
+    extension=(
+        "3D: a 3D DCT basis; the 2D (u, v) pair applies to the last two spatial axes, frequency 0 on the "
+        "first, unless explicit 3D frequencies are given."
+    ),
+    departures="dct_size defaults to 7 (the frequency grid); the authors' ResNet uses 56/28/14/7 by stage.",
+    params_fn=_fca_params,
+    channel_rule=_fca_rule,
+)
 class FcaAttention(nn.Module):
     """FcaNet multi-spectral channel attention (Qin et al., ICCV 2021), 2D, and 3D as medse's extension.
 

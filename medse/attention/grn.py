@@ -17,8 +17,26 @@ import torch
 from torch import nn
 
 from medse.attention._base import channel_view, check_channels, check_spatial_dims, spatial_axes
+from medse.attention.registry import register_attention
 
 
+@register_attention(
+    "grn",
+    paper="Woo, Debnath, Hu, Chen, Liu, Kweon, Xie. ConvNeXt V2: Co-designing and Scaling ConvNets with Masked "
+    "Autoencoders. CVPR 2023 (arXiv:2301.00808)",
+    year=2023,
+    repo="https://github.com/facebookresearch/ConvNeXt-V2",
+    params_formula="2C",
+    spatial_dims=(1, 2, 3),
+    defaults={"eps": 1e-6},
+    extension="1D (ConvNeXt V2 is 2D; 3D is MONAI's MedNeXt global_resp_norm, which medse equals).",
+    departures=(
+        "Channels-first (B, C, *spatial) where the authors' GRN is channels-last (same numbers); the norm is "
+        "accumulated in float32 for half-precision inputs. gamma = beta = 0 at construction, as the authors': the "
+        "block starts as the identity."
+    ),
+    params_fn=lambda c, d, **_: 2 * c,
+)
 class GlobalResponseNorm(nn.Module):
     """Global Response Normalization (Woo et al., CVPR 2023) on channels-first (B, C, *spatial) tensors:
     ``y = gamma * (x * N) + beta + x`` with ``N = G / (mean_c(G) + eps)`` and ``G`` the per-channel L2 norm over all

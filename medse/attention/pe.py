@@ -17,8 +17,22 @@ from monai.networks.layers.factories import Conv
 from torch import nn
 
 from medse.attention._base import check_channels, reduced_channels, scriptable
+from medse.attention.registry import register_attention
+from medse.attention.se import ROY_REPO, se_params
 
 
+@register_attention(
+    "pe",
+    paper="Rickmann, Roy, Sarasua, Navab, Wachinger. 'Project & Excite' Modules for Segmentation of "
+    "Volumetric Medical Scans. MICCAI 2019 (arXiv:1906.04649)",
+    year=2019,
+    repo=ROY_REPO,
+    params_formula="2*C*(C//r) + C//r + C, r=2",
+    spatial_dims=(3,),
+    defaults={"reduction": 2},
+    spatial_gate=True,
+    params_fn=lambda c, d, reduction=2, **kw: se_params(c, d, reduction),
+)
 @scriptable
 class ProjectExcite(nn.Module):
     """Project & Excite (Rickmann et al., MICCAI 2019), a full (C x D x H x W) gate for volumes.

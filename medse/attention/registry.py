@@ -4,9 +4,11 @@
 ``nn.Identity``; ``"a+b"`` builds the blocks in sequence (``nn.Sequential``, the survey's "hybrid" direction).
 ``list_attention()`` returns the metadata; ``min_channels(name, **kwargs)`` the smallest valid width.
 
-Blocks join the registry with the :func:`register_attention` decorator, the built-ins (below) as well as user
-blocks in their own files, which the ``MEDSE_PLUGINS`` environment variable makes visible everywhere
-(:mod:`medse.plugins`, loaded on the first use of the registry)::
+Blocks join the registry with the :func:`register_attention` decorator in their own files: the built-ins in
+their family's module (with their parameter formula beside them; :mod:`medse.attention` imports the modules,
+and their import order is the order of :func:`list_attention` and ``medse blocks``), and user blocks in the
+files the ``MEDSE_PLUGINS`` environment variable names (:mod:`medse.utils.plugins`, loaded on the first use of the
+registry). This module imports no block, so a block module can import the decorator from it::
 
     from medse.attention import register_attention
 
@@ -17,29 +19,19 @@ blocks in their own files, which the ``MEDSE_PLUGINS`` environment variable make
 
 from __future__ import annotations
 
-import inspect
+import json
 import math
-import re
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from torch import nn
 
-from medse.attention.cbam import CBAM, CBAMChannelGate, CBAMSpatialGate
-from medse.attention.coord import CoordAttention
-from medse.attention.eca import ECA, eca_kernel_size
-from medse.attention.ela import EfficientLocalAttention, group_count
-from medse.attention.ema import EfficientMultiScaleAttention
-from medse.attention.fca import FcaAttention, freq_indices
-from medse.attention.grn import GlobalResponseNorm
-from medse.attention.pe import ProjectExcite
-from medse.attention.scse import SCSE, SpatialSE
-from medse.attention.se import ChannelSE, SqueezeExcitation
-from medse.attention.simam import SimAM
-from medse.attention.spse import SPSE
-from medse.plugins import ENV_VAR, load_plugins
-from medse.utils.errors import did_you_mean, unknown_option_error
+from medse.utils.errors import MedseError, did_you_mean
+from medse.utils.plugins import ENV_VAR, load_plugins
+from medse.utils.registry import Registry, keyword_arguments
 
 # Keywords every block accepts through create_attention even where the block has no use for them:
 # ``fused`` is a performance hint (dropped for blocks without a fast path).
@@ -86,82 +78,43 @@ class AttentionInfo:
     channel_rule: Callable[..., tuple[int, int]] | None = field(default=None, repr=False, compare=False)
 
 
-def _se_params(c: int, d: int, reduction: float = 16, **_: Any) -> int:
-    h = int(c // reduction)
-    return 2 * c * h + h + c
-
-
-def _scse_params(c: int, d: int, reduction: float = 2, **_: Any) -> int:
-    return _se_params(c, d, reduction) + c + 1
-
-
-def _eca_params(c: int, d: int, kernel_size: int | None = None, gamma: float = 2, b: float = 1, **_: Any) -> int:
-    return kernel_size if kernel_size is not None else eca_kernel_size(c, gamma, b)
-
-
-def _fca_params(c: int, d: int, reduction: float = 16, **_: Any) -> int:
-    return 2 * c * int(c // reduction)
-
-
-def _ca_params(c: int, d: int, reduction: int = 32, min_mip: int = 8, **_: Any) -> int:
-    mip = max(min_mip, c // reduction)
-    return (d + 1) * c * mip + 3 * mip + d * c
-
-
-def _spse_params(c: int, d: int, reduction: float = 16, levels: tuple[int, ...] = (1, 2, 4), **_: Any) -> int:
-    h = int(c // reduction)
-    return c * sum(lv**d + 1 for lv in levels) + 2 * c + 2 * c * h + h + c
-
-
-def _reduction_rule(reduction: float | None = None, **_: Any) -> tuple[int, int]:
-    """Blocks with a hidden layer of C // r units: C >= r."""
+def reduction_rule(reduction: float | None = None, **_: Any) -> tuple[int, int]:
+    """Blocks with a hidden layer of C // r units: C >= r (the default channel rule of a block taking
+    ``reduction``)."""
     return (1 if reduction is None else math.ceil(reduction)), 1
 
 
-def _fca_rule(reduction: float | None = None, frequencies: Any = None, freq_method: str = "top16",
-              **_: Any) -> tuple[int, int]:
-    """FcaNet: C >= r and C a multiple of the number of frequencies (one DCT frequency per channel group)."""
-    n = len(frequencies) if frequencies else len(freq_indices(freq_method))
-    return _reduction_rule(reduction)[0], n
-
-
-def _free_rule(**_: Any) -> tuple[int, int]:
-    """Any width (Coordinate attention's reduction only sets mip = max(min_mip, C // r))."""
+def free_rule(**_: Any) -> tuple[int, int]:
+    """Any width (the default channel rule of a block without ``reduction``)."""
     return 1, 1
 
 
-_HU = "Hu, Shen, Sun. Squeeze-and-Excitation Networks. CVPR 2018 (arXiv:1709.01507)"
-_ROY = (
-    "Roy, Navab, Wachinger. Concurrent Spatial and Channel 'Squeeze & Excitation' in Fully Convolutional "
-    "Networks. MICCAI 2018 (arXiv:1803.02579); IEEE TMI 2019 (arXiv:1808.08127)"
+def _block_class(info: AttentionInfo) -> object:
+    return info.cls
+
+
+_REGISTRY: Registry[AttentionInfo] = Registry(
+    "attention block", decorator="register_attention", owner=_block_class, reserved=("none",), load=load_plugins,
+    hint=f"Blocks of your own: name their module in {ENV_VAR}.",
 )
-_ROY_REPO = "https://github.com/ai-med/squeeze_and_excitation"
-
-_REGISTRY: dict[str, AttentionInfo] = {
-    "none": AttentionInfo(
-        name="none",
-        cls=None,
-        paper="no attention (baseline)",
-        year=0,
-        repo="",
-        params_formula="0",
-        spatial_dims=(1, 2, 3),
-        params_fn=lambda c, d, **_: 0,
-        channel_rule=_free_rule,
-    )
-}
-
+_REGISTRY.add("none", AttentionInfo(
+    name="none",
+    cls=None,
+    paper="no attention (baseline)",
+    year=0,
+    repo="",
+    params_formula="0",
+    spatial_dims=(1, 2, 3),
+    params_fn=lambda c, d, **_: 0,
+    channel_rule=free_rule,
+))
 
 _BlockT = TypeVar("_BlockT", bound=type[nn.Module])
 
 
 def _accepted(cls: type[nn.Module]) -> set[str]:
-    params = inspect.signature(cls.__init__).parameters
-    return {k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
-
-
-def _qualname(obj: object) -> str:
-    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+    """The keyword-only options of a block class (what ``create_attention`` may pass it)."""
+    return keyword_arguments(cls.__init__, keyword_only=True)[0]
 
 
 def register_attention(
@@ -211,10 +164,7 @@ def register_attention(
         ValueError: bad name, a name taken by another class, unsupported dimensions, a class that is not an
             ``nn.Module``, or defaults the class does not accept.
     """
-    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name == "none":
-        raise ValueError(
-            f"register_attention: name must be lower case letters, digits and '_' (not 'none'), got {name!r}."
-        )
+    _REGISTRY.check_name(name)
     dims = tuple(int(d) for d in spatial_dims)
     if not dims or not set(dims) <= {1, 2, 3}:
         raise ValueError(f"register_attention('{name}'): spatial_dims must be a non-empty subset of (1, 2, 3), "
@@ -225,9 +175,7 @@ def register_attention(
     def decorator(cls: _BlockT) -> _BlockT:
         if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
             raise ValueError(f"register_attention('{name}'): expected an nn.Module subclass, got {cls!r}.")
-        old = _REGISTRY.get(name)
-        if old is not None and _qualname(old.cls) != _qualname(cls):
-            raise ValueError(f"register_attention: '{name}' is already registered by {_qualname(old.cls)}.")
+        _REGISTRY.check_free(name, cls)
         accepted = _accepted(cls)
         unknown = sorted(set(defaults or {}) - accepted)
         if unknown:
@@ -235,8 +183,8 @@ def register_attention(
                 f"register_attention('{name}'): default '{unknown[0]}' is not a keyword-only argument of "
                 f"{cls.__name__}.{did_you_mean(unknown[0], accepted)} Accepted: {', '.join(sorted(accepted)) or 'none'}."
             )
-        rule = channel_rule or (_reduction_rule if "reduction" in accepted else _free_rule)
-        _REGISTRY[name] = AttentionInfo(
+        rule = channel_rule or (reduction_rule if "reduction" in accepted else free_rule)
+        _REGISTRY.add(name, AttentionInfo(
             name=name,
             cls=cls,
             paper=paper,
@@ -251,297 +199,24 @@ def register_attention(
             fused="fused" in accepted,
             params_fn=params_fn,
             channel_rule=rule,
-        )
+        ))
         return cls
 
     return decorator
 
 
-register_attention(
-    "se",
-    paper=_HU,
-    year=2018,
-    repo="https://github.com/hujie-frank/SENet",
-    params_formula="2*C*(C//r) + C//r + C, r=16",
-    spatial_dims=(1, 2, 3),
-    defaults={"reduction": 16},
-    extension="1D and 3D (the paper is 2D; the formula has no spatial axis to adapt).",
-    departures="Biases in both FC layers as in the authors' Caffe models (the paper's count ignores them).",
-    params_fn=_se_params,
-)(SqueezeExcitation)
-register_attention(
-    "cse",
-    paper=_ROY,
-    year=2018,
-    repo=_ROY_REPO,
-    params_formula="2*C*(C//r) + C//r + C, r=2",
-    spatial_dims=(1, 2, 3),
-    defaults={"reduction": 2},
-    extension="1D (the authors define 2D and 3D).",
-    departures="",
-    params_fn=lambda c, d, reduction=2, **kw: _se_params(c, d, reduction),
-)(ChannelSE)
-register_attention(
-    "sse",
-    paper=_ROY,
-    year=2018,
-    repo=_ROY_REPO,
-    params_formula="C + 1",
-    spatial_dims=(1, 2, 3),
-    extension="1D (the authors define 2D and 3D).",
-    spatial_gate=True,
-    params_fn=lambda c, d, **_: c + 1,
-)(SpatialSE)
-register_attention(
-    "scse",
-    paper=_ROY,
-    year=2018,
-    repo=_ROY_REPO,
-    params_formula="2*C*(C//r) + C//r + 2C + 1, r=2",
-    spatial_dims=(1, 2, 3),
-    defaults={"reduction": 2, "aggregation": "max"},
-    extension="1D; aggregation 'mul' (offered for comparison only).",
-    spatial_gate=True,
-    departures=(
-        "Default aggregation is the element-wise maximum of the authors' code and TMI paper; the MICCAI "
-        "paper adds the branches (aggregation='add')."
-    ),
-    params_fn=_scse_params,
-)(SCSE)
-register_attention(
-    "scse_smp",
-    paper=_ROY + "; preset of segmentation_models_pytorch's SCSEModule",
-    year=2018,
-    repo="https://github.com/qubvel-org/segmentation_models.pytorch",
-    params_formula="2*C*(C//r) + C//r + 2C + 1, r=16",
-    spatial_dims=(1, 2, 3),
-    defaults={"reduction": 16, "aggregation": "add"},
-    extension="1D and 3D (smp's module is 2D).",
-    spatial_gate=True,
-    departures="smp's choices: addition of the branches and r=16.",
-    params_fn=lambda c, d, reduction=16, **kw: _scse_params(c, d, reduction),
-)(SCSE)
-register_attention(
-    "eca",
-    paper="Wang, Wu, Zhu, Li, Zuo, Hu. ECA-Net: Efficient Channel Attention for Deep CNNs. CVPR 2020 "
-    "(arXiv:1910.03151)",
-    year=2020,
-    repo="https://github.com/BangguWu/ECANet",
-    params_formula="k, k = adaptive odd(int((log2(C) + 1) / 2)) or given",
-    spatial_dims=(1, 2, 3),
-    defaults={"kernel_size": None},
-    extension="1D and 3D.",
-    departures="Even kernel sizes are rejected (the authors' padding would shorten the channel axis).",
-    params_fn=_eca_params,
-)(ECA)
-register_attention(
-    "fca",
-    paper="Qin, Zhang, Wu, Li. FcaNet: Frequency Channel Attention Networks. ICCV 2021 (arXiv:2012.11879)",
-    year=2021,
-    repo="https://github.com/cfzd/FcaNet",
-    params_formula="2*C*(C//r), r=16 (DCT filters are a buffer)",
-    spatial_dims=(2, 3),
-    defaults={"reduction": 16, "freq_method": "top16", "dct_size": 7},
-    extension=(
-        "3D: a 3D DCT basis; the 2D (u, v) pair applies to the last two spatial axes, frequency 0 on the "
-        "first, unless explicit 3D frequencies are given."
-    ),
-    departures="dct_size defaults to 7 (the frequency grid); the authors' ResNet uses 56/28/14/7 by stage.",
-    params_fn=_fca_params,
-    channel_rule=_fca_rule,
-)(FcaAttention)
-register_attention(
-    "ca",
-    paper="Hou, Zhou, Feng. Coordinate Attention for Efficient Mobile Network Design. CVPR 2021 (arXiv:2103.02907)",
-    year=2021,
-    repo="https://github.com/houqb/CoordAttention",
-    params_formula="2D: 3*C*mip + 3*mip + 2C; 3D: 4*C*mip + 3*mip + 3C; mip = max(8, C//32)",
-    spatial_dims=(2, 3),
-    defaults={"reduction": 32, "min_mip": 8},
-    extension="3D: one strip per axis (D, H, W), one shared conv/BN/h_swish, three directional gates.",
-    spatial_gate=True,
-    params_fn=_ca_params,
-    channel_rule=_free_rule,
-)(CoordAttention)
-register_attention(
-    "simam",
-    paper="Yang, Zhang, Li, Xie. SimAM: A Simple, Parameter-Free Attention Module for CNNs. ICML 2021",
-    year=2021,
-    repo="https://github.com/ZjjConan/SimAM",
-    params_formula="0",
-    spatial_dims=(1, 2, 3),
-    defaults={"e_lambda": 1e-4},
-    extension="1D and 3D (the energy is defined per channel over any number of positions).",
-    spatial_gate=True,
-    departures=(
-        "n = max(N-1, 1) so a single spatial position gives sigmoid(0.5) instead of NaN; energy in float32 "
-        "for half-precision inputs. lambda=1e-4 is the module default (the authors' ImageNet/COCO runs: 0.1)."
-    ),
-    params_fn=lambda c, d, **_: 0,
-)(SimAM)
-register_attention(
-    "spse",
-    paper="Jin, Xie, Wang, Chen, Liang. Delving deep into spatial pooling for squeeze-and-excitation "
-    "networks. Pattern Recognition 2022",
-    year=2022,
-    repo="",
-    params_formula="C*sum_l(l^d + 1) + 2C + 2*C*(C//r) + C//r + C; 2D levels (1,2,4): 2C*(C//16) + C//16 + 27C",
-    spatial_dims=(1, 2, 3),
-    defaults={"reduction": 16, "levels": (1, 2, 4)},
-    extension="1D and 3D: each level pools to l cells per axis (l^d cells), depthwise kernel l per axis.",
-    departures="Training with a batch of one normalises with the running statistics (BatchNorm is undefined).",
-    params_fn=_spse_params,
-)(SPSE)
-register_attention(
-    "pe",
-    paper="Rickmann, Roy, Sarasua, Navab, Wachinger. 'Project & Excite' Modules for Segmentation of "
-    "Volumetric Medical Scans. MICCAI 2019 (arXiv:1906.04649)",
-    year=2019,
-    repo=_ROY_REPO,
-    params_formula="2*C*(C//r) + C//r + C, r=2",
-    spatial_dims=(3,),
-    defaults={"reduction": 2},
-    spatial_gate=True,
-    params_fn=lambda c, d, reduction=2, **kw: _se_params(c, d, reduction),
-)(ProjectExcite)
-
-
-# --- blocks since 2021 (REFERENCE.md "Blocks since 2021") ---------------------------------------------------
-
-
-def _cbam_spatial_params(c: int, d: int, kernel_size: int = 7, **_: Any) -> int:
-    return 2 * kernel_size**d + 2
-
-
-def _ela_params(c: int, d: int, kernel_size: int = 7, groups: int | None = None, **_: Any) -> int:
-    return c * (c // (groups or c)) * kernel_size + 2 * c
-
-
-def _ela_rule(groups: int | None = None, **_: Any) -> tuple[int, int]:
-    """ELA: any width (GroupNorm groups adapt), a multiple of the convolution's groups when they are given."""
-    return 1, (groups or 1)
-
-
-def _ema_params(c: int, d: int, factor: int = 32, **_: Any) -> int:
-    cg = c // group_count(factor, c)
-    return cg * cg * (1 + 3**d) + 4 * cg
-
-
-_WOO_CBAM = "Woo, Park, Lee, Kweon. CBAM: Convolutional Block Attention Module. ECCV 2018 (arXiv:1807.06521)"
-_CBAM_REPO = "https://github.com/Jongchan/attention-module"
-_CBAM_3D = ("1D and 3D: pools over all spatial axes and a k^d spatial convolution (7x7x7 in 3D, as requested on "
-            "the authors' repository, issue #46 / PR #53).")
-
-register_attention(
-    "grn",
-    paper="Woo, Debnath, Hu, Chen, Liu, Kweon, Xie. ConvNeXt V2: Co-designing and Scaling ConvNets with Masked "
-    "Autoencoders. CVPR 2023 (arXiv:2301.00808)",
-    year=2023,
-    repo="https://github.com/facebookresearch/ConvNeXt-V2",
-    params_formula="2C",
-    spatial_dims=(1, 2, 3),
-    defaults={"eps": 1e-6},
-    extension="1D (ConvNeXt V2 is 2D; 3D is MONAI's MedNeXt global_resp_norm, which medse equals).",
-    departures=(
-        "Channels-first (B, C, *spatial) where the authors' GRN is channels-last (same numbers); the norm is "
-        "accumulated in float32 for half-precision inputs. gamma = beta = 0 at construction, as the authors': the "
-        "block starts as the identity."
-    ),
-    params_fn=lambda c, d, **_: 2 * c,
-)(GlobalResponseNorm)
-register_attention(
-    "cbam",
-    paper=_WOO_CBAM,
-    year=2018,
-    repo=_CBAM_REPO,
-    params_formula="2*C*(C//r) + C//r + C + 2*k^d + 2, r=16, k=7",
-    spatial_dims=(1, 2, 3),
-    defaults={"reduction": 16, "pool_types": ("avg", "max"), "kernel_size": 7},
-    extension=_CBAM_3D,
-    departures=(
-        "Training with one value per BatchNorm channel in the spatial gate (batch 1, one position) normalises "
-        "with the running statistics (BatchNorm is undefined there)."
-    ),
-    params_fn=lambda c, d, reduction=16, kernel_size=7, **_: _se_params(c, d, reduction)
-    + _cbam_spatial_params(c, d, kernel_size),
-)(CBAM)
-register_attention(
-    "cbam_channel",
-    paper=_WOO_CBAM + "; its channel attention (ChannelGate)",
-    year=2018,
-    repo=_CBAM_REPO,
-    params_formula="2*C*(C//r) + C//r + C, r=16",
-    spatial_dims=(1, 2, 3),
-    defaults={"reduction": 16, "pool_types": ("avg", "max")},
-    extension="1D and 3D: average and maximum over all spatial axes.",
-    params_fn=lambda c, d, reduction=16, **_: _se_params(c, d, reduction),
-)(CBAMChannelGate)
-register_attention(
-    "cbam_spatial",
-    paper=_WOO_CBAM + "; its spatial attention (SpatialGate)",
-    year=2018,
-    repo=_CBAM_REPO,
-    params_formula="2*k^d + 2, k=7",
-    spatial_dims=(1, 2, 3),
-    defaults={"kernel_size": 7},
-    extension=_CBAM_3D,
-    departures="As cbam's spatial gate (running statistics for a single value per BatchNorm channel in training).",
-    params_fn=_cbam_spatial_params,
-)(CBAMSpatialGate)
-register_attention(
-    "ela",
-    paper="Xu, Wan. ELA: Efficient Local Attention for Deep Convolutional Neural Networks. arXiv:2403.01123 (2024)",
-    year=2024,
-    repo="",
-    params_formula="C*(C/groups)*k + 2C; default (depthwise, k=7): 9C",
-    spatial_dims=(2, 3),
-    defaults={"kernel_size": 7, "groups": None, "gn_groups": 16},
-    extension="3D: one strip per axis (D, H, W) through the same 1D convolution and GroupNorm, three gates.",
-    departures=(
-        "No official code: the paper's equations and listing (kernel 7, depthwise, no bias, GroupNorm(16), "
-        "convolution and GroupNorm shared by the strips, statistics per strip). GroupNorm groups are "
-        "gcd(gn_groups, C) where C is not a multiple of gn_groups. timm's EfficientLocalAttn differs (one "
-        "convolution per axis, one GroupNorm group)."
-    ),
-    params_fn=_ela_params,
-    channel_rule=_ela_rule,
-)(EfficientLocalAttention)
-register_attention(
-    "ema",
-    paper="Ouyang, He, Zhang, Luo, Guo, Zhan, Huang. Efficient Multi-Scale Attention Module with Cross-Spatial "
-    "Learning. ICASSP 2023 (arXiv:2305.13563)",
-    year=2023,
-    repo="https://github.com/YOLOonMe/EMA-attention-module",
-    params_formula="c^2*(1 + 3^d) + 4c, c = C/G, G = gcd(32, C) groups",
-    spatial_dims=(2, 3),
-    defaults={"factor": 32},
-    extension="3D: strips along D, H, W through the shared 1x1x1 conv, three gates, 3x3x3 conv, softmax weighting "
-    "over all voxels.",
-    departures=(
-        "G = gcd(factor, C) groups, so any width works; for C a multiple of factor (32) this is the authors' "
-        "grouping (their code fails for other widths)."
-    ),
-    params_fn=_ema_params,
-    channel_rule=_free_rule,
-)(EfficientMultiScaleAttention)
-
-
 def list_attention() -> dict[str, AttentionInfo]:
     """All registered blocks, name -> :class:`AttentionInfo` (composition names are not listed): the built-ins in
     registration order, then the blocks of the ``MEDSE_PLUGINS`` modules."""
-    load_plugins()
     return dict(_REGISTRY)
 
 
 def _split_names(name: object) -> list[str]:
-    load_plugins()
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"attention name must be a non-empty string, got {name!r}.")
     parts = [p.strip().lower() for p in name.split("+")]
     for p in parts:
-        if p not in _REGISTRY:
-            err = unknown_option_error("attention block", p, _REGISTRY)
-            raise ValueError(f"{err} (Blocks of your own: name their module in {ENV_VAR}.)")
+        _REGISTRY.get_or_raise(p)
     if len(parts) > 1 and "none" in parts:
         raise ValueError(f"attention '{name}': 'none' cannot be combined with other blocks.")
     return parts
@@ -625,8 +300,39 @@ def min_channels(name: str, **kwargs: Any) -> int:
     lower = 1
     multiple = 1
     for p, kw in zip(parts, per_part, strict=True):
-        rule = _REGISTRY[p].channel_rule or _free_rule
+        rule = _REGISTRY[p].channel_rule or free_rule
         lo, mult = rule(**kw)
         lower = max(lower, int(lo))
         multiple = math.lcm(multiple, int(mult))
     return math.ceil(lower / multiple) * multiple
+
+
+def check_run_blocks(attention: Any, run_dir: str | os.PathLike) -> None:
+    """Check that every block a run's config names (``model.attention``: a name, ``a+b``, or a position ->
+    block mapping) is registered; the run trained with them, so an unknown one is a plugin block.
+
+    Raises:
+        MedseError: ``Unknown attention block 'my_gate'`` plus the hint ``the run was trained with a plugin
+            block: set MEDSE_PLUGINS=<what the run recorded>`` (or where to look when it recorded nothing).
+    """
+    values = attention.values() if isinstance(attention, dict) else str(attention).split(",")
+    names = []
+    for v in values:
+        v = str(v).split("=", 1)[-1]  # "encoder=cse,decoder=scse" spelling
+        names += [p.strip().lower() for p in v.split("+") if p.strip()]
+    known = list_attention()
+    unknown = [n for n in names if n not in known]
+    if not unknown:
+        return
+    run_dir = Path(run_dir)
+    recorded: list[str] = []
+    try:
+        recorded = [str(e) for e in json.loads((run_dir / "run_info.json").read_text()).get("medse_plugins") or []]
+    except (OSError, ValueError, AttributeError):
+        pass
+    if recorded:
+        hint = f"set {ENV_VAR}={os.pathsep.join(recorded)} (recorded in {run_dir / 'run_info.json'})"
+    else:
+        hint = f"set {ENV_VAR} to the module or .py file that registers it (the run did not record it)"
+    raise MedseError(f"Unknown attention block '{unknown[0]}': the run was trained with a plugin block; {hint}",
+                     run_dir / "config.yaml")

@@ -14,6 +14,7 @@ scSE: ``max(x * c, x * q)`` (default, authors' code), ``x * c + x * q`` (MICCAI 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from monai.networks.layers.factories import Conv
@@ -22,10 +23,22 @@ from torch import nn
 from medse.attention._base import ConcatOutput, check_channels, check_spatial_dims, eager_only, scriptable
 from medse.attention.kernels import fast_path_applies, scse_attention, spatial_attention
 from medse.attention.kernels.spatial import AGGREGATIONS
-from medse.attention.se import ChannelSE
+from medse.attention.registry import register_attention
+from medse.attention.se import ROY_PAPER, ROY_REPO, ChannelSE, se_params
 from medse.utils.errors import unknown_option_error
 
 
+@register_attention(
+    "sse",
+    paper=ROY_PAPER,
+    year=2018,
+    repo=ROY_REPO,
+    params_formula="C + 1",
+    spatial_dims=(1, 2, 3),
+    extension="1D (the authors define 2D and 3D).",
+    spatial_gate=True,
+    params_fn=lambda c, d, **_: c + 1,
+)
 @scriptable
 class SpatialSE(ConcatOutput, nn.Module):
     """Spatial squeeze-and-excitation, sSE (Roy et al., MICCAI 2018).
@@ -86,6 +99,28 @@ class SpatialSE(ConcatOutput, nn.Module):
         return f"spatial_dims={self.spatial_dims}, in_channels={self.in_channels}"
 
 
+def _scse_params(c: int, d: int, reduction: float = 2, **_: Any) -> int:
+    """Learnable parameters of scSE: the cSE gate (:func:`~medse.attention.se.se_params`) plus the sSE
+    convolution's ``C + 1``."""
+    return se_params(c, d, reduction) + c + 1
+
+
+@register_attention(
+    "scse",
+    paper=ROY_PAPER,
+    year=2018,
+    repo=ROY_REPO,
+    params_formula="2*C*(C//r) + C//r + 2C + 1, r=2",
+    spatial_dims=(1, 2, 3),
+    defaults={"reduction": 2, "aggregation": "max"},
+    extension="1D; aggregation 'mul' (offered for comparison only).",
+    spatial_gate=True,
+    departures=(
+        "Default aggregation is the element-wise maximum of the authors' code and TMI paper; the MICCAI "
+        "paper adds the branches (aggregation='add')."
+    ),
+    params_fn=_scse_params,
+)
 @scriptable
 class SCSE(ConcatOutput, nn.Module):
     """Concurrent spatial and channel squeeze-and-excitation, scSE (Roy et al., MICCAI 2018 / TMI 2019).
@@ -169,3 +204,19 @@ class SCSE(ConcatOutput, nn.Module):
             f"spatial_dims={self.spatial_dims}, in_channels={self.in_channels}, reduction={self.reduction}, "
             f"aggregation={self.aggregation!r}"
         )
+
+
+# segmentation_models_pytorch's preset of the same class, listed after scse.
+register_attention(
+    "scse_smp",
+    paper=ROY_PAPER + "; preset of segmentation_models_pytorch's SCSEModule",
+    year=2018,
+    repo="https://github.com/qubvel-org/segmentation_models.pytorch",
+    params_formula="2*C*(C//r) + C//r + 2C + 1, r=16",
+    spatial_dims=(1, 2, 3),
+    defaults={"reduction": 16, "aggregation": "add"},
+    extension="1D and 3D (smp's module is 2D).",
+    spatial_gate=True,
+    departures="smp's choices: addition of the branches and r=16.",
+    params_fn=lambda c, d, reduction=16, **kw: _scse_params(c, d, reduction),
+)(SCSE)

@@ -12,12 +12,40 @@ one-to-one on MONAI's ``ChannelSELayer.fc[0]`` / ``fc[2]``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from medse.attention._base import ChannelGateBlock, check_channels, check_spatial_dims, reduced_channels
+from medse.attention.registry import register_attention
+
+HU_PAPER = "Hu, Shen, Sun. Squeeze-and-Excitation Networks. CVPR 2018 (arXiv:1709.01507)"
+ROY_PAPER = (
+    "Roy, Navab, Wachinger. Concurrent Spatial and Channel 'Squeeze & Excitation' in Fully Convolutional "
+    "Networks. MICCAI 2018 (arXiv:1803.02579); IEEE TMI 2019 (arXiv:1808.08127)"
+)
+ROY_REPO = "https://github.com/ai-med/squeeze_and_excitation"
 
 
+def se_params(c: int, d: int, reduction: float = 16, **_: Any) -> int:
+    """Learnable parameters of an SE gate with C // r hidden units and biases: ``2*C*(C//r) + C//r + C``."""
+    h = int(c // reduction)
+    return 2 * c * h + h + c
+
+
+@register_attention(
+    "se",
+    paper=HU_PAPER,
+    year=2018,
+    repo="https://github.com/hujie-frank/SENet",
+    params_formula="2*C*(C//r) + C//r + C, r=16",
+    spatial_dims=(1, 2, 3),
+    defaults={"reduction": 16},
+    extension="1D and 3D (the paper is 2D; the formula has no spatial axis to adapt).",
+    departures="Biases in both FC layers as in the authors' Caffe models (the paper's count ignores them).",
+    params_fn=se_params,
+)
 class SqueezeExcitation(ChannelGateBlock):
     """Squeeze-and-Excitation block (Hu et al., CVPR 2018), any number of spatial dimensions.
 
@@ -57,6 +85,18 @@ class SqueezeExcitation(ChannelGateBlock):
         return f"spatial_dims={self.spatial_dims}, in_channels={self.in_channels}, reduction={self.reduction}"
 
 
+@register_attention(
+    "cse",
+    paper=ROY_PAPER,
+    year=2018,
+    repo=ROY_REPO,
+    params_formula="2*C*(C//r) + C//r + C, r=2",
+    spatial_dims=(1, 2, 3),
+    defaults={"reduction": 2},
+    extension="1D (the authors define 2D and 3D).",
+    departures="",
+    params_fn=lambda c, d, reduction=2, **kw: se_params(c, d, reduction),
+)
 class ChannelSE(SqueezeExcitation):
     """Channel squeeze-and-excitation, cSE (Roy et al., MICCAI 2018): SE with reduction 2 by default.
 

@@ -16,8 +16,25 @@ from torch import nn
 
 from medse.attention._base import check_channels, check_spatial_dims, eager_only, scriptable, spatial_axes
 from medse.attention.kernels import fast_path_applies, simam_attention
+from medse.attention.registry import register_attention
 
 
+@register_attention(
+    "simam",
+    paper="Yang, Zhang, Li, Xie. SimAM: A Simple, Parameter-Free Attention Module for CNNs. ICML 2021",
+    year=2021,
+    repo="https://github.com/ZjjConan/SimAM",
+    params_formula="0",
+    spatial_dims=(1, 2, 3),
+    defaults={"e_lambda": 1e-4},
+    extension="1D and 3D (the energy is defined per channel over any number of positions).",
+    spatial_gate=True,
+    departures=(
+        "n = max(N-1, 1) so a single spatial position gives sigmoid(0.5) instead of NaN; energy in float32 "
+        "for half-precision inputs. lambda=1e-4 is the module default (the authors' ImageNet/COCO runs: 0.1)."
+    ),
+    params_fn=lambda c, d, **_: 0,
+)
 @scriptable
 class SimAM(nn.Module):
     """SimAM (Yang et al., ICML 2021): a full 3D (C x space) gate from an energy function, no parameters.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from monai.networks.layers.factories import Conv
 from torch import nn
 
 from medse.attention._base import adaptive_avg_pool, channel_view, check_channels, check_spatial_dims, reduced_channels
+from medse.attention.registry import register_attention
 
 
 class AdaptiveAvgPool(nn.Module):
@@ -41,6 +43,25 @@ class AdaptiveAvgPool(nn.Module):
         return f"output_size={tuple(self.output_size)}"
 
 
+def _spse_params(c: int, d: int, reduction: float = 16, levels: tuple[int, ...] = (1, 2, 4), **_: Any) -> int:
+    """Learnable parameters of SPSE: the depthwise pyramid convolutions and BatchNorm, then the SE gate."""
+    h = int(c // reduction)
+    return c * sum(lv**d + 1 for lv in levels) + 2 * c + 2 * c * h + h + c
+
+
+@register_attention(
+    "spse",
+    paper="Jin, Xie, Wang, Chen, Liang. Delving deep into spatial pooling for squeeze-and-excitation "
+    "networks. Pattern Recognition 2022",
+    year=2022,
+    repo="",
+    params_formula="C*sum_l(l^d + 1) + 2C + 2*C*(C//r) + C//r + C; 2D levels (1,2,4): 2C*(C//16) + C//16 + 27C",
+    spatial_dims=(1, 2, 3),
+    defaults={"reduction": 16, "levels": (1, 2, 4)},
+    extension="1D and 3D: each level pools to l cells per axis (l^d cells), depthwise kernel l per axis.",
+    departures="Training with a batch of one normalises with the running statistics (BatchNorm is undefined).",
+    params_fn=_spse_params,
+)
 class SPSE(nn.Module):
     """Spatial-pyramid SE (Jin et al., Pattern Recognition 2022), 1D, 2D and 3D.
 

@@ -1,20 +1,8 @@
-"""Brain-tumour style image classification: data, synthetic slices, training, evaluation, statistics.
+"""Brain-tumour style image classification: data, synthetic slices, training, prediction and evaluation files.
 
 Public API (heavy modules are imported on use): :mod:`medse.classify.data`, :mod:`medse.classify.synth`,
-:mod:`medse.classify.train` (``train``, ``resume``), :mod:`medse.classify.evaluate` (``evaluate_run``,
-``compare_runs``) and :mod:`medse.classify.stats` (``delong_test``, ``delong_ci``, ``mcnemar_test``,
-``two_proportion_ztest``, ``holm``). See docs/classifier.md.
+:mod:`medse.classify.train` (``train``, ``resume``; registers the ``classification`` task, :mod:`medse.tasks`) and
+:mod:`medse.classify.evaluate` (``predict_run``, ``evaluate_run``). The metrics (AUC with DeLong CIs, per-class
+metrics) are :mod:`medse.evaluation.classification`'s; the paired comparison of two runs (DeLong, McNemar, Z-test,
+Holm; ``compare_runs``) is :mod:`medse.compare.classifier`'s. See docs/classifier.md.
 """
-
-from __future__ import annotations
-
-from medse.classify.stats import (
-    delong_ci,
-    delong_covariance,
-    delong_test,
-    holm,
-    mcnemar_test,
-    two_proportion_ztest,
-)
-
-__all__ = ["delong_ci", "delong_covariance", "delong_test", "holm", "mcnemar_test", "two_proportion_ztest"]

@@ -33,20 +33,19 @@ from medse.classify.data import (
 )
 from medse.data.config import AugmentConfig
 from medse.runs import DatasetInfo, Run, Split
+from medse.tasks import TaskSpec, register_task
 from medse.training.distributed import DistInfo, barrier, cleanup, init_distributed
 from medse.training.engine import (
     Engine,
     EngineSettings,
-    check_device,
     check_num_classes,
     check_output,
-    device_type,
-    resolve_device,
     start_command,
     start_run,
     stop_on_signals_during,
 )
 from medse.utils.config import apply_overrides, from_dict, load_yaml, to_dict
+from medse.utils.device import check_device, device_type, resolve_device
 from medse.utils.errors import MedseError
 
 if TYPE_CHECKING:
@@ -203,15 +202,6 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def _device(name: str) -> torch.device:
-    """The device of ``train.device`` (the training engine's rule: ``auto`` is CUDA when available)."""
-    try:
-        check_device(name)
-        return resolve_device(name, DistInfo())
-    except RuntimeError as e:
-        raise MedseError(f"config key 'train.device': {e}") from e
-
-
 def _prepare_data(cfg: ClassifierConfig) -> tuple[ClassificationData, ClassificationData | None, dict]:
     data = load_classification_data(cfg.data.root, cfg.data.class_names)
     test_data = None
@@ -239,7 +229,7 @@ def load_run_data(run_dir: str | Path | Run, split: str = "test", data: str | Pa
 
 
 def _macro_auc(y: np.ndarray, p: np.ndarray) -> float | None:
-    from medse.classify.stats import StatisticsError, auc_score
+    from medse.evaluation.classification import StatisticsError, auc_score
 
     aucs = []
     for k in range(p.shape[1]):
@@ -398,7 +388,7 @@ def train(config: dict | str | Path, output: str | Path, overrides: tuple[str, .
     rerun = start_command("medse classify train", config, output, overrides)
     out = Path(output).expanduser().resolve()
     check_output(out, "medse classify train --resume")
-    check_device(cfg.train.device)
+    check_device(cfg.train.device, "train.device")
     # a signal while reading the images or creating the folder: Run.create cleans up, nothing is left
     with stop_on_signals_during(f"setup, before training started (nothing left in {out})", rerun):
         return _train(cfg, out, rerun)
@@ -435,7 +425,7 @@ def resume(run_dir: str | Path | Run, overrides: tuple[str, ...] | list[str] = (
     """Continue a run from ``checkpoints/last.pt``; overrides such as ``train.epochs=40`` extend it."""
     run = Run.open(run_dir)
     cfg = load_config(run.raw_config, overrides)
-    check_device(cfg.train.device)
+    check_device(cfg.train.device, "train.device")
     with stop_on_signals_during(f"setup of the resumed run {run.path}", f"medse classify train --resume {run.path}"):
         dist = init_distributed(device_type(cfg.train.device))
         try:
@@ -462,7 +452,9 @@ def _fit(cfg: ClassifierConfig, run: Run, data: ClassificationData, splits: dict
                                   "n_val": len(task.val_ds) if task.val_ds else 0,
                                   "skipped": [s[0] for s in task.skipped], "resumed_at_epoch": resumed_at},
                        name="run_info.json" if state is None else f"run_info_resume_epoch{resumed_at}.json")
-    Engine(run, task, task.settings(resolve_device(cfg.train.device, dist)), dist,
+    device = resolve_device(cfg.train.device, dist.local_rank if dist.enabled else None, setting="train.device",
+                            set_current=True)
+    Engine(run, task, task.settings(device), dist,
            resume_command="medse classify train --resume").fit(state)
     if dist.is_main and not run.has_checkpoint("best") and run.has_checkpoint("last"):  # nothing monitored
         run.save_checkpoint("best", run.checkpoint("last"))
@@ -472,3 +464,18 @@ def _fit(cfg: ClassifierConfig, run: Run, data: ClassificationData, splits: dict
 
 def config_dict(cfg: ClassifierConfig) -> dict[str, Any]:
     return to_dict(cfg)
+
+
+def _run_config(run: Run) -> ClassifierConfig:
+    """A classification run's config: its ``config.yaml`` as a mapping through :func:`load_config` (its data
+    paths are as recorded, not resolved against the run folder)."""
+    return load_config(run.raw_config)
+
+
+def _run_model(cfg: ClassifierConfig, dataset: DatasetInfo) -> nn.Module:
+    """A classification run's network: :func:`build_model` for its classes."""
+    return build_model(cfg, dataset.num_classes)
+
+
+register_task(TaskSpec("classification", load_config=_run_config, build_model=_run_model,
+                       training_task=ClassificationTask, predict="medse.classify.evaluate:predict_run"))

@@ -81,7 +81,7 @@ def register(app: typer.Typer) -> None:
         split: str = typer.Option("test", "--split", help="test, val or train (from splits.json)."),
     ) -> None:
         """Paired DeLong and McNemar tests (and the unpaired Z-test) of candidate vs baseline, per class."""
-        from medse.classify.evaluate import compare_runs
+        from medse.compare.classifier import compare_runs
 
         comp = compare_runs(baseline, candidate, output, data, checkpoint, split)
         o = comp["overall"]

@@ -18,15 +18,6 @@ def _split(values: list[str] | None) -> list[str]:
     return out
 
 
-def _split_attention(values: list[str] | None) -> list[str]:
-    """``--attention`` values: comma-separated block names, or one per-position assignment per value
-    (``--attention encoder=cse,decoder=scse``, which contains '=')."""
-    out: list[str] = []
-    for v in values or ():
-        out += [str(v).strip()] if "=" in str(v) else _split([v])
-    return out
-
-
 def _parse_dims(values: list[str]) -> list[int]:
     dims: list[int] = []
     for v in values:
@@ -87,7 +78,9 @@ def register(app: typer.Typer) -> None:
 
         medse models --size 64 --dims 2 3 --markdown
         """
-        from medse.networks.registry import complexity_table, format_complexity_table, list_models
+        from medse.networks.placement import cli_choices
+        from medse.networks.registry import list_models
+        from medse.networks.report import complexity_table, format_complexity_table
 
         extra = list(ctx.args)
         bad = [a for a in extra if a not in ("2", "3")]
@@ -109,7 +102,7 @@ def register(app: typer.Typer) -> None:
             size=size,
             dims=dim_list,
             networks=_split(networks) or None,
-            attention=_split_attention(attention) or None,
+            attention=[c.format() for c in cli_choices(attention)] or None,
             in_channels=in_channels,
             out_channels=out_channels,
             arch_kwargs=_parse_arch(arch),

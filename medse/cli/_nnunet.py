@@ -18,21 +18,6 @@ def _split(values: list[str] | None) -> list[str]:
     return out
 
 
-def _choice(item: str) -> str | dict[str, str]:
-    """``scse`` stays a block name; ``encoder=eca/decoder=scse`` becomes a per-position dict."""
-    if "=" not in item:
-        return item
-    from medse.utils.errors import MedseError
-
-    out: dict[str, str] = {}
-    for part in item.split("/"):
-        pos, sep, block = part.partition("=")
-        if not sep or not pos.strip() or not block.strip():
-            raise MedseError(f"--attention: '{item}' must be a block name or position=block/position=block")
-        out[pos.strip()] = block.strip()
-    return out
-
-
 def register(app: typer.Typer) -> None:
     """Add the ``nnunet`` sub-app to the medse app."""
     nn = typer.Typer(name="nnunet", help="medse blocks inside nnU-Net v2: derived plans and Dice-gain tables.",
@@ -42,8 +27,8 @@ def register(app: typer.Typer) -> None:
     def plans_cmd(
         dataset: str = typer.Argument(..., help="Dataset id (501) or folder name (Dataset501_Name)."),
         attention: list[str] = typer.Option(..., "--attention", "-a",
-                                            help="Blocks, one derived plans each: scse,cse,sse (compositions: eca+ca; "
-                                                 "per position: encoder=eca/decoder=scse)."),
+                                            help="Blocks, one derived plans each: scse,cse,sse (compositions: eca+ca); "
+                                                 "a block per position: -a encoder=eca,decoder=scse (one per option)."),
         positions: list[str] = typer.Option(None, "--positions",
                                             help="Where: encoder,bottleneck,decoder; residual (ResEnc plans: "
                                                  "inside each residual block). Default: the first three."),
@@ -56,10 +41,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Write <plans>_medse_<block>.json beside the plans of DATASET and print the nnU-Net commands to run."""
         from medse.integrations.nnunet.plans import derive_plans
+        from medse.networks.placement import cli_choices
 
         kwargs = None if reduction is None else {"reduction": int(reduction) if reduction == int(reduction)
                                                  else reduction}
-        written = derive_plans(dataset, [_choice(a) for a in _split(attention)], positions=_split(positions) or None,
+        written = derive_plans(dataset, [c.choice for c in cli_choices(attention)], positions=_split(positions) or None,
                                configurations=_split(configuration), plans=plans, attention_kwargs=kwargs,
                                preprocessed=preprocessed)
         for d in written:

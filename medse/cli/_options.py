@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import typer
 
-from medse.utils.errors import MedseError
+from medse.utils.device import check_device
+
+__all__ = ["check_device", "check_overlap", "parse_roi_size"]  # check_device: the one device rule, re-exported
 
 
 def parse_roi_size(value: str | None) -> list[int] | None:
@@ -26,21 +28,3 @@ def check_overlap(value: float | None) -> float | None:
     if value is not None and not 0.0 <= value < 1.0:
         raise typer.BadParameter(f"{value} is not in the range 0 <= x < 1")
     return value
-
-
-def check_device(device: str, option: str = "--device") -> str:
-    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` that this torch can use; otherwise a one-line MedseError."""
-    d = str(device).strip().lower()
-    if not (d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit())):
-        raise MedseError(f"{option} {device!r}: use auto, cpu, cuda or cuda:N")
-    if d.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, no GPU visible"
-            raise MedseError(f"{option} {device!r}: CUDA is not available (torch {torch.__version__}, {build}); "
-                             "use --device cpu or auto")
-        n = torch.cuda.device_count()
-        if d.startswith("cuda:") and int(d[5:]) >= n:
-            raise MedseError(f"{option} {device!r}: only {n} CUDA device(s) visible (cuda:0..cuda:{n - 1})")
-    return d

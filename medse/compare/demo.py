@@ -71,6 +71,7 @@ def run_demo(
     Returns:
         summary dict (also written to ``OUT/demo_summary.json``): wall and CPU seconds, the table, outputs.
     """
+    from medse.compare.cell import CELLS, Cell
     from medse.compare.pipeline import load_pipeline, run_compare
 
     say = log or (lambda _m: None)
@@ -113,32 +114,33 @@ def run_demo(
     for key in ("table_md", "table_csv", "table_tex", "fig_boxplot", "fig_gain", "fig_overlay", "gates_montage"):
         if key in outputs:
             say(f"  {key:14s} {outputs[key]}")
-    say(f"  {'cells':14s} {out / 'cells'} (training runs, predictions, per-case metrics)")
+    say(f"  {'cells':14s} {out / CELLS} (training runs, predictions, per-case metrics)")
     if report.failed:
         raise MedseError(f"{len(report.failed)} demo cell(s) failed: {', '.join(report.failed)}; see "
-                         f"{out / 'cells'}/<cell>/error.txt", out)
+                         f"{Cell.in_grid(out, '<cell>').error_path}", out)
     return summary
 
 
 def _explain_example(cfg: CompareConfig, out: Path, say: Callable[[str], None]) -> dict[str, str]:
     """Gate maps of the first spatial-gate block model (scSE in the demo) on the overlay's example case."""
+    from medse.compare.cell import Cell
     from medse.compare.explain import explain, spatial_gate_blocks
     from medse.compare.figures import pick_example_case
     from medse.compare.pipeline import _dataset_of_run, grid_cells
     from medse.compare.records import load_records
 
     gated = set(spatial_gate_blocks())
-    cells = [c for c in grid_cells(cfg) if c.block in gated]
-    cells.sort(key=lambda c: (c.block != "scse",))
-    for cell in cells:
-        cdir = out / "cells" / cell.cell_id
-        if not (cdir / "records.csv").is_file():
+    keys = [c for c in grid_cells(cfg) if c.block in gated]
+    keys.sort(key=lambda c: (c.block != "scse",))
+    for key in keys:
+        cell = Cell.in_grid(out, key.cell_id)
+        if not cell.finished:
             continue
-        records = load_records(sorted((out / "cells").glob("*/records.csv")))
-        case_id = pick_example_case(records, cell.arch, cfg.table.baseline, cell.block, metric=cfg.table.metric)
-        spec = _dataset_of_run(cdir / "run")
+        records = load_records(c.records_path for c in Cell.all_in(out) if c.finished)
+        case_id = pick_example_case(records, key.arch, cfg.table.baseline, key.block, metric=cfg.table.metric)
+        spec = _dataset_of_run(cell.run_dir)
         case = next(c for c in spec.cases if c.case_id == case_id)
-        res = explain(cdir / "run", case.images, out / "figures" / "gates", block_order=cfg.blocks)
-        say(f"gate maps of {cell.cell_id} on case {case_id}: {res.output_dir}")
+        res = explain(cell.run_dir, case.images, out / "figures" / "gates", block_order=cfg.blocks)
+        say(f"gate maps of {key.cell_id} on case {case_id}: {res.output_dir}")
         return {"gates_montage": str(res.montage), "gates_dir": str(res.output_dir)}
     raise MedseError("no finished cell with a spatial-gate block")

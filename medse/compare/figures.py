@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medse.compare.records import case_scores, validate_records
+from medse.evaluation.metrics import get_metric
 from medse.utils.atomic import atomic_path
 from medse.utils.errors import MedseError
 
@@ -239,10 +240,8 @@ def gain_figure(table: ComparisonTable | pd.DataFrame, *, structure: str = "fore
     ax.set_xticks(range(len(archs)))
     ax.set_xticklabels(archs)
     ax.set_xlim(-0.6, len(archs) - 0.4)
-    metric = header.get("metric", "dice")
-    unit = header.get("gain_unit", "points")
-    what = "Dice gain" if metric == "dice" else f"{metric.upper()} reduction"
-    ax.set_ylabel(f"{what} over '{baseline}' ({unit})")
+    metric = get_metric(header.get("metric", "dice"))
+    ax.set_ylabel(f"{metric.gain_label} over '{baseline}' ({header.get('gain_unit', metric.gain_unit)})")
     ax.set_title(title or "Mean paired gain with 95% bootstrap CI (* Holm p < 0.05)", fontsize=10)
     from matplotlib.patches import Rectangle
 

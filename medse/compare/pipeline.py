@@ -2,9 +2,10 @@
 
 Every cell is trained with :func:`medse.training.train` in its own run folder, then the held-out test cases
 of its split (``splits.json`` ``test``) are predicted (timed per case) and evaluated with
-:func:`medse.evaluation.evaluate`. The cell's per-case records (:mod:`medse.compare.records`) are written
-atomically to ``cells/<cell_id>/records.csv``: that file marks the cell as finished, and ``cell.json`` records
-what it was made with (resolved config, data fingerprint, medse version), so a rerun skips it only when the grid
+:func:`medse.evaluation.evaluate_cases` against the dataset's labels. The cell's per-case records
+(:mod:`medse.compare.records`) are written atomically to ``cells/<cell_id>/records.csv`` (the cell folder:
+:class:`medse.compare.cell.Cell`): that file marks the cell as finished, and ``cell.json`` records what it was made
+with (resolved config, data fingerprint, medse version), so a rerun skips it only when the grid
 still asks for exactly that (:func:`stale_cells`; otherwise refused until ``retrain_stale``/``overwrite``).
 Every cell's config and network are checked before the first cell trains (:func:`check_grid`). A cell killed
 mid-training resumes from its last checkpoint (:func:`medse.training.resume`); SIGINT/SIGTERM stop with the cell
@@ -15,12 +16,8 @@ on the runs present for both it and the baseline; failed cells and unmatched run
 Output folder::
 
     OUT/pipeline.yaml                  the resolved pipeline (grid, base training config, overrides)
-    OUT/cells/<arch>-<block>-<fold>-seed<s>/run/       training run folder (docs/ARCHITECTURE.md)
-                                      /pred/      predicted masks of the test cases
-                                      /eval/      metrics.csv, summary.json
-                                      /records.csv   per-case records (finished marker)
-                                      /cell.json     what the cell was made with (freshness check)
-                                      /error.txt     traceback of a failed attempt
+    OUT/cells/<arch>-<block>-<fold>-seed<s>/   one cell (:class:`medse.compare.cell.Cell`): run/, pred/, eval/,
+                                               records.csv (finished marker), cell.json, cell_times.json, error.txt
     OUT/table.{csv,md,tex,json}, OUT/table_structures.*  (when per-structure rows are requested)
     OUT/figures/dice_boxplot.png, gain.png, overlay.png
     OUT/report.json                    cells run / skipped / failed in the last invocation, unmatched cases
@@ -40,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from medse.compare.cell import Cell
 from medse.compare.records import load_records
 from medse.runs import Run
 from medse.utils.atomic import atomic_write_text
@@ -51,7 +49,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "ArchSpec",
-    "Cell",
+    "CellKey",
     "SynthSpec",
     "ensure_synthetic",
     "CompareConfig",
@@ -200,8 +198,9 @@ class CompareConfig:
 
 
 @dataclass(frozen=True)
-class Cell:
-    """One grid cell: architecture key, block, fold (-1: the config's own split), seed."""
+class CellKey:
+    """Where a cell sits in the grid: architecture key, block, fold (-1: the config's own split), seed. Its folder
+    is ``Cell.in_grid(out, key.cell_id)`` (:class:`medse.compare.cell.Cell`)."""
 
     arch: str
     block: str
@@ -308,10 +307,10 @@ def load_pipeline(
     return load_validated(config, overrides, CompareConfig, _normalise, "pipeline")[0]
 
 
-def grid_cells(cfg: CompareConfig) -> list[Cell]:
+def grid_cells(cfg: CompareConfig) -> list[CellKey]:
     """All cells in a stable order: architecture, fold, seed, block (so a block's cells sit together)."""
     folds = list(cfg.folds) if cfg.folds is not None else [-1]
-    return [Cell(a.key, b, f, s) for a in cfg.architectures for f in folds for s in cfg.seeds for b in cfg.blocks]
+    return [CellKey(a.key, b, f, s) for a in cfg.architectures for f in folds for s in cfg.seeds for b in cfg.blocks]
 
 
 def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int] | None:
@@ -331,7 +330,7 @@ def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int] | None:
     return i, n
 
 
-def cell_overrides(cfg: CompareConfig, cell: Cell) -> list[str]:
+def cell_overrides(cfg: CompareConfig, cell: CellKey) -> list[str]:
     """Training-config overrides of one cell: pipeline, architecture, block, then the grid coordinates."""
     arch = next(a for a in cfg.architectures if a.key == cell.arch)
     ov = [*cfg.overrides, *arch.overrides, f"model.name={arch.name}", f"model.attention={cell.block}",
@@ -343,7 +342,8 @@ def cell_overrides(cfg: CompareConfig, cell: Cell) -> list[str]:
     return ov
 
 
-CellRunner = Callable[[Cell, Path, CompareConfig], "pd.DataFrame"]
+#: runs one cell (its grid key, its folder, the grid) and returns its records
+CellRunner = Callable[[CellKey, Cell, CompareConfig], "pd.DataFrame"]
 
 
 def _dataset_of_run(run: Run | Path) -> Any:
@@ -364,28 +364,28 @@ def _dataset_name(run: Run | Path) -> str:
     return src.stem if src.suffix else src.name
 
 
-def run_cell(cell: Cell, cell_dir: Path, cfg: CompareConfig) -> pd.DataFrame:
+def run_cell(key: CellKey, cell: Cell | Path, cfg: CompareConfig) -> pd.DataFrame:
     """Default cell runner: train (or resume) -> :func:`~medse.inference.predict_folder` on the run's test
-    cases (timed per case, after an untimed warm-up) -> :func:`~medse.evaluation.evaluate` -> records.
+    cases (timed per case, after an untimed warm-up) -> :func:`~medse.evaluation.evaluate_cases` of the predictions
+    and the dataset's labels -> records.
 
     Returns:
         the cell's records (:func:`medse.compare.records.cell_rows`).
     """
     from medse.compare.records import cell_rows
-    from medse.evaluation import evaluate
-    from medse.inference import predict_folder
-    from medse.inference.predictor import InputCase, Predictor
+    from medse.evaluation import evaluate_cases
+    from medse.inference import InputCase, Predictor, predict_folder
     from medse.training import resume, train
     from medse.utils.complexity import count_params
 
-    run_dir = cell_dir / "run"
+    cell = Cell.create(cell)
     t_start, c_start = time.perf_counter(), time.process_time()
-    if (run_dir / Run.CONFIG).is_file():
-        run = resume(run_dir)  # a killed cell continues from its last checkpoint; a finished run returns at once
+    if cell.has_run:
+        run = resume(cell.run_dir)  # a killed cell continues from its last checkpoint; a finished run returns at once
     else:
-        if run_dir.exists() and not any(run_dir.iterdir()):
-            run_dir.rmdir()
-        run = train(cfg.train_config_path(), run_dir, overrides=cell_overrides(cfg, cell))
+        if cell.run_dir.exists() and not any(cell.run_dir.iterdir()):
+            cell.run_dir.rmdir()
+        run = train(cfg.train_config_path(), cell.run_dir, overrides=cell_overrides(cfg, key))
     test_ids = run.split.ids(cfg.evaluate_on)
     if not test_ids:
         hint = "set data.split.test_fraction" if cfg.evaluate_on == "test" else "use a kfold split"
@@ -398,8 +398,7 @@ def run_cell(cell: Cell, cell_dir: Path, cfg: CompareConfig) -> pd.DataFrame:
 
     t_trained, c_trained = time.perf_counter(), time.process_time()
     predictor = Predictor.from_run(run, checkpoint="best")
-    pred_dir = cell_dir / "pred"
-    ref_dir = cell_dir / "ref"
+    pred_dir = cell.predictions_dir
     cases = [InputCase(cid, [Path(p) for p in by_id[cid].images]) for cid in test_ids]
     # sequential (prefetch=False): the per-case seconds are the inference-overhead column's measurements, and
     # overlapping reads/writes of neighbouring cases would fold into them
@@ -407,46 +406,26 @@ def run_cell(cell: Cell, cell_dir: Path, cfg: CompareConfig) -> pd.DataFrame:
     if report.failed:
         cid, msg = report.failed[0]
         raise MedseError(f"{len(report.failed)} test case(s) failed to predict, first {cid}: {msg}", pred_dir)
-    for cid in test_ids:
-        _link_reference(by_id[cid].label, ref_dir / f"{cid}{_suffix(by_id[cid].label)}")
     t_predicted, c_predicted = time.perf_counter(), time.process_time()
     labels = {k: int(v) for k, v in (spec.labels or {}).items() if int(v) != 0} or None
-    ev = evaluate(pred_dir, ref_dir, cell_dir / "eval", labels=labels)
+    references = {cid: Path(by_id[cid].label) for cid in test_ids}
+    ev = evaluate_cases(cell.evaluation_cases(references), cell.evaluation_dir, labels=labels, pred_dir=pred_dir,
+                        ref=spec.source)
     t_done, c_done = time.perf_counter(), time.process_time()
-    atomic_write_text(cell_dir / "cell_times.json", json.dumps({
+    cell.write_times({
         "train_s": round(t_trained - t_start, 2), "predict_s": round(t_predicted - t_trained, 2),
         "evaluate_s": round(t_done - t_predicted, 2), "train_cpu_s": round(c_trained - c_start, 2),
         "predict_cpu_s": round(c_predicted - c_trained, 2), "evaluate_cpu_s": round(c_done - c_predicted, 2),
-        "n_cases": len(test_ids)}, indent=2) + "\n")
+        "n_cases": len(test_ids)})
     step = (run.timing or {}).get("train_step_time_mean_s")
     params = count_params(predictor.model)
-    return cell_rows(ev, arch=cell.arch, block=cell.block, fold=cell.fold, seed=cell.seed, params=params,
+    return cell_rows(ev, arch=key.arch, block=key.block, fold=key.fold, seed=key.seed, params=params,
                      train_step_s=step, infer_s=dict(report.case_seconds), dataset=cfg.dataset or _dataset_name(run))
-
-
-def _suffix(path: Path) -> str:
-    name = Path(path).name
-    return name[name.index("."):] if "." in name else ""
-
-
-def _link_reference(src: Path, dst: Path) -> None:
-    """Reference masks of the test cases gathered under one folder (symlink, else a copy)."""
-    import os
-    import shutil
-
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.is_symlink() or dst.exists():
-        dst.unlink()
-    try:
-        os.symlink(Path(src).resolve(), dst)
-    except OSError:
-        shutil.copyfile(src, dst)
 
 
 #: config keys that change how a run is shown or scheduled on the machine, not what it learns: a change of them
 #: leaves a finished cell fresh
 NON_RESULT_KEYS = ("train.progress", "train.tensorboard", "train.num_threads", "train.num_workers")
-CELL_STAMP = "cell.json"
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -478,7 +457,7 @@ def _data_fingerprint(source: str | None, layout: str | None) -> str | None:
     return hashlib.sha256(json.dumps(items).encode()).hexdigest()
 
 
-def cell_identity(cfg: CompareConfig, cell: Cell, *, data: dict[str, str | None] | None = None) -> dict[str, Any]:
+def cell_identity(cfg: CompareConfig, cell: CellKey, *, data: dict[str, str | None] | None = None) -> dict[str, Any]:
     """What a cell's results depend on: its resolved training config (less :data:`NON_RESULT_KEYS`), a fingerprint
     of its data files and the medse version. A finished cell is reused only when this equals what it recorded.
 
@@ -515,28 +494,27 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return diffs
 
 
-def stale_cells(cfg: CompareConfig, out: Path, cells: Sequence[Cell] | None = None) -> dict[str, list[str]]:
+def stale_cells(cfg: CompareConfig, out: Path, cells: Sequence[CellKey] | None = None) -> dict[str, list[str]]:
     """Cells under ``out`` whose finished records (or partly trained run) were made with other settings than the
     grid now asks: ``cell_id -> differences`` (``key: old -> new``). Cells not started are not stale."""
     from medse.config import config_to_dict
 
     cache: dict[str, str | None] = {}
     stale: dict[str, list[str]] = {}
-    for cell in cells if cells is not None else grid_cells(cfg):
-        cell_dir = out / "cells" / cell.cell_id
-        if (cell_dir / "records.csv").is_file():
-            want = cell_identity(cfg, cell, data=cache)
-            try:
-                have = json.loads((cell_dir / CELL_STAMP).read_text())
-            except (OSError, ValueError):
-                stale[cell.cell_id] = [f"{CELL_STAMP} missing or unreadable: the settings it was made with are "
-                                       "unknown"]
+    for key in cells if cells is not None else grid_cells(cfg):
+        cell = Cell.in_grid(out, key.cell_id)
+        if cell.finished:
+            want = cell_identity(cfg, key, data=cache)
+            have = cell.identity
+            if have is None:
+                stale[key.cell_id] = [f"{Cell.IDENTITY} missing or unreadable: the settings it was made with are "
+                                      "unknown"]
                 continue
             diffs = _differences(have, want)
-        elif (cell_dir / "run" / Run.CONFIG).is_file():  # a killed cell would resume with its stored config
-            want = cell_identity(cfg, cell, data=cache)
+        elif cell.has_run:  # a killed cell would resume with its stored config
+            want = cell_identity(cfg, key, data=cache)
             try:
-                have_cfg = _flatten(config_to_dict(Run.open(cell_dir / "run").config))
+                have_cfg = _flatten(config_to_dict(cell.run.config))
             except MedseError:
                 continue
             have = {"config": {k: v for k, v in have_cfg.items() if k not in NON_RESULT_KEYS}}
@@ -544,7 +522,7 @@ def stale_cells(cfg: CompareConfig, out: Path, cells: Sequence[Cell] | None = No
         else:
             continue
         if diffs:
-            stale[cell.cell_id] = diffs
+            stale[key.cell_id] = diffs
     return stale
 
 
@@ -555,10 +533,10 @@ def refuse_stale(stale: dict[str, list[str]], out: Path, flags: str = "--retrain
     more = f" (and {len(stale) - 1} more cell(s))" if len(stale) > 1 else ""
     raise MedseError(f"cell {first}{more} was made with other settings than the grid now asks: "
                      f"{'; '.join(diffs[:4])}{' ...' if len(diffs) > 4 else ''}; pass {flags}",
-                     out / "cells" / first / CELL_STAMP)
+                     Cell.in_grid(out, first).identity_path)
 
 
-def check_grid(cfg: CompareConfig, cells: Sequence[Cell], source: str | Path | None = None) -> None:
+def check_grid(cfg: CompareConfig, cells: Sequence[CellKey], source: str | Path | None = None) -> None:
     """Validate every cell's config and build every cell's network (on the meta device, with the dataset's channels
     and classes) before the first cell trains, so that a typo fails at once, not after hours of earlier cells.
 
@@ -687,41 +665,38 @@ def run_compare(
     say(f"compare '{cfg.name}': {len(mine)} of {len(cells)} cells" + (f" (shard {sh[0]}/{sh[1]})" if sh else "")
         + f" -> {out}")
     with stop_on_signals():
-        for k, cell in enumerate(mine, 1):
-            cell_dir = out / "cells" / cell.cell_id
-            rec_path = cell_dir / "records.csv"
-            if cell_dir.exists() and (overwrite or cell.cell_id in stale):
-                why = "--overwrite" if overwrite else "stale: " + "; ".join(stale[cell.cell_id][:3])
-                say(f"[{k}/{len(mine)}] {cell.cell_id}: retraining ({why})")
-                shutil.rmtree(cell_dir)
-            if rec_path.is_file():
-                report.skipped.append(cell.cell_id)
-                say(f"[{k}/{len(mine)}] {cell.cell_id}: finished earlier with the same settings, skipped")
+        for k, key in enumerate(mine, 1):
+            cell = Cell.in_grid(out, key.cell_id)
+            if cell.path.exists() and (overwrite or key.cell_id in stale):
+                why = "--overwrite" if overwrite else "stale: " + "; ".join(stale[key.cell_id][:3])
+                say(f"[{k}/{len(mine)}] {key.cell_id}: retraining ({why})")
+                shutil.rmtree(cell.path)
+            if cell.finished:
+                report.skipped.append(key.cell_id)
+                say(f"[{k}/{len(mine)}] {key.cell_id}: finished earlier with the same settings, skipped")
                 continue
-            say(f"[{k}/{len(mine)}] {cell.cell_id}: running")
+            say(f"[{k}/{len(mine)}] {key.cell_id}: running")
             t0 = time.perf_counter()
             try:
-                cell_dir.mkdir(parents=True, exist_ok=True)
-                identity = cell_identity(cfg, cell, data=fingerprints)
-                records = runner(cell, cell_dir, cfg)
-                atomic_write_text(cell_dir / CELL_STAMP, json.dumps(identity, indent=2, default=str) + "\n")
-                atomic_write_text(rec_path, records.to_csv(index=False))
+                Cell.create(cell)
+                identity = cell_identity(cfg, key, data=fingerprints)
+                records = runner(key, cell, cfg)
+                cell.write_identity(identity)
+                cell.write_records(records)
             except KeyboardInterrupt as e:  # SIGINT/SIGTERM (train's own Interrupted included): say where
-                where = f"cell {cell.cell_id} ({k} of {len(mine)}) of {out}"
+                where = f"cell {key.cell_id} ({k} of {len(mine)}) of {out}"
                 if isinstance(e, Interrupted):
                     where += f", in {e.where}"
                 raise Interrupted(where, resume=resume_command) from None
             except Exception as e:  # a failed cell is reported; the rest go on
                 msg = f"{type(e).__name__}: {e}".replace("\n", " ")
-                report.failed[cell.cell_id] = msg
-                atomic_write_text(cell_dir / "error.txt", traceback.format_exc())
-                say(f"[{k}/{len(mine)}] {cell.cell_id}: FAILED ({msg}); see {cell_dir / 'error.txt'}")
+                report.failed[key.cell_id] = msg
+                cell.write_error(traceback.format_exc())
+                say(f"[{k}/{len(mine)}] {key.cell_id}: FAILED ({msg}); see {cell.error_path}")
                 continue
-            err = cell_dir / "error.txt"
-            if err.is_file():
-                err.unlink()
-            report.ran.append(cell.cell_id)
-            say(f"[{k}/{len(mine)}] {cell.cell_id}: done in {time.perf_counter() - t0:.1f} s{_times(cell_dir)}")
+            cell.clear_error()
+            report.ran.append(key.cell_id)
+            say(f"[{k}/{len(mine)}] {key.cell_id}: done in {time.perf_counter() - t0:.1f} s{_times(cell)}")
         report.outputs, report.table_markdown = rebuild_outputs(cfg, out, log=say)
     report.unmatched = _unmatched(out)
     report.incomplete = _incomplete(out, waiting_ok=sh is not None)
@@ -771,12 +746,12 @@ def ensure_synthetic(spec: SynthSpec, data_dir: Path, *, log: Callable[[str], No
     return data_dir.resolve()
 
 
-def _times(cell_dir: Path) -> str:
+def _times(cell: Cell) -> str:
     try:
-        t = json.loads((cell_dir / "cell_times.json").read_text())
+        t = cell.times
         return (f" (wall/CPU s: train {t['train_s']:.0f}/{t['train_cpu_s']:.0f}, predict {t['n_cases']} cases "
                 f"{t['predict_s']:.0f}/{t['predict_cpu_s']:.0f}, evaluate {t['evaluate_s']:.0f}/{t['evaluate_cpu_s']:.0f})")
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):  # no times (None) or written by another medse
         return ""
 
 
@@ -792,7 +767,7 @@ def rebuild_outputs(
 
     say = log or (lambda _m: None)
     wanted = {c.cell_id for c in grid_cells(cfg)}
-    paths = sorted(p for p in (out / "cells").glob("*/records.csv") if p.parent.name in wanted)
+    paths = [c.records_path for c in Cell.all_in(out) if c.cell_id in wanted and c.finished]
     if not paths:
         say("no finished cells yet: no table")
         return {}, ""
@@ -835,15 +810,12 @@ def rebuild_outputs(
 def _unfinished(cfg: CompareConfig, out: Path) -> list[str]:
     """Grid cells without records: ``<cell_id>: failed (<last line of error.txt>)`` or ``<cell_id>: not finished``."""
     lines = []
-    for cell in grid_cells(cfg):
-        d = out / "cells" / cell.cell_id
-        if (d / "records.csv").is_file():
+    for key in grid_cells(cfg):
+        cell = Cell.in_grid(out, key.cell_id)
+        if cell.finished:
             continue
-        try:
-            last = [ln for ln in (d / "error.txt").read_text().splitlines() if ln.strip()][-1].strip()
-            lines.append(f"{cell.cell_id}: failed ({last[:200]})")
-        except (OSError, IndexError):
-            lines.append(f"{cell.cell_id}: not finished")
+        last = cell.error_line
+        lines.append(f"{key.cell_id}: failed ({last[:200]})" if last is not None else f"{key.cell_id}: not finished")
     return lines
 
 
@@ -909,26 +881,18 @@ def _overlay(cfg: CompareConfig, out: Path, records: pd.DataFrame, table: Any, p
     arow = rows[rows["arch"] == arch]
     best = str(arow.loc[arow["gain"].idxmax(), "block"])  # gains are improvements for every metric
     case_id = pick_example_case(records, arch, base, best, metric=cfg.table.metric)
-    for cell in grid_cells(cfg):
-        if cell.arch != arch or cell.block != base:
+    for key in grid_cells(cfg):
+        if key.arch != arch or key.block != base:
             continue
-        other = Cell(arch, best, cell.fold, cell.seed)
-        p_base = _pred_file(out / "cells" / cell.cell_id / "pred", case_id)
-        p_best = _pred_file(out / "cells" / other.cell_id / "pred", case_id)
+        cell = Cell.in_grid(out, key.cell_id)
+        p_base = cell.predictions().get(case_id)
+        p_best = Cell.in_grid(out, CellKey(arch, best, key.fold, key.seed).cell_id).predictions().get(case_id)
         if p_base is None or p_best is None:
             continue
-        spec = _dataset_of_run(out / "cells" / cell.cell_id / "run")
+        spec = _dataset_of_run(cell.run_dir)
         case = next(c for c in spec.cases if c.case_id == case_id)
         return overlay_figure(case.images[0], case.label, {base: p_base, best: p_best}, path,
                               title=f"{arch}, case {case_id} (the case with the median gain of {best})",
                               label_names=spec.labels or None)
     raise MedseError(f"no predictions of case '{case_id}' for both '{base}' and '{best}'")
 
-
-def _pred_file(pred_dir: Path, case_id: str) -> Path | None:
-    if not pred_dir.is_dir():
-        return None
-    for p in sorted(pred_dir.iterdir()):
-        if p.name.startswith(case_id + ".") and not p.name.endswith(".json"):
-            return p
-    return None

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medse.compare.cell import Cell, decision_path
 from medse.compare.pipeline import (
     ArchSpec,
     CellRunner,
@@ -54,13 +55,13 @@ from medse.compare.pipeline import (
     run_compare,
     stale_cells,
 )
+from medse.evaluation.metrics import get_metric, list_metrics
 from medse.runs import Run
 from medse.utils.atomic import atomic_write_text
 from medse.utils.config import dump_yaml, load_yaml, to_dict
 from medse.utils.errors import MedseError
 
 __all__ = [
-    "LOWER_IS_BETTER",
     "Rung",
     "SearchConfig",
     "SearchReport",
@@ -74,7 +75,6 @@ __all__ = [
     "validation_scores",
 ]
 
-LOWER_IS_BETTER = ("hd95", "assd")
 OPTIMISM_NOTE = ("The validation scores above chose the winner, so the winner's validation score is optimistic (the "
                  "maximum of several noisy scores, the winner's curse); only the test-set comparison below estimates "
                  "its performance, on cases that no selection step trained or validated on.")
@@ -262,8 +262,9 @@ class SearchConfig:
             raise ValueError(f"budget_key must be train.epochs or train.iterations_per_epoch, got '{self.budget_key}'")
         if not self.seeds:
             raise ValueError("seeds must list at least one seed")
-        if self.table.metric not in ("dice", *LOWER_IS_BETTER):
-            raise ValueError(f"table.metric must be dice, hd95 or assd, got '{self.table.metric}'")
+        if self.table.metric not in list_metrics():
+            *first, last = list_metrics()
+            raise ValueError(f"table.metric must be {', '.join(first)} or {last}, got '{self.table.metric}'")
 
     def train_config_path(self) -> Path:
         p = Path(self.train_config).expanduser()
@@ -293,7 +294,7 @@ def _check_space(cfg: SearchConfig, path: Path | None) -> None:
     """Unknown positions (for the architecture) and unknown blocks: one-line errors naming the key."""
     from medse.attention import list_attention
     from medse.networks import format_assignment, list_models
-    from medse.networks._common import _check_position_key
+    from medse.networks.placement import check_position_key
 
     models = list_models()
     info = models.get(cfg.arch.name)
@@ -302,7 +303,7 @@ def _check_space(cfg: SearchConfig, path: Path | None) -> None:
                          path)
     for p in cfg.space.positions:
         try:
-            _check_position_key(f"space.positions: '{cfg.arch.name}'", p, info.positions)
+            check_position_key(f"space.positions: '{cfg.arch.name}'", p, info.positions)
         except ValueError as e:
             raise MedseError(str(e), path) from None
     known = set(list_attention())
@@ -405,14 +406,9 @@ def _stage_config(cfg: SearchConfig, name: str, blocks: list[str], budget: int, 
 def _stage_state(ccfg: CompareConfig, stage_dir: Path) -> tuple[list[str], list[str], list[str]]:
     """Cells of a stage grid: finished (records.csv), failed (error.txt, no records), pending (neither)."""
     done, failed, pending = [], [], []
-    for cell in grid_cells(ccfg):
-        d = stage_dir / "cells" / cell.cell_id
-        if (d / "records.csv").is_file():
-            done.append(cell.cell_id)
-        elif (d / "error.txt").is_file():
-            failed.append(cell.cell_id)
-        else:
-            pending.append(cell.cell_id)
+    for key in grid_cells(ccfg):
+        cell = Cell.in_grid(stage_dir, key.cell_id)
+        (done if cell.finished else failed if cell.failed else pending).append(key.cell_id)
     return done, failed, pending
 
 
@@ -435,12 +431,12 @@ def validation_scores(records: Any, candidates: Sequence[str], metric: str = "di
 def _split_cases(stage_dir: Path, ccfg: CompareConfig, keys: Sequence[str]) -> dict[str, list[str]]:
     """``cell_id -> case ids`` of ``keys`` (train/val/test) in every cell's ``run/splits.json``."""
     out: dict[str, list[str]] = {}
-    for cell in grid_cells(ccfg):
-        run = Run(stage_dir / "cells" / cell.cell_id / "run")
+    for key in grid_cells(ccfg):
+        run = Run(Cell.in_grid(stage_dir, key.cell_id).run_dir)
         if not (run / Run.SPLITS).is_file():
             raise MedseError("the run's split is missing (was the cell's run folder removed?)", run / Run.SPLITS)
         split = run.split
-        out[cell.cell_id] = sorted({c for k in keys for c in split.ids(k)})
+        out[key.cell_id] = sorted({c for k in keys for c in split.ids(k)})
     return out
 
 
@@ -448,36 +444,25 @@ def _reuse_runs(src_stage: Path, final_dir: Path, fcfg: CompareConfig, trained: 
                 say: Callable[[str], None]) -> list[str]:
     """Copy the finished last-rung runs of final-stage blocks (same budget, seeds, folds: the same training) into the
     final stage, so that they are only predicted on the test cases there, not trained again. Returns the cell ids."""
-    import os
-    import shutil
-
     reused: list[str] = []
-    for cell in grid_cells(fcfg):
-        src = src_stage / "cells" / cell.cell_id
-        dst = final_dir / "cells" / cell.cell_id / "run"
-        finished = (src / "records.csv").is_file() and (src / "run" / Run.SPLITS).is_file()
-        if cell.block not in trained or not finished:
+    for key in grid_cells(fcfg):
+        src, dst = Cell.in_grid(src_stage, key.cell_id), Cell.in_grid(final_dir, key.cell_id)
+        finished = src.finished and (src.run_dir / Run.SPLITS).is_file()
+        if key.block not in trained or not finished:
             continue
-        if dst.exists():
-            reused += [cell.cell_id] if (dst / ".medse_reused").is_file() else []
+        if dst.run_dir.exists():
+            reused += [key.cell_id] if dst.reused_from is not None else []
             continue
-        tmp = dst.with_name(f".run.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src / "run", tmp, symlinks=True)
-        (tmp / ".medse_reused").write_text(f"{src / 'run'}\n")
-        try:
-            os.rename(tmp, dst)  # atomic; another shard may have done it first
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-        reused.append(cell.cell_id)
-        say(f"{cell.cell_id}: the trained run of {src_stage.name} is reused (same budget and seed), not retrained")
+        dst.reuse_run(src)  # atomic; another shard may have done it first
+        reused.append(key.cell_id)
+        say(f"{key.cell_id}: the trained run of {src_stage.name} is reused (same budget and seed), not retrained")
     return reused
 
 
 def _records_of(stage_dir: Path, ccfg: CompareConfig) -> Any:
     from medse.compare.records import load_records
 
-    return load_records(stage_dir / "cells" / c.cell_id / "records.csv" for c in grid_cells(ccfg))
+    return load_records(Cell.in_grid(stage_dir, c.cell_id).records_path for c in grid_cells(ccfg))
 
 
 def _stored_settings(cfg: SearchConfig) -> dict[str, Any]:
@@ -581,7 +566,7 @@ def _run_search(
         cfg = dataclasses.replace(cfg, overrides=[*cfg.overrides, f"data.root={data_dir}"])
 
     metric = cfg.table.metric
-    higher = metric not in LOWER_IS_BETTER
+    higher = get_metric(metric).higher_is_better
     candidates = cfg.candidates()
     schedule = cfg.schedule()
     report = SearchReport(output=out, metric=metric, baseline=cfg.baseline, final_budget=cfg.final_budget_value(),
@@ -604,18 +589,18 @@ def _run_search(
     for rung in schedule:
         stage_dir = out / f"rung{rung.index}"
         ccfg = _stage_config(cfg, f"{cfg.name}-rung{rung.index}", alive, rung.budget, "val", final=False)
-        decision_path = stage_dir / "decision.json"
+        decision_file = decision_path(stage_dir)
         for c in alive:
             rows[c].update(rung=rung.index, budget=rung.budget, status="running")
-        if decision_path.is_file():
+        if decision_file.is_file():
             stale = stale_cells(ccfg, stage_dir)
             if stale and not retrain_stale:
                 refuse_stale(stale, stage_dir, "--retrain-stale to retrain them (the rung decisions are redone)")
             if stale:  # this rung's decision and every later one rest on stale runs
-                for later in out.glob("rung*/decision.json"):
-                    if int(later.parent.name[4:]) >= rung.index:
-                        later.unlink()
-        if not decision_path.is_file():
+                for later in out.glob("rung*"):
+                    if later.name[4:].isdigit() and int(later.name[4:]) >= rung.index:
+                        decision_path(later).unlink(missing_ok=True)
+        if not decision_file.is_file():
             say(f"rung {rung.index}: {len(alive)} candidate(s), {cfg.budget_key}={rung.budget}, keep "
                 f"{rung.n_survivors}")
             rep = run_compare(ccfg, stage_dir, shard=sh, runner=runner, log=say, retrain_stale=retrain_stale,
@@ -633,8 +618,8 @@ def _run_search(
             survivors = select_survivors({c: scores[c]["mean"] for c in alive}, cfg.eta, higher_is_better=higher)
             decision = {"rung": rung.index, "budget": rung.budget, "budget_key": cfg.budget_key, "metric": metric,
                         "candidates": alive, "scores": scores, "survivors": survivors}
-            atomic_write_text(decision_path, json.dumps(_jsonable(decision), indent=2) + "\n")
-        decision = json.loads(decision_path.read_text())
+            atomic_write_text(decision_file, json.dumps(_jsonable(decision), indent=2) + "\n")
+        decision = json.loads(decision_file.read_text())
         split = _split_cases(stage_dir, ccfg, ("train", "val"))
         selection_cases.update({f"rung{rung.index}/{k}": v for k, v in split.items()})
         for c in decision["candidates"]:
@@ -711,7 +696,7 @@ def _fmt(v: Any, nd: int = 4) -> str:
 def _write_report(cfg: SearchConfig, out: Path, report: SearchReport, say: Callable[[str], None]) -> None:
     atomic_write_text(out / "report.json", json.dumps(_jsonable(report.to_dict()), indent=2) + "\n")
     metric = report.metric
-    direction = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
+    direction = get_metric(metric).direction
     n_runs = len(cfg.seeds) * len(cfg.folds or [None])
     val = (f"the validation cases of {len(cfg.folds)} folds (every non-test case once)" if cfg.folds
            else "the split's holdout validation cases")
@@ -778,4 +763,4 @@ def _write_report(cfg: SearchConfig, out: Path, report: SearchReport, say: Calla
 def _sort_value(v: Any, metric: str) -> float:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return math.inf
-    return float(v) if metric in LOWER_IS_BETTER else -float(v)
+    return get_metric(metric).best_first(v)

@@ -16,7 +16,7 @@ Conventions:
 * **One paired case set per architecture** (and structure): every figure of every row of an architecture (n,
   mean, std, gain, CI, p) rests on the cases scored for *all* its blocks. Cases scored for only some blocks are
   *unmatched*: left out, listed in the header (``unmatched``) and warned about.
-* Metrics (:data:`METRIC_INFO`): ``dice`` (higher is better, gains in Dice points = Dice x 100), ``hd95`` and
+* Metrics (their :class:`~medse.evaluation.metrics.Metric` records): ``dice`` (higher is better, gains in Dice points = Dice x 100), ``hd95`` and
   ``assd`` (lower is better, in mm, no scaling). The gain is the improvement: ``block - baseline`` for Dice,
   ``baseline - block`` for distances, so a positive gain is always better. A structure missed entirely
   carries the evaluation's worst distance (the image diagonal, :mod:`medse.evaluation.metrics`) and is
@@ -39,23 +39,18 @@ from typing import TYPE_CHECKING, Any
 
 from medse.compare.records import CELL_COLUMNS, run_scores, validate_records
 from medse.compare.stats import bootstrap_ci, holm, relative_gain, wilcoxon_paired
+from medse.evaluation.metrics import Metric, list_metrics
 from medse.utils.atomic import atomic_write_text
 from medse.utils.errors import MedseError
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-__all__ = ["ComparisonTable", "FOREGROUND", "format_runs", "METRIC_INFO", "MIN_TIMING_N", "MIN_TIMING_RUNS", "TimingOverhead",
+__all__ = ["ComparisonTable", "FOREGROUND", "format_runs", "MIN_TIMING_N", "MIN_TIMING_RUNS", "TimingOverhead",
            "build_table", "timing_overhead"]
 
 FOREGROUND = "foreground"
 
-#: metric -> (display name, higher is better, scale of gains, unit of gains and CIs)
-METRIC_INFO: dict[str, tuple[str, bool, float, str]] = {
-    "dice": ("Dice", True, 100.0, "points"),
-    "hd95": ("HD95 (mm)", False, 1.0, "mm"),
-    "assd": ("ASSD (mm)", False, 1.0, "mm"),
-}
 #: fewest paired timing measurements for an overhead to be shown
 MIN_TIMING_N = 5
 #: fewest paired runs (fold x seed) the timing measurements must come from
@@ -112,6 +107,11 @@ def timing_overhead(pairs: Sequence[tuple[float, float]], n_runs: int, *, min_n:
     return TimingOverhead(med, lo, hi, n, n_runs, True, "")
 
 
+def _no_worst(shape: Sequence[int], spacing: Sequence[float]) -> float:
+    """Worst value of a metric the registry does not know (a table header read back): none."""
+    return math.nan
+
+
 def _order(values: Sequence[str], preferred: Sequence[str] | None, first: str | None = None) -> list[str]:
     seen: list[str] = []
     for v in values:
@@ -142,16 +142,22 @@ class ComparisonTable:
     rows: pd.DataFrame
     header: dict[str, Any] = field(default_factory=dict)
 
+    def metric(self) -> Metric:
+        """The :class:`~medse.evaluation.metrics.Metric` of ``header["metric"]`` (Dice when absent); a metric the
+        registry does not know reads as higher-is-better, unscaled and without unit."""
+        name = self.header.get("metric", "dice")
+        return list_metrics().get(name) or Metric(name, name, higher_is_better=True, worst=_no_worst)
+
     # ------------------------------------------------------------------ text
     def header_lines(self) -> list[str]:
         h = self.header
         folds = ", ".join(str(f) for f in h.get("folds", [])) or "-"
         seeds = ", ".join(str(s) for s in h.get("seeds", [])) or "-"
         conf = int(round(100 * h.get("confidence", 0.95)))
-        metric = h.get("metric", "dice")
-        name, higher, scale, unit = METRIC_INFO.get(metric, (metric, True, 1.0, ""))
-        scaled = " (x100)" if scale == 100 else ""
-        direction = "block - baseline (higher is better)" if higher else "baseline - block (lower is better)"
+        metric = self.metric()
+        name, higher, unit = metric.label, metric.higher_is_better, metric.gain_unit
+        scaled = " (x100)" if metric.scale == 100 else ""
+        direction = f"block - baseline ({metric.direction})" if higher else f"baseline - block ({metric.direction})"
         runs_by_row = h.get("runs_by_row") or {}
         distinct = {tuple(tuple(r) for r in v) for v in runs_by_row.values()}
         if len(distinct) <= 1 and not h.get("unmatched_runs"):
@@ -194,8 +200,8 @@ class ComparisonTable:
 
     def _display_rows(self) -> list[dict[str, str]]:
         per_structure = self.rows["structure"].nunique() > 1
-        metric = self.header.get("metric", "dice")
-        name, _, scale, unit = METRIC_INFO.get(metric, (metric, True, 1.0, ""))
+        metric = self.metric()
+        name, scale, unit = metric.label, metric.scale, metric.gain_unit
         out = []
         for r in self.rows.to_dict("records"):
             is_base = r["block"] == self.header.get("baseline", "none")
@@ -339,7 +345,8 @@ def build_table(
     Args:
         records: records frame (columns ``arch, block, fold, seed, case_id, label, label_value, metric, value``).
         baseline: the block every other block is compared with. Defaults to ``"none"``.
-        metric: evaluation metric to tabulate, one of :data:`METRIC_INFO` (``dice``, ``hd95``, ``assd``).
+        metric: evaluation metric to tabulate, one of :func:`~medse.evaluation.metrics.list_metrics` (``dice``,
+            ``hd95``, ``assd``).
             Defaults to ``"dice"``.
         structures: False for the foreground mean only; True to add one row group per foreground structure;
             or a list of label names. Defaults to False.
@@ -361,9 +368,10 @@ def build_table(
     import numpy as np
     import pandas as pd
 
-    if metric not in METRIC_INFO:
-        raise MedseError(f"table metric '{metric}' is not one of {', '.join(METRIC_INFO)}")
-    _, higher, scale, _ = METRIC_INFO[metric]
+    known = list_metrics()
+    if metric not in known:
+        raise MedseError(f"table metric '{metric}' is not one of {', '.join(known)}")
+    higher, scale = known[metric].higher_is_better, known[metric].scale
     sign = 1.0 if higher else -1.0
     rec = validate_records(records)
     if dataset is None and "dataset" in rec.columns:
@@ -530,7 +538,7 @@ def build_table(
         "unmatched_runs": unmatched_runs,
         "metric": metric,
         "higher_is_better": higher,
-        "gain_unit": METRIC_INFO[metric][3],
+        "gain_unit": known[metric].gain_unit,
         "baseline": baseline,
         "confidence": confidence,
         "n_boot": n_boot,

@@ -12,7 +12,7 @@ Modules (import them directly; this package imports nothing heavy):
 * :mod:`medse.data.augment` -- ``build_augmentation``, ``apply_augmentation``
 * :mod:`medse.data.loader` -- ``CaseStore``, ``PatchDataset``, ``VolumeDataset``, ``collate_first``
 * :mod:`medse.data.synth` -- ``generate_dataset``, ``generate_case``, ``LABELS``
-* :mod:`medse.data._testing` -- random volumes with non-trivial affines for tests
+* :mod:`medse.testing` -- random volumes with non-trivial affines for tests
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ import csv
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,11 +53,14 @@ __all__ = [
     "detect_layout",
     "write_manifest",
     "read_manifest",
+    "channel_groups",
+    "split_channel",
 ]
 
 LAYOUTS = ("auto", "folder", "nnunet", "msd", "manifest")
 MANIFEST_FORMAT = "medse-manifest"
 MANIFEST_VERSION = 1
+#: nnU-Net's channel suffix: ``case_0001`` is channel 1 of case ``case``
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
 
 
@@ -160,16 +164,39 @@ def _list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
 
 
+def split_channel(stem: str) -> tuple[str, int | None]:
+    """``(case id, channel)`` of a file stem: ``"case_0001"`` -> ``("case", 1)``; a stem without nnU-Net's
+    ``_XXXX`` channel suffix -> ``(stem, None)``."""
+    m = _CHANNEL_RE.match(stem)
+    return (stem, None) if m is None else (m["case"], int(m["ch"]))
+
+
+def channel_groups(files: Sequence[Path], stems: Sequence[str] | None = None) -> dict[str, list[tuple[int, Path]]]:
+    """Files grouped into cases by their channel suffix (:func:`split_channel`): ``{case: [(channel, file),
+    ...]}`` sorted by channel, cases in the order of their first file. A file without the suffix is a case of
+    its own named after its stem, with channel -1. This is the one rule by which training's dataset layouts
+    and ``medse predict``'s input folders (:func:`medse.inference.inputs.collect_cases`) make cases of files.
+
+    Args:
+        files: image files.
+        stems: each file's name without its image suffix. Defaults to :func:`medse.data.io.split_suffix`'s.
+    """
+    groups: dict[str, list[tuple[int, Path]]] = {}
+    for f, stem in zip(files, stems if stems is not None else [split_suffix(f)[0] for f in files], strict=True):
+        case, ch = split_channel(stem)
+        groups.setdefault(case, []).append((-1 if ch is None else ch, f))
+    for items in groups.values():
+        items.sort()
+    return groups
+
+
 def _group_channels(files: list[Path]) -> tuple[dict[str, list[Path]], bool]:
-    """Group ``case_0000`` style channel files by case; returns (groups, used_channel_suffixes)."""
+    """Group ``case_0000`` style channel files by case when every file has the suffix; returns (groups,
+    used_channel_suffixes)."""
     stems = [split_suffix(f)[0] for f in files]
-    if stems and all(_CHANNEL_RE.match(s) for s in stems):
-        groups: dict[str, list[tuple[int, Path]]] = {}
-        for f, s in zip(files, stems, strict=False):
-            m = _CHANNEL_RE.match(s)
-            assert m is not None
-            groups.setdefault(m["case"], []).append((int(m["ch"]), f))
-        return {k: [p for _, p in sorted(v)] for k, v in sorted(groups.items())}, True
+    if stems and all(split_channel(s)[1] is not None for s in stems):
+        groups = channel_groups(files, stems)
+        return {k: [p for _, p in v] for k, v in sorted(groups.items())}, True
     return {s: [f] for s, f in sorted(zip(stems, files, strict=False))}, False
 
 
@@ -218,19 +245,15 @@ def _load_nnunet(root: Path) -> DatasetSpec:
         raise MedseError("no 'imagesTr/' folder", root)
     files = sorted(p for p in img_dir.iterdir() if p.is_file() and p.name.endswith(ending)
                    and not p.name.startswith("."))
-    groups: dict[str, list[tuple[int, Path]]] = {}
-    issues: list[str] = []
-    for f in files:
-        stem = f.name[: -len(ending)]
-        m = _CHANNEL_RE.match(stem)
-        if m is None:
-            issues.append(f"{f}: image name lacks the nnU-Net channel suffix _XXXX")
-            continue
-        groups.setdefault(m["case"], []).append((int(m["ch"]), f))
+    stems = [f.name[: -len(ending)] for f in files]
+    suffixed = [split_channel(s)[1] is not None for s in stems]
+    issues = [f"{f}: image name lacks the nnU-Net channel suffix _XXXX" for f, ok in zip(files, suffixed, strict=True)
+              if not ok]
+    groups = channel_groups([f for f, ok in zip(files, suffixed, strict=True) if ok],
+                            [s for s, ok in zip(stems, suffixed, strict=True) if ok])
     cases = []
     n_ch = len(channels) if channels else None
     for cid, chans in sorted(groups.items()):
-        chans.sort()
         idx = [c for c, _ in chans]
         if n_ch is not None and idx != list(range(n_ch)):
             issues.append(f"{img_dir / cid}: channels {idx} found, dataset.json declares {n_ch} ({channels})")

@@ -31,19 +31,27 @@ Empty masks (:data:`EMPTY_RULE`, documented in ``docs/inference.md``), for each 
   between the centres of two opposite corner voxels, ``sqrt(sum(((n_i - 1) s_i)^2))``), larger than any
   distance two voxels of the image can have. It is counted in means (never averaged away) and the cases
   are counted as ``n_empty`` in ``summary.json``; volume difference % is NaN when the reference is empty.
+
+What the comparison tables, the search and the figures need to know about a metric (which way is better, its
+unit, the scale of gains, the worst value) is its :class:`Metric` record, registered here
+(:func:`get_metric`, :func:`list_metrics`; the tabulated ones: ``dice``, ``hd95``, ``assd``).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["DICE_BOTH_EMPTY", "EMPTY_RULE", "HD95_MODES", "METRICS", "binary_metrics", "case_metrics",
-           "dice_from_counts", "dice_scores", "missing_case_rows", "worst_distance"]
+from medse.utils.registry import Registry
+
+__all__ = ["DICE_BOTH_EMPTY", "EMPTY_RULE", "HD95_MODES", "METRICS", "Metric", "binary_metrics", "case_metrics",
+           "dice_from_counts", "dice_scores", "get_metric", "list_metrics", "missing_case_rows", "register_metric",
+           "worst_distance"]
 
 METRICS = ("dice", "hd95", "assd", "volume_ref_mm3", "volume_pred_mm3", "volume_diff_mm3", "volume_diff_pct")
 HD95_MODES = ("max", "pooled")
@@ -159,15 +167,88 @@ def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], la
     return rows
 
 
+@dataclass(frozen=True)
+class Metric:
+    """What medse knows about one per-case metric: the facts tables, search and figures read.
+
+    Attributes:
+        name: registry name, the ``metric`` column of the evaluation's records (``"hd95"``).
+        short: its name in text (``"HD95"``).
+        higher_is_better: True for an overlap (Dice), False for a distance.
+        worst: ``worst(shape, spacing) -> float``, the value of a structure missed entirely (or predicted where
+            there is none) on that image grid: Dice 0, a distance :func:`worst_distance`.
+        unit: unit of the values, "" for a fraction. Defaults to "".
+        scale: factor from values to the gains and CIs of the tables (Dice x 100 = Dice points). Defaults to 1.
+        gain_unit: unit of the gains and CIs (``"points"`` for Dice). Defaults to "".
+    """
+
+    name: str
+    short: str
+    higher_is_better: bool
+    worst: Callable[[Sequence[int], Sequence[float]], float]
+    unit: str = ""
+    scale: float = 1.0
+    gain_unit: str = ""
+
+    @property
+    def label(self) -> str:
+        """Column title of the tables: ``"Dice"``, ``"HD95 (mm)"``."""
+        return f"{self.short} ({self.unit})" if self.unit else self.short
+
+    @property
+    def direction(self) -> str:
+        """``"higher is better"`` or ``"lower is better"``."""
+        return "higher is better" if self.higher_is_better else "lower is better"
+
+    @property
+    def gain_label(self) -> str:
+        """What a positive gain is, for axis labels: ``"Dice gain"``, ``"HD95 reduction"``."""
+        return f"{self.short} gain" if self.higher_is_better else f"{self.short} reduction"
+
+    def best_first(self, value: float) -> float:
+        """Sort key that puts the best value first (ascending order)."""
+        return -float(value) if self.higher_is_better else float(value)
+
+
+def _dice_worst(shape: Sequence[int], spacing: Sequence[float]) -> float:
+    """Dice of a structure missed entirely: 0."""
+    return 0.0
+
+
+_METRICS: Registry[Metric] = Registry("metric", decorator="register_metric")
+
+
+def register_metric(metric: Metric) -> Metric:
+    """Add ``metric`` to the registry (its name checked like a block's; re-registering the same name with another
+    record raises ``ValueError``); returns it."""
+    _METRICS.check_name(metric.name)
+    return _METRICS.add(metric.name, metric)
+
+
+def get_metric(name: str) -> Metric:
+    """The :class:`Metric` of ``name``; ``ValueError`` with a suggestion if it is not registered."""
+    return _METRICS.get_or_raise(name)
+
+
+def list_metrics() -> dict[str, Metric]:
+    """Registered metrics by name, in registration order (``dice``, ``hd95``, ``assd``)."""
+    return dict(_METRICS)
+
+
+register_metric(Metric("dice", "Dice", higher_is_better=True, worst=_dice_worst, scale=100.0, gain_unit="points"))
+register_metric(Metric("hd95", "HD95", higher_is_better=False, worst=worst_distance, unit="mm", gain_unit="mm"))
+register_metric(Metric("assd", "ASSD", higher_is_better=False, worst=worst_distance, unit="mm", gain_unit="mm"))
+
+
 def missing_case_rows(ref: np.ndarray, spacing: Sequence[float],
                       labels: dict[str, int]) -> list[tuple[str, int, str, float]]:
     """Rows of a reference without a prediction (a failure): Dice 0 and HD95/ASSD the worst value for every
     label, whatever the reference holds; the reference volume as measured, prediction volumes NaN."""
     voxel = float(np.prod(spacing))
-    worst = worst_distance(ref.shape, spacing)
+    worst = {name: metric.worst(ref.shape, spacing) for name, metric in _METRICS.items()}
     rows: list[tuple[str, int, str, float]] = []
     for name, value in labels.items():
-        m = {"dice": 0.0, "hd95": worst, "assd": worst, "volume_ref_mm3": int(np.count_nonzero(ref == value)) * voxel,
+        m = {**worst, "volume_ref_mm3": int(np.count_nonzero(ref == value)) * voxel,
              "volume_pred_mm3": math.nan, "volume_diff_mm3": math.nan, "volume_diff_pct": math.nan}
         for metric in METRICS:
             rows.append((name, int(value), metric, float(m[metric])))

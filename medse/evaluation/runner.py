@@ -1,5 +1,8 @@
 """``evaluate(pred_dir, ref, output_dir)``: per-case metrics as a long table, ``metrics.csv`` and ``summary.json``.
 
+:func:`evaluate_cases` scores ``(case_id, prediction, reference)`` triples; :func:`evaluate` builds them from the
+folders below (``medse evaluate`` does too) and calls it.
+
 Predictions are the image files of ``pred_dir`` (``{case_id}.nii.gz`` as written by ``medse predict``;
 sidecar JSON, ``failures.csv`` and the ``probabilities/`` folder are ignored). References are a folder of
 label files with the same case ids, or a dataset root / manifest read with
@@ -35,7 +38,7 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +48,15 @@ from medse.evaluation.metrics import EMPTY_RULE, HD95_MODES, METRICS, case_metri
 from medse.utils.atomic import atomic_path, atomic_write_text, ensure_writable_dir
 from medse.utils.errors import MedseError
 
-__all__ = ["evaluate", "summarise", "collect_pairs", "check_writable_folder", "format_unscored"]
+__all__ = ["evaluate", "evaluate_cases", "summarise", "collect_pairs", "check_writable_folder", "format_unscored",
+           "image_files"]
 
 COLUMNS = ["case_id", "label", "label_value", "metric", "value"]
 
 
-def _images_in(folder: Path) -> dict[str, Path]:
+def image_files(folder: Path) -> dict[str, Path]:
+    """``{case_id: file}`` of the image files in ``folder`` (``case_001.nii.gz`` -> ``case_001``); sidecars and
+    sub-folders are not images. Two files of one case id are an error naming both."""
     from medse.data.io import is_image_file, split_suffix
 
     out: dict[str, Path] = {}
@@ -67,7 +73,7 @@ def _references(ref: Path) -> tuple[dict[str, Path], dict[str, int]]:
     if not ref.exists():
         raise MedseError("reference folder or manifest not found", ref)
     if ref.is_dir():
-        files = _images_in(ref)
+        files = image_files(ref)
         if files:
             labels: dict[str, int] = {}
             ds = ref / "dataset.json"
@@ -103,7 +109,7 @@ def match_cases(pred_dir: str | os.PathLike, ref: str | os.PathLike) -> dict[str
     pdir = Path(pred_dir)
     if not pdir.is_dir():
         raise MedseError("prediction folder not found", pdir)
-    preds = _images_in(pdir)
+    preds = image_files(pdir)
     if not preds:
         raise MedseError("no prediction files in the folder", pdir)
     refs, labels = _references(Path(ref))
@@ -279,25 +285,92 @@ def evaluate(
             label of ``labels`` found in no reference and no prediction (nothing written), references holding
             label values that are not scored (unless ``allow_unscored``; after writing the results).
     """
+    _check_hd95_mode(hd95_mode)
+    pdir = Path(pred_dir)
+    matched = match_cases(pdir, ref)  # folder listings only: cheap, and nothing is created when inputs are wrong
+    cases = [*matched["pairs"], *((cid, None, r) for cid, r in matched["missing"].items())]
+    return evaluate_cases(cases, output_dir, labels, declared_labels=matched["labels"], strict=strict,
+                          allow_missing=allow_missing, hd95_mode=hd95_mode, progress=progress,
+                          allow_unscored=allow_unscored, pred_dir=pdir, ref=ref, extra_predictions=matched["extra"])
+
+
+def _check_hd95_mode(hd95_mode: str) -> None:
+    if hd95_mode not in HD95_MODES:
+        raise MedseError(f"hd95_mode '{hd95_mode}' must be one of {', '.join(HD95_MODES)}")
+
+
+def _common_folder(paths: Sequence[Path]) -> Path:
+    """The deepest folder holding every one of ``paths``."""
+    return Path(os.path.commonpath([str(Path(p).absolute().parent) for p in paths]))
+
+
+def evaluate_cases(
+    cases: Iterable[tuple[str, str | os.PathLike | None, str | os.PathLike]],
+    output_dir: str | os.PathLike | None,
+    labels: Mapping[str, int] | Sequence[int] | None = None,
+    *,
+    declared_labels: Mapping[str, int] | None = None,
+    strict: bool = True,
+    allow_missing: bool = False,
+    hd95_mode: str = "max",
+    progress: bool = False,
+    allow_unscored: bool = False,
+    pred_dir: str | os.PathLike | None = None,
+    ref: str | os.PathLike | None = None,
+    extra_predictions: Sequence[str] = (),
+) -> Any:
+    """Score ``(case_id, prediction, reference)`` triples; write ``metrics.csv`` and ``summary.json``.
+
+    The engine of :func:`evaluate` (which builds the triples from a prediction folder and a reference folder or
+    dataset); callers that know their cases' files (a compare cell: its test cases' predictions and the dataset's
+    labels) pass them directly, so that nothing is gathered into a folder first.
+
+    Args:
+        cases: one triple per case; a prediction of None is a missing prediction (failure rows, see
+            ``allow_missing``).
+        output_dir, labels, strict, allow_missing, hd95_mode, progress, allow_unscored: as in :func:`evaluate`.
+        declared_labels: the references' declared ``{name: value}`` (a dataset's labels), used when ``labels``
+            is None. Defaults to none: the first prediction's sidecar's, else every non-zero value found.
+        pred_dir: the predictions' folder as ``summary.json`` records it and errors name it. Defaults to the
+            folder holding every prediction.
+        ref: the references' source (folder, dataset root or manifest), likewise. Defaults to the folder
+            holding every reference.
+        extra_predictions: case ids of predictions without a reference: warned about and listed in
+            ``summary.json``.
+
+    Returns:
+        the long table of :func:`evaluate`.
+
+    Raises:
+        MedseError: as :func:`evaluate`; also when no case has a prediction.
+        ValueError: no cases, or a case id given twice.
+    """
     import pandas as pd
 
     from medse.utils.progress import progress as progress_bar  # a tqdm bar on a terminal, plain lines otherwise
 
-    if hd95_mode not in HD95_MODES:
-        raise MedseError(f"hd95_mode '{hd95_mode}' must be one of {', '.join(HD95_MODES)}")
-    pdir = Path(pred_dir)
-    matched = match_cases(pdir, ref)  # folder listings only: cheap, and nothing is created when inputs are wrong
+    _check_hd95_mode(hd95_mode)
+    jobs = sorted(((str(cid), None if p is None else Path(p), Path(r)) for cid, p, r in cases), key=lambda j: j[0])
+    if not jobs:
+        raise ValueError("evaluate_cases: no cases given")
+    ids = [j[0] for j in jobs]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"evaluate_cases: case ids given twice: {sorted({c for c in ids if ids.count(c) > 1})}")
+    pairs = [j for j in jobs if j[1] is not None]
+    missing = {cid: r for cid, p, r in jobs if p is None}
+    pdir = Path(pred_dir) if pred_dir is not None else _common_folder([p for _, p, _ in pairs] or [jobs[0][2]])
+    ref = ref if ref is not None else _common_folder([r for _, _, r in jobs])
+    if not pairs:
+        raise MedseError(f"no prediction for any of the {len(jobs)} case(s)", pdir)
     out = check_writable_folder(output_dir) if output_dir is not None else None  # before any image is read
-    pairs, missing, declared = matched["pairs"], matched["missing"], matched["labels"]
-    extra = matched["extra"]
+    declared = dict(declared_labels or {})
+    extra = list(extra_predictions)
     if extra:
         warnings.warn(f"{len(extra)} prediction(s) in {pdir} have no reference and are not evaluated: "
                       f"{', '.join(extra[:10])}{' ...' if len(extra) > 10 else ''}", UserWarning, stacklevel=2)
     rows: list[tuple[str, str, int, str, float]] = []
     errors: list[str] = []
     resolved = _resolve_labels(labels, declared, pdir, pairs[0][1], lambda: _values_in(pairs))
-    jobs = [(cid, p, r) for cid, p, r in pairs] + [(cid, None, r) for cid, r in missing.items()]
-    jobs.sort(key=lambda j: j[0])
     ref_voxels: dict[int, list[int]] = {}  # label value -> [voxels over all references, cases holding it]
     pred_values: set[int] = set()
     for cid, ppath, rpath in progress_bar(jobs, desc="evaluate", unit="case", disable=not progress, file=sys.stderr):

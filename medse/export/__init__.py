@@ -6,7 +6,7 @@ run's config, ``dataset.json`` and checkpoint, ``best`` falling back to ``last``
 mode, writes ``model.onnx`` or ``model.ts`` and an ``export.json`` beside it, and checks the written file against
 the eager network before it is put in place: at batch 1 and 2 and at two spatial sizes (the run's patch size and
 the patch grown by the network's size divisor), the largest absolute logit difference must stay within
-``tolerance`` or nothing is written. :mod:`medse.export.runtime` loads the files back for ``medse predict --model``.
+``tolerance`` or nothing is written. :mod:`medse.inference.runtime` loads the files back for ``medse predict --model``.
 
 Both formats are recorded by tracing (the legacy ONNX exporter, ``torch.jit.trace``): ``torch.jit.script`` cannot
 compile medse's networks, and the dynamo ONNX exporter specialises their spatial axes (the padding to the size
@@ -227,7 +227,7 @@ def export_run(
             _export_onnx(model, example, tmp, opset)
         else:
             _export_torchscript(model, example, tmp)
-        from medse.export.runtime import load_network
+        from medse.inference.runtime import load_network
 
         parity = _parity(load_network(tmp, "onnx" if fmt == "onnx" else "torchscript"), model, shapes)
         worst = max(p["max_abs_diff"] for p in parity)

@@ -121,7 +121,7 @@ def _size_divisors(arch_kwargs: dict[str, Any], spatial_dims: int) -> list[int] 
 
 def _check_sizes(patch: list[int], div: list[int] | None) -> tuple[list[list[int]], dict[str, Any]]:
     """The spatial sizes to check and the sizes the file takes (``export.json``'s ``spatial_sizes``, in the
-    layout :func:`medse.export.runtime.check_window` reads; ``multiple_of_per_axis`` for anisotropic strides).
+    layout :func:`medse.inference.runtime.check_window` reads; ``multiple_of_per_axis`` for anisotropic strides).
 
     nnU-Net's networks pad nothing: a trace holds no size constants, and the file takes every side that is a
     multiple of the downsampling factor of its axis, as the eager network does."""
@@ -241,7 +241,7 @@ def export_nnunet(
     shapes = [[b, in_channels, *s] for s in sizes for b in (2, 1)]
     example = torch.randn(*shapes[0], generator=torch.Generator().manual_seed(1))
 
-    from medse.export.runtime import load_network
+    from medse.inference.runtime import load_network
     from medse.utils.atomic import atomic_path, atomic_write_text, ensure_writable_dir
 
     ensure_writable_dir(out)

@@ -9,6 +9,9 @@ is installed. See ``docs/networks.md``.
 
 from __future__ import annotations
 
+# The network modules register their models with @register_model when imported (list_models() sorts by name).
+from medse.networks import dynunet, fc_densenet, quicknat, resnet, sdnet, segresnet, swinunetr, unet, unetr  # noqa: F401
+from medse.networks.placement import AttentionSpec
 from medse.networks.registry import (
     ALL_POSITIONS,
     POSITIONS,
@@ -26,6 +29,7 @@ from medse.networks.registry import (
 __all__ = [
     "ALL_POSITIONS",
     "POSITIONS",
+    "AttentionSpec",
     "ByDims",
     "ModelInfo",
     "attention_modules",

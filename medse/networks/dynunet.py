@@ -11,7 +11,7 @@ Attention placement as in :mod:`medse.networks.unet` (Roy et al., IEEE TMI 2019)
 every down-sampling block (``encoder.0`` .. ``encoder.n``; each output feeds both the deeper path and the skip),
 after the bottleneck, and after every up-sampling block (``decoder.0`` is the deepest, the first one run; the
 deep-supervision heads read the recalibrated maps); never on the 1x1 output block. The blocks are attached to
-MONAI's modules after MONAI built and initialised them (:func:`medse.networks._common.attach_attention`), so
+MONAI's modules after MONAI built and initialised them (:meth:`medse.networks.placement.AttentionPlan.attach`), so
 MONAI's ``kaiming_normal_`` initialisation is not applied to the attention blocks, every MONAI state-dict key is
 kept, and with ``attention="none"`` the network is MONAI's (same state dict, same outputs for the same seed).
 
@@ -31,18 +31,9 @@ from typing import Any
 import torch
 from monai.networks.nets import DynUNet
 
-from medse.networks._common import (
-    POSITIONS,
-    AttentionPlan,
-    PadCropMixin,
-    attach_attention,
-    check_int,
-    check_pad_mode,
-    check_spatial_dims,
-    class_builder,
-    divisor_of,
-    lcm,
-)
+from medse.networks._common import check_int, check_pad_mode, check_spatial_dims, class_builder
+from medse.networks.layers import PadCropMixin, divisor_of, lcm
+from medse.networks.placement import POSITIONS, AttentionPlan, AttentionSpec
 from medse.networks.registry import register_model
 
 __all__ = ["DEFAULT_PATCH_SIZE", "DynUNetWithAttention", "dynunet", "get_kernels_strides"]
@@ -166,7 +157,7 @@ class DynUNetWithAttention(PadCropMixin, DynUNet):
         *,
         patch_size: Sequence[int] | None = None,
         spacing: Sequence[float] | None = None,
-        attention: str | Mapping[str, str] = "none",
+        attention: str | Mapping[str, str] | AttentionSpec = "none",
         attention_positions: Sequence[str] = POSITIONS,
         attention_kwargs: dict[str, Any] | None = None,
         pad_mode: str = "constant",
@@ -207,11 +198,11 @@ class DynUNetWithAttention(PadCropMixin, DynUNet):
         plan = AttentionPlan(owner, attention, attention_positions, attention_kwargs, d)
         f = list(self.filters)
         for i, block in enumerate([self.input_block, *self.downsamples]):
-            attach_attention(block, plan.make("encoder", f[i], f"encoder stage {i}"))
-        attach_attention(self.bottleneck, plan.make("bottleneck", f[-1], "bottleneck"))
+            plan.attach(block, "encoder", f[i], f"encoder stage {i}")
+        plan.attach(self.bottleneck, "bottleneck", f[-1], "bottleneck")
         for i, block in enumerate(self.upsamples):  # MONAI lists them deepest first, the order they run
-            attach_attention(block, plan.make("decoder", f[-2 - i], f"decoder stage {i}"))
-        plan.install(self, attention)
+            plan.attach(block, "decoder", f[-2 - i], f"decoder stage {i}")
+        plan.install(self)
 
     def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
         return DynUNet.forward(self, x)

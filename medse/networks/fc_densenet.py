@@ -41,20 +41,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from medse.networks._common import (
-    POSITIONS,
-    ByDims,
-    PadCropMixin,
-    batch_norm,
-    channel_dropout,
-    check_dropout,
-    check_int,
-    check_kernel_size,
-    class_builder,
-    conv,
-    conv_transpose,
-    max_pool,
-)
+from medse.networks._common import ByDims, check_dropout, check_int, check_kernel_size, class_builder
+from medse.networks.layers import PadCropMixin, batch_norm, channel_dropout, conv, conv_transpose, max_pool
+from medse.networks.placement import POSITIONS, AttentionPlan, AttentionSpec
 from medse.networks.registry import register_model
 from medse.utils.errors import unknown_option_error
 
@@ -177,7 +166,7 @@ class FCDenseNet(PadCropMixin, nn.Module):
         first_channels: int | None = None,
         kernel_size: int = 3,
         dropout: float = 0.2,
-        attention: str | Mapping[str, str] = "none",
+        attention: str | Mapping[str, str] | AttentionSpec = "none",
         attention_positions: Sequence[str] = POSITIONS,
         attention_kwargs: dict[str, Any] | None = None,
         pad_mode: str = "constant",
@@ -205,7 +194,8 @@ class FCDenseNet(PadCropMixin, nn.Module):
         first = check_int("first_channels", cfg["first_channels"], 1, owner)
         kernel_size = check_kernel_size(owner, kernel_size)
         dropout = check_dropout(owner, dropout)
-        att = self._setup_attention(owner, attention, attention_positions, attention_kwargs, pad_mode, len(down))
+        plan = AttentionPlan(owner, attention, attention_positions, attention_kwargs, d)
+        self._setup_padding(owner, pad_mode, len(down))
         self.preset = preset
         self.growth_rate, self.down_layers, self.up_layers = k, down, up
         self.bottleneck_layers, self.first_channels = n_bottleneck, first
@@ -221,10 +211,10 @@ class FCDenseNet(PadCropMixin, nn.Module):
             channels = block.out_channels
             skips.append(channels)
             self.down_blocks.append(block)
-            self.down_attention.append(att("encoder", channels, f"encoder block {i}"))
+            self.down_attention.append(plan.slot("encoder", channels, f"encoder block {i}"))
             self.transitions_down.append(TransitionDown(d, channels, dropout))
         self.bottleneck = DenseBlock(d, channels, k, n_bottleneck, kernel_size, dropout, keep_input=False)
-        self.bottleneck_attention = att("bottleneck", self.bottleneck.out_channels, "bottleneck block")
+        self.bottleneck_attention = plan.slot("bottleneck", self.bottleneck.out_channels, "bottleneck block")
         prev = self.bottleneck.out_channels
         self.transitions_up = nn.ModuleList()
         self.up_blocks = nn.ModuleList()
@@ -236,9 +226,9 @@ class FCDenseNet(PadCropMixin, nn.Module):
             )
             block = DenseBlock(d, prev + skips[-1 - i], k, n, kernel_size, dropout, keep_input=last)
             self.up_blocks.append(block)
-            self.up_attention.append(att("decoder", block.out_channels, f"decoder block {i}"))
+            self.up_attention.append(plan.slot("decoder", block.out_channels, f"decoder block {i}"))
             prev = block.out_channels
-        self._finish_attention(att)
+        plan.install(self)
         self.final_conv = conv(d)(prev, out_channels, 1)
 
     def forward_padded(self, x: torch.Tensor) -> torch.Tensor:

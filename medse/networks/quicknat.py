@@ -35,16 +35,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from medse.networks._common import (
-    POSITIONS,
-    ByDims,
-    UnpoolingEncoderDecoder,
-    batch_norm,
-    channel_dropout,
-    check_dropout,
-    class_builder,
-    conv,
-)
+from medse.networks._common import ByDims, check_dropout, class_builder
+from medse.networks.layers import UnpoolingEncoderDecoder, batch_norm, channel_dropout, conv
+from medse.networks.placement import POSITIONS, AttentionPlan, AttentionSpec
 from medse.networks.registry import register_model
 
 __all__ = ["QuickNAT", "QuickNATDenseBlock", "quicknat"]
@@ -103,7 +96,7 @@ class QuickNAT(UnpoolingEncoderDecoder):
         kernel_size: int | None = None,
         depth: int = 4,
         dropout: float = 0.2,
-        attention: str | Mapping[str, str] = "none",
+        attention: str | Mapping[str, str] | AttentionSpec = "none",
         attention_positions: Sequence[str] = POSITIONS,
         attention_kwargs: dict[str, Any] | None = None,
         pad_mode: str = "constant",
@@ -113,8 +106,9 @@ class QuickNAT(UnpoolingEncoderDecoder):
         d = self._check_io(owner, spatial_dims, in_channels, out_channels)
         f, k, depth = self._check_architecture(owner, num_filters, kernel_size, 5, depth)
         dropout = check_dropout(owner, dropout)
-        att = self._setup_attention(owner, attention, attention_positions, attention_kwargs, pad_mode, depth)
-        self._build_encoder_decoder(lambda c: QuickNATDenseBlock(d, c, f, k), in_channels, att)
+        plan = AttentionPlan(owner, attention, attention_positions, attention_kwargs, d)
+        self._setup_padding(owner, pad_mode, depth)
+        self._build_encoder_decoder(lambda c: QuickNATDenseBlock(d, c, f, k), in_channels, plan)
         self.dropout = channel_dropout(d)(dropout) if dropout > 0 else nn.Identity()
         self.classifier = conv(d)(f, out_channels, 1)
 

@@ -1,8 +1,10 @@
 """The model registry: ``create_model``, ``list_models``, ``register_model``, ``attention_modules``.
 
-Networks register a builder with ``@register_model(name, task=..., ...)`` in their own module; this module
-imports those modules (and the ``MEDSE_PLUGINS`` modules) on first use. A builder is called as ``builder(spatial_dims=..., in_channels=..., out_channels=..., attention=...,
-attention_positions=..., attention_kwargs=..., **arch_kwargs)`` and returns an ``nn.Module``.
+Networks register a builder with ``@register_model(name, task=..., ...)`` in their own module, which
+:mod:`medse.networks` imports; the ``MEDSE_PLUGINS`` modules are imported on first use (the bookkeeping, names,
+duplicates, suggestions and plugins, is :class:`medse.utils.registry.Registry`'s). A builder is called as
+``builder(spatial_dims=..., in_channels=..., out_channels=..., attention=..., attention_positions=...,
+attention_kwargs=..., **arch_kwargs)`` and returns an ``nn.Module``. Report tables: :mod:`medse.networks.report`.
 
 Design after segmentation_models_pytorch's ``create_model(arch, ...)`` and timm's ``create_attn``: models are
 chosen by name, attention by name, and unknown names or arguments raise ``ValueError`` with a suggestion.
@@ -11,7 +13,6 @@ chosen by name, attention by name, and unknown names or arguments raise ``ValueE
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 import re
 from collections.abc import Callable, Sequence
@@ -19,18 +20,11 @@ from typing import Any
 
 from torch import nn
 
-from medse.networks._common import (
-    ALL_POSITIONS,
-    POSITIONS,
-    ByDims,
-    _check_position_key,
-    format_assignment,
-    normalize_stage_positions,
-    parse_assignment,
-    resolve_default,
-)
-from medse.plugins import load_plugins
+from medse.networks._common import ByDims, resolve_default
+from medse.networks.placement import ALL_POSITIONS, POSITIONS, AttentionSpec, format_assignment, parse_assignment
 from medse.utils.errors import did_you_mean, unknown_option_error
+from medse.utils.plugins import load_plugins
+from medse.utils.registry import Registry, keyword_arguments, keyword_defaults
 
 __all__ = [
     "ALL_POSITIONS",
@@ -39,10 +33,8 @@ __all__ = [
     "TASKS",
     "ModelInfo",
     "attention_modules",
-    "complexity_table",
     "create_model",
     "format_assignment",
-    "format_complexity_table",
     "list_models",
     "parse_assignment",
     "register_model",
@@ -51,21 +43,6 @@ __all__ = [
 ]
 
 TASKS: tuple[str, ...] = ("segmentation", "classification")
-#: Modules that register models; imported on first use of the registry.
-_MODEL_MODULES: tuple[str, ...] = (
-    "medse.networks.unet",
-    "medse.networks.fc_densenet",
-    "medse.networks.sdnet",
-    "medse.networks.quicknat",
-    "medse.networks.dynunet",
-    "medse.networks.segresnet",
-    "medse.networks.unetr",
-    "medse.networks.swinunetr",
-    "medse.networks.resnet",
-)
-
-_REGISTRY: dict[str, ModelInfo] = {}
-_loaded = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +79,13 @@ class ModelInfo:
         return {k: resolve_default(v, spatial_dims) for k, v in self.defaults.items()}
 
 
+def _builder(info: ModelInfo) -> object:
+    return info.builder
+
+
+_REGISTRY: Registry[ModelInfo] = Registry("model", decorator="register_model", owner=_builder, load=load_plugins)
+
+
 def register_model(
     name: str,
     *,
@@ -128,8 +112,7 @@ def register_model(
         run_context: arguments the trainer fills in from the run config, names from :data:`RUN_CONTEXT_ARGS`
             (``patch_size``, ``img_size``: ``train.patch_size``; ``spacing``: the target spacing). Defaults to ().
     """
-    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):
-        raise ValueError(f"register_model: name must be lower case letters, digits and '_', got {name!r}.")
+    _REGISTRY.check_name(name)
     if task not in TASKS:
         raise unknown_option_error("task", str(task), TASKS)
     dims = tuple(int(d) for d in spatial_dims)
@@ -140,53 +123,25 @@ def register_model(
             raise unknown_option_error("run_context argument", str(arg), RUN_CONTEXT_ARGS)
 
     def decorator(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        old = _REGISTRY.get(name)
-        if old is not None and _qualname(old.builder) != _qualname(builder):
-            raise ValueError(f"register_model: '{name}' is already registered by {_qualname(old.builder)}.")
+        _REGISTRY.check_free(name, builder)
         desc = description or (inspect.getdoc(builder) or "").split("\n")[0]
-        _REGISTRY[name] = ModelInfo(
+        _REGISTRY.add(name, ModelInfo(
             name=name,
             task=task,
             spatial_dims=dims,
             description=desc,
-            defaults=dict(defaults) if defaults is not None else _signature_defaults(builder),
+            defaults=dict(defaults) if defaults is not None else keyword_defaults(builder, _BASE_ARGS),
             positions=tuple(positions),
             paper=paper,
             builder=builder,
             run_context=tuple(run_context),
-        )
+        ))
         return builder
 
     return decorator
 
 
-def _qualname(obj: Any) -> str:
-    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
-
-
 _BASE_ARGS = ("spatial_dims", "in_channels", "out_channels", "attention", "attention_positions", "attention_kwargs")
-
-
-def _signature_defaults(builder: Callable[..., Any]) -> dict[str, Any]:
-    try:
-        params = inspect.signature(builder).parameters
-    except (TypeError, ValueError):
-        return {}
-    return {
-        k: p.default
-        for k, p in params.items()
-        if k not in _BASE_ARGS and p.default is not inspect.Parameter.empty and k != "self"
-    }
-
-
-def _ensure_loaded() -> None:
-    global _loaded
-    load_plugins()  # MEDSE_PLUGINS modules may register models (each is imported once)
-    if _loaded:
-        return
-    for mod in _MODEL_MODULES:
-        importlib.import_module(mod)
-    _loaded = True
 
 
 #: Architecture arguments a run can fill in from its config, and where they come from.
@@ -215,83 +170,20 @@ def run_context_kwargs(
 
 def list_models(task: str | None = None) -> dict[str, ModelInfo]:
     """Registered models by name (sorted), optionally only those of one ``task``."""
-    _ensure_loaded()
     if task is not None and task not in TASKS:
         raise unknown_option_error("task", str(task), TASKS)
     return {k: v for k, v in sorted(_REGISTRY.items()) if task is None or v.task == task}
 
 
-def _check_block(model: str, attention: str, spatial_dims: int) -> str:
-    if attention == "none":
-        return attention
-    from medse.attention import list_attention
-
-    blocks = list_attention()
-    for part in attention.split("+"):
-        part = part.strip()
-        if part not in blocks:
-            raise unknown_option_error("attention block", part, sorted({*blocks, "none"}))
-        supported = tuple(getattr(blocks[part], "spatial_dims", (2, 3)))
-        if spatial_dims not in supported:
-            raise ValueError(
-                f"create_model('{model}'): attention block '{part}' supports spatial_dims {supported}, "
-                f"got spatial_dims={spatial_dims}."
-            )
-    return attention
-
-
-def _check_attention(model: str, attention: object, spatial_dims: int) -> str | dict[str, str]:
-    """One block name, or a position -> block mapping (also given as ``"encoder=cse,decoder=scse"``)."""
+def _check_attention(model: str, info: ModelInfo, attention: object, positions: object,
+                     spatial_dims: int) -> AttentionSpec:
+    """``attention`` parsed once (:meth:`AttentionSpec.parse`) and checked for the model: its blocks, then its
+    positions or ``attention_positions`` (:meth:`AttentionSpec.for_model`)."""
     try:
-        parsed = parse_assignment(attention)
+        spec = AttentionSpec.parse(attention)
     except ValueError as e:
         raise ValueError(f"create_model('{model}'): {e}") from None
-    if isinstance(parsed, str):
-        return _check_block(model, parsed, spatial_dims)
-    return {k: _check_block(model, v, spatial_dims) for k, v in parsed.items()}
-
-
-def _check_positions(key: str, info: ModelInfo, attention: str | dict[str, str], positions: object) -> tuple[str, ...]:
-    """``attention_positions`` checked against the model's positions (stage names such as ``encoder.1`` allowed).
-
-    With a mapping ``attention`` the mapping says where blocks go: ``attention_positions`` must then be left at its
-    default (``None``, the three default positions or all of the model's positions) and is returned unchanged.
-    """
-    if isinstance(attention, dict):
-        for k in attention:
-            try:
-                _check_position_key(key, k, info.positions)
-            except ValueError as e:
-                raise ValueError(f"create_model('{key}'): {e}") from None
-        if positions is not None and not (isinstance(positions, (list, tuple, set, frozenset)) and
-                                          set(positions) in (set(POSITIONS), set(info.positions))):
-            raise ValueError(f"create_model('{key}'): attention is a mapping position -> block, so "
-                             f"attention_positions must be left at its default, got {positions!r}.")
-        return tuple(info.positions) if positions is None else tuple(positions)
-    if positions is None:
-        return tuple(info.positions)
-    if isinstance(positions, str):
-        positions = (positions,)
-    if not isinstance(positions, (list, tuple, set, frozenset)):
-        raise ValueError(f"create_model('{key}'): attention_positions must be a sequence of names from "
-                         f"{info.positions}, got {positions!r}.")
-    for p in positions:
-        base = str(p).partition(".")[0]
-        if base not in info.positions:
-            raise unknown_option_error(f"attention position for '{key}'", str(p), info.positions)
-    out = normalize_stage_positions(f"create_model('{key}')", tuple(positions), info.positions)
-    return tuple(sorted(out, key=lambda p: (info.positions.index(p.partition(".")[0]), p)))
-
-
-def _accepted_kwargs(builder: Callable[..., Any]) -> tuple[set[str], bool]:
-    """Names of the builder's keyword arguments, and whether it also takes ``**kwargs``."""
-    try:
-        params = inspect.signature(builder).parameters.values()
-    except (TypeError, ValueError):
-        return set(), True
-    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"}
-    var_kw = any(p.kind is p.VAR_KEYWORD for p in params)
-    return names, var_kw
+    return spec.for_model(model, positions, info.positions, spatial_dims)
 
 
 def create_model(
@@ -338,12 +230,12 @@ def create_model(
     for arg, value in (("in_channels", in_channels), ("out_channels", out_channels)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"create_model('{key}'): {arg} must be a positive integer, got {value!r}.")
-    attention = _check_attention(key, attention, spatial_dims)
+    spec = _check_attention(key, info, attention, attention_positions, spatial_dims)
     if info.positions:
-        attention_positions = _check_positions(key, info, attention, attention_positions)
+        attention_positions = spec.positions or (info.positions if attention_positions is None else attention_positions)
     if attention_kwargs is not None and not isinstance(attention_kwargs, dict):
         raise ValueError(f"create_model('{key}'): attention_kwargs must be a dict, got {attention_kwargs!r}.")
-    names, var_kw = _accepted_kwargs(info.builder)
+    names, var_kw = keyword_arguments(info.builder)
     if not var_kw:
         valid = sorted(names - set(_BASE_ARGS))
         for k in arch_kwargs:
@@ -355,7 +247,7 @@ def create_model(
             spatial_dims=spatial_dims,
             in_channels=in_channels,
             out_channels=out_channels,
-            attention=attention,
+            attention=spec.argument_for(info.builder),
             attention_positions=tuple(attention_positions) if info.positions else attention_positions,
             attention_kwargs=dict(attention_kwargs or {}),
             **arch_kwargs,
@@ -373,140 +265,3 @@ def create_model(
 def attention_modules(model: nn.Module) -> list[nn.Module]:
     """The attention modules a network inserted (those tagged ``_medse_attention = True``), in module order."""
     return [m for m in model.modules() if getattr(m, "_medse_attention", False)]
-
-
-def _count(name: str, spatial_dims: int, in_channels: int, out_channels: int, attention: str,
-           arch_kwargs: dict[str, Any], size: int) -> tuple[int, dict[str, int]]:
-    """(parameters, count_ops result); built and run on the meta device (no memory, no compute) when every
-    operation supports it, else on the CPU."""
-    import torch
-
-    from medse.utils.complexity import count_ops, count_params
-
-    shape = (1, in_channels, *([size] * spatial_dims))
-    arch_kwargs = {**run_context_kwargs(name, (size,) * spatial_dims), **arch_kwargs}
-    try:
-        with torch.device("meta"):
-            model = create_model(name, spatial_dims, in_channels, out_channels, attention=attention, **arch_kwargs)
-        return count_params(model), count_ops(model, shape)
-    except (NotImplementedError, RuntimeError):  # e.g. SwinUNETR calls .item() while building
-        model = create_model(name, spatial_dims, in_channels, out_channels, attention=attention, **arch_kwargs)
-        params = count_params(model)
-        try:  # count on the meta device all the same: no arithmetic
-            return params, count_ops(model.to("meta"), shape)
-        except (NotImplementedError, RuntimeError):
-            model = create_model(name, spatial_dims, in_channels, out_channels, attention=attention, **arch_kwargs)
-            return params, count_ops(model, shape)
-
-
-def complexity_table(
-    size: int = 64,
-    dims: Sequence[int] = (2, 3),
-    networks: Sequence[str] | None = None,
-    attention: Sequence[str] | None = None,
-    in_channels: int = 1,
-    out_channels: int = 2,
-    arch_kwargs: dict[str, dict[str, Any]] | None = None,
-) -> list[dict[str, Any]]:
-    """Parameters and multiply-adds of every network x attention block, with the overhead over ``"none"``.
-
-    One row per (network, spatial_dims, block): ``network, dims, attention, params, params_overhead,
-    params_overhead_pct, macs, macs_overhead_pct, elementwise, error``. MACs are those of
-    ``medse.utils.complexity.count_ops`` for one input of shape ``(1, in_channels, size, ..., size)``
-    (conv, linear and norm layers; ``elementwise`` counts pooling and the blocks' own element-wise work). A
-    block that does not fit a network (unsupported ``spatial_dims``, a width the block cannot take) gets a
-    row with ``error`` set and no numbers; so does a network that cannot run at this size (SwinUNETR below 64
-    voxels per side) or fails otherwise: one network never aborts the table. Models are built on the meta
-    device where they can be, so nothing is computed; the +params/+MACs columns stay empty when ``none`` failed.
-
-    Args:
-        size: spatial size of the input along every axis. Defaults to 64.
-        dims: spatial dimensions to tabulate. Defaults to ``(2, 3)``.
-        networks: model names. Defaults to every segmentation model.
-        attention: block names (``"none"`` is always added first). Defaults to every registered block.
-        in_channels: input channels. Defaults to 1.
-        out_channels: output channels. Defaults to 2.
-        arch_kwargs: per-network architecture arguments, e.g. ``{"unet": {"num_res_units": 1}}``. Defaults to
-            None (the registry defaults).
-    """
-    models = list_models()
-    if networks is None:
-        networks = [k for k, v in models.items() if v.task == "segmentation"]
-    for n in networks:
-        if n not in models:
-            raise unknown_option_error("model", n, models)
-    if attention is None:
-        from medse.attention import list_attention
-
-        attention = [b for b in list_attention() if b != "none"]
-    blocks = ["none", *dict.fromkeys(format_assignment(b) for b in attention if b != "none")]
-    arch_kwargs = arch_kwargs or {}
-    for n in arch_kwargs:
-        if n not in models:
-            raise unknown_option_error("model", n, models)
-    rows: list[dict[str, Any]] = []
-    for net in networks:
-        kwargs = dict(arch_kwargs.get(net, {}))
-        for d in dims:
-            if d not in models[net].spatial_dims:
-                continue
-            base: dict[str, int] | None = None
-            for block in blocks:
-                row: dict[str, Any] = {"network": net, "dims": d, "attention": block, "params": None,
-                                       "params_overhead": None, "params_overhead_pct": None, "macs": None,
-                                       "macs_overhead_pct": None, "elementwise": None, "error": ""}
-                try:
-                    params, ops = _count(net, d, in_channels, out_channels, block, kwargs, size)
-                except Exception as e:  # noqa: BLE001 - any failure of one network is its n/a row, not the table's
-                    first = (str(e).strip().splitlines() or [""])[0]
-                    row["error"] = first if isinstance(e, ValueError) and first else f"{type(e).__name__}: {first}"
-                    rows.append(row)
-                    continue
-                row.update(params=params, macs=ops["macs"], elementwise=ops["elementwise"])
-                if block == "none":
-                    base = {"params": params, "macs": ops["macs"]}
-                if base is not None:
-                    row["params_overhead"] = params - base["params"]
-                    row["params_overhead_pct"] = 100.0 * (params - base["params"]) / base["params"]
-                    row["macs_overhead_pct"] = 100.0 * (ops["macs"] - base["macs"]) / max(base["macs"], 1)
-                rows.append(row)
-    return rows
-
-
-def format_complexity_table(rows: Sequence[dict[str, Any]], markdown: bool = False) -> str:
-    """Render :func:`complexity_table` rows as a Markdown table or aligned plain text."""
-    header = ["network", "dims", "attention", "params", "+params", "+params %", "GMACs", "+MACs %",
-              "elementwise (M)"]
-    lines: list[list[str]] = []
-    notes: list[str] = []
-    for r in rows:
-        if r["error"]:
-            notes.append(f"{r['network']} {r['dims']}D {r['attention']}: {r['error']}")
-            lines.append([r["network"], f"{r['dims']}D", r["attention"], "n/a", "", "", "", "", ""])
-            continue
-        def fmt(spec: str, key: str, scale: float = 1.0, r: dict[str, Any] = r) -> str:
-            return "" if r[key] is None else format(r[key] / scale if scale != 1.0 else r[key], spec)
-
-        lines.append([
-            r["network"],
-            f"{r['dims']}D",
-            r["attention"],
-            fmt(",", "params"),
-            fmt("+,", "params_overhead"),
-            fmt("+.2f", "params_overhead_pct"),
-            fmt(".3f", "macs", 1e9),
-            fmt("+.2f", "macs_overhead_pct"),
-            fmt(".1f", "elementwise", 1e6),
-        ])
-    if markdown:
-        out = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if i >= 3 else "---"
-                                                              for i in range(len(header))) + "|"]
-        out += ["| " + " | ".join(cells) + " |" for cells in lines]
-    else:
-        widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h) for i, h in enumerate(header)]
-        fmt = lambda cells: "  ".join(c.ljust(w) if i < 3 else c.rjust(w)  # noqa: E731
-                                      for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
-        out = [fmt(header), fmt(["-" * w for w in widths])] + [fmt(c) for c in lines]
-    if notes:
-        out += ["", "n/a:"] + [f"- {n}" for n in notes]
-    return "\n".join(out)

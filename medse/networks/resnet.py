@@ -35,7 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medse.attention import create_attention
+from medse.networks.layers import batch_norm, max_pool
+from medse.networks.layers import conv as conv_factory
+from medse.networks.placement import AttentionSpec, build_attention, takes_spec
 from medse.networks.registry import register_model
 
 __all__ = [
@@ -50,23 +52,6 @@ __all__ = [
 KERAS_BN_EPS = 1.001e-5
 #: (filters, blocks, stride of the last block) per stack, as Keras's ``stack2`` calls.
 STACKS: tuple[tuple[int, int, int], ...] = ((64, 3, 2), (128, 4, 2), (256, 6, 2), (512, 3, 1))
-
-
-def _conv(spatial_dims: int) -> type[nn.Module]:
-    return {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
-
-
-def _bn(spatial_dims: int) -> type[nn.Module]:
-    return {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[spatial_dims]
-
-
-def _make_attention(name: str, spatial_dims: int, channels: int, kwargs: dict[str, Any]) -> nn.Module:
-    if name in ("none", "", None):
-        return nn.Identity()
-    module = create_attention(name, spatial_dims, channels, **kwargs)
-    if not isinstance(module, nn.Identity):
-        module._medse_attention = True
-    return module
 
 
 class PreActBottleneck(nn.Module):
@@ -92,13 +77,13 @@ class PreActBottleneck(nn.Module):
         filters: int,
         stride: int = 1,
         conv_shortcut: bool = False,
-        attention: str = "none",
+        attention: str | AttentionSpec = "none",
         attention_kwargs: dict[str, Any] | None = None,
         bn_eps: float = KERAS_BN_EPS,
         bn_momentum: float = 0.1,
     ) -> None:
         super().__init__()
-        conv, bn = _conv(spatial_dims), _bn(spatial_dims)
+        conv, bn = conv_factory(spatial_dims), batch_norm(spatial_dims)
         out_channels = 4 * filters
         if not conv_shortcut and in_channels != out_channels:
             raise ValueError(
@@ -112,7 +97,9 @@ class PreActBottleneck(nn.Module):
         self.conv2 = conv(filters, filters, 3, stride=stride, padding=1, bias=False)
         self.bn2 = bn(filters, eps=bn_eps, momentum=bn_momentum)
         self.conv3 = conv(filters, out_channels, 1, bias=True)
-        self.attention = _make_attention(attention, spatial_dims, out_channels, dict(attention_kwargs or {}))
+        block = build_attention(AttentionSpec.parse(attention or "none").format(), spatial_dims, out_channels,
+                                attention_kwargs, f"resnet50v2 bottleneck ({filters} filters)")
+        self.attention = nn.Identity() if block is None else block
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         preact = F.relu(self.preact_bn(x))
@@ -161,7 +148,7 @@ class ResNet50V2(nn.Module):
         spatial_dims: int = 2,
         in_channels: int = 3,
         out_channels: int = 1000,
-        attention: str = "none",
+        attention: str | AttentionSpec = "none",
         attention_kwargs: dict[str, Any] | None = None,
         attention_positions: Sequence[str] | None = None,
         width: float = 1.0,
@@ -186,18 +173,21 @@ class ResNet50V2(nn.Module):
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.attention_name = attention or "none"
+        spec = AttentionSpec.parse(attention or "none")
+        if spec.is_mapping:
+            raise ValueError(f"resnet50v2 has no attention positions (the block goes on the residual branch of every "
+                             f"bottleneck); attention must be one block name, got '{spec.format()}'.")
+        self.attention_name = spec.format()
         self.width = width
         self.size_divisor = 32
-        conv, bn = _conv(spatial_dims), _bn(spatial_dims)
+        conv, bn = conv_factory(spatial_dims), batch_norm(spatial_dims)
 
         def scaled(c: int) -> int:
             return max(1, int(round(c * width)))
 
         stem = scaled(64)
         self.stem = conv(in_channels, stem, 7, stride=2, padding=3, bias=True)
-        pool = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}[spatial_dims]
-        self.stem_pool = pool(3, stride=2)
+        self.stem_pool = max_pool(spatial_dims)(3, stride=2)
         blocks: list[nn.Module] = []
         channels = stem
         self.stage_ends: list[int] = []
@@ -211,7 +201,7 @@ class ResNet50V2(nn.Module):
                         f,
                         stride=last_stride if i == n_blocks - 1 else 1,
                         conv_shortcut=(i == 0),
-                        attention=self.attention_name,
+                        attention=spec,
                         attention_kwargs=attention_kwargs,
                         bn_eps=bn_eps,
                         bn_momentum=bn_momentum,
@@ -283,11 +273,12 @@ def keras_param_count(model: nn.Module) -> dict[str, int]:
     defaults={"width": 1.0, "dropout": 0.0, "bn_eps": KERAS_BN_EPS, "bn_momentum": 0.1, "init": "torch"},
     paper="He et al., Identity Mappings in Deep Residual Networks, ECCV 2016 (Keras ResNet50V2 layout)",
 )
+@takes_spec
 def resnet50v2(
     spatial_dims: int = 2,
     in_channels: int = 3,
     out_channels: int = 1000,
-    attention: str = "none",
+    attention: str | AttentionSpec = "none",
     attention_positions: Sequence[str] | None = None,
     attention_kwargs: dict[str, Any] | None = None,
     **arch_kwargs: Any,

@@ -27,16 +27,9 @@ from typing import Any
 
 from torch import nn
 
-from medse.networks._common import (
-    POSITIONS,
-    ByDims,
-    UnpoolingEncoderDecoder,
-    batch_norm,
-    channel_dropout,
-    check_dropout,
-    class_builder,
-    conv,
-)
+from medse.networks._common import ByDims, check_dropout, class_builder
+from medse.networks.layers import UnpoolingEncoderDecoder, batch_norm, channel_dropout, conv
+from medse.networks.placement import POSITIONS, AttentionPlan, AttentionSpec
 from medse.networks.registry import register_model
 
 __all__ = ["ConvBNReLU", "SDNet", "sdnet"]
@@ -87,7 +80,7 @@ class SDNet(UnpoolingEncoderDecoder):
         kernel_size: int | None = None,
         depth: int = 3,
         dropout: float = 0.0,
-        attention: str | Mapping[str, str] = "none",
+        attention: str | Mapping[str, str] | AttentionSpec = "none",
         attention_positions: Sequence[str] = POSITIONS,
         attention_kwargs: dict[str, Any] | None = None,
         pad_mode: str = "constant",
@@ -97,8 +90,9 @@ class SDNet(UnpoolingEncoderDecoder):
         d = self._check_io(owner, spatial_dims, in_channels, out_channels)
         f, k, depth = self._check_architecture(owner, num_filters, kernel_size, 7, depth)
         dropout = check_dropout(owner, dropout)
-        att = self._setup_attention(owner, attention, attention_positions, attention_kwargs, pad_mode, depth)
-        self._build_encoder_decoder(lambda c: ConvBNReLU(d, c, f, k, dropout), in_channels, att)
+        plan = AttentionPlan(owner, attention, attention_positions, attention_kwargs, d)
+        self._setup_padding(owner, pad_mode, depth)
+        self._build_encoder_decoder(lambda c: ConvBNReLU(d, c, f, k, dropout), in_channels, plan)
         self.classifier = conv(d)(f, out_channels, 1)
 
 

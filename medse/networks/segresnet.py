@@ -8,7 +8,7 @@ levels are the decoder stages (``decoder.0`` the deepest, the first one run). At
 (IEEE TMI 2019): after every stage's residual blocks, never on the final norm-act-1x1 convolution.
 
 The blocks are attached to MONAI's stage modules after MONAI built them
-(:func:`medse.networks._common.attach_attention`): MONAI's state-dict keys are kept, and with
+(:meth:`medse.networks.placement.AttentionPlan.attach`): MONAI's state-dict keys are kept, and with
 ``attention="none"`` the network is MONAI's (same state dict and outputs for the same seed).
 
 NOTE: medse's: inputs are padded to a multiple of ``size_divisor = 2 ** (len(blocks_down) - 1)`` and the
@@ -24,16 +24,9 @@ import torch
 from monai.networks.nets import SegResNet
 from monai.utils import UpsampleMode
 
-from medse.networks._common import (
-    POSITIONS,
-    AttentionPlan,
-    PadCropMixin,
-    attach_attention,
-    check_int,
-    check_pad_mode,
-    check_spatial_dims,
-    class_builder,
-)
+from medse.networks._common import check_int, check_pad_mode, check_spatial_dims, class_builder
+from medse.networks.layers import PadCropMixin
+from medse.networks.placement import POSITIONS, AttentionPlan, AttentionSpec
 from medse.networks.registry import register_model
 
 __all__ = ["SegResNetWithAttention", "segresnet"]
@@ -75,7 +68,7 @@ class SegResNetWithAttention(PadCropMixin, SegResNet):
         blocks_up: Sequence[int] = (1, 1, 1),
         upsample_mode: UpsampleMode | str = UpsampleMode.NONTRAINABLE,
         *,
-        attention: str | Mapping[str, str] = "none",
+        attention: str | Mapping[str, str] | AttentionSpec = "none",
         attention_positions: Sequence[str] = POSITIONS,
         attention_kwargs: dict[str, Any] | None = None,
         pad_mode: str = "constant",
@@ -105,12 +98,12 @@ class SegResNetWithAttention(PadCropMixin, SegResNet):
         plan = AttentionPlan(owner, attention, attention_positions, attention_kwargs, d)
         for i, layer in enumerate(self.down_layers):
             if i < n - 1:
-                attach_attention(layer, plan.make("encoder", f * 2**i, f"encoder level {i}"))
+                plan.attach(layer, "encoder", f * 2**i, f"encoder level {i}")
             else:
-                attach_attention(layer, plan.make("bottleneck", f * 2**i, "bottleneck"))
+                plan.attach(layer, "bottleneck", f * 2**i, "bottleneck")
         for i, layer in enumerate(self.up_layers):
-            attach_attention(layer, plan.make("decoder", f * 2 ** (n - 2 - i), f"decoder stage {i}"))
-        plan.install(self, attention)
+            plan.attach(layer, "decoder", f * 2 ** (n - 2 - i), f"decoder stage {i}")
+        plan.install(self)
 
     def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
         return SegResNet.forward(self, x)

@@ -19,7 +19,7 @@ see :mod:`medse.networks.unetr` for the exact formula; with ``cse`` a block at `
 ``z = mean over the tokens of T``, ``s = sigmoid(W2 relu(W1 z + b1) + b2)``, ``T' = T * s`` after each Swin
 block (before the stage's patch merging), so the gated tokens feed the next block.
 
-The blocks are attached to MONAI's modules (:func:`medse.networks._common.attach_attention`): MONAI's keys are
+The blocks are attached to MONAI's modules (:meth:`medse.networks.placement.AttentionPlan.attach`): MONAI's keys are
 kept (``load_from`` of pretrained Swin weights still works), and with ``attention="none"`` the network is
 MONAI's (same state dict and outputs for the same seed).
 
@@ -35,19 +35,9 @@ from typing import Any
 import torch
 from monai.networks.nets import SwinUNETR
 
-from medse.networks._common import (
-    ALL_POSITIONS,
-    POSITIONS,
-    TOKENS,
-    AttentionPlan,
-    PadCropMixin,
-    TokenAttention,
-    attach_attention,
-    check_int,
-    check_pad_mode,
-    check_spatial_dims,
-    class_builder,
-)
+from medse.networks._common import check_int, check_pad_mode, check_spatial_dims, class_builder
+from medse.networks.layers import PadCropMixin
+from medse.networks.placement import ALL_POSITIONS, POSITIONS, TOKENS, AttentionPlan, AttentionSpec
 from medse.networks.registry import register_model
 
 __all__ = ["SwinUNETRWithAttention", "swinunetr"]
@@ -105,7 +95,7 @@ class SwinUNETRWithAttention(PadCropMixin, SwinUNETR):
         downsample: str = "merging",
         use_v2: bool = False,
         *,
-        attention: str | Mapping[str, str] = "none",
+        attention: str | Mapping[str, str] | AttentionSpec = "none",
         attention_positions: Sequence[str] = POSITIONS,
         attention_kwargs: dict[str, Any] | None = None,
         pad_mode: str = "constant",
@@ -134,17 +124,16 @@ class SwinUNETRWithAttention(PadCropMixin, SwinUNETR):
         plan = AttentionPlan(owner, attention, attention_positions, attention_kwargs, d, allowed=ALL_POSITIONS)
         for i, (block, c) in enumerate(zip((self.encoder1, self.encoder2, self.encoder3, self.encoder4),
                                            (f, f, 2 * f, 4 * f), strict=True)):
-            attach_attention(block, plan.make("encoder", c, f"encoder stage {i}"))
+            plan.attach(block, "encoder", c, f"encoder stage {i}")
         stages = (self.swinViT.layers1, self.swinViT.layers2, self.swinViT.layers3, self.swinViT.layers4)
         for i, stage in enumerate(stages):
             for j, blk in enumerate(stage[0].blocks):
-                gate = plan.make(TOKENS, f * 2**i, f"Swin stage {i} block {j} tokens", stage=i)
-                attach_attention(blk, None if gate is None else TokenAttention(gate))
-        attach_attention(self.encoder10, plan.make("bottleneck", 16 * f, "bottleneck"))
+                plan.attach(blk, TOKENS, f * 2**i, f"Swin stage {i} block {j} tokens", stage=i, tokens=True)
+        plan.attach(self.encoder10, "bottleneck", 16 * f, "bottleneck")
         for i, (block, c) in enumerate(zip((self.decoder5, self.decoder4, self.decoder3, self.decoder2,
                                             self.decoder1), (8 * f, 4 * f, 2 * f, f, f), strict=True)):
-            attach_attention(block, plan.make("decoder", c, f"decoder stage {i}"))
-        plan.install(self, attention)
+            plan.attach(block, "decoder", c, f"decoder stage {i}")
+        plan.install(self)
 
     def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
         return SwinUNETR.forward(self, x)

@@ -29,21 +29,9 @@ from monai.networks.layers.simplelayers import SkipConnection
 from monai.networks.nets import UNet as MonaiUNet
 from torch import nn
 
-from medse.networks._common import (
-    POSITIONS,
-    AttentionPlan,
-    check_int,
-    check_pad_mode,
-    check_spatial_dims,
-    class_builder,
-    crop_to,
-    divisor_of,
-    forward_then_cat,
-    lcm,
-    pad_to_multiple,
-    parse_assignment,
-    with_attention,
-)
+from medse.networks._common import check_int, check_pad_mode, check_spatial_dims, class_builder
+from medse.networks.layers import crop_to, divisor_of, forward_then_cat, lcm, pad_to_multiple
+from medse.networks.placement import POSITIONS, AttentionPlan, AttentionSpec
 from medse.networks.registry import register_model
 
 __all__ = ["DEFAULT_CHANNELS", "UNetWithAttention", "unet"]
@@ -54,7 +42,7 @@ DEFAULT_CHANNELS: tuple[int, ...] = (16, 32, 64, 128)
 
 class _ConcatSkipConnection(SkipConnection):
     """MONAI's ``SkipConnection`` (``cat([x, submodule(x)], 1)``, same keys and numbers) whose concatenation is
-    written by the attention block that ends the submodule (:func:`~medse.networks._common.forward_then_cat`):
+    written by the attention block that ends the submodule (:func:`~medse.networks.layers.forward_then_cat`):
     the bottleneck's and the decoder stages' blocks then add no saved activation to training."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,7 +98,7 @@ class UNetWithAttention(MonaiUNet):
         bias: bool = True,
         adn_ordering: str = "NDA",
         *,
-        attention: str | Mapping[str, str] = "none",
+        attention: str | Mapping[str, str] | AttentionSpec = "none",
         attention_positions: Sequence[str] = POSITIONS,
         attention_kwargs: dict[str, Any] | None = None,
         pad_mode: str = "constant",
@@ -151,26 +139,25 @@ class UNetWithAttention(MonaiUNet):
         self.pad_mode = check_pad_mode(owner, pad_mode)
         self._divisors = divisors
         self.size_divisor = lcm(divisors)
-        self.attention = parse_assignment(attention)
-        self.attention_positions = tuple(self._plan.assignment) if isinstance(self.attention, str) else ()
-        self.attention_sites = self._plan.finish()
+        self._plan.install(self)
         del self._plan  # not a module attribute worth keeping (and not picklable state)
 
-    def _attention_for(self, position: str, channels: int) -> nn.Module | None:
+    def _with_attention(self, layer: nn.Module, position: str, channels: int) -> nn.Module:
+        """``layer`` followed by its site's block (:meth:`AttentionPlan.wrap`)."""
         if position == "bottleneck":
-            return self._plan.make("bottleneck", channels, "bottleneck")
+            return self._plan.wrap(layer, "bottleneck", channels, "bottleneck")
         # MONAI builds from the bottom up (deepest level first). Levels count from the top (0 = top) in the
         # messages; stages count in data-flow order: encoder.0 is the top level, decoder.0 the deepest.
         self._stage[position] += 1
         level = self._n_levels - self._stage[position]
         stage = level if position == "encoder" else self._stage[position] - 1
-        return self._plan.make(position, channels, f"{position} level {level}", stage)
+        return self._plan.wrap(layer, position, channels, f"{position} level {level}", stage)
 
     def _get_down_layer(self, in_channels: int, out_channels: int, strides: int, is_top: bool) -> nn.Module:
         layer = super()._get_down_layer(in_channels, out_channels, strides, is_top)
         if self._in_bottom:  # MONAI's _get_bottom_layer calls this hook: the bottleneck is wrapped there
             return layer
-        return with_attention(layer, self._attention_for("encoder", out_channels))
+        return self._with_attention(layer, "encoder", out_channels)
 
     def _get_bottom_layer(self, in_channels: int, out_channels: int) -> nn.Module:
         self._in_bottom = True
@@ -178,13 +165,13 @@ class UNetWithAttention(MonaiUNet):
             layer = super()._get_bottom_layer(in_channels, out_channels)
         finally:
             self._in_bottom = False
-        return with_attention(layer, self._attention_for("bottleneck", out_channels))
+        return self._with_attention(layer, "bottleneck", out_channels)
 
     def _get_up_layer(self, in_channels: int, out_channels: int, strides: int, is_top: bool) -> nn.Module:
         layer = super()._get_up_layer(in_channels, out_channels, strides, is_top)
         if is_top:  # the logits layer
             return layer
-        return with_attention(layer, self._attention_for("decoder", out_channels))
+        return self._with_attention(layer, "decoder", out_channels)
 
     def _get_connection_block(self, down_path: nn.Module, up_path: nn.Module, subblock: nn.Module) -> nn.Module:
         return nn.Sequential(down_path, _ConcatSkipConnection(subblock), up_path)

@@ -18,7 +18,7 @@ The ``tokens`` position is medse's own design (NOTE: not in any paper), motivate
 Excitation Transformer, "for High-accuracy Brain Age Estimation", BIBM 2022), which fuses an SE module into the
 transformer for 3D MRI; only SQET's abstract is public, so its exact design is unknown and is not reproduced. In
 medse, a block at ``tokens.l`` is applied to the output ``T`` (``(B, N, D)``) of transformer layer ``l`` viewed as
-its patch grid (:class:`medse.networks._common.TokenAttention`). With ``cse`` (or ``se``) this is a channel gate
+its patch grid (:class:`medse.networks.placement.TokenAttention`). With ``cse`` (or ``se``) this is a channel gate
 on the tokens::
 
     z = (1 / N) * sum_n T[:, n, :]              # squeeze over the N tokens, (B, D)
@@ -28,7 +28,7 @@ on the tokens::
 The gated tokens feed the next layer and, for layers 3, 6, 9, the skip connections. Spatial blocks (``sse``,
 ``scse``, ...) at ``tokens`` gate individual tokens on their grid.
 
-The blocks are attached to MONAI's modules (:func:`medse.networks._common.attach_attention`): MONAI's keys are
+The blocks are attached to MONAI's modules (:meth:`medse.networks.placement.AttentionPlan.attach`): MONAI's keys are
 kept, and with ``attention="none"`` the network is MONAI's (same state dict and outputs for the same seed).
 
 Input size: UNETR's position embeddings fix the input to ``img_size`` (medse's trainer passes
@@ -44,19 +44,9 @@ from typing import Any
 import torch
 from monai.networks.nets import UNETR
 
-from medse.networks._common import (
-    ALL_POSITIONS,
-    POSITIONS,
-    TOKENS,
-    AttentionPlan,
-    PadCropMixin,
-    TokenAttention,
-    attach_attention,
-    check_int,
-    check_pad_mode,
-    check_spatial_dims,
-    class_builder,
-)
+from medse.networks._common import check_int, check_pad_mode, check_spatial_dims, class_builder
+from medse.networks.layers import PadCropMixin
+from medse.networks.placement import ALL_POSITIONS, POSITIONS, TOKENS, AttentionPlan, AttentionSpec
 from medse.networks.registry import register_model
 
 __all__ = ["DEFAULT_IMG_SIZE", "UNETRWithAttention", "unetr"]
@@ -110,7 +100,7 @@ class UNETRWithAttention(PadCropMixin, UNETR):
         dropout_rate: float = 0.0,
         qkv_bias: bool = False,
         *,
-        attention: str | Mapping[str, str] = "none",
+        attention: str | Mapping[str, str] | AttentionSpec = "none",
         attention_positions: Sequence[str] = POSITIONS,
         attention_kwargs: dict[str, Any] | None = None,
         pad_mode: str = "constant",
@@ -139,16 +129,14 @@ class UNETRWithAttention(PadCropMixin, UNETR):
         grid = self.feat_size
         for i, (block, c) in enumerate(zip((self.encoder1, self.encoder2, self.encoder3, self.encoder4),
                                            (f, 2 * f, 4 * f, 8 * f), strict=True)):
-            attach_attention(block, plan.make("encoder", c, f"encoder stage {i}"))
+            plan.attach(block, "encoder", c, f"encoder stage {i}")
         for i, layer in enumerate(self.vit.blocks):
-            gate = plan.make(TOKENS, hidden_size, f"transformer layer {i} tokens")
-            attach_attention(layer, None if gate is None else TokenAttention(gate, grid))
-        gate = plan.make("bottleneck", hidden_size, "bottleneck (transformer output)")
-        attach_attention(self.vit.norm, None if gate is None else TokenAttention(gate, grid))
+            plan.attach(layer, TOKENS, hidden_size, f"transformer layer {i} tokens", tokens=True, grid=grid)
+        plan.attach(self.vit.norm, "bottleneck", hidden_size, "bottleneck (transformer output)", tokens=True, grid=grid)
         for i, (block, c) in enumerate(zip((self.decoder5, self.decoder4, self.decoder3, self.decoder2),
                                            (8 * f, 4 * f, 2 * f, f), strict=True)):
-            attach_attention(block, plan.make("decoder", c, f"decoder stage {i}"))
-        plan.install(self, attention)
+            plan.attach(block, "decoder", c, f"decoder stage {i}")
+        plan.install(self)
 
     def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
         return UNETR.forward(self, x)

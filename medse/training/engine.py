@@ -54,15 +54,12 @@ __all__ = [
     "EngineSettings",
     "TrainingInterrupted",
     "TrainingTask",
-    "check_device",
     "check_num_classes",
     "check_output",
     "check_resume_overrides",
     "remove_if_no_checkpoint",
     "start_run",
     "stop_on_signals_during",
-    "device_type",
-    "resolve_device",
     "start_command",
     "torch_global_state",
 ]
@@ -434,44 +431,6 @@ class Engine:
                 v = row.get(self.task.monitor_key)
                 return None if v is None else float(v)
         return None
-
-
-def check_device(device: str) -> None:
-    """``train.device`` names a device this machine has (checked before anything is written)."""
-    import torch
-
-    if device_type(device) != "cuda" or device == "auto":
-        return
-    if not torch.cuda.is_available():
-        build = "a CPU-only build" if torch.version.cuda is None else "no GPU visible"
-        raise MedseError(f"config key 'train.device': {device!r} requested but CUDA is not available "
-                         f"(torch {torch.__version__}, {build}); use train.device=cpu or auto")
-    if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
-        raise MedseError(f"config key 'train.device': {device!r} but only {torch.cuda.device_count()} CUDA "
-                         "device(s) are visible")
-
-
-def device_type(device: str) -> str:
-    """``cuda`` or ``cpu``: the kind of device a ``train.device`` setting names (``auto``: CUDA when available)."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return "cuda" if device.startswith("cuda") else "cpu"
-
-
-def resolve_device(device: str, dist: DistInfo) -> torch.device:
-    """The ``torch.device`` this process trains on (under torchrun: its local rank's GPU)."""
-    import torch
-
-    kind = device_type(device)
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise MedseError(f"config key 'train.device': {device!r} requested but CUDA is not available")
-        idx = dist.local_rank if (dist.enabled or device in ("auto", "cuda")) else int(device.split(":")[1])
-        torch.cuda.set_device(idx)
-        return torch.device("cuda", idx)
-    return torch.device("cpu")
 
 
 def check_output(output: Path, resume_command: str) -> None:

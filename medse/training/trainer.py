@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medse.config import Config, config_to_dict, load_config
-from medse.runs import Run, build_model
+from medse.runs import DatasetInfo, Run, build_model
+from medse.tasks import TaskSpec, register_task
 from medse.training import _data
 from medse.training.distributed import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from medse.training.engine import (
@@ -31,17 +32,15 @@ from medse.training.engine import (
     Engine,
     EngineSettings,
     TrainingInterrupted,
-    check_device,
     check_num_classes,
     check_output,
     check_resume_overrides,
-    device_type,
-    resolve_device,
     start_command,
     start_run,
     stop_on_signals_during,
     torch_global_state,
 )
+from medse.utils.device import check_device, device_type, resolve_device
 from medse.utils.errors import MedseError
 
 if TYPE_CHECKING:
@@ -87,7 +86,7 @@ def train(
     rerun = start_command("medse train", config, output, overrides)
     output = Path(output).expanduser().resolve()
     check_output(output, "medse train --resume")  # an occupied or unwritable output fails before any work
-    check_device(cfg.train.device)
+    check_device(cfg.train.device, "train.device")
     # a signal while reading the data or creating the folder: Run.create cleans up, nothing is left
     with stop_on_signals_during(f"setup, before training started (nothing left in {output})", rerun), \
             torch_global_state(cfg.train.num_threads):
@@ -177,7 +176,7 @@ def resume(run_dir: str | Path | Run, overrides: list[str] | tuple[str, ...] = (
     cfg = run.config
     if overrides:
         cfg = load_config(config_to_dict(cfg), overrides)
-    check_device(cfg.train.device)
+    check_device(cfg.train.device, "train.device")
     with stop_on_signals_during(f"setup of the resumed run {run.path}", f"medse train --resume {run.path}"), \
             torch_global_state(cfg.train.num_threads):
         dist = init_distributed(device_type(cfg.train.device))
@@ -336,9 +335,11 @@ class SegmentationTask:
         return {}
 
     def validate(self, model: nn.Module, engine: Engine) -> dict[str, Any]:
+        import numpy as np
         import torch
 
-        from medse.training.validation import dice_per_class, predict_logits, reduce_dice_sums
+        from medse.inference import Predictor
+        from medse.training.validation import dice_per_class, reduce_dice_sums
 
         k = self.prep.num_classes
         names = self.prep.class_names[1:]
@@ -346,18 +347,18 @@ class SegmentationTask:
         counts = [0.0] * (k - 1)
         inf = self.cfg.infer
         dist = engine.dist
+        # the predictor `medse predict` uses (its windows, blending and 2D slicing), on the preprocessed volume
+        predictor = Predictor(model, spatial_dims=self.cfg.model.spatial_dims, in_channels=self.in_channels,
+                              roi_size=self.cfg.roi_size, sw_batch_size=inf.sw_batch_size, overlap=inf.overlap,
+                              blend=inf.blend, slice_axis=self.cfg.train.slice_axis, amp=engine.use_amp,
+                              device=engine.device)
         for i in range(dist.rank, len(self.val_ds), dist.world_size):
             image, label = _data.unpack(self.val_ds[i])
-            image = torch.as_tensor(image).float().to(engine.device)
-            label = torch.as_tensor(label).long().to(engine.device)
-            if label.ndim == image.ndim:
+            label = torch.as_tensor(label).long()
+            if label.ndim == len(image.shape):
                 label = label[0]
-            logits = predict_logits(
-                model, image, spatial_dims=self.cfg.model.spatial_dims, roi_size=self.cfg.roi_size,
-                sw_batch_size=inf.sw_batch_size, overlap=inf.overlap, blend=inf.blend,
-                slice_axis=self.cfg.train.slice_axis, amp=engine.use_amp,
-            )
-            d = dice_per_class(logits.argmax(0), label, k)
+            labels, _ = predictor.predict_preprocessed(np.asarray(image, dtype=np.float32))
+            d = dice_per_class(torch.from_numpy(labels), label, k)
             for c, v in enumerate(d):
                 if not math.isnan(v):
                     sums[c] += v
@@ -408,7 +409,9 @@ class SegmentationTask:
 def _engine(run: Run, cfg: Config, prep: _data.PreparedData, dist: DistInfo, stop_after: int | None) -> Engine:
     # train.num_threads: set (and restored) by torch_global_state around train() / resume()
     task = SegmentationTask(cfg, prep, run.split.to_dict())
-    return Engine(run, task, task.settings(resolve_device(cfg.train.device, dist)), dist, stop_after)
+    device = resolve_device(cfg.train.device, dist.local_rank if dist.enabled else None, setting="train.device",
+                            set_current=True)
+    return Engine(run, task, task.settings(device), dist, stop_after)
 
 
 def _attention_label(attention: str | dict[str, str]) -> str:
@@ -416,3 +419,17 @@ def _attention_label(attention: str | dict[str, str]) -> str:
     from medse.networks import format_assignment
 
     return format_assignment(attention)
+
+
+def _run_config(run: Run) -> Config:
+    """A segmentation run's config: its ``config.yaml`` through :func:`medse.config.load_config`."""
+    return load_config(run.config_path)
+
+
+def _run_model(cfg: Config, dataset: DatasetInfo) -> nn.Module:
+    """A segmentation run's network: :func:`medse.runs.build_model` for its channels and classes."""
+    return build_model(cfg, dataset.num_channels, dataset.num_classes)
+
+
+register_task(TaskSpec("segmentation", load_config=_run_config, build_model=_run_model,
+                       training_task=SegmentationTask, predict="medse.inference:Predictor.from_run"))

@@ -1,7 +1,7 @@
-"""Validation during training: sliding-window prediction of whole preprocessed volumes and Dice per class.
+"""Validation during training: Dice per class of whole preprocessed volumes.
 
-3D networks run :func:`monai.inferers.sliding_window_inference` over the volume; 2D networks run it over
-every slice along ``slice_axis`` (a batch of slices at a time) and the slices are stacked back.
+The volumes are predicted by :class:`medse.inference.Predictor`, the predictor ``medse predict`` uses (its
+sliding windows, blending and 2D slicing; ``SegmentationTask.validate``), as nnU-Net validates with its predictor.
 Dice per class c: 2|P_c ∩ G_c| / (|P_c| + |G_c|) on the argmax prediction (Dice 1945; Sørensen 1948),
 computed by the evaluation's implementation (:func:`medse.evaluation.metrics.dice_scores`), so validation and
 ``medse evaluate`` follow one rule: a class absent from both prediction and reference scores 1
@@ -18,55 +18,6 @@ import numpy as np
 
 if TYPE_CHECKING:
     import torch
-
-
-def predict_logits(
-    model: torch.nn.Module,
-    image: torch.Tensor,
-    *,
-    spatial_dims: int,
-    roi_size: Sequence[int],
-    sw_batch_size: int = 2,
-    overlap: float = 0.5,
-    blend: str = "gaussian",
-    slice_axis: int = 2,
-    slice_batch: int = 16,
-    amp: bool = False,
-) -> torch.Tensor:
-    """Logits (K, *spatial) of a (C, X, Y, Z) volume already on the model's device.
-
-    Args:
-        model: the network (in eval mode, called under ``torch.no_grad``).
-        image: preprocessed volume (C, X, Y, Z).
-        spatial_dims: 3 for a volumetric network, 2 for a slice network.
-        roi_size: window size (3 or 2 values).
-        sw_batch_size: windows per forward pass. Defaults to 2.
-        overlap: window overlap. Defaults to 0.5.
-        blend: ``gaussian`` or ``constant``. Defaults to ``gaussian``.
-        slice_axis: spatial axis (0, 1 or 2) the 2D network slices along. Defaults to 2.
-        slice_batch: slices per sliding-window call for 2D networks. Defaults to 16.
-        amp: autocast on CUDA. Defaults to False.
-    """
-    import torch
-    from monai.inferers import sliding_window_inference
-
-    dev_type = image.device.type
-    ctx = torch.autocast(dev_type, enabled=amp and dev_type == "cuda")
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        with ctx:
-            out = sliding_window_inference(
-                x, list(roi_size), sw_batch_size, model, overlap=overlap, mode=blend
-            )
-        return out.float()
-
-    if spatial_dims == 3:
-        return run(image[None])[0]
-    # 2D: slices along slice_axis become the batch
-    vol = torch.movedim(image, 1 + slice_axis, 0)  # (S, C, a, b)
-    outs = [run(vol[i : i + slice_batch]) for i in range(0, vol.shape[0], slice_batch)]
-    logits = torch.cat(outs, 0)  # (S, K, a, b)
-    return torch.movedim(logits, 0, 1 + slice_axis)
 
 
 def dice_per_class(pred: np.ndarray | torch.Tensor, ref: np.ndarray | torch.Tensor, num_classes: int) -> list[float]:

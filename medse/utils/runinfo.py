@@ -47,7 +47,7 @@ def run_info(extra: dict[str, Any] | None = None) -> dict[str, Any]:
             info[f"{mod}_version"] = __import__(mod).__version__
         except Exception:
             pass
-    from medse.plugins import recorded_entries
+    from medse.utils.plugins import recorded_entries
 
     if recorded_entries():  # a run trained with plugin blocks says which (the hint when they are missing later)
         info["medse_plugins"] = recorded_entries()
@@ -201,7 +201,7 @@ def changed_sources(fields: dict[str, str], repo: Path = REPO_ROOT) -> list[str]
 # The hook ``docsync generate`` puts on PYTHONPATH: every Python process of the command (subprocesses and
 # spawned workers too) appends, at exit, the repository files it imported to the file named by FINGERPRINT_ENV.
 SITECUSTOMIZE = '''\
-"""Written by medse.utils.docsync: records the repository files this process imported (at exit)."""
+"""Written by tools/docsync.py: records the repository files this process imported (at exit)."""
 import atexit, os, sys
 
 

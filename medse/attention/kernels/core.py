@@ -237,7 +237,7 @@ def output_buffer(x: Tensor, skip: Tensor | None) -> tuple[Tensor, Tensor]:
     1)`` allocated once, ``skip`` already copied in and ``y = out[:, Cs:]``: the block's output is never a tensor
     of its own. Where a decoder stage's block feeds a concatenation with the skip connection (MONAI's U-Net), the
     kernel saves ``out``, which the next convolution saves anyway, instead of a separate copy of ``y``, and the
-    concatenation's copy of ``y`` disappears (:func:`medse.networks._common.forward_then_cat`).
+    concatenation's copy of ``y`` disappears (:func:`medse.networks.layers.forward_then_cat`).
     """
     if skip is None:
         y = torch.empty(x.shape, dtype=x.dtype, device=x.device)

@@ -41,48 +41,12 @@ from dynamic_network_architectures.building_blocks.residual import BasicBlockD, 
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He, init_last_bn_before_add_to_0
 from torch import nn
 
-from medse.networks._common import POSITIONS, make_attention, normalize_positions
-from medse.utils.errors import unknown_option_error
+from medse.networks.placement import POSITIONS, AttentionPlan, AttentionSpec, position_blocks
 
 __all__ = ["AttentionPlainConvUNet", "AttentionResidualEncoderUNet", "attention_feature_map_size", "RESIDUAL"]
 
-AttentionSpec = str | dict[str, str]
-
 #: ``AttentionResidualEncoderUNet``'s extra position: inside each residual block, before the addition.
 RESIDUAL = "residual"
-
-
-def _attention_per_position(owner: str, attention: object, positions: object,
-                            offered: tuple[str, ...] = POSITIONS) -> dict[str, str]:
-    """``{position: block name}`` for the positions that get a block (``"none"`` entries dropped).
-
-    ``attention`` is one block name (or composition ``"a+b"``) for every position in ``positions``, or a dict
-    ``{position: name}``; with a dict, positions missing from it get nothing and ``positions`` still filters.
-    ``positions=None``: the three after-stage positions for a name, every position the dict names for a dict.
-    ``offered``: the positions the network has (``POSITIONS``, plus ``"residual"`` for the residual encoder).
-    """
-    if positions is None:
-        allowed = offered if isinstance(attention, dict) else POSITIONS
-    else:
-        allowed = normalize_positions(owner, positions, offered)
-    if isinstance(attention, dict):
-        for key in attention:
-            if key not in offered:
-                raise unknown_option_error(f"attention position for {owner}", str(key), offered)
-        chosen = {p: attention[p] for p in offered if p in attention and p in allowed}
-    elif isinstance(attention, str):
-        chosen = {p: attention for p in allowed}
-    else:
-        raise ValueError(f"{owner}: attention must be a block name such as 'scse' or a dict "
-                         f"{{position: block}}, got {attention!r}.")
-    out: dict[str, str] = {}
-    for p, name in chosen.items():
-        if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"{owner}: attention for position '{p}' must be a block name, got {name!r}.")
-        name = name.strip().lower()
-        if name != "none":
-            out[p] = name
-    return out
 
 
 def _kwargs_for_position(kwargs: dict[str, Any] | None, position: str) -> dict[str, Any]:
@@ -138,20 +102,16 @@ class _AttentionUNetMixin:
         if attention_kwargs is not None and not isinstance(attention_kwargs, dict):
             raise ValueError(f"{owner}: attention_kwargs must be a dict, got {attention_kwargs!r}.")
         self.spatial_dims = convert_conv_op_to_dim(self.encoder.conv_op)
-        self.attention = _attention_per_position(owner, attention, attention_positions, offered)
-        self.attention_positions = tuple(self.attention)
+        chosen = position_blocks(owner, attention, attention_positions, offered)
+        plan = AttentionPlan(owner, chosen, None, None, self.spatial_dims, allowed=offered)
         self.attention_kwargs = dict(attention_kwargs or {})
         channels = list(self.encoder.output_channels)
         n = len(channels)
 
         def build(position: str, c: int, where: str) -> nn.Module:
-            if position not in self.attention:
-                return nn.Identity()
-            m = make_attention(self.attention[position], self.spatial_dims, c,
-                               _kwargs_for_position(attention_kwargs, position), f"{owner} {where}")
-            if m is None:
-                return nn.Identity()
-            _mark_parts(m)
+            m = plan.slot(position, c, where, kwargs=_kwargs_for_position(attention_kwargs, position))
+            if not isinstance(m, nn.Identity):
+                _mark_parts(m)
             return m
 
         # built after nnU-Net's modules, so the parent's parameters draw the same random numbers as nnU-Net's
@@ -160,12 +120,13 @@ class _AttentionUNetMixin:
         self.bottleneck_attention = build("bottleneck", channels[-1], f"bottleneck (stage {n - 1})")
         self.decoder_attention = nn.ModuleList(build("decoder", channels[-(s + 2)], f"decoder stage {s}")
                                                for s in range(n - 1))
-        if RESIDUAL in self.attention:  # dynamic-network-architectures' own SE slot, switched on per block
+        if RESIDUAL in chosen.key_blocks(()):  # dynamic-network-architectures' own SE slot, switched on per block
             for s, blocks in enumerate(self.residual_blocks()):
                 for b, blk in enumerate(blocks):
                     blk.squeeze_excitation = build(RESIDUAL, blk.output_channels, f"residual block {b} of encoder "
                                                    f"stage {s}")
                     blk.apply_se = True
+        plan.install(self)
 
     def residual_blocks(self) -> list[list[nn.Module]]:
         """The residual blocks (``BasicBlockD``/``BottleneckD``) of each encoder stage; empty lists for plain
@@ -254,7 +215,7 @@ class AttentionPlainConvUNet(_AttentionUNetMixin, PlainConvUNet):
                  norm_op_kwargs: dict | None = None, dropout_op: type[nn.Module] | None = None,
                  dropout_op_kwargs: dict | None = None, nonlin: type[nn.Module] | None = None,
                  nonlin_kwargs: dict | None = None, deep_supervision: bool = False, nonlin_first: bool = False,
-                 attention: AttentionSpec = "none", attention_positions: Sequence[str] | str | None = None,
+                 attention: str | dict[str, str] | AttentionSpec = "none", attention_positions: Sequence[str] | str | None = None,
                  attention_kwargs: dict[str, Any] | None = None):
         super().__init__(input_channels, n_stages, features_per_stage, conv_op, kernel_sizes, strides,
                          n_conv_per_stage, num_classes, n_conv_per_stage_decoder, conv_bias, norm_op,
@@ -288,7 +249,7 @@ class AttentionResidualEncoderUNet(_AttentionUNetMixin, ResidualEncoderUNet):
                  dropout_op_kwargs: dict | None = None, nonlin: type[nn.Module] | None = None,
                  nonlin_kwargs: dict | None = None, deep_supervision: bool = False, block: Any = None,
                  bottleneck_channels: Any = None, stem_channels: int | None = None,
-                 attention: AttentionSpec = "none", attention_positions: Sequence[str] | str | None = None,
+                 attention: str | dict[str, str] | AttentionSpec = "none", attention_positions: Sequence[str] | str | None = None,
                  attention_kwargs: dict[str, Any] | None = None):
         extra: dict[str, Any] = {} if block is None else {"block": block}
         super().__init__(input_channels, n_stages, features_per_stage, conv_op, kernel_sizes, strides,

@@ -13,7 +13,7 @@ A plugin that cannot be found or fails while importing raises :class:`~medse.uti
 (the next use of a registry tries it again rather than carrying on without it).
 
 A run records the plugins it was trained with (``run_info.json``'s ``medse_plugins``, :func:`recorded_entries`:
-module names, or absolute ``.py`` paths); loading that run's config without them (:func:`check_run_blocks`) says
+module names, or absolute ``.py`` paths); loading that run's config without them (:func:`medse.attention.registry.check_run_blocks`) says
 which block is unknown and which ``MEDSE_PLUGINS`` value brings it back.
 """
 
@@ -22,12 +22,10 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
-import json
 import os
 import sys
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 from medse.utils.errors import MedseError
 
@@ -109,36 +107,3 @@ def load_plugins(value: str | None = None) -> list[ModuleType]:
 def recorded_entries() -> list[str]:
     """The loaded plugin entries as a run records them: module names as given, ``.py`` files as absolute paths."""
     return [str(Path(e).expanduser().resolve()) if _is_path(e) else e for e, m in _loaded.items() if m is not None]
-
-
-def check_run_blocks(attention: Any, run_dir: str | os.PathLike) -> None:
-    """Check that every block a run's config names (``model.attention``: a name, ``a+b``, or a position ->
-    block mapping) is registered; the run trained with them, so an unknown one is a plugin block.
-
-    Raises:
-        MedseError: ``Unknown attention block 'my_gate'`` plus the hint ``the run was trained with a plugin
-            block: set MEDSE_PLUGINS=<what the run recorded>`` (or where to look when it recorded nothing).
-    """
-    from medse.attention import list_attention
-
-    values = attention.values() if isinstance(attention, dict) else str(attention).split(",")
-    names = []
-    for v in values:
-        v = str(v).split("=", 1)[-1]  # "encoder=cse,decoder=scse" spelling
-        names += [p.strip().lower() for p in v.split("+") if p.strip()]
-    known = list_attention()
-    unknown = [n for n in names if n not in known]
-    if not unknown:
-        return
-    run_dir = Path(run_dir)
-    recorded: list[str] = []
-    try:
-        recorded = [str(e) for e in json.loads((run_dir / "run_info.json").read_text()).get("medse_plugins") or []]
-    except (OSError, ValueError, AttributeError):
-        pass
-    if recorded:
-        hint = f"set {ENV_VAR}={os.pathsep.join(recorded)} (recorded in {run_dir / 'run_info.json'})"
-    else:
-        hint = f"set {ENV_VAR} to the module or .py file that registers it (the run did not record it)"
-    raise MedseError(f"Unknown attention block '{unknown[0]}': the run was trained with a plugin block; {hint}",
-                     run_dir / "config.yaml")

@@ -42,14 +42,17 @@ one)::
 target, the verdict words "met" and "missed" may not appear outside include blocks: a verdict is a cell a
 benchmark script wrote (``medse.utils.benchstats.verdict``), next to the figures and range it rests on.
 
+A repository tool, not part of the installed package (it runs ``benchmarks/`` and ``.venv-nnunet``): run it from
+the repository root. It imports ``medse``; ``medse`` never imports it.
+
 Commands::
 
-    python -m medse.utils.docsync                 # rewrite every generated block from its file
-    python -m medse.utils.docsync --check         # exit 1 naming each stale block, results file or prose number
-    python -m medse.utils.docsync generate NAME   # run NAME's commands and write its results file (clean tree)
-    python -m medse.utils.docsync generate --stale [--skip-timing] [--skip-nnunet]   # every stale results file
-    python -m medse.utils.docsync generate NAME --work DIR --no-run   # record an existing output folder
-    python -m medse.utils.docsync list            # the results files this script knows how to make
+    python -m tools.docsync                 # rewrite every generated block from its file
+    python -m tools.docsync --check         # exit 1 naming each stale block, results file or prose number
+    python -m tools.docsync generate NAME   # run NAME's commands and write its results file (clean tree)
+    python -m tools.docsync generate --stale [--skip-timing] [--skip-nnunet]   # every stale results file
+    python -m tools.docsync generate NAME --work DIR --no-run   # record an existing output folder
+    python -m tools.docsync list            # the results files this script knows how to make
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ from pathlib import Path
 from medse.utils.atomic import atomic_write_bytes, atomic_write_text
 from medse.utils.errors import MedseError
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 HEADER_START = "<!-- medse:result"
 HEADER_KEYS = ("command", "commit", "date")  # and "environment" (or the older "machine")
 FRESH_KEYS = ("command", "commit", "environment", "date", "sources", "source_files")  # what --check requires
@@ -149,7 +152,7 @@ def _few(items: Sequence[str], n: int = 4) -> str:
 
 # The provenance machinery itself: it writes headers, not numbers, so a change to it does not make every results
 # file stale. A results file whose numbers it computes names it in ``Source.sources``.
-PROVENANCE_FILES = frozenset({"medse/utils/docsync.py", "medse/utils/runinfo.py"})
+PROVENANCE_FILES = frozenset({"tools/__init__.py", "tools/docsync.py", "medse/utils/runinfo.py"})
 
 
 def provenance_fields(command: str, files: Sequence[str], environment: str, repo: Path = REPO,
@@ -205,7 +208,7 @@ def parse_result(path: Path) -> tuple[dict[str, str], str]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise MedseError("results file does not exist (make it with `python -m medse.utils.docsync generate`)",
+        raise MedseError("results file does not exist (make it with `python -m tools.docsync generate`)",
                          path) from None
     if not text.startswith(HEADER_START + "\n"):
         raise MedseError(f"results file does not start with a '{HEADER_START}' provenance header", path)
@@ -356,7 +359,7 @@ def sync(repo: Path = REPO, check: bool = False) -> list[str]:
                 content = text[b.start : b.stop]
             if check and content != text[b.start : b.stop]:
                 problems.append(f"{rel}:{b.line}: block from {b.source} is stale "
-                                "(run `python -m medse.utils.docsync`)")
+                                "(run `python -m tools.docsync`)")
             new += [text[last : b.start], content]
             last = b.stop
         new.append(text[last:])
@@ -425,7 +428,7 @@ def results_problems(repo: Path = REPO) -> list[str]:
             problems.append(f"{rel}: stale: {stale[rel]} ({how})")
     if any(rel in included for rel in stale):
         problems.append(f"{sum(rel in included for rel in stale)} results file(s) stale: regenerate them all with "
-                        "`python -m medse.utils.docsync generate --stale` (on a clean, committed tree; "
+                        "`python -m tools.docsync generate --stale` (on a clean, committed tree; "
                         "`--skip-timing` leaves the benchmarks for a quiet machine)")
     return problems
 
@@ -623,7 +626,7 @@ SOURCES: dict[str, Source] = {
         ["{medse} synth --out {work}/data",
          "{medse} train --config configs/demo.yaml --output {work}/demo data.root={work}/data",
          "{medse} train --config configs/demo_2d.yaml --output {work}/demo_2d data.root={work}/data"],
-        formatter=_demo_configs_table, sources=("medse/utils/docsync.py",)),
+        formatter=_demo_configs_table, sources=("tools/docsync.py",)),
     "classifier_seed0": _classifier(0),
     "classifier_seed1": _classifier(1),
     "models_2d": Source(
@@ -648,8 +651,8 @@ SOURCES: dict[str, Source] = {
         ["{medse} models --size 64 --dims 3 --networks swinunetr,unetr --attention cse,scse --attention tokens=cse "
          "--attention encoder=scse,decoder=scse,tokens=cse --markdown"]),
     "resnet50v2_counts": Source(
-        "docs/results/resnet50v2_counts.md", ["{py} -m medse.utils.docsync table resnet50v2_counts"],
-        sources=("medse/utils/docsync.py",)),
+        "docs/results/resnet50v2_counts.md", ["{py} -m tools.docsync table resnet50v2_counts"],
+        sources=("tools/docsync.py",)),
     "blocks_list": Source(
         "docs/results/blocks_list.md", ["{medse} blocks --list --markdown"],
         note="Every registered attention block, from the registry (medse.attention.list_attention)."),
@@ -876,7 +879,7 @@ def stale_names(repo: Path = REPO, skip_timing: bool = False, skip_nnunet: bool 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m medse.utils.docsync", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m tools.docsync", description=__doc__.split("\n\n")[0])
     ap.add_argument("--check", action="store_true",
                     help="only compare; exit 1 naming each stale block, stale results file and prose figure")
     ap.add_argument("--repo", type=Path, default=REPO, help=argparse.SUPPRESS)

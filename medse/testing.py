@@ -1,4 +1,5 @@
-"""Helpers that write small random volumes with non-trivial headers, for tests (medse's and users').
+"""Small inputs for tests, medse's and users' (a plugin's block or network, a pipeline step): volumes with
+non-trivial headers, tiny datasets (clean, or with one validation problem) and tiny run folders.
 
 ``AFFINE_KINDS``: "ras", "lps", "flipped", "permuted", "oblique", "anisotropic".
 ``make_affine(kind, spacing=None, seed=0) -> 4x4``: a RAS affine of that kind.
@@ -17,19 +18,27 @@ unreadable, truncated, shape, affine, 4d, values, float_labels, missing_label, o
 duplicate_ids (the last needs a manifest: ``root`` then is the manifest path).
 ``VALIDATION_WARNINGS`` lists the injectable problems that are warnings (the case is still usable): nan
 (one NaN and one +Inf voxel in c01's image, replaced by preprocessing).
+``make_run(path, config=None, labels=None, channel_names=("image",), checkpoints=("best",), seed=0) -> Run``: a
+run folder made through :meth:`medse.runs.Run.create` as training makes it (resolved config, dataset.json, an
+empty split, run_info.json) with randomly initialised (seeded) checkpoints; by default a tiny 3D U-Net.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from medse.data.io import write_image
 
-__all__ = ["AFFINE_KINDS", "VALIDATION_PROBLEMS", "VALIDATION_WARNINGS", "make_affine", "write_random_volume", "write_case", "rotation_matrix",
-           "make_dataset", "make_broken_dataset"]
+if TYPE_CHECKING:  # pragma: no cover
+    from medse.runs import Run
+
+__all__ = ["AFFINE_KINDS", "VALIDATION_PROBLEMS", "VALIDATION_WARNINGS", "make_affine", "write_random_volume",
+           "write_case", "rotation_matrix", "make_dataset", "make_broken_dataset", "make_run", "TINY_UNET"]
 
 AFFINE_KINDS = ("ras", "lps", "flipped", "permuted", "oblique", "anisotropic")
 
@@ -221,3 +230,49 @@ def make_broken_dataset(
         return root / "manifest.json", "manifest.json", "duplicate case ID 'c00' (2 cases)"
     file_fragment, message = _inject(root, problem)
     return root, file_fragment, message
+
+
+#: the config :func:`make_run` resolves by default: a two-level 3D U-Net on 16^3 patches (a few thousand weights)
+TINY_UNET: dict[str, Any] = {
+    "model": {"name": "unet", "spatial_dims": 3, "kwargs": {"channels": [4, 8], "strides": [2]}},
+    "train": {"patch_size": [16, 16, 16], "amp": False},
+}
+
+
+def make_run(
+    path: str | os.PathLike,
+    config: Mapping[str, Any] | None = None,
+    *,
+    labels: Mapping[str, int] | None = None,
+    channel_names: Sequence[str] = ("image",),
+    checkpoints: Sequence[str] = ("best",),
+    seed: int = 0,
+) -> Run:
+    """A run folder as training makes it, without training: :meth:`medse.runs.Run.create` writes the resolved
+    config, ``dataset.json``, an empty split and ``run_info.json``; each of ``checkpoints`` holds the weights of
+    the network built with ``torch.manual_seed(seed)`` (the same weights in each).
+
+    Args:
+        path: the run folder (absent or empty).
+        config: a segmentation config mapping (``medse.config`` schema, defaults filled in). Defaults to
+            :data:`TINY_UNET`.
+        labels: ``{name: value}`` of the classes, background included. Defaults to ``{"background": 0, "fg": 1}``.
+        channel_names: the input channels. Defaults to one, ``image``.
+        checkpoints: which checkpoints to write (``best``, ``last``). Defaults to ``best`` only.
+        seed: the seed of the weights. Defaults to 0.
+    """
+    import torch
+
+    from medse.config import config_to_dict, load_config
+    from medse.runs import DatasetInfo, Run, Split, build_model
+
+    cfg = load_config(dict(config if config is not None else TINY_UNET))
+    labels = {str(k): int(v) for k, v in (labels or {"background": 0, "fg": 1}).items()}
+    dataset = DatasetInfo(labels=labels, class_values=sorted(set(labels.values()) | {0}),
+                          channel_names=list(channel_names))
+    run = Run.create(path, config=config_to_dict(cfg), dataset=dataset, split=Split(train=[], val=[], test=[]))
+    torch.manual_seed(seed)
+    state = build_model(cfg, dataset.num_channels, dataset.num_classes).state_dict()
+    for which in checkpoints:
+        run.save_checkpoint(which, {"model": state, "epoch": 1})
+    return run
