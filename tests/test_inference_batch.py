@@ -34,29 +34,17 @@ def _nifti(path: Path, data: np.ndarray, kind: str = "oblique", seed: int = 0) -
 
 @pytest.fixture()
 def run_dir(tmp_path: Path) -> Path:
-    """A run folder made by hand: resolved config, dataset.json and a randomly initialised tiny U-Net."""
-    from medse.config import config_to_dict, load_config
-    from medse.training.trainer import build_model
-    from medse.utils.checkpoint import save_checkpoint
-    from medse.utils.config import dump_yaml
+    """A run folder as training makes it (``medse.testing.make_run``) holding a randomly initialised tiny U-Net."""
+    from medse.testing import make_run
 
-    run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    cfg = load_config({
+    config = {
         "data": {"root": str(tmp_path), "preprocess": {"normalization": "zscore"}},
         "model": {"name": "unet", "spatial_dims": 3, "kwargs": {"channels": [4, 8], "strides": [2]}},
         "train": {"patch_size": [16, 16, 16], "amp": False},
         "infer": {"sw_batch_size": 2, "overlap": 0.25},
-    })
-    (run / "config.yaml").write_text(dump_yaml(config_to_dict(cfg)))
-    (run / "dataset.json").write_text(json.dumps({
-        "labels": {"background": 0, "liver": 1, "tumour": 5}, "channel_names": ["ct"], "num_classes": 3,
-        "class_values": [0, 1, 5]}))
-    torch.manual_seed(0)
-    model = build_model(cfg, 1, 3)
-    save_checkpoint(run / "checkpoints" / "best.pt", {"model": model.state_dict(), "epoch": 1})
-    save_checkpoint(run / "checkpoints" / "last.pt", {"model": model.state_dict(), "epoch": 2})
-    return run
+    }
+    return make_run(tmp_path / "run", config, labels={"background": 0, "liver": 1, "tumour": 5},
+                    channel_names=["ct"], checkpoints=("best", "last")).path
 
 
 def test_from_run_loads_weights_and_maps_class_values(run_dir: Path, tmp_path: Path) -> None:

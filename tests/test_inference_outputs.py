@@ -26,28 +26,19 @@ def _nifti(path: Path, data: np.ndarray, kind: str = "oblique", seed: int = 0) -
 
 @pytest.fixture()
 def run_dir(tmp_path: Path) -> Path:
-    """A run folder made by hand: config, dataset.json, best.pt and a last.pt with other weights."""
-    from medse.config import config_to_dict, load_config
-    from medse.training.trainer import build_model
-    from medse.utils.checkpoint import save_checkpoint
-    from medse.utils.config import dump_yaml
+    """A run folder as training makes it (``medse.testing.make_run``): best.pt, and a last.pt with other weights."""
+    from medse.testing import make_run
 
-    run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    cfg = load_config({
+    config = {
         "data": {"root": str(tmp_path), "preprocess": {"normalization": "zscore"}},
         "model": {"name": "unet", "spatial_dims": 3, "kwargs": {"channels": [4, 8], "strides": [2]}},
         "train": {"patch_size": [16, 16, 16], "amp": False},
         "infer": {"sw_batch_size": 2, "overlap": 0.25},
-    })
-    (run / "config.yaml").write_text(dump_yaml(config_to_dict(cfg)))
-    (run / "dataset.json").write_text(json.dumps({
-        "labels": {"background": 0, "fg": 1}, "channel_names": ["ct"], "num_classes": 2, "class_values": [0, 1]}))
-    torch.manual_seed(0)
-    save_checkpoint(run / "checkpoints" / "best.pt", {"model": build_model(cfg, 1, 2).state_dict(), "epoch": 1})
-    torch.manual_seed(1)
-    save_checkpoint(run / "checkpoints" / "last.pt", {"model": build_model(cfg, 1, 2).state_dict(), "epoch": 2})
-    return run
+    }
+    run = make_run(tmp_path / "run", config, channel_names=["ct"], checkpoints=("best",), seed=0)
+    other = make_run(tmp_path / "other", config, channel_names=["ct"], checkpoints=("last",), seed=1)
+    run.save_checkpoint("last", {"model": other.checkpoint("last")["model"], "epoch": 2})
+    return run.path
 
 
 @pytest.fixture()

@@ -28,31 +28,20 @@ MEDSE = [sys.executable, "-m", "medse"]
 def make_run(tmp_path: Path, *, dims: int = 3, name: str = "unet", kwargs: dict | None = None,
              patch: list[int] | None = None, checkpoints: tuple[str, ...] = ("best", "last"),
              infer: dict | None = None) -> Path:
-    """A run folder made by hand: resolved config, dataset.json and a randomly initialised tiny network."""
-    import torch
+    """A run folder as training makes it (``medse.testing.make_run``: ``Run.create``) holding a randomly
+    initialised tiny network."""
+    from medse.testing import make_run as make_tiny_run
 
-    from medse.config import config_to_dict, load_config
-    from medse.runs import build_model
-    from medse.utils.checkpoint import save_checkpoint
-    from medse.utils.config import dump_yaml
-
-    run = tmp_path / f"run_{name}{dims}d"
-    (run / "checkpoints").mkdir(parents=True)
-    cfg = load_config({
+    config = {
         "data": {"root": str(tmp_path), "preprocess": {"normalization": "zscore"}},
         "model": {"name": name, "spatial_dims": dims,
                   "kwargs": kwargs if kwargs is not None else {"channels": [4, 8], "strides": [2]}},
         "train": {"patch_size": patch or [16] * dims, "amp": False},
         "infer": infer or {"sw_batch_size": 2, "overlap": 0.25},
-    })
-    (run / "config.yaml").write_text(dump_yaml(config_to_dict(cfg)))
-    (run / "dataset.json").write_text(json.dumps({
-        "labels": {"background": 0, "organ": 1}, "channel_names": ["ct"], "num_classes": 2, "class_values": [0, 1]}))
-    torch.manual_seed(0)
-    model = build_model(cfg, 1, 2)
-    for which in checkpoints:
-        save_checkpoint(run / "checkpoints" / f"{which}.pt", {"model": model.state_dict(), "epoch": 1})
-    return run
+    }
+    run = make_tiny_run(tmp_path / f"run_{name}{dims}d", config, labels={"background": 0, "organ": 1},
+                        channel_names=["ct"], checkpoints=checkpoints)
+    return run.path
 
 
 def nifti(path: Path, shape: tuple[int, ...] = (20, 18, 16), seed: int = 0) -> Path:
