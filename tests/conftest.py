@@ -80,6 +80,19 @@ def synth_nnunet(tmp_path_factory: pytest.TempPathFactory) -> Path:
                             seed=1, layout="nnunet")
 
 
+@pytest.fixture()
+def one_intra_op_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine the threads of parallel
+    jobs spin against each other (5x slower here); one thread for the test, the setting restored after. Network
+    and block test files use it for every test (``pytestmark = pytest.mark.usefixtures(...)``)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(params=AFFINE_KINDS)
 def affine_kind(request: pytest.FixtureRequest) -> str:
     return request.param

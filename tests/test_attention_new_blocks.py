@@ -16,11 +16,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks.mednext_block import MedNeXtBlock
-from test_networks import _one_intra_op_thread  # noqa: F401  (autouse: one intra-op thread per test)
 from torch import nn
 
 from medse.attention import create_attention, list_attention
 from medse.networks import attention_modules, create_model, list_models
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # tests/conftest.py
 
 NEW = ("grn", "cbam", "cbam_channel", "cbam_spatial", "ela", "ema")
 ODD = {1: (9,), 2: (7, 5), 3: (5, 7, 3)}

@@ -28,14 +28,7 @@ TINY: dict[str, dict] = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine the threads of parallel
-    jobs spin against each other (5x slower here); use one thread per test and restore the setting after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # tests/conftest.py
 
 
 def expected_counts(name: str, kw: dict) -> dict[str, int]:

@@ -63,12 +63,7 @@ def expected_counts(name: str, kw: dict) -> dict[str, int]:
     return {"encoder": 4, "bottleneck": 1, "decoder": 5, "tokens": sum(kw["depths"])}
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # tests/conftest.py
 
 
 def test_registry_lists_the_monai_networks_and_their_positions() -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import torch
 
 from medse.networks import AttentionSpec, create_model, format_assignment, parse_assignment, placement
 from medse.networks.placement import cli_choices, position_blocks
@@ -14,12 +13,7 @@ from medse.networks.placement import cli_choices, position_blocks
 UNET = {"channels": (8, 16, 16), "strides": (2, 2)}
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # tests/conftest.py
 
 
 def test_spec_parses_names_mappings_and_text_alike_and_formats_canonically() -> None:

@@ -36,12 +36,7 @@ SITES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # tests/conftest.py
 
 
 def test_every_segmentation_network_is_covered() -> None:
